@@ -1,0 +1,91 @@
+"""The `nodeagent` command: wires subcommands to the modules that do the work."""
+
+import json
+
+import click
+from rich.console import Console
+
+from nodeagent.lab import lab as lab_ops
+from nodeagent.lab.plan import MAX_NODES, MAX_PODS_PER_NODE
+
+
+class _Errors(click.Group):
+    """Known failures end in one clear line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (lab_ops.LabError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=_Errors)
+@click.version_option(package_name="nodeagent")
+def main():
+    """An eBPF-accelerated, per-node service-mesh agent."""
+
+
+@main.group(cls=_Errors)
+def lab():
+    """A stand-in for Kubernetes nodes: pods in network namespaces on this machine."""
+
+
+@lab.command()
+@click.option("--nodes", default=2, show_default=True, type=click.IntRange(1, MAX_NODES))
+@click.option("--pods", default=5, show_default=True, type=click.IntRange(1, MAX_PODS_PER_NODE),
+              help="Pods per node, cycling http, h2c, echo, banner, client.")
+@click.option("--enroll/--no-enroll", default=True, show_default=True,
+              help="Label pods nodeagent.io/mesh=enabled.")
+@click.option("--mesh", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Which mesh runs the pods' traffic (node and sidecar arrive with the agent).")
+def up(nodes, pods, enroll, mesh):
+    """Create NODES simulated nodes with PODS pods each."""
+    created = lab_ops.up(nodes, pods, enroll, mesh)
+    click.echo(f"lab up: {len(created.plan.nodes)} nodes, {len(created.plan.pods)} pods, "
+               f"{len(created.plan.services)} services; `nodeagent lab status` shows them")
+
+
+@lab.command()
+def down():
+    """Remove everything the lab made (also after a crashed run)."""
+    removed = lab_ops.down()
+    click.echo("lab down: " + (f"removed {len(removed)} objects" if removed else "nothing to remove"))
+
+
+@lab.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json):
+    """List nodes, pods and services."""
+    from nodeagent.lab.views import print_status
+
+    current = lab_ops.status(lab_ops.load())
+    if as_json:
+        click.echo(json.dumps(current, indent=2))
+    else:
+        print_status(current, Console())
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(pod, command):
+    """Run COMMAND inside POD's network namespace and cgroup."""
+    lab_ops.exec_in_pod(pod, list(command))
+
+
+@lab.command()
+@click.argument("pod")
+@click.argument("change")
+def label(pod, change):
+    """Set a pod label (KEY=VALUE) or remove one (KEY-)."""
+    manifest = lab_ops.label(pod, change)
+    labels = ",".join(f"{k}={v}" for k, v in sorted(manifest["metadata"]["labels"].items()))
+    click.echo(f"pod/{pod} labeled: {labels}")
+
+
+@main.command()
+def demo():
+    """Bring up a 2-node lab, run traffic of each kind, summarize, tear down."""
+    from nodeagent.demo import run_demo
+
+    run_demo(Console())

@@ -1,0 +1,1 @@
+"""The lab: simulated Kubernetes nodes and pods in network namespaces on one machine."""

@@ -1,0 +1,225 @@
+"""Bring a lab up, show it, change it, take it down.
+
+State lives in STATE_DIR (tmpfs, like the namespaces it describes):
+`lab.json` (the plan), `cluster/` (the manifests: the lab's "cluster"),
+`logs/` (each pod's workload output). Cleanup never depends on that state:
+`down` also finds the leftovers of a crashed run by the project prefix.
+"""
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent import PREFIX, cgroups, netns
+from nodeagent.lab import manifests, network, pods
+from nodeagent.lab.plan import WORKLOAD_BY_KIND, LabPlan, PodPlan, plan_from_dict, plan_lab, plan_to_dict
+
+STATE_DIR = Path(os.environ.get("NODEAGENT_LAB_DIR", "/run/nodeagent-lab"))
+READY_TIMEOUT_S = 15.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Lab:
+    plan: LabPlan
+    cgroup_root: Path  # the lab's subtree of the cgroup v2 hierarchy
+    mesh: str
+
+    @property
+    def cluster_dir(self) -> Path:
+        return STATE_DIR / "cluster"
+
+    def pod_cgroup(self, pod: PodPlan) -> Path:
+        return self.cgroup_root / pod.cgroup
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root: it creates network namespaces and cgroups")
+
+
+def _lab_cgroup_root() -> Path:
+    try:
+        return cgroups.cgroup2_root() / PREFIX
+    except cgroups.CgroupError as e:
+        raise LabError(str(e)) from e
+
+
+def _state_file() -> Path:
+    return STATE_DIR / "lab.json"
+
+
+def load() -> Lab:
+    try:
+        data = json.loads(_state_file().read_text())
+    except FileNotFoundError:
+        raise LabError("no lab is up (start one with `nodeagent lab up`)") from None
+    return Lab(plan_from_dict(data["plan"]), Path(data["cgroup_root"]), data["mesh"])
+
+
+def leftovers() -> list[str]:
+    """Everything of a lab on this host, whether or not its state file survived."""
+    found = [f"netns {name}" for name in network.lab_namespaces()]
+    found += [f"route unreachable {dst}" for dst in network.guard_routes()]
+    try:
+        root = _lab_cgroup_root()
+        if root.exists():
+            found.append(f"cgroup {root}")
+    except LabError:
+        pass
+    if STATE_DIR.exists():
+        found.append(f"state {STATE_DIR}")
+    return found
+
+
+def up(nodes: int, pods_per_node: int, enroll: bool = True, mesh: str = "none") -> Lab:
+    _require_root()
+    if mesh != "none":
+        raise LabError(f"--mesh {mesh}: the mesh agent does not exist yet; only --mesh none works")
+    if left := leftovers():
+        raise LabError("a lab (or what a crashed one left) is already here: " + ", ".join(left)
+                       + "; run `nodeagent lab down` first")
+    try:
+        plan = plan_lab(nodes, pods_per_node, enroll)
+    except ValueError as e:
+        raise LabError(str(e)) from e
+    try:
+        network.check_host_ranges_free()
+    except network.NetworkError as e:
+        raise LabError(str(e)) from e
+    lab = Lab(plan, _lab_cgroup_root(), mesh)
+    try:
+        _build(lab)
+    except BaseException:
+        # Also on Ctrl-C: never leave half a lab behind.
+        down()
+        raise
+    return lab
+
+
+def _build(lab: Lab) -> None:
+    (STATE_DIR / "logs").mkdir(parents=True)
+    _state_file().write_text(json.dumps({
+        "plan": plan_to_dict(lab.plan), "cgroup_root": str(lab.cgroup_root), "mesh": lab.mesh,
+        "created": time.time(),
+    }, indent=1))
+    network.add_guard_routes()
+    network.create_fabric()
+    for node in lab.plan.nodes:
+        node_pods = [p for p in lab.plan.pods if p.node == node.name]
+        for j, pod in enumerate(node_pods):
+            network.add_pod(pod, node.index, j)
+            cgroup = lab.pod_cgroup(pod)
+            cgroup.mkdir(parents=True)
+            pods.start(pod, cgroup, pods.workload_argv(pod), STATE_DIR / "logs" / f"{pod.name}.log")
+    manifests.write_cluster(lab.cluster_dir, lab.plan)
+    _wait_ready(lab)
+
+
+def _wait_ready(lab: Lab) -> None:
+    """Every server listens before `up` returns (connect from inside each pod)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for pod in lab.plan.pods:
+        port = WORKLOAD_BY_KIND[pod.workload].port
+        if not port:
+            continue
+        with netns.entered(netns.named_path(pod.netns)):
+            while True:
+                try:
+                    socket.create_connection((pod.ip, port), timeout=1).close()
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        log = (STATE_DIR / "logs" / f"{pod.name}.log").read_text()[-2000:]
+                        raise LabError(f"pod {pod.name} is not listening on {port}: {e}\n{log}") from e
+                    time.sleep(0.05)
+
+
+def down() -> list[str]:
+    """Remove everything any lab made; idempotent, and needs no state file."""
+    _require_root()
+    removed = leftovers()
+    try:
+        root = _lab_cgroup_root()
+    except LabError:
+        root = None  # no cgroup v2 here: no lab cgroups either
+    if root is not None:
+        # Processes first: they hold namespaces and cgroups.
+        cgroups.remove_tree(root)
+    network.remove_all()
+    network.remove_guard_routes()
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    return removed
+
+
+def label(pod_name: str, change: str) -> dict:
+    lab = load()
+    key, value = manifests.parse_label_change(change)
+    pod = _find_pod(lab, pod_name)
+    return manifests.relabel_pod(lab.cluster_dir, pod.namespace, pod.name, key, value)
+
+
+def _find_pod(lab: Lab, name: str) -> PodPlan:
+    try:
+        return lab.plan.pod(name)
+    except KeyError:
+        known = ", ".join(p.name for p in lab.plan.pods)
+        raise LabError(f"no pod {name!r} in the lab; pods: {known}") from None
+
+
+def exec_in_pod(pod_name: str, argv: list[str]) -> None:
+    _require_root()
+    lab = load()
+    pod = _find_pod(lab, pod_name)
+    try:
+        pods.exec_in(pod, lab.pod_cgroup(pod), argv)
+    except OSError as e:
+        raise LabError(f"cannot run {argv[0]!r} in pod {pod_name}: {e.strerror}") from e
+
+
+def status(lab: Lab) -> dict:
+    """What `lab status` shows; labels come from the manifests, which `lab label` changes."""
+    pod_objects = manifests.read_manifests(lab.cluster_dir, "pods")
+    pod_rows = [
+        {
+            "name": m["metadata"]["name"],
+            "namespace": m["metadata"]["namespace"],
+            "node": m["spec"]["nodeName"],
+            "ip": m["status"]["podIP"],
+            "labels": m["metadata"].get("labels", {}),
+            "netns": lab.plan.pod(m["metadata"]["name"]).netns,
+        }
+        for m in pod_objects
+    ]
+    services = []
+    for m in manifests.read_manifests(lab.cluster_dir, "services"):
+        selector = m["spec"]["selector"]
+        endpoints = [
+            p["ip"] for p in pod_rows
+            if p["namespace"] == m["metadata"]["namespace"]
+            and all(p["labels"].get(k) == v for k, v in selector.items())
+        ]
+        port = m["spec"]["ports"][0]
+        services.append({
+            "name": m["metadata"]["name"],
+            "namespace": m["metadata"]["namespace"],
+            "cluster_ip": m["spec"]["clusterIP"],
+            "port": port["port"],
+            "target_port": port["targetPort"],
+            "selector": selector,
+            "endpoints": endpoints,
+        })
+    nodes = [
+        {"name": n.name, "pods": sum(p["node"] == n.name for p in pod_rows), "pod_cidr": n.pod_cidr,
+         "admin": f"127.0.0.1:{n.admin_port}", "agent": "none" if lab.mesh == "none" else lab.mesh}
+        for n in lab.plan.nodes
+    ]
+    return {"mesh": lab.mesh, "cluster_dir": str(lab.cluster_dir), "nodes": nodes, "pods": pod_rows,
+            "services": services}

@@ -1,0 +1,194 @@
+"""Sample servers for lab pods: HTTP/1.1, h2c, TCP echo, server-speaks-first.
+
+Run as `python -m nodeagent.lab.workloads KIND --port P --name POD`. Each one
+answers with the pod's name so tests can see which endpoint served them.
+
+HTTP/1.1 paths: `/` hello, `/status/<code>`, `/delay/<ms>`, `/bytes/<n>`,
+and any request body is echoed back.
+"""
+
+import argparse
+import asyncio
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h11
+import uvloop
+
+MAX_BYTES = 64 * 1024 * 1024
+
+
+def route(pod: str, method: str, target: str, body: bytes) -> tuple[int, bytes, float]:
+    """(status, response body, delay in seconds) for a request: pure, shared by both HTTP servers."""
+    parts = target.split("?", 1)[0].strip("/").split("/")
+    try:
+        if parts[0] == "status" and len(parts) == 2:
+            code = int(parts[1])
+            if 200 <= code <= 599:
+                return code, f"status {code} from {pod}\n".encode(), 0.0
+        elif parts[0] == "delay" and len(parts) == 2:
+            return 200, f"hello from {pod} after {int(parts[1])} ms\n".encode(), int(parts[1]) / 1000
+        elif parts[0] == "bytes" and len(parts) == 2 and 0 <= int(parts[1]) <= MAX_BYTES:
+            return 200, b"x" * int(parts[1]), 0.0
+        elif parts == [""]:
+            return 200, body if body else f"hello from {pod}\n".encode(), 0.0
+    except ValueError:
+        pass
+    return 404, f"no route {target} on {pod}\n".encode(), 0.0
+
+
+class Http1Server(asyncio.Protocol):
+    def __init__(self, pod: str):
+        self.pod = pod
+        self.conn = h11.Connection(h11.SERVER)
+        self.request: h11.Request | None = None
+        self.body = bytearray()
+        self.responding = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.conn.receive_data(data)
+        self._next_events()
+
+    def eof_received(self):
+        self.conn.receive_data(b"")
+        self._next_events()
+
+    def _next_events(self):
+        while not self.responding:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                self._send_error(400)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request, self.body = event, bytearray()
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.responding = True
+                asyncio.get_running_loop().create_task(self._respond())
+            elif isinstance(event, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    def _send_error(self, status: int):
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.write(self.conn.send(h11.Response(status_code=status, headers=[
+                ("content-length", "0"), ("connection", "close")])))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+    async def _respond(self):
+        request = self.request
+        status, body, delay = route(self.pod, request.method.decode(), request.target.decode(), bytes(self.body))
+        if delay:
+            await asyncio.sleep(delay)
+        if self.transport.is_closing():
+            return
+        headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("x-pod", self.pod)]
+        self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        if self.conn.our_state is h11.MUST_CLOSE:
+            self.transport.close()
+            return
+        self.conn.start_next_cycle()
+        self.responding = False
+        self._next_events()
+
+
+class H2cServer(asyncio.Protocol):
+    """HTTP/2 with prior knowledge (no TLS, no Upgrade)."""
+
+    def __init__(self, pod: str):
+        self.pod = pod
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.streams: dict[int, tuple[dict, bytearray]] = {}
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data):
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.transport.write(self.conn.data_to_send())
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.streams[event.stream_id] = (dict(event.headers), bytearray())
+            elif isinstance(event, h2.events.DataReceived):
+                self.streams[event.stream_id][1].extend(event.data)
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                asyncio.get_running_loop().create_task(self._respond(event.stream_id))
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.transport.close()
+        self.transport.write(self.conn.data_to_send())
+
+    async def _respond(self, stream_id: int):
+        headers, body = self.streams.pop(stream_id)
+        status, payload, delay = route(self.pod, headers[b":method"].decode(), headers[b":path"].decode(),
+                                       bytes(body))
+        if delay:
+            await asyncio.sleep(delay)
+        if self.transport.is_closing():
+            return
+        self.conn.send_headers(stream_id, [(":status", str(status)), ("content-type", "text/plain"),
+                                           ("x-pod", self.pod)])
+        # Respect the peer's window: send what fits, a test workload needs no more.
+        window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        self.conn.send_data(stream_id, payload[:window], end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+class EchoServer(asyncio.Protocol):
+    def __init__(self, pod: str):
+        self.pod = pod
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+class BannerServer(EchoServer):
+    """Speaks first, like SMTP or MySQL: a client that waits to be greeted must be."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        transport.write(f"220 {self.pod} nodeagent-lab banner ready\r\n".encode())
+
+
+SERVERS = {"http": Http1Server, "h2c": H2cServer, "echo": EchoServer, "banner": BannerServer}
+
+
+async def serve(kind: str, port: int, pod: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SERVERS[kind](pod), host="0.0.0.0", port=port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("kind", choices=sorted(SERVERS))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args()
+    uvloop.run(serve(args.kind, args.port, args.name))
+
+
+if __name__ == "__main__":
+    main()
