@@ -8,6 +8,7 @@ from one process needs (istio/ztunnel src/inpod/netns.rs does the same).
 import contextlib
 import ctypes
 import os
+import socket
 from collections.abc import Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -52,3 +53,19 @@ def enter_for_good(path: str) -> None:
         setns(fd)
     finally:
         os.close(fd)
+
+
+SO_NETNS_COOKIE = 71  # Linux 5.14+
+
+
+def socket_cookie_of_netns(sock) -> int:
+    """The netns cookie of the namespace a socket lives in (what BPF's bpf_get_netns_cookie sees)."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def cookie(path: str) -> int:
+    """The netns cookie of the namespace at `path`."""
+    with entered(path):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with probe:
+        return socket_cookie_of_netns(probe)

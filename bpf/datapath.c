@@ -1,0 +1,230 @@
+/* nodeagent's eBPF data path, compiled by bcc when the agent starts.
+ *
+ *   connect4/6    (cgroup, node subtree)  enrolled pods' outbound TCP -> the proxy
+ *   getpeername4  (cgroup, node subtree)  apps still see where they connected
+ *   sockops       (cgroup, node subtree)  original destination by client port; counters
+ *   sk_lookup     (each pod's netns)      inbound TCP to the pod's IP -> the proxy
+ *
+ * Knobs arrive as -D flags; PIN_DIR is where the maps are pinned.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <linux/socket.h>
+#include "nodeagent.h"
+
+#define VERDICT_ALLOW 1
+#define VERDICT_DENY 0          /* connect() fails with EPERM */
+#define LOOPBACK_NET 0x7f000000 /* 127.0.0.0/8, host order */
+#define TCP_STATE_SYN_SENT 2
+#define TCP_STATE_CLOSE 7
+
+BPF_TABLE_PINNED("hash", __u64, struct na_pod, pods_by_netns, NA_MAX_PODS, PIN_DIR "/pods_by_netns");
+BPF_TABLE_PINNED("hash", __u32, struct na_pod, pods_by_ip, NA_MAX_PODS, PIN_DIR "/pods_by_ip");
+BPF_TABLE_PINNED("lru_hash", __u64, struct na_orig_dst, orig_by_cookie, 65536, PIN_DIR "/orig_by_cookie");
+BPF_TABLE_PINNED("lru_hash", struct na_orig_key, struct na_orig_dst, orig_by_port, 65536, PIN_DIR "/orig_by_port");
+BPF_TABLE_PINNED("percpu_array", __u32, struct na_counters, counters, NA_MAX_PODS, PIN_DIR "/counters");
+BPF_TABLE_PINNED("hash", struct na_policy_key, __u32, policy, 4096, PIN_DIR "/policy");
+BPF_TABLE_PINNED("hash", __u32, __u32, ip_identity, 65536, PIN_DIR "/ip_identity");
+BPF_TABLE_PINNED("hash", __u32, __u32, outbound_skip_ports, 256, PIN_DIR "/outbound_skip_ports");
+BPF_TABLE_PINNED("hash", __u32, __u32, inbound_skip_ports, 256, PIN_DIR "/inbound_skip_ports");
+BPF_TABLE_PINNED("array", __u32, struct na_config, config, 1, PIN_DIR "/config");
+BPF_TABLE_PINNED("sockmap", __u32, int, inbound_listeners, NA_MAX_PODS, PIN_DIR "/inbound_listeners");
+
+/* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
+static __u64 (*na_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+static __always_inline struct na_counters *pod_counters(struct na_pod *pod)
+{
+    __u32 slot = pod->slot;
+    return counters.lookup(&slot);
+}
+
+static __always_inline struct na_pod *enrolled_pod(void *ctx)
+{
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct na_pod *pod = pods_by_netns.lookup(&netns);
+    if (!pod || !(pod->flags & NA_POD_ENROLLED))
+        return 0;
+    return pod;
+}
+
+static __always_inline int denied_by(struct na_policy_key *key)
+{
+    return policy.lookup(key) != 0;
+}
+
+/* Any deny rule matching (source class, destination class, port), where a
+ * rule's 0 is a wildcard. Connect time only, never per packet. */
+static __always_inline int policy_denies(__u32 src, __u32 dst, __u32 port)
+{
+    struct na_policy_key key = {};
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        key.src_identity = (i & 1) ? 0 : src;
+        key.dst_identity = (i & 2) ? 0 : dst;
+        key.dst_port = (i & 4) ? 0 : port;
+        if ((i & 1 || src) && (i & 2 || dst) && (i & 4 || port) && denied_by(&key))
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx)
+{
+    __u32 zero = 0;
+    struct na_config *cfg = config.lookup(&zero);
+    struct bpf_sock *sk = ctx->sk;
+    return cfg && cfg->proxy_mark && sk && sk->mark == cfg->proxy_mark;
+}
+
+/* The decision for an IPv4 destination (network order ip/port): redirect to
+ * the proxy, leave alone, or deny. Shared by connect4 and v4-mapped connect6. */
+static __always_inline int capture_v4(struct bpf_sock_addr *ctx, struct na_pod *pod, __u32 ip, __u16 port_n,
+                                      int *redirect)
+{
+    __u32 port = bpf_ntohs(port_n);
+    *redirect = 0;
+    if ((bpf_ntohl(ip) & 0xff000000) == LOOPBACK_NET || ip == pod->pod_ip)
+        return VERDICT_ALLOW;
+    if (outbound_skip_ports.lookup(&port))
+        return VERDICT_ALLOW;
+    struct na_counters *c = pod_counters(pod);
+    __u32 *dst_identity = ip_identity.lookup(&ip);
+    if (policy_denies(pod->identity, dst_identity ? *dst_identity : 0, port)) {
+        if (c)
+            c->denied++;
+        return VERDICT_DENY;
+    }
+    struct na_orig_dst orig = {.ip = ip, .port = port_n, .family = AF_INET};
+    __u64 cookie = na_socket_cookie(ctx);
+    orig_by_cookie.update(&cookie, &orig);
+    if (c)
+        c->redirected++;
+    *redirect = 1;
+    return VERDICT_ALLOW;
+}
+
+int na_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return VERDICT_ALLOW;
+    struct na_pod *pod = enrolled_pod(ctx);
+    if (!pod || is_proxy_socket(ctx))
+        return VERDICT_ALLOW;
+    int redirect;
+    int verdict = capture_v4(ctx, pod, ctx->user_ip4, ctx->user_port, &redirect);
+    if (redirect) {
+        ctx->user_ip4 = bpf_htonl(0x7f000001);
+        ctx->user_port = bpf_htons(pod->outbound_port);
+    }
+    return verdict;
+}
+
+/* IPv6 is not meshed yet: v4-mapped destinations are captured like IPv4,
+ * loopback passes, and any other IPv6 destination of an enrolled pod is
+ * refused rather than sent around the mesh. */
+int na_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return VERDICT_ALLOW;
+    struct na_pod *pod = enrolled_pod(ctx);
+    if (!pod || is_proxy_socket(ctx))
+        return VERDICT_ALLOW;
+    __u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+    if (!w0 && !w1 && !w2 && w3 == bpf_htonl(1))
+        return VERDICT_ALLOW;
+    if (!w0 && !w1 && w2 == bpf_htonl(0xffff)) {
+        int redirect;
+        int verdict = capture_v4(ctx, pod, w3, ctx->user_port, &redirect);
+        if (redirect) {
+            ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+            ctx->user_port = bpf_htons(pod->outbound_port);
+        }
+        return verdict;
+    }
+    struct na_counters *c = pod_counters(pod);
+    if (c)
+        c->denied++;
+    return VERDICT_DENY;
+}
+
+/* After a redirect, getpeername() would show the proxy; show the original. */
+int na_getpeername4(struct bpf_sock_addr *ctx)
+{
+    __u64 cookie = na_socket_cookie(ctx);
+    struct na_orig_dst *orig = orig_by_cookie.lookup(&cookie);
+    if (orig) {
+        ctx->user_ip4 = orig->ip;
+        ctx->user_port = orig->port;
+    }
+    return 1;
+}
+
+int na_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->family != AF_INET && skops->family != AF_INET6)
+        return 1;
+    struct na_pod *pod = enrolled_pod(skops);
+    if (!pod)
+        return 1;
+    struct na_counters *c = pod_counters(pod);
+    switch (skops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        break;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+        /* Runs before the final ACK leaves, so before the proxy can accept. */
+        __u64 cookie = na_socket_cookie(skops);
+        struct na_orig_dst *orig = orig_by_cookie.lookup(&cookie);
+        if (orig) {
+            struct na_orig_key key = {.netns_cookie = bpf_get_netns_cookie(skops),
+                                      .client_port = skops->local_port};
+            orig_by_port.update(&key, orig);
+        }
+        if (c)
+            c->opened++;
+        break;
+    }
+    case BPF_SOCK_OPS_STATE_CB:
+        if (skops->args[0] == TCP_STATE_SYN_SENT && skops->args[1] == TCP_STATE_CLOSE && c)
+            c->failed++;
+        break;
+    }
+    return 1;
+}
+
+/* Inbound: every TCP connection to an enrolled pod's IP lands on the proxy's
+ * inbound listener in that pod, whatever the port, except the mesh port and
+ * exempt ports. No listener (no agent): refused, never around the proxy. */
+int na_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP || ctx->family != AF_INET)
+        return SK_PASS;
+    __u32 local_ip = ctx->local_ip4;
+    struct na_pod *pod = pods_by_ip.lookup(&local_ip);
+    if (!pod || !(pod->flags & NA_POD_ENROLLED))
+        return SK_PASS;
+    __u32 port = ctx->local_port, zero = 0;
+    struct na_config *cfg = config.lookup(&zero);
+    if ((cfg && port == cfg->mesh_port) || inbound_skip_ports.lookup(&port))
+        return SK_PASS;
+    struct na_counters *c = pod_counters(pod);
+    __u32 slot = pod->slot;
+    struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&slot);
+    if (!sk) {
+        if (c)
+            c->inbound_refused++;
+        return SK_DROP;
+    }
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (err) {
+        if (c)
+            c->inbound_refused++;
+        return SK_DROP;
+    }
+    if (c)
+        c->inbound_steered++;
+    return SK_PASS;
+}

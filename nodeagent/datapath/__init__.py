@@ -1,0 +1,1 @@
+"""The eBPF data path: programs in bpf/, loaded by loader.py, used through pinned objects."""

@@ -1,0 +1,70 @@
+"""ctypes mirrors of bpf/nodeagent.h: the structs that cross the kernel boundary."""
+
+import ctypes
+
+MAX_PODS = 1024  # NA_MAX_PODS
+POD_ENROLLED = 1  # NA_POD_ENROLLED
+
+
+class Pod(ctypes.Structure):
+    """struct na_pod"""
+
+    _fields_ = [
+        ("pod_ip", ctypes.c_uint32),  # network order
+        ("slot", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("outbound_port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+    ]
+
+
+class OrigDst(ctypes.Structure):
+    """struct na_orig_dst"""
+
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("family", ctypes.c_uint16)]
+
+
+class OrigKey(ctypes.Structure):
+    """struct na_orig_key"""
+
+    _fields_ = [("netns_cookie", ctypes.c_uint64), ("client_port", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class PolicyKey(ctypes.Structure):
+    """struct na_policy_key"""
+
+    _fields_ = [("src_identity", ctypes.c_uint32), ("dst_identity", ctypes.c_uint32), ("dst_port", ctypes.c_uint32)]
+
+
+class Config(ctypes.Structure):
+    """struct na_config"""
+
+    _fields_ = [("proxy_mark", ctypes.c_uint32), ("mesh_port", ctypes.c_uint32)]
+
+
+class Counters(ctypes.Structure):
+    """struct na_counters"""
+
+    _fields_ = [
+        ("redirected", ctypes.c_uint64),
+        ("opened", ctypes.c_uint64),
+        ("failed", ctypes.c_uint64),
+        ("denied", ctypes.c_uint64),
+        ("inbound_steered", ctypes.c_uint64),
+        ("inbound_refused", ctypes.c_uint64),
+    ]
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name, _ in self._fields_}
+
+
+# sizeof() of each struct as the C compiler lays it out; tests compare.
+C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 8, Counters: 48}
+
+
+def u32(value: int) -> bytes:
+    return ctypes.c_uint32(value).value.to_bytes(4, "little")
+
+
+def u64(value: int) -> bytes:
+    return value.to_bytes(8, "little")

@@ -1,0 +1,41 @@
+"""Remove a node's data path: detach every link, unpin every object."""
+
+import os
+import shutil
+from pathlib import Path
+
+from nodeagent.datapath import libbpf
+from nodeagent.datapath.pins import PinLayout
+
+
+def detach_link(path: Path) -> None:
+    fd = libbpf.obj_get(str(path))
+    try:
+        libbpf.link_detach(fd)
+    except libbpf.BpfError:
+        pass  # defunct already: its cgroup or network namespace is gone
+    finally:
+        os.close(fd)
+    path.unlink()
+
+
+def remove_node(layout: PinLayout) -> list[str]:
+    """Links first (that is what detaches), then programs and maps; returns what was removed."""
+    removed = []
+    if layout.links.exists():
+        for path in sorted(p for p in layout.links.rglob("*") if p.is_file()):
+            detach_link(path)
+            removed.append(str(path))
+    if layout.node_dir.exists():
+        removed += [str(p) for p in layout.node_dir.rglob("*") if not p.is_dir()]
+        shutil.rmtree(layout.node_dir)  # unlinking a pin drops its reference
+    return removed
+
+
+def remove_all(root: Path) -> list[str]:
+    removed = []
+    if root.exists():
+        for node_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            removed += remove_node(PinLayout(root, node_dir.name))
+        shutil.rmtree(root, ignore_errors=True)
+    return removed

@@ -1,0 +1,152 @@
+"""The agent's handle on a node's pinned data path: enrolment, inbound
+steering, original destinations, policy and counters. No bcc here.
+"""
+
+import ctypes
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from nodeagent.datapath import abi, libbpf
+from nodeagent.datapath.pins import PinLayout
+from nodeagent.datapath.programs import SK_LOOKUP
+
+MAPS = ("pods_by_netns", "pods_by_ip", "orig_by_port", "counters", "policy", "ip_identity",
+        "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners")
+
+
+@dataclass(frozen=True)
+class PodEntry:
+    netns_cookie: int
+    ip: str
+    slot: int
+    outbound_port: int
+    identity: int = 0
+    enrolled: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.slot < abi.MAX_PODS:
+            raise ValueError(f"pod slot {self.slot} outside 0..{abi.MAX_PODS - 1}")
+        if not 0 < self.outbound_port < 65536:
+            raise ValueError(f"outbound port {self.outbound_port} is not a TCP port")
+
+
+def _ip_key(ip: str) -> bytes:
+    return ipaddress.IPv4Address(ip).packed  # network order, as the kernel's user_ip4
+
+
+class Datapath:
+    def __init__(self, layout: PinLayout):
+        self.layout = layout
+        self._fds: dict[str, int] = {}
+        try:
+            for name in MAPS:
+                self._fds[name] = libbpf.obj_get(str(layout.map(name)))
+        except libbpf.BpfError:
+            self.close()
+            raise
+        self._cpus = libbpf.possible_cpus()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Enrolment: one map entry per pod, by netns cookie (outbound) and by IP (inbound).
+
+    def enrol(self, pod: PodEntry) -> None:
+        value = bytes(abi.Pod(int.from_bytes(_ip_key(pod.ip), "little"), pod.slot, pod.identity, pod.outbound_port,
+                              abi.POD_ENROLLED if pod.enrolled else 0))
+        libbpf.map_update(self._fds["pods_by_netns"], abi.u64(pod.netns_cookie), value)
+        libbpf.map_update(self._fds["pods_by_ip"], _ip_key(pod.ip), value)
+
+    def forget(self, netns_cookie: int, ip: str) -> None:
+        libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
+        libbpf.map_delete(self._fds["pods_by_ip"], _ip_key(ip))
+
+    def enrolled_cookies(self) -> list[int]:
+        return [int.from_bytes(k, "little") for k in libbpf.map_keys(self._fds["pods_by_netns"], 8)]
+
+    # Inbound: sk_lookup attached to the pod's namespace, steering onto the listener in its slot.
+
+    def attach_inbound(self, netns_path: str, netns_cookie: int) -> bool:
+        """Attach sk_lookup to a pod's namespace once; False if it already was."""
+        path = self.layout.sk_lookup_link(netns_cookie)
+        if path.exists():
+            return False
+        prog = libbpf.obj_get(str(self.layout.prog(SK_LOOKUP.name)))
+        ns = os.open(netns_path, os.O_RDONLY)
+        try:
+            link = libbpf.link_create(prog, ns, SK_LOOKUP.attach_type)
+            try:
+                libbpf.obj_pin(link, str(path))
+            finally:
+                os.close(link)
+        finally:
+            os.close(ns)
+            os.close(prog)
+        return True
+
+    def detach_inbound(self, netns_cookie: int) -> None:
+        from nodeagent.datapath.cleanup import detach_link
+
+        path = self.layout.sk_lookup_link(netns_cookie)
+        if path.exists():
+            detach_link(path)
+
+    def register_inbound_listener(self, slot: int, listener: socket.socket) -> None:
+        libbpf.map_update(self._fds["inbound_listeners"], abi.u32(slot), abi.u32(listener.fileno()))
+
+    # Original destinations of redirected connections.
+
+    def original_destination(self, netns_cookie: int, client_port: int) -> tuple[str, int] | None:
+        """Where the client in that pod, on that local port, was connecting; consumed on read."""
+        key = bytes(abi.OrigKey(netns_cookie, client_port, 0))
+        raw = libbpf.map_lookup(self._fds["orig_by_port"], key, ctypes.sizeof(abi.OrigDst))
+        if raw is None:
+            return None
+        libbpf.map_delete(self._fds["orig_by_port"], key)
+        orig = abi.OrigDst.from_buffer_copy(raw)
+        return str(ipaddress.IPv4Address(orig.ip.to_bytes(4, "little"))), socket.ntohs(orig.port)
+
+    # L4 policy and exemptions.
+
+    def deny(self, src_identity: int, dst_identity: int, dst_port: int) -> None:
+        libbpf.map_update(self._fds["policy"], bytes(abi.PolicyKey(src_identity, dst_identity, dst_port)),
+                          abi.u32(1))
+
+    def undeny(self, src_identity: int, dst_identity: int, dst_port: int) -> None:
+        libbpf.map_delete(self._fds["policy"], bytes(abi.PolicyKey(src_identity, dst_identity, dst_port)))
+
+    def set_ip_identity(self, ip: str, identity: int) -> None:
+        libbpf.map_update(self._fds["ip_identity"], _ip_key(ip), abi.u32(identity))
+
+    def skip_port(self, direction: str, port: int, skip: bool = True) -> None:
+        fd = self._fds[f"{direction}_skip_ports"]
+        if skip:
+            libbpf.map_update(fd, abi.u32(port), abi.u32(1))
+        else:
+            libbpf.map_delete(fd, abi.u32(port))
+
+    # Counters: per pod slot, per CPU.
+
+    def counters(self, slot: int) -> dict[str, int]:
+        size = ctypes.sizeof(abi.Counters)  # a multiple of 8, as per-CPU values are laid out
+        raw = libbpf.map_lookup(self._fds["counters"], abi.u32(slot), size * self._cpus)
+        total = dict.fromkeys(abi.Counters().as_dict(), 0)
+        for cpu in range(self._cpus):
+            for name, value in abi.Counters.from_buffer_copy(raw, cpu * size).as_dict().items():
+                total[name] += value
+        return total
+
+    def reset_counters(self, slot: int) -> None:
+        """Before a slot serves a new pod."""
+        size = ctypes.sizeof(abi.Counters)
+        libbpf.map_update(self._fds["counters"], abi.u32(slot), bytes(size * self._cpus))

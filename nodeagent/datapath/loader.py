@@ -1,0 +1,149 @@
+"""Compile bpf/datapath.c with bcc, pin the programs, attach or adopt the links.
+
+Run as a short-lived process (`python -m nodeagent.datapath.loader`) so that
+bcc's ~60-135 MB never stay in the agent: everything it leaves behind is
+pinned on bpffs, and the agent works on the pins through libbpf.
+
+A second run on the same node adopts what the first left (cleanly stopped or
+killed): the pinned maps keep their contents, and each pinned link gets the
+new program through bpf_link_update, so nothing is ever attached twice and
+enrolled pods are never without a program, not even for a moment.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from nodeagent.datapath import abi, libbpf
+from nodeagent.datapath.cleanup import detach_link
+from nodeagent.datapath.pins import DEFAULT_ROOT, PinLayout
+from nodeagent.datapath.programs import CGROUP_PROGRAMS, PROGRAMS, SK_LOOKUP
+
+BPF_SRC_DIR = Path(os.environ.get("NODEAGENT_BPF_SRC", Path(__file__).resolve().parents[2] / "bpf"))
+DEFAULT_PROXY_MARK = 0x4E41  # "NA"
+DEFAULT_MESH_PORT = 4143  # as Linkerd's inbound mesh port
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def _replace_pin(fd: int, path: Path) -> None:
+    path.unlink(missing_ok=True)
+    libbpf.obj_pin(fd, str(path))
+
+
+def compile_and_load(layout: PinLayout) -> tuple[object, dict[str, int], float]:
+    """(the bcc module, program fds by name, compile+load seconds)."""
+    from bcc import BPF  # the one place bcc is imported
+
+    started = time.monotonic()
+    try:
+        module = BPF(src_file=str(BPF_SRC_DIR / "datapath.c"),
+                     cflags=[f"-I{BPF_SRC_DIR}", f'-DPIN_DIR="{layout.maps}"'])
+        fds = {p.name: module.load_func(p.name, p.prog_type, attach_type=p.attach_type).fd for p in PROGRAMS}
+    except Exception as e:  # bcc raises bare Exceptions for compile and load failures
+        raise LoadError(f"bcc could not compile or load {BPF_SRC_DIR / 'datapath.c'}: {e}") from e
+    return module, fds, time.monotonic() - started
+
+
+def _link_target(path: Path) -> int:
+    """The cgroup id (inode) a pinned cgroup link is attached to."""
+    link = libbpf.obj_get(str(path))
+    try:
+        return libbpf.link_info(link)[2]
+    finally:
+        os.close(link)
+
+
+def attach_cgroup_links(layout: PinLayout, cgroup: Path, fds: dict[str, int]) -> tuple[list[str], list[str]]:
+    """(hooks created, hooks adopted). A link pinned for another cgroup is replaced."""
+    created, adopted = [], []
+    cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        cgroup_id = os.fstat(cgroup_fd).st_ino  # on cgroup2 the inode number is the cgroup id
+        for program in CGROUP_PROGRAMS:
+            path = layout.link(program.name)
+            if path.exists() and _link_target(path) == cgroup_id:
+                link = libbpf.obj_get(str(path))
+                try:
+                    libbpf.link_update(link, fds[program.name])
+                finally:
+                    os.close(link)
+                adopted.append(program.name)
+                continue
+            if path.exists():
+                detach_link(path)
+            link = libbpf.link_create(fds[program.name], cgroup_fd, program.attach_type)
+            try:
+                libbpf.obj_pin(link, str(path))
+            finally:
+                os.close(link)
+            created.append(program.name)
+    finally:
+        os.close(cgroup_fd)
+    return created, adopted
+
+
+def update_sk_lookup_links(layout: PinLayout, prog_fd: int) -> int:
+    """Give every pod's pinned sk_lookup link the new program; drop links of dead namespaces."""
+    updated = 0
+    for path in sorted(layout.sk_lookup_links.iterdir()):
+        link = libbpf.obj_get(str(path))
+        try:
+            libbpf.link_update(link, prog_fd)
+            updated += 1
+        except libbpf.BpfError:
+            path.unlink()  # its namespace is gone; the link is defunct
+        finally:
+            os.close(link)
+    return updated
+
+
+def write_config(layout: PinLayout, proxy_mark: int, mesh_port: int) -> None:
+    fd = libbpf.obj_get(str(layout.map("config")))
+    try:
+        libbpf.map_update(fd, abi.u32(0), bytes(abi.Config(proxy_mark, mesh_port)))
+    finally:
+        os.close(fd)
+
+
+def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
+         mesh_port: int = DEFAULT_MESH_PORT) -> dict:
+    if not cgroup.is_dir() or not (cgroup / "cgroup.procs").exists():
+        raise LoadError(f"{cgroup} is not a cgroup v2 directory")
+    for directory in (layout.maps, layout.progs, layout.sk_lookup_links):
+        directory.mkdir(parents=True, exist_ok=True)
+    module, fds, seconds = compile_and_load(layout)
+    for name, fd in fds.items():
+        _replace_pin(fd, layout.prog(name))
+    created, adopted = attach_cgroup_links(layout, cgroup, fds)
+    pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
+    write_config(layout, proxy_mark, mesh_port)
+    del module
+    return {"node": layout.node, "cgroup": str(cgroup), "pin_dir": str(layout.node_dir),
+            "compile_and_load_ms": round(seconds * 1000, 1), "created": created, "adopted": adopted,
+            "sk_lookup_links_updated": pods}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--cgroup", required=True, type=Path, help="the cgroup v2 directory of the node's pods")
+    parser.add_argument("--pin-root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--proxy-mark", type=int, default=DEFAULT_PROXY_MARK)
+    parser.add_argument("--mesh-port", type=int, default=DEFAULT_MESH_PORT)
+    args = parser.parse_args()
+    try:
+        report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.proxy_mark, args.mesh_port)
+    except (LoadError, OSError, ValueError) as e:
+        print(f"nodeagent loader: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
