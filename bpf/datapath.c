@@ -161,33 +161,40 @@ int na_getpeername4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+/* A redirected connection is filed under (netns cookie, client port) for the
+ * proxy. This runs before the final ACK leaves, so before the proxy can
+ * accept, and whether or not the pod is still enrolled: the redirect happened. */
+static __always_inline void file_original_destination(struct bpf_sock_ops *skops)
+{
+    __u64 cookie = na_socket_cookie(skops);
+    struct na_orig_dst *orig = orig_by_cookie.lookup(&cookie);
+    if (!orig)
+        return;
+    struct na_orig_key key = {.netns_cookie = bpf_get_netns_cookie(skops), .client_port = skops->local_port};
+    orig_by_port.update(&key, orig);
+}
+
 int na_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->family != AF_INET && skops->family != AF_INET6)
         return 1;
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        file_original_destination(skops);
     struct na_pod *pod = enrolled_pod(skops);
     if (!pod)
         return 1;
     struct na_counters *c = pod_counters(pod);
+    if (!c)
+        return 1;
     switch (skops->op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB:
         bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
         break;
-    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
-        /* Runs before the final ACK leaves, so before the proxy can accept. */
-        __u64 cookie = na_socket_cookie(skops);
-        struct na_orig_dst *orig = orig_by_cookie.lookup(&cookie);
-        if (orig) {
-            struct na_orig_key key = {.netns_cookie = bpf_get_netns_cookie(skops),
-                                      .client_port = skops->local_port};
-            orig_by_port.update(&key, orig);
-        }
-        if (c)
-            c->opened++;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        c->opened++;
         break;
-    }
     case BPF_SOCK_OPS_STATE_CB:
-        if (skops->args[0] == TCP_STATE_SYN_SENT && skops->args[1] == TCP_STATE_CLOSE && c)
+        if (skops->args[0] == TCP_STATE_SYN_SENT && skops->args[1] == TCP_STATE_CLOSE)
             c->failed++;
         break;
     }

@@ -1,10 +1,14 @@
 """The `nodeagent` command: wires subcommands to the modules that do the work."""
 
 import json
+from pathlib import Path
 
 import click
 from rich.console import Console
 
+from nodeagent.datapath import libbpf
+from nodeagent.datapath.loader import LoadError
+from nodeagent.datapath.pins import DEFAULT_ROOT
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab.plan import MAX_NODES, MAX_PODS_PER_NODE
 
@@ -15,7 +19,7 @@ class _Errors(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (lab_ops.LabError, ValueError) as e:
+        except (lab_ops.LabError, LoadError, libbpf.BpfError, ValueError) as e:
             raise click.ClickException(str(e)) from e
 
 
@@ -89,3 +93,50 @@ def demo():
     from nodeagent.demo import run_demo
 
     run_demo(Console())
+
+
+pin_root_option = click.option("--pin-root", type=click.Path(path_type=Path), default=DEFAULT_ROOT, show_default=True,
+                               help="Where the data path is pinned on bpffs.")
+
+
+@main.command()
+@pin_root_option
+@click.option("--no-compile", is_flag=True, help="Skip compiling the BPF programs.")
+def check(pin_root, no_compile):
+    """Check every kernel and host prerequisite; non-zero exit if any fails."""
+    from nodeagent import preflight
+
+    if not preflight.render(preflight.run_all(pin_root, compile_programs=not no_compile), click.echo):
+        raise SystemExit(1)
+
+
+@main.command()
+@pin_root_option
+@click.option("--node", help="Only this node's data path (default: every node under --pin-root).")
+def cleanup(pin_root, node):
+    """Detach every program of ours and remove every pin: pods are unmeshed."""
+    from nodeagent.datapath import cleanup as datapath_cleanup
+    from nodeagent.datapath.pins import PinLayout
+
+    if node:
+        removed = datapath_cleanup.remove_node(PinLayout(pin_root, node))
+    else:
+        removed = datapath_cleanup.remove_all(pin_root)
+    click.echo(f"cleanup: removed {len(removed)} pinned objects under {pin_root}")
+
+
+@main.group(cls=_Errors)
+def datapath():
+    """The eBPF data path of a node (normally driven by `nodeagent run`)."""
+
+
+@datapath.command("load")
+@pin_root_option
+@click.option("--node", required=True, help="Node name: the pin directory under --pin-root.")
+@click.option("--cgroup", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The cgroup v2 directory holding the node's pods.")
+def datapath_load(pin_root, node, cgroup):
+    """Compile, load and attach (or adopt) a node's programs; prints the loader's report."""
+    from nodeagent.datapath.loader import load_in_subprocess
+
+    click.echo(json.dumps(load_in_subprocess(node, cgroup, pin_root)))

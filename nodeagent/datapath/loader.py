@@ -129,14 +129,40 @@ def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
             "sk_lookup_links_updated": pods}
 
 
+def check_compiles() -> str:
+    """Compile and load every program with its maps pinned in a scratch directory, then remove it."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="nodeagent-check-", dir=DEFAULT_ROOT.parent))
+    try:
+        layout = PinLayout(scratch, "check")
+        layout.maps.mkdir(parents=True)
+        module, fds, seconds = compile_and_load(layout)
+        del module
+        return f"{len(fds)} programs compiled and verified in {seconds * 1000:.0f} ms"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--node", required=True)
-    parser.add_argument("--cgroup", required=True, type=Path, help="the cgroup v2 directory of the node's pods")
+    parser.add_argument("--check", action="store_true", help="only compile and load, attach nothing")
+    parser.add_argument("--node")
+    parser.add_argument("--cgroup", type=Path, help="the cgroup v2 directory of the node's pods")
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--proxy-mark", type=int, default=DEFAULT_PROXY_MARK)
     parser.add_argument("--mesh-port", type=int, default=DEFAULT_MESH_PORT)
     args = parser.parse_args()
+    if args.check:
+        try:
+            print(check_compiles())
+        except (LoadError, OSError) as e:
+            print(f"nodeagent loader: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
+        return
+    if not args.node or not args.cgroup:
+        parser.error("--node and --cgroup are required to load")
     try:
         report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.proxy_mark, args.mesh_port)
     except (LoadError, OSError, ValueError) as e:
@@ -147,3 +173,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def load_in_subprocess(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, proxy_mark: int = DEFAULT_PROXY_MARK,
+                       mesh_port: int = DEFAULT_MESH_PORT) -> dict:
+    """Run the loader as its own process (bcc's memory leaves with it); its report."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nodeagent.datapath.loader", "--node", node, "--cgroup", str(cgroup),
+         "--pin-root", str(pin_root), "--proxy-mark", str(proxy_mark), "--mesh-port", str(mesh_port)],
+        capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise LoadError(done.stderr.strip() or f"loader exited with {done.returncode}")
+    return json.loads(done.stdout)

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent import PREFIX, cgroups, netns
+from nodeagent.datapath import cleanup as datapath_cleanup
 from nodeagent.lab import manifests, network, pods
 from nodeagent.lab.plan import WORKLOAD_BY_KIND, LabPlan, PodPlan, plan_from_dict, plan_lab, plan_to_dict
 
 STATE_DIR = Path(os.environ.get("NODEAGENT_LAB_DIR", "/run/nodeagent-lab"))
+# The lab's agents pin their data paths apart from a real node's (/sys/fs/bpf/nodeagent).
+BPF_PIN_ROOT = Path("/sys/fs/bpf") / PREFIX
 READY_TIMEOUT_S = 15.0
 
 
@@ -76,6 +79,8 @@ def leftovers() -> list[str]:
         pass
     if STATE_DIR.exists():
         found.append(f"state {STATE_DIR}")
+    if BPF_PIN_ROOT.exists():
+        found.append(f"bpf pins {BPF_PIN_ROOT}")
     return found
 
 
@@ -153,6 +158,7 @@ def down() -> list[str]:
     if root is not None:
         # Processes first: they hold namespaces and cgroups.
         cgroups.remove_tree(root)
+    datapath_cleanup.remove_all(BPF_PIN_ROOT)
     network.remove_all()
     network.remove_guard_routes()
     shutil.rmtree(STATE_DIR, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The Python mirrors of kernel-facing structs and constants match the C."""
+
+import ctypes
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodeagent.datapath import abi, libbpf
+
+BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to measure the C structs")
+def test_struct_sizes_match_the_c_header(tmp_path):
+    names = {abi.Pod: "na_pod", abi.OrigDst: "na_orig_dst", abi.OrigKey: "na_orig_key",
+             abi.PolicyKey: "na_policy_key", abi.Config: "na_config", abi.Counters: "na_counters"}
+    source = tmp_path / "sizes.c"
+    source.write_text('#include <stdio.h>\n#include "nodeagent.h"\nint main(void) {\n'
+                      + "".join(f'    printf("%zu\\n", sizeof(struct {c}));\n' for c in names.values())
+                      + "    return 0;\n}\n")
+    subprocess.run(["cc", f"-I{BPF_DIR}", "-o", str(tmp_path / "sizes"), str(source)], check=True)
+    sizes = [int(line) for line in subprocess.run([str(tmp_path / "sizes")], capture_output=True, text=True,
+                                                   check=True).stdout.split()]
+    assert sizes == [ctypes.sizeof(s) for s in names] == [abi.C_SIZES[s] for s in names]
+
+
+def test_c_constants_match():
+    header = (BPF_DIR / "nodeagent.h").read_text()
+    assert re.search(rf"#define NA_MAX_PODS {abi.MAX_PODS}\b", header)
+    assert re.search(rf"#define NA_POD_ENROLLED {abi.POD_ENROLLED}\b", header)
+
+
+def _uapi_bpf_header() -> Path | None:
+    for candidate in sorted(Path("/usr/src").glob("linux-headers-*/include/uapi/linux/bpf.h")) + [
+            Path("/usr/include/linux/bpf.h")]:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_uapi_bpf_header() is None, reason="needs the kernel's UAPI bpf.h")
+def test_helper_ids_match_the_kernel_uapi():
+    text = _uapi_bpf_header().read_text()
+    if "FN(unspec, 0" in text:  # 6.5+: FN(name, id, ...)
+        ids = {m[0]: int(m[1]) for m in re.findall(r"FN\((\w+), (\d+),", text)}
+    else:  # older: position in the list is the id
+        start = text.index("#define __BPF_FUNC_MAPPER(FN)")
+        names = re.findall(r"FN\((\w+)\)", text[start:text.index("\n\n", start)])
+        ids = {name: i for i, name in enumerate(names)}
+    assert ids["map_lookup_elem"] == libbpf.FUNC_MAP_LOOKUP_ELEM
+    assert ids["get_socket_cookie"] == libbpf.FUNC_GET_SOCKET_COOKIE
+    assert ids["sock_ops_cb_flags_set"] == libbpf.FUNC_SOCK_OPS_CB_FLAGS_SET
+    assert ids["sk_release"] == libbpf.FUNC_SK_RELEASE
+    assert ids["get_netns_cookie"] == libbpf.FUNC_GET_NETNS_COOKIE
+    assert ids["sk_assign"] == libbpf.FUNC_SK_ASSIGN
+
+
+def test_long_lived_modules_never_import_bcc():
+    code = ("import sys, nodeagent.cli, nodeagent.datapath.control, nodeagent.datapath.loader, "
+            "nodeagent.preflight; print('bcc' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
