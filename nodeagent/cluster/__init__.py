@@ -1,0 +1,1 @@
+"""The agent's view of the cluster: pods, services, endpoints, opt-in."""

@@ -1,0 +1,1 @@
+"""The node proxy: detection, routing, balancing and forwarding for every enrolled pod."""
