@@ -40,13 +40,14 @@ def lab():
               help="Pods per node, cycling http, h2c, echo, banner, client.")
 @click.option("--enroll/--no-enroll", default=True, show_default=True,
               help="Label pods nodeagent.io/mesh=enabled.")
-@click.option("--mesh", type=click.Choice(["none"]), default="none", show_default=True,
-              help="Which mesh runs the pods' traffic (node and sidecar arrive with the agent).")
+@click.option("--mesh", type=click.Choice(lab_ops.MESH_MODES), default="none", show_default=True,
+              help="node: one agent per simulated node; none: no mesh.")
 def up(nodes, pods, enroll, mesh):
     """Create NODES simulated nodes with PODS pods each."""
     created = lab_ops.up(nodes, pods, enroll, mesh)
-    click.echo(f"lab up: {len(created.plan.nodes)} nodes, {len(created.plan.pods)} pods, "
-               f"{len(created.plan.services)} services; `nodeagent lab status` shows them")
+    plan = created.plan
+    click.echo(f"lab up: {len(plan.nodes)} node(s), {len(plan.pods)} pod(s), {len(plan.services)} service(s), "
+               f"mesh {mesh}; `nodeagent lab status` shows them")
 
 
 @lab.command()
@@ -140,3 +141,40 @@ def datapath_load(pin_root, node, cgroup):
     from nodeagent.datapath.loader import load_in_subprocess
 
     click.echo(json.dumps(load_in_subprocess(node, cgroup, pin_root)))
+
+
+def _default_pods_cgroup() -> Path:
+    """Where kubelet puts pods: kubepods.slice (systemd driver) or kubepods (cgroupfs)."""
+    from nodeagent import cgroups
+
+    root = cgroups.cgroup2_root()
+    for name in ("kubepods.slice", "kubepods"):
+        if (root / name).is_dir():
+            return root / name
+    raise click.ClickException(f"no kubepods cgroup under {root}; pass --cgroup")
+
+
+@main.command()
+@click.option("--node-name", required=True, help="This node's name (Pods' spec.nodeName).")
+@click.option("--cluster-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory of Kubernetes manifests to follow (the lab's cluster).")
+@click.option("--cgroup", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The cgroup v2 directory of this node's pods (default: kubepods under the cgroup2 mount).")
+@pin_root_option
+@click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def run(node_name, cluster_dir, cgroup, pin_root, admin, log_level):
+    """Run the agent for one node: data path, proxy, admin port."""
+    import logging
+
+    from nodeagent.agent.agent import AgentConfig, AgentError, run_agent
+    from nodeagent.cluster.files import ManifestDirSource
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, _, port = admin.rpartition(":")
+    config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, host or "127.0.0.1",
+                         int(port))
+    try:
+        run_agent(config, ManifestDirSource(cluster_dir))
+    except AgentError as e:
+        raise click.ClickException(f"agent refused to start: {e}") from e

@@ -42,6 +42,18 @@ def test_an_immediate_faster_observation_barely_moves_the_estimate():
     assert ewma.rtt_s == pytest.approx(0.2)
 
 
+def test_reading_the_cost_decays_an_idle_estimate():
+    clock = Clock()
+    slow, fast = PeakEwma(clock), PeakEwma(clock)
+    slow.observe(1.0)
+    fast.observe(0.05)
+    assert slow.cost() > fast.cost()
+    clock.t += 30.0  # the slow endpoint got no traffic; the fast one is still busy
+    fast.observe(0.05)
+    assert slow.cost() == pytest.approx(1.0 * 0.0498, rel=1e-2)
+    assert slow.cost() < fast.cost()
+
+
 def test_pending_requests_raise_the_cost():
     clock = Clock()
     ewma = PeakEwma(clock)

@@ -27,6 +27,18 @@ def test_route(target, status, body_start, delay):
     assert body.startswith(body_start)
 
 
+def test_behaviour_controls_make_a_pod_slow_or_failing():
+    from nodeagent.lab.workloads import Behaviour
+
+    behaviour = Behaviour()
+    assert route("p", "GET", "/set-delay/150", b"", behaviour)[0] == 200
+    assert route("p", "GET", "/set-status/503", b"", behaviour)[0] == 200
+    assert route("p", "GET", "/", b"", behaviour)[::2] == (503, 0.15)
+    route("p", "GET", "/set-status/0", b"", behaviour)
+    route("p", "GET", "/set-delay/0", b"", behaviour)
+    assert route("p", "GET", "/", b"", behaviour)[::2] == (200, 0.0)
+
+
 def test_route_echoes_a_request_body():
     assert route("p", "POST", "/", b"ping")[:2] == (200, b"ping")
 

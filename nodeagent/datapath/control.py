@@ -71,6 +71,14 @@ class Datapath:
         libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
         libbpf.map_delete(self._fds["pods_by_ip"], _ip_key(ip))
 
+    def forget_cookie(self, netns_cookie: int) -> None:
+        """Remove a pod known only by its cookie (left by an earlier agent)."""
+        raw = libbpf.map_lookup(self._fds["pods_by_netns"], abi.u64(netns_cookie), ctypes.sizeof(abi.Pod))
+        if raw is not None:
+            ip = abi.Pod.from_buffer_copy(raw).pod_ip.to_bytes(4, "little")
+            libbpf.map_delete(self._fds["pods_by_ip"], ip)
+        libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
+
     def enrolled_cookies(self) -> list[int]:
         return [int.from_bytes(k, "little") for k in libbpf.map_keys(self._fds["pods_by_netns"], 8)]
 

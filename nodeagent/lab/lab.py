@@ -10,19 +10,25 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent import PREFIX, cgroups, netns
 from nodeagent.datapath import cleanup as datapath_cleanup
 from nodeagent.lab import manifests, network, pods
-from nodeagent.lab.plan import WORKLOAD_BY_KIND, LabPlan, PodPlan, plan_from_dict, plan_lab, plan_to_dict
+from nodeagent.lab.plan import (WORKLOAD_BY_KIND, LabPlan, NodePlan, PodPlan, plan_from_dict, plan_lab,
+                                plan_to_dict)
 
 STATE_DIR = Path(os.environ.get("NODEAGENT_LAB_DIR", "/run/nodeagent-lab"))
 # The lab's agents pin their data paths apart from a real node's (/sys/fs/bpf/nodeagent).
 BPF_PIN_ROOT = Path("/sys/fs/bpf") / PREFIX
 READY_TIMEOUT_S = 15.0
+AGENT_READY_TIMEOUT_S = 60.0
+MESH_MODES = ("none", "node")
 
 
 class LabError(RuntimeError):
@@ -86,8 +92,8 @@ def leftovers() -> list[str]:
 
 def up(nodes: int, pods_per_node: int, enroll: bool = True, mesh: str = "none") -> Lab:
     _require_root()
-    if mesh != "none":
-        raise LabError(f"--mesh {mesh}: the mesh agent does not exist yet; only --mesh none works")
+    if mesh not in MESH_MODES:
+        raise LabError(f"--mesh {mesh}: choose one of {', '.join(MESH_MODES)}")
     if left := leftovers():
         raise LabError("a lab (or what a crashed one left) is already here: " + ", ".join(left)
                        + "; run `nodeagent lab down` first")
@@ -126,6 +132,44 @@ def _build(lab: Lab) -> None:
             pods.start(pod, cgroup, pods.workload_argv(pod), STATE_DIR / "logs" / f"{pod.name}.log")
     manifests.write_cluster(lab.cluster_dir, lab.plan)
     _wait_ready(lab)
+    if lab.mesh == "node":
+        for node in lab.plan.nodes:
+            start_agent(lab, node)
+        for node in lab.plan.nodes:
+            wait_agent_ready(node)
+
+
+def agent_cgroup(lab: Lab, node: NodePlan) -> Path:
+    """Agents live beside the nodes' pod subtrees, never inside them."""
+    return lab.cgroup_root / "agents" / node.name
+
+
+def start_agent(lab: Lab, node: NodePlan) -> subprocess.Popen:
+    cgroup = agent_cgroup(lab, node)
+    cgroup.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "nodeagent", "run", "--node-name", node.name, "--cluster-dir", str(lab.cluster_dir),
+            "--cgroup", str(lab.cgroup_root / node.name), "--pin-root", str(BPF_PIN_ROOT),
+            "--admin", f"127.0.0.1:{node.admin_port}"]
+    with open(STATE_DIR / "logs" / f"agent-{node.name}.log", "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=lambda: cgroups.join(cgroup))
+
+
+def agent_ready(node: NodePlan, timeout_s: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/ready", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_agent_ready(node: NodePlan) -> None:
+    deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
+    while not agent_ready(node):
+        if time.monotonic() > deadline:
+            log = (STATE_DIR / "logs" / f"agent-{node.name}.log").read_text()[-3000:]
+            raise LabError(f"the agent of {node.name} is not ready after {AGENT_READY_TIMEOUT_S:.0f} s:\n{log}")
+        time.sleep(0.1)
 
 
 def _wait_ready(lab: Lab) -> None:
@@ -224,7 +268,8 @@ def status(lab: Lab) -> dict:
         })
     nodes = [
         {"name": n.name, "pods": sum(p["node"] == n.name for p in pod_rows), "pod_cidr": n.pod_cidr,
-         "admin": f"127.0.0.1:{n.admin_port}", "agent": "none" if lab.mesh == "none" else lab.mesh}
+         "admin": f"127.0.0.1:{n.admin_port}",
+         "agent": "none" if lab.mesh == "none" else ("ready" if agent_ready(n) else "not ready")}
         for n in lab.plan.nodes
     ]
     return {"mesh": lab.mesh, "cluster_dir": str(lab.cluster_dir), "nodes": nodes, "pods": pod_rows,

@@ -3,8 +3,10 @@
 Run as `python -m nodeagent.lab.workloads KIND --port P --name POD`. Each one
 answers with the pod's name so tests can see which endpoint served them.
 
-HTTP/1.1 paths: `/` hello, `/status/<code>`, `/delay/<ms>`, `/bytes/<n>`,
-and any request body is echoed back.
+HTTP paths: `/` hello, `/status/<code>`, `/delay/<ms>`, `/bytes/<n>`, and
+any request body is echoed back. Tests make one pod misbehave with
+`/set-delay/<ms>` (every later answer waits that long) and `/set-status/<code>`
+(every later answer has that status; 0 restores).
 """
 
 import argparse
@@ -20,9 +22,30 @@ import uvloop
 MAX_BYTES = 64 * 1024 * 1024
 
 
-def route(pod: str, method: str, target: str, body: bytes) -> tuple[int, bytes, float]:
-    """(status, response body, delay in seconds) for a request: pure, shared by both HTTP servers."""
+class Behaviour:
+    """How this pod answers every request, as set by /set-delay and /set-status."""
+
+    delay_s = 0.0
+    status = 0
+
+
+def route(pod: str, method: str, target: str, body: bytes, behaviour: Behaviour | None = None
+          ) -> tuple[int, bytes, float]:
+    """(status, response body, delay in seconds) for a request, shared by both HTTP servers."""
     parts = target.split("?", 1)[0].strip("/").split("/")
+    if behaviour is not None and len(parts) == 2 and parts[0] in ("set-delay", "set-status") and parts[1].isdigit():
+        if parts[0] == "set-delay":
+            behaviour.delay_s = int(parts[1]) / 1000
+        else:
+            behaviour.status = int(parts[1])
+        return 200, f"{pod}: {parts[0]} {parts[1]}\n".encode(), 0.0
+    status, answer, delay = _answer(pod, parts, target, body)
+    if behaviour is not None:
+        return behaviour.status or status, answer, delay + behaviour.delay_s
+    return status, answer, delay
+
+
+def _answer(pod: str, parts: list[str], target: str, body: bytes) -> tuple[int, bytes, float]:
     try:
         if parts[0] == "status" and len(parts) == 2:
             code = int(parts[1])
@@ -87,7 +110,8 @@ class Http1Server(asyncio.Protocol):
 
     async def _respond(self):
         request = self.request
-        status, body, delay = route(self.pod, request.method.decode(), request.target.decode(), bytes(self.body))
+        status, body, delay = route(self.pod, request.method.decode(), request.target.decode(), bytes(self.body),
+                                    BEHAVIOUR)
         if delay:
             await asyncio.sleep(delay)
         if self.transport.is_closing():
@@ -139,7 +163,7 @@ class H2cServer(asyncio.Protocol):
     async def _respond(self, stream_id: int):
         headers, body = self.streams.pop(stream_id)
         status, payload, delay = route(self.pod, headers[b":method"].decode(), headers[b":path"].decode(),
-                                       bytes(body))
+                                       bytes(body), BEHAVIOUR)
         if delay:
             await asyncio.sleep(delay)
         if self.transport.is_closing():
@@ -171,6 +195,7 @@ class BannerServer(EchoServer):
         transport.write(f"220 {self.pod} nodeagent-lab banner ready\r\n".encode())
 
 
+BEHAVIOUR = Behaviour()  # one per workload process, that is, per pod
 SERVERS = {"http": Http1Server, "h2c": H2cServer, "echo": EchoServer, "banner": BannerServer}
 
 

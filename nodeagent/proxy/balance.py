@@ -3,8 +3,10 @@
 As linkerd2-proxy (tower's PeakEwma): each endpoint's cost is its
 latency estimate times (requests in flight + 1). The estimate jumps up to any
 slower observation at once (peak) and decays toward faster ones with time
-constant DECAY_S. A new endpoint starts at DEFAULT_RTT_S. Pure: the clock and
-the random source are given.
+constant DECAY_S. Reading the cost decays the estimate toward zero for the
+time since its last update (as tower's RttEstimate::decay), so an endpoint
+that was slow once and then left alone becomes worth trying again. A new
+endpoint starts at DEFAULT_RTT_S. Pure: the clock and the random source are given.
 """
 
 import math
@@ -39,6 +41,7 @@ class PeakEwma:
         self.stamp = now
 
     def cost(self) -> float:
+        self.observe(0.0)  # decay for the time since the last update
         return self.rtt_s * (self.pending + 1)
 
     def start(self) -> float:

@@ -1,0 +1,157 @@
+"""`nodeagent run`: one agent per node.
+
+Start: check the host, load (or adopt) the data path in a short-lived loader
+process, open the admin port, then follow the cluster: every meshed pod on
+this node gets listeners inside its namespace and its data-path entries;
+pods that leave or go away are released. Ready once the first reconcile is done.
+Stop (SIGTERM/SIGINT): close listeners and exit; the data path stays pinned,
+so the node's enrolled pods fail closed until an agent returns (README).
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent import preflight
+from nodeagent.agent.admin import serve_admin
+from nodeagent.agent.reconcile import SlotAllocator, plan_changes
+from nodeagent.cluster import podfs
+from nodeagent.datapath import abi
+from nodeagent.datapath.control import Datapath
+from nodeagent.datapath.loader import load_in_subprocess
+from nodeagent.datapath.pins import PinLayout
+from nodeagent.proxy.server import Proxy
+
+log = logging.getLogger("nodeagent.agent")
+POLL_S = 0.25
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    cluster_dir: Path
+    pods_cgroup: Path  # the cgroup v2 directory holding this node's pods
+    pin_root: Path
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 4191
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, source):
+        self.config = config
+        self.source = source
+        self.ready = False
+        self.proxy: Proxy | None = None
+        self.slots = SlotAllocator(abi.MAX_PODS)
+        self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
+        self.started = time.time()
+        self.load_report: dict = {}
+
+    def preflight(self) -> None:
+        failed = [c for c in (preflight.check_privileges(), preflight.check_cgroup2(),
+                              preflight.check_bpffs(self.config.pin_root)) if not c.ok]
+        if failed:
+            raise AgentError("; ".join(f"{c.name}: {c.detail} (hint: {c.hint})" for c in failed))
+        if not self.config.pods_cgroup.is_dir():
+            raise AgentError(f"the pods' cgroup {self.config.pods_cgroup} does not exist")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.preflight()
+        self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.node, self.config.pods_cgroup,
+                                                   self.config.pin_root)
+        log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
+                 self.load_report["created"], self.load_report["adopted"])
+        datapath = Datapath(PinLayout(self.config.pin_root, self.config.node))
+        self.proxy = Proxy(datapath)
+        admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
+        try:
+            while not stop.is_set():
+                view = self.source.poll()
+                if view is not None:
+                    self.proxy.update_view(view)
+                    await self.reconcile()
+                elif not self.ready or self._waiting:
+                    await self.reconcile()
+                self.ready = True
+                try:
+                    await asyncio.wait_for(stop.wait(), POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            admin.close()
+            for cookie in list(self.proxy.pods):
+                for server in self.proxy.pods[cookie].servers:
+                    server.close()
+            datapath.close()
+
+    _waiting = False  # a wanted pod whose namespace was not found yet
+
+    async def reconcile(self) -> None:
+        view = self.proxy.view
+        on_node = {p.uid: p for p in view.pods_on(self.config.node)}
+        wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
+        changes = plan_changes(set(self.enrolled), wanted, set(on_node))
+        for uid in changes.release:
+            cookie = self.enrolled.pop(uid)
+            slot = self.proxy.pods[cookie].slot
+            await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted)
+            self.slots.free(slot)
+        self._waiting = False
+        for uid in changes.enrol:
+            pod = on_node[uid]
+            cgroup = podfs.find_pod_cgroup(self.config.pods_cgroup, uid)
+            fd = podfs.open_pod_netns(cgroup) if cgroup else None
+            if fd is None:
+                self._waiting = True  # not started yet: try again next round
+                continue
+            slot = self.slots.take()
+            try:
+                context = await self.proxy.add_pod(pod, fd, slot)
+            except OSError as e:
+                log.error("pod %s: cannot enrol: %s", pod.key, e)
+                os.close(fd)
+                self.slots.free(slot)
+                self._waiting = True
+                continue
+            self.enrolled[uid] = context.cookie
+        if not self._waiting:
+            self._forget_stale_enrolments()
+
+    def _forget_stale_enrolments(self) -> None:
+        """Entries left by a predecessor for pods this agent does not serve. Not
+        while a wanted pod waits for its namespace: its old entry keeps it failing
+        closed until it is served again."""
+        served = set(self.proxy.pods)
+        for cookie in self.proxy.datapath.enrolled_cookies():
+            if cookie not in served:
+                self.proxy.datapath.forget_cookie(cookie)
+
+    def status(self) -> dict:
+        pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
+                for p in self.proxy.pods.values()] if self.proxy else []
+        return {"node": self.config.node, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
+                "datapath": self.load_report, "pods": pods,
+                "open_connections": self.proxy.stats.open_connections if self.proxy else 0,
+                "counters": self.proxy.stats.snapshot() if self.proxy else []}
+
+
+def run_agent(config: AgentConfig, source) -> None:
+    """Run until SIGTERM or SIGINT."""
+    import uvloop
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config, source).run(stop)
+
+    uvloop.run(main())

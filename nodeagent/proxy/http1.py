@@ -1,0 +1,286 @@
+"""HTTP/1.x between a pod and its destination, one request at a time.
+
+Requests are parsed (httptools, in C) and re-sent to an endpoint chosen per
+request; responses pass through as raw bytes once their head is seen, so a
+body is never copied into Python objects beyond the kernel's reads. Retries:
+connect failures always (to another endpoint when there is one); configured
+statuses only for requests safe to repeat; both bounded by the retry limit
+and the Service's retry budget. Errors the proxy writes carry a
+`nodeagent-proxy-error` header with the reason.
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httptools
+
+from nodeagent.proxy.errors import error_response
+from nodeagent.proxy.relay import splice
+from nodeagent.proxy.service_config import retryable_method
+
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_READ_TIMEOUT_S = 10.0  # slowloris: a request head must arrive within this
+KEEPALIVE_IDLE_S = 60.0
+MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being served
+
+
+@dataclass
+class Request:
+    method: str = ""
+    url: bytearray = field(default_factory=bytearray)
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    version: str = "1.1"
+    keep_alive: bool = True
+    upgrade: bool = False
+    chunked: bool = False
+    has_body: bool = False
+    body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None
+
+    def head(self) -> bytes:
+        lines = [f"{self.method} ".encode() + bytes(self.url) + f" HTTP/{self.version}\r\n".encode()]
+        lines += [name + b": " + value + b"\r\n" for name, value in self.headers]
+        return b"".join(lines) + b"\r\n"
+
+
+class Http1Server(asyncio.Protocol):
+    """The client side of an HTTP/1 connection. `target` decides where each
+    request goes (see outbound.HttpTarget); `initial` are bytes read during
+    detection."""
+
+    def __init__(self, target, initial: bytes = b""):
+        self.target = target
+        self.initial = initial
+        self.parser = httptools.HttpRequestParser(self)
+        self.requests: asyncio.Queue[Request] = asyncio.Queue()
+        self.current: Request | None = None
+        self.head_bytes = 0
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
+        self.upgraded = False
+        self.upgrade_bytes: bytearray | None = None  # client bytes after an Upgrade request's head
+        self.closing = False
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    # --- reading requests ---
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+        self._arm_head_timer()
+        if self.initial:
+            self.data_received(self.initial)
+
+    def _arm_head_timer(self):
+        if self.head_timer:
+            self.head_timer.cancel()
+        self.head_timer = asyncio.get_running_loop().call_later(HEAD_READ_TIMEOUT_S, self._head_timeout)
+
+    def _head_timeout(self):
+        if self.current is not None and self.current.method == "":
+            self._reject(408, "request head not received in time")
+
+    def data_received(self, data):
+        if self.closing:
+            return
+        if self.upgrade_bytes is not None:
+            self.upgrade_bytes += data  # for the upgraded protocol, once the upstream agrees
+            return
+        if self.current is not None and self.current.method == "":
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._reject(431, "request head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # The head is complete; what follows belongs to the upgraded protocol.
+            self.upgrade_bytes = bytearray(data[upgrade.args[0]:])
+        except httptools.HttpParserError as e:
+            self._reject(400, f"malformed request: {e}")
+            return
+        if self.requests.qsize() >= MAX_QUEUED_REQUESTS:
+            self.transport.pause_reading()
+
+    def on_message_begin(self):
+        self.current = Request()
+        self.head_bytes = 0
+        self._arm_head_timer()
+
+    def on_url(self, url):
+        self.current.url += url
+
+    def on_header(self, name, value):
+        self.current.headers.append((name, value))
+        lowered = name.lower()
+        if lowered == b"transfer-encoding" and b"chunked" in value.lower():
+            self.current.chunked = True
+        elif lowered == b"content-length" and value.strip() not in (b"0", b""):
+            self.current.has_body = True
+
+    def on_headers_complete(self):
+        request = self.current
+        request.method = self.parser.get_method().decode()
+        request.version = self.parser.get_http_version()
+        request.keep_alive = self.parser.should_keep_alive()
+        request.upgrade = self.parser.should_upgrade()
+        request.has_body = request.has_body or request.chunked
+        if self.head_timer:
+            self.head_timer.cancel()
+        self.requests.put_nowait(request)
+
+    def on_body(self, body):
+        self.current.body.put_nowait(bytes(body))
+
+    def on_message_complete(self):
+        self.current.body.put_nowait(None)
+        self.current = None
+
+    def eof_received(self):
+        self.closing = True
+        self.requests.put_nowait(None)
+        return True
+
+    def connection_lost(self, exc):
+        self.closing = True
+        if self.head_timer:
+            self.head_timer.cancel()
+        if self.task and not self.upgraded:
+            self.task.cancel()
+
+    def _reject(self, status: int, reason: str):
+        self.target.count_error(status, reason)
+        self.closing = True
+        if not self.transport.is_closing():
+            self.transport.write(error_response(status, reason))
+            self.transport.close()
+        if self.task:
+            self.task.cancel()
+
+    # --- serving requests, in order ---
+
+    async def _serve(self):
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(self.requests.get(), KEEPALIVE_IDLE_S)
+                except asyncio.TimeoutError:
+                    break  # idle keep-alive connection
+                if request is None:
+                    break
+                if self.transport.is_reading() is False and self.requests.qsize() < MAX_QUEUED_REQUESTS // 2:
+                    self.transport.resume_reading()
+                keep_going = await self._handle(request)
+                if not keep_going or not request.keep_alive or self.upgraded:
+                    break
+        except asyncio.CancelledError:
+            return
+        except Exception as e:  # never let one connection's bug take the proxy down
+            self.target.count_error(502, f"proxy error: {type(e).__name__}")
+            self.transport.abort()
+            return
+        if not self.upgraded and not self.transport.is_closing():
+            self.transport.close()
+
+    async def _handle(self, request: Request) -> bool:
+        """Serve one request; False if the client connection must close."""
+        started = time.monotonic()
+        retryable = retryable_method(request.method, request.has_body) and not request.upgrade
+        tried: set = set()
+        attempt = 0
+        deadline = self.target.request_timeout_s
+        while True:
+            choice = self.target.choose(tried)
+            if isinstance(choice, str):  # no endpoint to send to: the reason
+                await self._drain_body(request)
+                self._write_error(503, choice, request)
+                return request.keep_alive
+            endpoint, address = choice
+            tried.add(address)
+            try:
+                conn, _ = await self.target.acquire(address)
+            except (OSError, asyncio.TimeoutError) as e:
+                self.target.connect_failed(endpoint, e)
+                if attempt < self.target.retry_limit and self.target.may_retry():
+                    attempt += 1
+                    continue
+                await self._drain_body(request)
+                self._write_error(502, "connect failed", request)
+                return request.keep_alive
+            outcome = await self._exchange(request, conn, endpoint, address, started, deadline, retryable,
+                                           attempt)
+            if outcome == "retry":
+                attempt += 1
+                continue
+            return outcome == "keep"
+
+    async def _exchange(self, request, conn, endpoint, address, started, deadline, retryable, attempt) -> str:
+        """Send the request on `conn`, relay the response: 'keep', 'close' or 'retry'."""
+        conn.expect(request.method)
+        token = self.target.request_started(endpoint)
+        conn.transport.write(request.head())
+        try:
+            if request.has_body:
+                await self._stream_body(request, conn)
+            timeout = None if deadline is None else max(deadline - (time.monotonic() - started), 0.001)
+            status = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+        except asyncio.TimeoutError:
+            conn.transport.abort()
+            self.target.request_finished(endpoint, token, None)
+            self._write_error(504, "request timeout", request)
+            return "close"
+        except (ConnectionError, OSError) as e:
+            self.target.request_finished(endpoint, token, None)
+            if not request.has_body and retryable and attempt < self.target.retry_limit and self.target.may_retry():
+                return "retry"
+            self._write_error(502, f"upstream failed: {e}", request)
+            return "close"
+        if (retryable and self.target.retries_status(status) and attempt < self.target.retry_limit
+                and self.target.may_retry()):
+            self.target.request_finished(endpoint, token, status)
+            conn.transport.close()  # the discarded response's body is not read
+            return "retry"
+        self.target.response_started(request, status)
+        if status == 101 and request.upgrade:
+            return self._upgrade(conn, endpoint, token, status)
+        if request.upgrade:
+            request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
+        conn.attach(self.transport)
+        try:
+            await conn.done
+        except (ConnectionError, OSError):
+            self.target.request_finished(endpoint, token, None)
+            self.transport.abort()  # the response was cut short: so is the client's
+            return "close"
+        self.target.request_finished(endpoint, token, status)
+        self.target.release(address, conn)
+        return "close" if conn.eof_delimited else "keep"
+
+    def _upgrade(self, conn, endpoint, token, status) -> str:
+        """101 Switching Protocols: from here the two connections are spliced."""
+        self.upgraded = True
+        self.target.request_finished(endpoint, token, status)
+        self.transport.write(bytes(conn.pending))  # the 101 head and anything after it
+        conn.pending.clear()
+        splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""))
+        return "close"
+
+    async def _stream_body(self, request: Request, conn) -> None:
+        while (chunk := await request.body.get()) is not None:
+            if request.chunked:
+                conn.transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            else:
+                conn.transport.write(chunk)
+        if request.chunked:
+            conn.transport.write(b"0\r\n\r\n")
+
+    async def _drain_body(self, request: Request) -> None:
+        if request.has_body:
+            while await request.body.get() is not None:
+                pass
+
+    def _write_error(self, status: int, reason: str, request: Request) -> None:
+        self.target.count_error(status, reason)
+        self.target.response_started(request, status)
+        if not self.transport.is_closing():
+            self.transport.write(error_response(status, reason, close=not request.keep_alive))

@@ -1,0 +1,114 @@
+"""Opaque forwarding: two transports spliced by a pair of Protocols.
+
+Bytes are handed from one transport to the other untouched (no per-byte
+work); flow control is the peer's: when one side's write buffer fills, the
+other side stops reading. Half-close is honoured: an EOF from one side is
+passed on, and the pair closes once both sides have sent theirs. A reset on
+one side resets the other.
+"""
+
+import asyncio
+from collections.abc import Callable
+
+
+class Relay(asyncio.Protocol):
+    def __init__(self, on_close: Callable[["Relay"], None] | None = None):
+        self.transport: asyncio.Transport | None = None
+        self.peer: "Relay | None" = None
+        self.got_eof = False
+        self.bytes_in = 0
+        self._on_close = on_close
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.bytes_in += len(data)
+        self.peer.transport.write(data)
+
+    def eof_received(self):
+        self.got_eof = True
+        peer = self.peer.transport
+        if self.peer.got_eof or not peer.can_write_eof():
+            self.transport.close()
+            peer.close()
+            return False
+        peer.write_eof()
+        return True  # keep our sending side open for the peer's remaining bytes
+
+    def pause_writing(self):
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self):
+        self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc):
+        peer = self.peer.transport if self.peer else None
+        if peer is not None and not peer.is_closing():
+            if exc is not None:
+                peer.abort()  # a reset is passed on as a reset
+            else:
+                peer.close()
+        if self._on_close:
+            self._on_close(self)
+
+
+class Holding(asyncio.Protocol):
+    """A connection waiting to be spliced: keeps what arrives so nothing is
+    lost between connect and splice (a server that speaks first may already
+    have spoken), and tells `on_event` when something did."""
+
+    def __init__(self, on_event: Callable[[], None] | None = None):
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self._on_event = on_event
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buffer += data
+        if self._on_event:
+            self._on_event()
+
+    def eof_received(self):
+        self.eof = True
+        if self._on_event:
+            self._on_event()
+        return True
+
+    def connection_lost(self, exc):
+        self.lost = True
+        if self._on_event:
+            self._on_event()
+
+
+def splice_held(a: asyncio.Transport, a_held: bytes, a_eof: bool, b: Holding,
+                on_close: Callable[[Relay], None] | None = None) -> tuple[Relay, Relay]:
+    """Splice a client transport (with what was read from it) to a held upstream
+    (with what it said), passing on EOFs that already arrived."""
+    pair = splice(a, b.transport, a_first=a_held, b_first=bytes(b.buffer), on_close=on_close)
+    b.buffer.clear()
+    if a_eof:
+        pair[0].eof_received()
+    if b.eof:
+        pair[1].eof_received()
+    return pair
+
+
+def splice(a: asyncio.Transport, b: asyncio.Transport, a_first: bytes = b"", b_first: bytes = b"",
+           on_close: Callable[[Relay], None] | None = None) -> tuple[Relay, Relay]:
+    """Join two live transports; `a_first` are bytes already read from a (sent to b first)."""
+    left, right = Relay(on_close), Relay()
+    left.peer, right.peer = right, left
+    left.connection_made(a)
+    right.connection_made(b)
+    a.set_protocol(left)
+    b.set_protocol(right)
+    if a_first:
+        left.data_received(a_first)
+    if b_first:
+        right.data_received(b_first)
+    return left, right

@@ -1,0 +1,165 @@
+"""Connections from a pod to an endpoint: opened inside the pod's network
+namespace (the destination sees the pod's own address) and marked so the data
+path never captures them. HTTP/1 connections are pooled per (pod, endpoint).
+"""
+
+import asyncio
+import socket
+import time
+from collections import defaultdict
+
+import httptools
+
+from nodeagent import netns
+
+PROXY_MARK = 0x4E41  # matches nodeagent.datapath.loader.DEFAULT_PROXY_MARK
+POOL_IDLE_S = 90.0
+POOL_MAX_IDLE = 64
+
+
+async def open_socket(netns_path: str, address: tuple[str, int], timeout_s: float) -> socket.socket:
+    with netns.entered(netns_path):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout_s)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ResponseReader(asyncio.Protocol):
+    """One upstream HTTP/1 connection: parses responses (framing only) and
+    passes their raw bytes to a sink once the head has been seen."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.idle_since = time.monotonic()
+        self._reset(None)
+
+    def _reset(self, method: str | None):
+        self.method = method
+        self.parser = httptools.HttpResponseParser(self)
+        self.head: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending = bytearray()  # raw bytes read before a sink was attached
+        self.sink: asyncio.Transport | None = None
+        self.status = 0
+        self.keep_alive = True
+        self.eof_delimited = False
+
+    def expect(self, method: str) -> None:
+        """A request was written: parse the response to it."""
+        self._reset(method)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.sink is not None:
+            self.sink.write(data)
+        else:
+            self.pending += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # 101: the bytes after the head belong to the upgraded protocol
+        except httptools.HttpParserError as e:
+            self._fail(ConnectionError(f"malformed response: {e}"))
+
+    # httptools callbacks
+    def on_headers_complete(self):
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            return  # informational: the final head follows
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.head.done():
+            self.head.set_result(self.status)
+        if self.method == "HEAD" or self.status in (101, 204, 304):
+            self._complete()
+
+    def on_message_complete(self):
+        if 100 <= self.status < 200 and self.status != 101:
+            # Pass the informational response on and wait for the final one.
+            self.parser = httptools.HttpResponseParser(self)
+            return
+        self._complete()
+
+    def _complete(self):
+        if not self.done.done():
+            self.done.set_result(True)
+
+    def eof_received(self):
+        if self.head.done() and not self.done.done():
+            self.eof_delimited = True  # a body delimited by the connection's end
+            self.keep_alive = False
+            self._complete()
+        return False
+
+    def _fail(self, exc: Exception):
+        for future in (self.head, self.done):
+            if not future.done():
+                future.set_exception(exc)
+        if self.transport:
+            self.transport.abort()
+
+    def connection_lost(self, exc):
+        self._fail(exc or ConnectionError("upstream closed the connection"))
+        if not self.closed.done():
+            self.closed.set_result(True)
+
+    def attach(self, sink: asyncio.Transport) -> None:
+        """Send what was read so far, and everything after, to the client."""
+        if self.pending:
+            sink.write(bytes(self.pending))
+            self.pending.clear()
+        self.sink = sink
+
+    def reusable(self) -> bool:
+        return self.keep_alive and self.transport is not None and not self.transport.is_closing()
+
+
+class Pool:
+    """Idle HTTP/1 connections per (pod netns cookie, endpoint address)."""
+
+    def __init__(self):
+        self._idle: dict[tuple, list[ResponseReader]] = defaultdict(list)
+
+    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int],
+                      timeout_s: float) -> tuple[ResponseReader, bool]:
+        """(a connection, whether it was reused)."""
+        idle = self._idle.get((cookie, address))
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
+                return conn, True
+            conn.transport.close()
+        sock = await open_socket(netns_path, address, timeout_s)
+        _, conn = await asyncio.get_running_loop().create_connection(ResponseReader, sock=sock)
+        return conn, False
+
+    def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
+        idle = self._idle[(cookie, address)]
+        if conn.reusable() and len(idle) < POOL_MAX_IDLE:
+            conn.sink = None
+            conn.idle_since = time.monotonic()
+            idle.append(conn)
+        elif conn.transport:
+            conn.transport.close()
+
+    def adopt(self, cookie: int, address: tuple[str, int], sock_transport: asyncio.Transport) -> None:
+        """Give the pool a fresh connection opened for another purpose (the eager connect)."""
+        conn = ResponseReader()
+        sock_transport.set_protocol(conn)
+        conn.connection_made(sock_transport)
+        self.release(cookie, address, conn)
+
+    def forget_pod(self, cookie: int) -> None:
+        for key in [k for k in self._idle if k[0] == cookie]:
+            for conn in self._idle.pop(key):
+                conn.transport.close()
