@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 
 import h2.connection
@@ -63,12 +64,18 @@ def probe_h2c(host: str, port: int) -> str:
 def probe_echo(host: str, port: int, size: int = 1 << 20) -> str:
     payload = os.urandom(size)
     with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+
+        def send():  # while the main thread reads: an echo fills both ways at once
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         digest, received = hashlib.sha256(), 0
         while chunk := sock.recv(1 << 16):
             digest.update(chunk)
             received += len(chunk)
+        sender.join()
     if digest.digest() != hashlib.sha256(payload).digest():
         raise RuntimeError(f"echo mismatch: sent {size} bytes, got {received} back")
     return f"{size} bytes echoed, sha256 matches"
@@ -85,10 +92,10 @@ def probe_banner(host: str, port: int) -> str:
 PROBES = {"http": probe_http, "h2c": probe_h2c, "echo": probe_echo, "banner": probe_banner}
 
 
-def run(kind: str, host: str, port: int) -> dict:
+def run(kind: str, host: str, port: int, **options) -> dict:
     start = time.perf_counter()
     try:
-        detail, ok = PROBES[kind](host, port), True
+        detail, ok = PROBES[kind](host, port, **options), True
     except (OSError, RuntimeError, h2.exceptions.ProtocolError) as e:
         detail, ok = f"{type(e).__name__}: {e}", False
     return {"kind": kind, "ok": ok, "detail": detail, "ms": round((time.perf_counter() - start) * 1000, 2)}
@@ -99,8 +106,9 @@ def main() -> None:
     parser.add_argument("kind", choices=sorted(PROBES))
     parser.add_argument("host")
     parser.add_argument("port", type=int)
+    parser.add_argument("--size", type=int, help="echo: bytes to send")
     args = parser.parse_args()
-    result = run(args.kind, args.host, args.port)
+    result = run(args.kind, args.host, args.port, **({"size": args.size} if args.size else {}))
     print(json.dumps(result))
     raise SystemExit(0 if result["ok"] else 1)
 

@@ -102,10 +102,13 @@ class Http1Server(asyncio.Protocol):
                 return
 
     def _send_error(self, status: int):
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self.transport.write(self.conn.send(h11.Response(status_code=status, headers=[
-                ("content-length", "0"), ("connection", "close")])))
-            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        try:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                self.transport.write(self.conn.send(h11.Response(status_code=status, headers=[
+                    ("content-length", "0"), ("connection", "close")])))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            pass  # h11 cannot answer in this state: closing says enough
         self.transport.close()
 
     async def _respond(self):
@@ -118,7 +121,8 @@ class Http1Server(asyncio.Protocol):
             return
         headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("x-pod", self.pod)]
         self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
-        self.transport.write(self.conn.send(h11.Data(data=body)))
+        if request.method != b"HEAD":  # a HEAD response announces the body's length but has none
+            self.transport.write(self.conn.send(h11.Data(data=body)))
         self.transport.write(self.conn.send(h11.EndOfMessage()))
         if self.conn.our_state is h11.MUST_CLOSE:
             self.transport.close()

@@ -54,6 +54,7 @@ class Http1Server(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.requests: asyncio.Queue[Request] = asyncio.Queue()
         self.current: Request | None = None
+        self.reading_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
@@ -77,7 +78,7 @@ class Http1Server(asyncio.Protocol):
         self.head_timer = asyncio.get_running_loop().call_later(HEAD_READ_TIMEOUT_S, self._head_timeout)
 
     def _head_timeout(self):
-        if self.current is not None and self.current.method == "":
+        if self.reading_head and self.head_bytes:
             self._reject(408, "request head not received in time")
 
     def data_received(self, data):
@@ -86,7 +87,7 @@ class Http1Server(asyncio.Protocol):
         if self.upgrade_bytes is not None:
             self.upgrade_bytes += data  # for the upgraded protocol, once the upstream agrees
             return
-        if self.current is not None and self.current.method == "":
+        if self.reading_head:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
@@ -104,7 +105,6 @@ class Http1Server(asyncio.Protocol):
 
     def on_message_begin(self):
         self.current = Request()
-        self.head_bytes = 0
         self._arm_head_timer()
 
     def on_url(self, url):
@@ -125,6 +125,7 @@ class Http1Server(asyncio.Protocol):
         request.keep_alive = self.parser.should_keep_alive()
         request.upgrade = self.parser.should_upgrade()
         request.has_body = request.has_body or request.chunked
+        self.reading_head, self.head_bytes = False, 0
         if self.head_timer:
             self.head_timer.cancel()
         self.requests.put_nowait(request)
@@ -135,6 +136,7 @@ class Http1Server(asyncio.Protocol):
     def on_message_complete(self):
         self.current.body.put_nowait(None)
         self.current = None
+        self.reading_head = True
 
     def eof_received(self):
         self.closing = True
@@ -185,6 +187,7 @@ class Http1Server(asyncio.Protocol):
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
         started = time.monotonic()
+        self.target.new_request()
         retryable = retryable_method(request.method, request.has_body) and not request.upgrade
         tried: set = set()
         attempt = 0

@@ -196,13 +196,14 @@ class HttpTarget:
             decision.pod.key if isinstance(decision, ToPod) else f"{decision.ip}:{decision.port}")
 
     def choose(self, tried: set):
+        """(endpoint state, address) for the next attempt, preferring endpoints not
+        tried yet but retrying a tried one rather than none; or why there is none."""
         if self.endpoints is None:
-            address = (self.decision.pod.ip, self.decision.port) if isinstance(self.decision, ToPod) else (
-                self.decision.ip, self.decision.port)
-            return (None, address) if address not in tried else "connect failed"
-        state = self.endpoints.choose_for_request(tried)
+            d = self.decision
+            return None, ((d.pod.ip, d.port) if isinstance(d, ToPod) else (d.ip, d.port))
+        state = self.endpoints.choose_for_request(tried) or self.endpoints.choose_for_request()
         if state is None:
-            return self.endpoints.why_unavailable() if not tried else "no endpoint left to retry"
+            return self.endpoints.why_unavailable()
         state.accrual.on_send()
         return state, state.address
 
@@ -232,8 +233,11 @@ class HttpTarget:
     def retries_status(self, status: int) -> bool:
         return self.config.retries_status(status)
 
-    def request_started(self, state):
+    def new_request(self):
+        """Once per request, however many attempts it takes: what the retry budget grows by."""
         self.budget.deposit()
+
+    def request_started(self, state):
         self.proxy.stats.inc("request_total", direction="outbound", pod=self.pod.key, dst=self.dst)
         return state.ewma.start() if state is not None else time.monotonic()
 

@@ -17,11 +17,16 @@ POOL_IDLE_S = 90.0
 POOL_MAX_IDLE = 64
 
 
-async def open_socket(netns_path: str, address: tuple[str, int], timeout_s: float) -> socket.socket:
-    with netns.entered(netns_path):
+async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_s: float) -> socket.socket:
+    """A connected socket from inside `netns_path` (None: this process's own namespace)."""
+    if netns_path is None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    else:
+        with netns.entered(netns_path):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        if netns_path is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout_s)

@@ -1,0 +1,278 @@
+"""The node proxy in the lab: one agent per simulated node, real clients in pods."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from nodeagent.datapath import libbpf
+from nodeagent.datapath.programs import CGROUP_PROGRAMS
+from nodeagent.lab import lab as lab_ops
+from nodeagent.lab import manifests, pods
+
+pytestmark = pytest.mark.privileged
+HTTP_VIP, H2C_VIP, ECHO_VIP, BANNER_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    lab_ops.down()
+    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
+    yield created
+    lab_ops.down()
+
+
+def run_in(lab, pod_name: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    pod = lab.plan.pod(pod_name)
+    return pods.run(pod, lab.pod_cgroup(pod), argv, timeout_s=timeout)
+
+
+def py_in(lab, pod_name: str, code: str, timeout: float = 120) -> str:
+    done = run_in(lab, pod_name, [sys.executable, "-c", code], timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def curl(lab, pod_name: str, url: str, *options: str) -> str:
+    done = run_in(lab, pod_name, ["curl", "-sS", "-m", "10", *options, url])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def agent_stats(node_index: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{4191 + node_index}/stats", timeout=5) as response:
+        return json.load(response)
+
+
+def counter(stats: dict, name: str, **labels) -> int:
+    return sum(c["value"] for c in stats["counters"]
+               if c["name"] == name and all(c["labels"].get(k) == v for k, v in labels.items()))
+
+
+def behave(lab, pod_name: str, setting: str) -> None:
+    """Tell an http pod how to answer from now on (/set-delay/<ms>, /set-status/<code>)."""
+    ip = lab.plan.pod(pod_name).ip
+    assert pod_name in curl(lab, "client-n1-0", f"http://{ip}:8080/{setting}")
+
+
+def add_service(lab, name: str, vip: str, selector: dict, annotations: dict) -> None:
+    manifest = {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+                "spec": {"clusterIP": vip, "selector": selector, "ports": [{"port": 80, "targetPort": 8080}]}}
+    manifests.write_manifest(lab.cluster_dir, manifest)
+
+
+def wait_until(predicate, what: str, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return result
+
+
+def wait_for_service(lab, vip: str) -> None:
+    """Until the agent has read the new Service's manifest (a new connection routes to it)."""
+    wait_until(lambda: curl(lab, "client-n0-0", f"http://{vip}/", "-o", "/dev/null", "-w", "%{http_code}") == "200",
+               f"the Service at {vip}")
+
+
+def served_by(lab, client: str, url: str, count: int) -> dict[str, int]:
+    """Send `count` GETs on one keep-alive connection; how many each pod served."""
+    code = f"""
+import http.client, collections, json, urllib.parse
+u = urllib.parse.urlsplit({url!r})
+conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=10)
+seen = collections.Counter()
+for _ in range({count}):
+    conn.request("GET", u.path or "/")
+    response = conn.getresponse(); response.read()
+    seen[(response.getheader("x-pod") or "none") + " " + str(response.status)] += 1
+print(json.dumps(seen))
+"""
+    return json.loads(py_in(lab, client, code))
+
+
+def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
+    for i in range(2):
+        stats = agent_stats(i)
+        assert stats["ready"] and len(stats["pods"]) == 5
+        assert sorted(stats["datapath"]["created"] + stats["datapath"]["adopted"]) == sorted(
+            p.name for p in CGROUP_PROGRAMS)
+
+
+def test_curl_http1_through_a_service_and_to_a_pod_ip(mesh):
+    assert curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/").startswith("hello from http-n")
+    assert curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/") == "hello from http-n0-0\n"
+    before = agent_stats(0)
+    curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/status/201")
+    after = agent_stats(0)
+    assert counter(after, "response_total", dst="default/http", status_code="201") == counter(
+        before, "response_total", dst="default/http", status_code="201") + 1
+    # The client pod's kernel counters saw the redirects.
+    client = next(p for p in after["pods"] if p["pod"] == "default/client-n0-0")
+    assert client["kernel"]["redirected"] >= 2
+
+
+def test_curl_h2c_prior_knowledge_through_the_mesh(mesh):
+    assert curl(mesh, "client-n0-0", f"http://{H2C_VIP}/", "--http2-prior-knowledge").startswith("hello from h2c-n")
+
+
+def test_http_keep_alive_chunked_bodies_and_head_requests(mesh):
+    code = f"""
+import http.client
+conn = http.client.HTTPConnection({HTTP_VIP!r}, 80, timeout=10)
+conn.request("POST", "/", body=iter([b"chunk-1 ", b"chunk-2"]), encode_chunked=True,
+             headers={{"transfer-encoding": "chunked"}})
+r = conn.getresponse(); print(r.status, r.read())
+conn.request("HEAD", "/bytes/1000"); r = conn.getresponse(); print(r.status, r.getheader("content-length"), r.read())
+conn.request("GET", "/bytes/100000"); r = conn.getresponse(); print(r.status, len(r.read()))
+"""
+    assert py_in(mesh, "client-n0-0", code).splitlines() == [
+        "200 b'chunk-1 chunk-2'", "200 1000 b''", "200 100000"]
+
+
+def test_tcp_echo_of_a_large_payload_is_byte_exact(mesh):
+    for target in (ECHO_VIP, mesh.plan.pod("echo-n1-0").ip, mesh.plan.pod("echo-n0-0").ip):
+        out = py_in(mesh, "client-n0-0", f"from nodeagent.lab import client; import json; "
+                                         f"print(json.dumps(client.run('echo', {target!r}, 9000, size=32 << 20)))")
+        result = json.loads(out)
+        assert result["ok"], result
+
+
+def test_a_server_that_speaks_first_is_heard_without_the_client_speaking(mesh):
+    for target in (BANNER_VIP, mesh.plan.pod("banner-n0-0").ip, mesh.plan.pod("banner-n1-0").ip):
+        code = f"import socket; s = socket.create_connection(({target!r}, 2525), timeout=5); print(s.recv(100))"
+        assert "220 banner-n" in py_in(mesh, "client-n0-0", code)
+
+
+def test_balancing_shifts_load_away_from_a_slow_endpoint(mesh):
+    behave(mesh, "http-n0-0", "set-delay/150")  # the endpoint on the client's own node
+    try:
+        seen = served_by(mesh, "client-n0-0", f"http://{HTTP_VIP}/", 60)
+    finally:
+        behave(mesh, "http-n0-0", "set-delay/0")
+    assert seen.get("http-n1-0 200", 0) >= 48, seen
+
+
+def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
+    add_service(mesh, "http-retry", "10.96.0.50", {"app": "http"}, {"retry.nodeagent.io/http": "5xx"})
+    wait_for_service(mesh, "10.96.0.50")
+    behave(mesh, "http-n1-0", "set-status/503")
+    behave(mesh, "http-n0-0", "set-delay/20")  # so that the failing one, being faster, is chosen
+    try:
+        seen = served_by(mesh, "client-n0-0", "http://10.96.0.50/", 40)
+    finally:
+        behave(mesh, "http-n1-0", "set-status/0")
+        behave(mesh, "http-n0-0", "set-delay/0")
+    assert seen == {"http-n0-0 200": 40}, seen
+    stats = agent_stats(0)
+    assert counter(stats, "endpoint_ejections", dst="default/http-retry") >= 1
+    assert counter(stats, "retries", dst="default/http-retry") >= 1
+
+
+def test_the_retry_budget_stops_a_retry_storm(mesh):
+    add_service(mesh, "http-storm", "10.96.0.51", {"app": "http"},
+                {"retry.nodeagent.io/http": "429", "retry.nodeagent.io/limit": "3"})
+    wait_for_service(mesh, "10.96.0.51")
+    for pod in ("http-n0-0", "http-n1-0"):
+        behave(mesh, pod, "set-status/429")  # retried, but not a failure that ejects
+    try:
+        seen = served_by(mesh, "client-n0-0", "http://10.96.0.51/", 400)
+    finally:
+        for pod in ("http-n0-0", "http-n1-0"):
+            behave(mesh, pod, "set-status/0")
+    assert sum(v for k, v in seen.items() if k.endswith(" 429")) == 400
+    stats = agent_stats(0)
+    retries = counter(stats, "retries", dst="default/http-storm")
+    refused = counter(stats, "retry_budget_exhausted", dst="default/http-storm")
+    # 20% of ~401 requests plus 10/s over 10 s, instead of up to 400 retries.
+    assert 100 <= retries <= 181 and refused >= 219, (retries, refused)
+
+
+def test_no_endpoints_is_a_503_with_a_reason_and_tcp_is_reset(mesh):
+    add_service(mesh, "nobody", "10.96.0.52", {"app": "nobody"}, {})
+    wait_until(lambda: "503" in curl(mesh, "client-n0-0", "http://10.96.0.52/", "-o", "/dev/null", "-w",
+                                     "%{http_code}"), "the new Service")
+    headers = curl(mesh, "client-n0-0", "http://10.96.0.52/", "-D", "-", "-o", "/dev/null")
+    assert "nodeagent-proxy-error: no endpoints" in headers
+    code = ("import socket; s = socket.create_connection(('10.96.0.52', 80), timeout=5); s.sendall(b'\\x00raw');"
+            "\ntry:\n print(repr(s.recv(10)))\nexcept OSError as e:\n print(e.errno)")
+    assert py_in(mesh, "client-n0-0", code).strip() in (str(errno.ECONNRESET), "b''")
+
+
+MALFORMED = """
+import socket
+def exchange(data):
+    s = socket.create_connection(({vip!r}, 80), timeout=10); s.sendall(data)
+    reply = b""
+    while chunk := s.recv(65536): reply += chunk
+    return reply.split(b"\\r\\n")[0].decode()
+print(exchange(b"GET / HTTP/1.1\\r\\nno colon here\\r\\n\\r\\n"))
+print(exchange(b"GET / HTTP/1.1\\r\\nx-big: " + b"a" * 70000 + b"\\r\\n\\r\\n"))
+print(exchange(b"GET / HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"))
+"""
+
+
+def test_malformed_requests_get_400_and_the_proxy_serves_the_next(mesh):
+    lines = py_in(mesh, "client-n0-0", MALFORMED.format(vip=HTTP_VIP)).splitlines()
+    assert lines[:2] == ["HTTP/1.1 400 Bad Request", "HTTP/1.1 431 Request Header Fields Too Large"]
+    assert lines[2].startswith("HTTP/1.1 200 ")
+    assert counter(agent_stats(0), "http_errors", status_code="400") >= 1
+
+
+def test_pods_leave_and_rejoin_the_mesh_live(mesh):
+    def meshed(pod_key):
+        return any(p["pod"] == pod_key for p in agent_stats(0)["pods"])
+
+    assert lab_ops.label("client-n0-0", "nodeagent.io/mesh=disabled")
+    try:
+        wait_until(lambda: not meshed("default/client-n0-0"), "the pod to leave")
+        # Unmeshed: Service VIPs route nowhere (no kube-proxy in the lab); pod IPs work directly.
+        assert "Network is unreachable" in py_in(mesh, "client-n0-0", f"""
+import socket
+try: socket.create_connection(({HTTP_VIP!r}, 80), timeout=5)
+except OSError as e: print(e.strerror)""")
+        assert curl(mesh, "client-n0-0", f"http://{mesh.plan.pod('http-n1-0').ip}:8080/") == "hello from http-n1-0\n"
+    finally:
+        lab_ops.label("client-n0-0", "nodeagent.io/mesh=enabled")
+    wait_until(lambda: meshed("default/client-n0-0"), "the pod to rejoin")
+    assert curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/").startswith("hello from")
+
+
+def _agent_pid(mesh, node: str) -> int:
+    (pid,) = [p for p in lab_ops.cgroups.pids_in(lab_ops.agent_cgroup(mesh, mesh.plan.nodes[int(node[-1])]))]
+    return pid
+
+
+def test_a_killed_agent_fails_closed_and_its_successor_serves_the_same_pods(mesh):
+    node = mesh.plan.nodes[0]
+    os.kill(_agent_pid(mesh, "node0"), signal.SIGKILL)
+    wait_until(lambda: not lab_ops.agent_ready(node), "the agent to die")
+    target = mesh.plan.pod("http-n1-0").ip
+    refused = f"""
+import socket
+try: socket.create_connection(({target!r}, 8080), timeout=5); print("connected")
+except OSError as e: print(e.errno)"""
+    assert py_in(mesh, "client-n0-0", refused).strip() == str(errno.ECONNREFUSED)
+    # From node1 the client's own proxy accepts, then finds node0's pod refusing it: a 502 with the reason.
+    inbound = curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/", "-D", "-")
+    assert inbound.startswith("HTTP/1.1 502") and "nodeagent-proxy-error: connect failed" in inbound
+
+    lab_ops.start_agent(mesh, node)
+    lab_ops.wait_agent_ready(node)
+    stats = agent_stats(0)
+    assert sorted(stats["datapath"]["adopted"]) == sorted(p.name for p in CGROUP_PROGRAMS)
+    assert len(stats["pods"]) == 5
+    assert curl(mesh, "client-n0-0", f"http://{target}:8080/") == "hello from http-n1-0\n"
+    assert curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/") == "hello from http-n0-0\n"
+    fd = os.open(mesh.cgroup_root / "node0", os.O_RDONLY)
+    try:
+        assert [len(libbpf.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS] == [1] * len(CGROUP_PROGRAMS)
+    finally:
+        os.close(fd)
