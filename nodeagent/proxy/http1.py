@@ -56,6 +56,7 @@ class Http1Server(asyncio.Protocol):
         self.current: Request | None = None
         self.reading_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
+        self.head_tail = b""
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
         self.upgraded = False
@@ -88,7 +89,10 @@ class Http1Server(asyncio.Protocol):
             self.upgrade_bytes += data  # for the upgraded protocol, once the upstream agrees
             return
         if self.reading_head:
-            self.head_bytes += len(data)
+            # Count only the head: up to the blank line, which may straddle two reads.
+            end = (self.head_tail + data).find(b"\r\n\r\n")
+            self.head_bytes += len(data) if end < 0 else max(end + 4 - len(self.head_tail), 0)
+            self.head_tail = data[-3:]
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
                 return
@@ -125,7 +129,7 @@ class Http1Server(asyncio.Protocol):
         request.keep_alive = self.parser.should_keep_alive()
         request.upgrade = self.parser.should_upgrade()
         request.has_body = request.has_body or request.chunked
-        self.reading_head, self.head_bytes = False, 0
+        self.reading_head, self.head_bytes, self.head_tail = False, 0, b""
         if self.head_timer:
             self.head_timer.cancel()
         self.requests.put_nowait(request)

@@ -1,0 +1,205 @@
+"""The HTTP/1 proxy layer on loopback: real sockets, the real sample server, a
+fixed destination in place of the mesh's routing (tested in test_proxy.py)."""
+
+import asyncio
+import http.client
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+from nodeagent.lab.workloads import SERVERS
+from nodeagent.proxy.budget import RetryBudget
+from nodeagent.proxy.http1 import Http1Server
+from nodeagent.proxy.upstream import Pool
+
+
+class FixedTarget:
+    """Every request to one address; records what the proxy reports."""
+
+    def __init__(self, address, retry_statuses=()):
+        self.address, self.pool = address, Pool()
+        self.retry_limit, self.request_timeout_s = 1, None
+        self.budget = RetryBudget(time.monotonic)
+        self.retry_statuses = set(retry_statuses)
+        self.errors, self.statuses, self.attempts = [], [], 0
+
+    def new_request(self):
+        self.budget.deposit()
+
+    def choose(self, tried):
+        return None, self.address
+
+    async def acquire(self, address):
+        return await self.pool.acquire(None, 0, address, 1.0)
+
+    def release(self, address, conn):
+        self.pool.release(0, address, conn)
+
+    def connect_failed(self, state, exc):
+        pass
+
+    def may_retry(self):
+        return self.budget.withdraw()
+
+    def retries_status(self, status):
+        return status in self.retry_statuses
+
+    def request_started(self, state):
+        self.attempts += 1
+        return 0
+
+    def request_finished(self, state, token, status):
+        pass
+
+    def response_started(self, request, status):
+        self.statuses.append(status)
+
+    def count_error(self, status, reason):
+        self.errors.append((status, reason))
+
+
+@pytest.fixture
+def proxy_to():
+    """proxy_to(kind or address, **target options) -> (proxy port, target)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servers = []
+
+    def start(kind_or_address, **options):
+        async def listen():
+            if isinstance(kind_or_address, tuple):
+                address = kind_or_address
+            else:
+                app = await loop.create_server(lambda: SERVERS[kind_or_address]("pod-a"), "127.0.0.1", 0)
+                servers.append(app)
+                address = app.sockets[0].getsockname()
+            target = FixedTarget(address, **options)
+            proxy = await loop.create_server(lambda: Http1Server(target), "127.0.0.1", 0)
+            servers.append(proxy)
+            return proxy.sockets[0].getsockname()[1], target
+
+        return asyncio.run_coroutine_threadsafe(listen(), loop).result(5)
+
+    yield start
+    for server in servers:
+        loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def raw(port: int, data: bytes, shut: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_keep_alive_chunked_head_and_large_bodies(proxy_to):
+    port, target = proxy_to("http")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("POST", "/", body=iter([b"a" * 70000, b"b"]), encode_chunked=True,
+                 headers={"transfer-encoding": "chunked"})
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (200, b"a" * 70000 + b"b")
+    conn.request("HEAD", "/bytes/10")
+    response = conn.getresponse()
+    assert (response.status, response.getheader("content-length"), response.read()) == (200, "10", b"")
+    conn.request("GET", "/bytes/3000000")
+    assert len(conn.getresponse().read()) == 3000000
+    assert target.statuses == [200, 200, 200]
+
+
+def test_pipelined_requests_are_answered_in_order(proxy_to):
+    port, _ = proxy_to("http")
+    reply = raw(port, b"GET /status/201 HTTP/1.1\r\nhost: a\r\n\r\n" b"GET /status/202 HTTP/1.1\r\nhost: a\r\n\r\n"
+                      b"GET /status/203 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", reply) == [b"201", b"202", b"203"]
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", b"400"),
+    (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nx: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+])
+def test_bad_requests_get_an_error_and_close_and_the_next_connection_works(proxy_to, request_bytes, status):
+    port, target = proxy_to("http")
+    reply = raw(port, request_bytes)
+    assert reply.split(b" ")[1] == status and b"nodeagent-proxy-error: " in reply
+    assert target.errors and target.errors[0][0] == int(status)
+    assert raw(port, b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").endswith(b"hello from pod-a\n")
+
+
+def test_a_refused_upstream_is_a_502_with_the_reason(proxy_to):
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    address = unused.getsockname()
+    unused.close()
+    port, _ = proxy_to(address)
+    reply = raw(port, b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 502 ") and b"nodeagent-proxy-error: connect failed" in reply
+
+
+def test_statuses_configured_for_retry_are_retried_within_the_limit(proxy_to):
+    port, target = proxy_to("http", retry_statuses={503})
+    reply = raw(port, b"GET /status/503 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503")
+    assert target.attempts == 2  # the request and one retry (limit 1)
+    port, target = proxy_to("http", retry_statuses={503})
+    raw(port, b"POST /status/503 HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx")
+    assert target.attempts == 1  # a request with a body is never retried
+
+
+UPGRADE_ECHO_REPLY = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n"
+
+
+class UpgradeEcho(asyncio.Protocol):
+    """Answers an Upgrade request with 101, then echoes raw bytes (as a WebSocket echo would frames)."""
+
+    def connection_made(self, transport):
+        self.transport, self.upgraded, self.buffer = transport, False, b""
+
+    def data_received(self, data):
+        if self.upgraded:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            self.upgraded = True
+            self.transport.write(UPGRADE_ECHO_REPLY + rest)
+
+
+def test_an_upgraded_connection_is_spliced_both_ways(proxy_to):
+    loop_ready = {}
+
+    def start_echo():
+        async def run():
+            server = await asyncio.get_running_loop().create_server(UpgradeEcho, "127.0.0.1", 0)
+            loop_ready["address"] = server.sockets[0].getsockname()
+            await asyncio.sleep(10)
+
+        asyncio.run(run())
+
+    threading.Thread(target=start_echo, daemon=True).start()
+    while "address" not in loop_ready:
+        time.sleep(0.01)
+    port, _ = proxy_to(loop_ready["address"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /chat HTTP/1.1\r\nhost: a\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nearly bytes|")
+        received = b""
+        while not received.endswith(b"early bytes|"):
+            received += sock.recv(65536)
+        assert received.startswith(UPGRADE_ECHO_REPLY)
+        sock.sendall(b"after the upgrade")
+        echoed = b""
+        while len(echoed) < len(b"after the upgrade"):
+            echoed += sock.recv(65536)
+        assert echoed == b"after the upgrade"
