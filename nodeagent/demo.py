@@ -1,7 +1,10 @@
-"""`nodeagent demo`: a 2-node lab, traffic of each kind, a summary, teardown."""
+"""`nodeagent demo`: a 2-node lab with one agent per node, traffic of each
+kind through the mesh, a summary, and teardown (also on Ctrl-C)."""
 
 import json
+import statistics
 import sys
+import urllib.request
 
 from rich.console import Console
 from rich.table import Table
@@ -13,51 +16,117 @@ from nodeagent.lab.plan import WORKLOAD_BY_KIND
 KINDS = ("http", "h2c", "echo", "banner")
 # An address outside the lab (TEST-NET-2, never routed): a pod must not reach it.
 OUTSIDE = "198.51.100.1"
+BALANCED_REQUESTS = 200
+
+LATENCIES = """
+import http.client, json, time, collections
+conn = http.client.HTTPConnection({vip!r}, 80, timeout=10)
+latencies, served, ok = [], collections.Counter(), 0
+for _ in range({n}):
+    start = time.perf_counter()
+    conn.request("GET", "/")
+    response = conn.getresponse(); response.read()
+    latencies.append((time.perf_counter() - start) * 1000)
+    served[response.getheader("x-pod")] += 1
+    ok += response.status == 200
+print(json.dumps({{"latencies": latencies, "served": served, "ok": ok}}))
+"""
 
 
-def _probe(lab: lab_ops.Lab, client: str, kind: str, target: str) -> dict:
-    source, dest = lab.plan.pod(client), lab.plan.pod(target)
-    argv = [sys.executable, "-m", "nodeagent.lab.client", kind, dest.ip, str(WORKLOAD_BY_KIND[kind].port)]
-    done = pods.run(source, lab.pod_cgroup(source), argv)
+def _run_python(lab: lab_ops.Lab, pod_name: str, argv: list[str]) -> str:
+    pod = lab.plan.pod(pod_name)
+    return pods.run(pod, lab.pod_cgroup(pod), [sys.executable, *argv], timeout_s=60).stdout
+
+
+def _probe(lab: lab_ops.Lab, client: str, kind: str, host: str, port: int) -> dict:
+    out = _run_python(lab, client, ["-m", "nodeagent.lab.client", kind, host, str(port)])
     try:
-        return json.loads(done.stdout)
+        return json.loads(out)
     except json.JSONDecodeError:
-        return {"kind": kind, "ok": False, "detail": (done.stderr or done.stdout).strip()[-200:], "ms": 0}
+        return {"kind": kind, "ok": False, "detail": out.strip()[-200:] or "no output", "ms": 0}
+
+
+OUTSIDE_GET = """
+import http.client
+try:
+    conn = http.client.HTTPConnection({host!r}, 80, timeout=5)
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    print(f"HTTP {{response.status}} from the pod's proxy: {{response.getheader('nodeagent-proxy-error')}}")
+except OSError as e:
+    print(f"{{type(e).__name__}}: {{e.strerror or e}}")
+"""
 
 
 def _outside_blocked(lab: lab_ops.Lab, client: str) -> str:
-    source = lab.plan.pod(client)
-    code = ("import socket\ntry:\n socket.create_connection(('%s', 80), timeout=2)\n print('REACHED')\n"
-            "except OSError as e:\n print(e.strerror)" % OUTSIDE)
-    return pods.run(source, lab.pod_cgroup(source), [sys.executable, "-c", code]).stdout.strip()
+    """An HTTP GET from a meshed pod to an address outside the lab. The pod's
+    connect succeeds (to its proxy, in the pod); the proxy's own connect, made
+    inside the pod's namespace, finds no route, so nothing leaves."""
+    return _run_python(lab, client, ["-c", OUTSIDE_GET.format(host=OUTSIDE)]).strip()
+
+
+def _agent_status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
+        return json.load(response)
+
+
+def _traffic_table(lab: lab_ops.Lab) -> tuple[Table, int]:
+    table = Table(title="Traffic from pod client-n0-0 (node0), through the mesh", title_justify="left")
+    for column in ("PROTOCOL", "TO", "PATH", "RESULT", "MS", "DETAIL"):
+        table.add_column(column)
+    failures = 0
+    services = {s.name: s for s in lab.plan.services}
+    for kind in KINDS:
+        workload = WORKLOAD_BY_KIND[kind]
+        service = services[kind]
+        targets = [(f"svc/{kind} {service.cluster_ip}", service.cluster_ip, service.port, "balanced")]
+        for node, path in (("n0", "same node"), ("n1", "cross node")):
+            pod = lab.plan.pod(f"{kind}-{node}-0")
+            targets.append((pod.name, pod.ip, workload.port, path))
+        for label, host, port, path in targets:
+            result = _probe(lab, "client-n0-0", kind, host, port)
+            failures += not result["ok"]
+            table.add_row(workload.protocol, label, path, "[green]ok[/green]" if result["ok"] else "[red]FAILED[/red]",
+                          f"{result['ms']:.1f}", result["detail"])
+    return table, failures
 
 
 def run_demo(console: Console) -> None:
-    console.print("[bold]nodeagent demo[/bold]: bringing up a lab of 2 simulated nodes with 5 pods each...")
+    console.print("[bold]nodeagent demo[/bold]: a lab of 2 simulated nodes, 5 pods each, one agent per node...")
     lab_ops.down()  # a crashed earlier run must not stop this one
-    lab = lab_ops.up(nodes=2, pods_per_node=5)
+    lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
     try:
-        console.print(f"lab up: {len(lab.plan.pods)} pods, {len(lab.plan.services)} services "
-                      f"(manifests in {lab.cluster_dir})")
-        table = Table(title="Traffic from pod client-n0-0 (node0)", title_justify="left")
-        for column in ("PROTOCOL", "TO POD", "PATH", "RESULT", "MS", "DETAIL"):
-            table.add_column(column)
-        failures = 0
-        for kind in KINDS:
-            for target, path in ((f"{kind}-n0-0", "same node"), (f"{kind}-n1-0", "cross node")):
-                result = _probe(lab, "client-n0-0", kind, target)
-                failures += not result["ok"]
-                table.add_row(WORKLOAD_BY_KIND[kind].protocol, target, path,
-                              "[green]ok[/green]" if result["ok"] else "[red]FAILED[/red]",
-                              f"{result['ms']:.1f}", result["detail"])
+        agents = [_agent_status(n.admin_port) for n in lab.plan.nodes]
+        for node, status in zip(lab.plan.nodes, agents):
+            console.print(f"agent {node.name}: ready on 127.0.0.1:{node.admin_port}, "
+                          f"{len(status['pods'])} meshed pods, BPF compiled and loaded in "
+                          f"{status['datapath']['compile_and_load_ms']:.0f} ms")
+        table, failures = _traffic_table(lab)
         console.print(table)
-        console.print(f"Reaching {OUTSIDE}, outside the lab, from a pod: {_outside_blocked(lab, 'client-n0-0')} "
+
+        result = json.loads(_run_python(lab, "client-n1-0", ["-c", LATENCIES.format(vip="10.96.0.10",
+                                                                                   n=BALANCED_REQUESTS)]))
+        cuts = statistics.quantiles(result["latencies"], n=100)
+        console.print(f"{BALANCED_REQUESTS} HTTP requests from client-n1-0 to svc/http on one connection: "
+                      f"{result['ok']}/{BALANCED_REQUESTS} succeeded, p50 {cuts[49]:.2f} ms, p99 {cuts[98]:.2f} ms; "
+                      f"balanced per request: {dict(result['served'])}")
+
+        kernel = Table(title="Kernel counters per meshed pod (read from BPF maps)", title_justify="left")
+        for column in ("NODE", "POD", "REDIRECTED", "OPENED", "FAILED", "DENIED", "INBOUND STEERED"):
+            kernel.add_column(column)
+        for node, status in zip(lab.plan.nodes, agents):
+            for pod in _agent_status(node.admin_port)["pods"]:
+                k = pod["kernel"]
+                kernel.add_row(node.name, pod["pod"], str(k["redirected"]), str(k["opened"]), str(k["failed"]),
+                               str(k["denied"]), str(k["inbound_steered"]))
+        console.print(kernel)
+        outside = _outside_blocked(lab, "client-n0-0")
+        console.print(f"GET http://{OUTSIDE}/ (outside the lab) from client-n0-0: {outside} "
                       "(the lab has no way out).")
-        console.print("[yellow]The mesh is not running yet:[/yellow] this traffic went pod to pod in plaintext "
-                      "over the lab bridge. Later versions start one nodeagent per node here and show "
-                      "meshed pods, mTLS identities, success rates and latencies.")
-        if failures:
-            raise lab_ops.LabError(f"{failures} probes failed")
+        console.print("[yellow]Not yet:[/yellow] traffic between the agents is plaintext until mutual TLS lands "
+                      "(issue #5); metrics, tap and stat arrive with issue #7.")
+        if failures or result["ok"] != BALANCED_REQUESTS or "connect failed" not in outside:
+            raise lab_ops.LabError(f"{failures} probes failed, or a pod reached outside the lab: {outside}")
     finally:
         lab_ops.down()
-        console.print("lab down: every namespace, cgroup and process of the demo is gone.")
+        console.print("lab down: every namespace, cgroup, process and BPF program of the demo is gone.")

@@ -78,6 +78,6 @@ def test_bad_sizes_and_missing_lab_are_clear_errors():
 def test_demo_runs_and_cleans_up():
     done = nodeagent("demo")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok ") == 8
-    assert "Network is unreachable" in done.stdout
+    assert done.stdout.count(" ok ") == 12
+    assert "HTTP 502 from the pod's proxy: connect failed" in done.stdout
     assert lab_netns() == [] and lab_ops.leftovers() == []

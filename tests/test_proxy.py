@@ -276,3 +276,12 @@ except OSError as e: print(e.errno)"""
         assert [len(libbpf.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS] == [1] * len(CGROUP_PROGRAMS)
     finally:
         os.close(fd)
+
+
+def test_a_meshed_pod_still_cannot_reach_outside_the_lab(mesh):
+    # The pod's connect lands on its proxy; the proxy's connect, made in the pod's namespace, has no route.
+    headers = curl(mesh, "client-n0-0", "http://198.51.100.1/", "-D", "-", "-o", "/dev/null")
+    assert headers.startswith("HTTP/1.1 502") and "nodeagent-proxy-error: connect failed" in headers
+    code = ("import socket; s = socket.create_connection(('198.51.100.1', 9000), timeout=5); s.sendall(b'\\x00');"
+            "\ntry:\n print(repr(s.recv(10)))\nexcept OSError as e:\n print(e.errno)")
+    assert py_in(mesh, "client-n0-0", code).strip() in (str(errno.ECONNRESET), "b''")
