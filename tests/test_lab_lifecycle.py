@@ -1,5 +1,6 @@
 """Bringing labs up and down: idempotent, complete, and clean after failures."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.privileged
 
 
 def nodeagent(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nodeagent", *args], capture_output=True, text=True, timeout=120)
+    # A wide terminal, so that rich does not fold the lines we look for.
+    return subprocess.run([sys.executable, "-m", "nodeagent", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "250"})
 
 
 def lab_netns() -> list[str]:
