@@ -161,20 +161,65 @@ def _default_pods_cgroup() -> Path:
 @click.option("--cgroup", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The cgroup v2 directory of this node's pods (default: kubepods under the cgroup2 mount).")
 @pin_root_option
+@click.option("--identity-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The issuer Secret's files: ca.crt, issuer.crt, issuer.key (see `identity init`).")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--cert-lifetime", default="24h", show_default=True, help="Workload certificate lifetime.")
+@click.option("--default-policy", default="all-unauthenticated", show_default=True,
+              type=click.Choice([m.value for m in __import__("nodeagent.policy.authz", fromlist=["Mode"]).Mode]),
+              help="Inbound policy of pods that set none.")
 @click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(node_name, cluster_dir, cgroup, pin_root, admin, log_level):
-    """Run the agent for one node: data path, proxy, admin port."""
+def run(node_name, cluster_dir, cgroup, pin_root, identity_dir, trust_domain, cert_lifetime, default_policy, admin,
+        log_level):
+    """Run the agent for one node: data path, proxy, identities, admin port."""
+    import datetime
     import logging
 
     from nodeagent.agent.agent import AgentConfig, AgentError, run_agent
     from nodeagent.cluster.files import ManifestDirSource
+    from nodeagent.policy.authz import Mode
+    from nodeagent.proxy.service_config import parse_duration
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = admin.rpartition(":")
-    config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, host or "127.0.0.1",
-                         int(port))
+    config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, identity_dir,
+                         host or "127.0.0.1", int(port), trust_domain,
+                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy))
     try:
         run_agent(config, ManifestDirSource(cluster_dir))
     except AgentError as e:
         raise click.ClickException(f"agent refused to start: {e}") from e
+
+
+@main.group(cls=_Errors)
+def identity():
+    """Trust roots and issuers for workload identities."""
+
+
+@identity.command("init")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write ca.crt, ca.key, issuer.crt, issuer.key and issuer-secret.yaml.")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--anchor-lifetime", default="8760h", show_default=True)
+@click.option("--issuer-lifetime", default="8760h", show_default=True)
+@click.option("--namespace", default="nodeagent", show_default=True, help="Namespace of the Secret manifest.")
+def identity_init(directory, trust_domain, anchor_lifetime, issuer_lifetime, namespace):
+    """Create a trust anchor and an issuer (ECDSA P-256), as PEM files and a Secret."""
+    import datetime
+
+    import yaml
+
+    from nodeagent.identity import ca
+    from nodeagent.proxy.service_config import parse_duration
+
+    anchor = ca.Authority.new_anchor(trust_domain, datetime.timedelta(seconds=parse_duration(anchor_lifetime)))
+    issuer = anchor.new_issuer(trust_domain, datetime.timedelta(seconds=parse_duration(issuer_lifetime)))
+    written = ca.write_identity_files(directory, anchor, issuer)
+    secret = directory / "issuer-secret.yaml"
+    secret.write_text(yaml.safe_dump(ca.issuer_secret_manifest(namespace, issuer, anchor.certificate_pem()),
+                                     sort_keys=False))
+    secret.chmod(0o600)
+    for path in [*written, secret]:
+        click.echo(f"wrote {path}")
+    click.echo("keep ca.key offline: agents need only the Secret (ca.crt, issuer.crt, issuer.key)")

@@ -16,8 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datetime
+
 from nodeagent import preflight
 from nodeagent.agent.admin import serve_admin
+from nodeagent.identity import naming
+from nodeagent.identity.ca import load_issuer
+from nodeagent.identity.workload import WorkloadIdentities
+from nodeagent.policy import authz
 from nodeagent.agent.reconcile import SlotAllocator, plan_changes
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
@@ -40,8 +46,12 @@ class AgentConfig:
     cluster_dir: Path
     pods_cgroup: Path  # the cgroup v2 directory holding this node's pods
     pin_root: Path
+    identity_dir: Path  # the mounted issuer Secret: ca.crt, issuer.crt, issuer.key
     admin_host: str = "127.0.0.1"
     admin_port: int = 4191
+    trust_domain: str = naming.DEFAULT_TRUST_DOMAIN
+    cert_lifetime: datetime.timedelta = datetime.timedelta(hours=24)
+    default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED
 
 
 class Agent:
@@ -62,6 +72,10 @@ class Agent:
             raise AgentError("; ".join(f"{c.name}: {c.detail} (hint: {c.hint})" for c in failed))
         if not self.config.pods_cgroup.is_dir():
             raise AgentError(f"the pods' cgroup {self.config.pods_cgroup} does not exist")
+        try:
+            self.issuer, self.anchors = load_issuer(self.config.identity_dir)
+        except (OSError, ValueError) as e:
+            raise AgentError(f"cannot load the identity issuer from {self.config.identity_dir}: {e}") from e
 
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
@@ -70,7 +84,8 @@ class Agent:
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.node))
-        self.proxy = Proxy(datapath)
+        self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
+        self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy)
         admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
         try:
             while not stop.is_set():
@@ -80,6 +95,8 @@ class Agent:
                     await self.reconcile()
                 elif not self.ready or self._waiting:
                     await self.reconcile()
+                for identity in self.identities.renew_due():
+                    log.info("certificate for %s renewed", identity)
                 self.ready = True
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_S)
@@ -87,6 +104,7 @@ class Agent:
                     pass
         finally:
             admin.close()
+            self.identities.close()
             for cookie in list(self.proxy.pods):
                 for server in self.proxy.pods[cookie].servers:
                     server.close()
@@ -98,6 +116,8 @@ class Agent:
         view = self.proxy.view
         on_node = {p.uid: p for p in view.pods_on(self.config.node)}
         wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
+        # Identities only for the ServiceAccounts of meshed pods on this node, never others.
+        self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
         changes = plan_changes(set(self.enrolled), wanted, set(on_node))
         for uid in changes.release:
             cookie = self.enrolled.pop(uid)
@@ -115,7 +135,7 @@ class Agent:
             slot = self.slots.take()
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
-            except OSError as e:
+            except (OSError, naming.IdentityError) as e:
                 log.error("pod %s: cannot enrol: %s", pod.key, e)
                 os.close(fd)
                 self.slots.free(slot)
@@ -137,8 +157,10 @@ class Agent:
     def status(self) -> dict:
         pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
                 for p in self.proxy.pods.values()] if self.proxy else []
+        identities = self.identities.expirations() if self.proxy else {}
         return {"node": self.config.node, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
-                "datapath": self.load_report, "pods": pods,
+                "datapath": self.load_report, "pods": pods, "identities": identities,
+                "certificates_issued": self.identities.issued if self.proxy else 0,
                 "open_connections": self.proxy.stats.open_connections if self.proxy else 0,
                 "counters": self.proxy.stats.snapshot() if self.proxy else []}
 

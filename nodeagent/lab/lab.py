@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nodeagent import PREFIX, cgroups, netns
 from nodeagent.datapath import cleanup as datapath_cleanup
+from nodeagent.identity import ca, naming
 from nodeagent.lab import manifests, network, pods
 from nodeagent.lab.plan import (WORKLOAD_BY_KIND, LabPlan, NodePlan, PodPlan, plan_from_dict, plan_lab,
                                 plan_to_dict)
@@ -29,6 +30,8 @@ BPF_PIN_ROOT = Path("/sys/fs/bpf") / PREFIX
 READY_TIMEOUT_S = 15.0
 AGENT_READY_TIMEOUT_S = 60.0
 MESH_MODES = ("none", "node")
+# Extra `nodeagent run` arguments for the lab's agents (tests use it for short certificate lifetimes).
+AGENT_EXTRA_ARGS = os.environ.get("NODEAGENT_LAB_AGENT_ARGS", "").split()
 
 
 class LabError(RuntimeError):
@@ -133,10 +136,17 @@ def _build(lab: Lab) -> None:
     manifests.write_cluster(lab.cluster_dir, lab.plan)
     _wait_ready(lab)
     if lab.mesh == "node":
+        anchor = ca.Authority.new_anchor(naming.DEFAULT_TRUST_DOMAIN)
+        ca.write_identity_files(identity_dir(), anchor, anchor.new_issuer(naming.DEFAULT_TRUST_DOMAIN))
         for node in lab.plan.nodes:
             start_agent(lab, node)
         for node in lab.plan.nodes:
             wait_agent_ready(node)
+
+
+def identity_dir() -> Path:
+    """The lab's trust anchor and issuer, as `identity init` makes them (agents read them as a mounted Secret)."""
+    return STATE_DIR / "identity"
 
 
 def agent_cgroup(lab: Lab, node: NodePlan) -> Path:
@@ -149,7 +159,7 @@ def start_agent(lab: Lab, node: NodePlan) -> subprocess.Popen:
     cgroup.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "nodeagent", "run", "--node-name", node.name, "--cluster-dir", str(lab.cluster_dir),
             "--cgroup", str(lab.cgroup_root / node.name), "--pin-root", str(BPF_PIN_ROOT),
-            "--admin", f"127.0.0.1:{node.admin_port}"]
+            "--identity-dir", str(identity_dir()), "--admin", f"127.0.0.1:{node.admin_port}", *AGENT_EXTRA_ARGS]
     with open(STATE_DIR / "logs" / f"agent-{node.name}.log", "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=lambda: cgroups.join(cgroup))

@@ -1,60 +1,155 @@
-"""Inbound: a connection to an enrolled pod, steered by sk_lookup onto the
-proxy's listener in that pod. getsockname() is the original destination; the
-app is reached on the pod's loopback at the same port (apps listen on
-0.0.0.0 or 127.0.0.1; an app bound only to the pod IP is not reachable
-through the proxy, as with other meshes that forward over loopback).
+"""Inbound: connections to an enrolled pod, in two ways.
 
-The upstream connection opens at accept time, so a server that speaks first
-is heard at once. Bytes are spliced as they are (HTTP-aware inbound handling
-arrives with mTLS and policy, issue #5).
+- Plaintext, steered by sk_lookup onto the proxy's inbound listener in the
+  pod (clients outside the mesh): getsockname() is the original destination.
+- Mutual TLS on the pod's mesh port (other proxies): the client's identity is
+  proven, and the tunnel header names the destination port.
+
+Either way the pod's policy decides (policy/authz.py); a refused HTTP client
+gets a 403, anything else is closed. An allowed connection reaches the app on
+the pod's loopback at that port (apps listen on 0.0.0.0 or 127.0.0.1; one
+bound only to the pod IP is not reachable through the proxy, as with other
+meshes that forward over loopback). The app connection opens as soon as the
+connection is allowed, so a server that speaks first is heard at once.
 """
 
 import asyncio
+import ssl
 
+from nodeagent.policy.authz import Client
+from nodeagent.proxy import mesh
+from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
 from nodeagent.proxy.relay import Holding, splice_held
+from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
 
 APP_CONNECT_TIMEOUT_S = 1.0
+HANDSHAKE_TIMEOUT_S = 10.0
+DENY_DETECT_S = 1.0  # how long a refused client may take to show it speaks HTTP (for a 403)
+
+FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
+             b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
 
 
-class InboundAccept(asyncio.Protocol):
+class _Inbound(asyncio.Protocol):
+    """What both ways share: buffering until the splice, the policy, the app connection."""
+
+    direction = "inbound"
+
     def __init__(self, proxy, pod):
         self.proxy, self.pod = proxy, pod
         self.buffer = bytearray()
         self.eof = False
         self.transport = None
         self.task = None
+        self._more = asyncio.Event()
+        self._open = False
 
-    def connection_made(self, transport):
-        self.transport = transport
+    def data_received(self, data):
+        self.buffer += data  # only until the splice replaces this protocol
+        self._more.set()
+
+    def eof_received(self):
+        self.eof = True
+        self._more.set()
+        return True
+
+    def connection_lost(self, exc):
+        self._more.set()
+        if self.task and not self.task.done():
+            self.task.cancel()
+            self._closed()
+
+    def _opened(self):
+        self._open = True
         self.proxy.stats.open_connections += 1
-        port = transport.get_extra_info("sockname")[1]
         self.proxy.stats.inc("tcp_open", direction="inbound", pod=self.pod.key)
-        self.task = asyncio.get_running_loop().create_task(self._forward(port))
 
-    async def _forward(self, port: int):
+    def _closed(self):
+        if self._open:
+            self._open = False
+            self.proxy.stats.open_connections -= 1
+            self.proxy.stats.inc("tcp_close", direction="inbound", pod=self.pod.key)
+
+    async def _admit(self, transport, port: int, identity: str | None) -> None:
+        peer_ip = transport.get_extra_info("peername")[0]
+        decision = self.proxy.authorize(self.pod, port, Client(peer_ip, identity))
+        if not decision.allowed:
+            await self._refuse(transport)
+            return
         try:
             sock = await open_socket(self.pod.netns_path, ("127.0.0.1", port), APP_CONNECT_TIMEOUT_S)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
         except (OSError, asyncio.TimeoutError):
             self.proxy.stats.inc("tcp_errors", direction="inbound", reason="app connect failed")
             self._closed()
-            self.transport.abort()
+            transport.abort()
             return
-        splice_held(self.transport, bytes(self.buffer), self.eof, app, on_close=lambda _: self._closed())
+        splice_held(transport, bytes(self.buffer), self.eof, app, on_close=lambda _: self._closed())
 
-    def _closed(self):
-        self.proxy.stats.open_connections -= 1
-        self.proxy.stats.inc("tcp_close", direction="inbound", pod=self.pod.key)
+    async def _refuse(self, transport) -> None:
+        """403 for a client that speaks HTTP/1, a close for anything else."""
+        try:
+            while detect(bytes(self.buffer)) is NEED_MORE and not self.eof:
+                self._more.clear()
+                await asyncio.wait_for(self._more.wait(), DENY_DETECT_S)
+        except asyncio.TimeoutError:
+            pass
+        found = detect(bytes(self.buffer))
+        if found is not NEED_MORE and found.protocol is Protocol.HTTP1:
+            transport.write(FORBIDDEN)
+        self._closed()
+        transport.close()
+
+
+class InboundAccept(_Inbound):
+    """Plaintext, steered here by sk_lookup."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._opened()
+        port = transport.get_extra_info("sockname")[1]
+        self.task = asyncio.get_running_loop().create_task(self._admit(transport, port, None))
+
+
+class MeshAccept(_Inbound):
+    """Mutual TLS from another proxy, on the pod's mesh port."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.raw_bytes = bytearray()  # what arrives before the handshake starts: the ClientHello
+        self.in_tls = False
+        self._opened()
+        self.task = asyncio.get_running_loop().create_task(self._serve(transport))
 
     def data_received(self, data):
-        self.buffer += data  # only until the splice replaces this protocol
+        if self.in_tls:
+            super().data_received(data)
+        else:
+            self.raw_bytes += data
 
-    def eof_received(self):
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc):
-        if self.task and not self.task.done():
-            self.task.cancel()
+    async def _serve(self, raw):
+        self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
+        try:
+            context = self.proxy.server_context(self.pod)
+            tls = await handshake(raw, self, context, True, HANDSHAKE_TIMEOUT_S, initial=bytes(self.raw_bytes))
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
+            self.proxy.handshake_failed("inbound", mesh.handshake_failure_reason(e), raw)
             self._closed()
+            raw.abort()
+            return
+        self.transport = tls
+        try:
+            while len(self.buffer) < mesh.HEADER.size:
+                if self.eof:
+                    raise mesh.TunnelError("closed before the tunnel header")
+                self._more.clear()
+                await asyncio.wait_for(self._more.wait(), HANDSHAKE_TIMEOUT_S)
+            port, _hint = mesh.decode_header(bytes(self.buffer))
+        except (mesh.TunnelError, asyncio.TimeoutError) as e:
+            self.proxy.stats.inc("tcp_errors", direction="inbound", reason=f"tunnel: {type(e).__name__}")
+            self._closed()
+            tls.abort()
+            return
+        del self.buffer[:mesh.HEADER.size]
+        await self._admit(tls, port, mesh.peer_identity(tls))

@@ -21,7 +21,8 @@ from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.relay import Holding, splice_held
 from nodeagent.proxy.routing import Passthrough, ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
-from nodeagent.proxy.upstream import open_socket
+from nodeagent.proxy import mesh
+from nodeagent.proxy.upstream import connect
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
 
@@ -74,35 +75,47 @@ class OutboundAccept(asyncio.Protocol):
             target = self._pick(tried)
             if target is None:
                 return None
-            state, address = target
+            state, address, destination = target
             tried.add(address)
+            # The protocol is not known yet: the hint says opaque, the destination detects for itself.
+            tunnel = self.proxy.tunnel_to(self.pod, destination, address[1], mesh.HINT_OPAQUE)
+            holding = Holding()
             try:
-                sock = await open_socket(self.pod.netns_path, address, self.config.connect_timeout_s)
-            except (OSError, asyncio.TimeoutError):
+                transport, _ = await connect(self.pod.netns_path, address, self.config.connect_timeout_s,
+                                             lambda: holding, tunnel)
+            except (OSError, asyncio.TimeoutError) as e:
                 if state is not None:
                     state.accrual.on_failure()
-                self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connect failed")
+                self._count_connect_failure(e)
                 if state is None:
                     return None
                 continue
-            self.early = Holding(self._upstream_event)
-            transport, _ = await asyncio.get_running_loop().create_connection(lambda: self.early, sock=sock)
             if state is not None:
                 state.connections += 1
             self.endpoint = (state, address)
+            self.early = holding
+            holding.on_event = self._upstream_event
+            if holding.buffer or holding.eof or holding.lost:
+                self._upstream_event()  # it spoke while the connection was being set up
             return transport
         return None
 
     def _pick(self, tried):
+        """(endpoint state or None, address, destination pod or None), or None."""
         d = self.decision
         if isinstance(d, ToService):
             state = self.proxy.endpoints_for(d).choose_for_connection(tried)
-            return (state, state.address) if state else None
+            return (state, state.address, state.endpoint.pod) if state else None
         if len(tried):
             return None
         if isinstance(d, ToPod):
-            return None, (d.pod.ip, d.port)
-        return None, (d.ip, d.port)
+            return None, (d.pod.ip, d.port), d.pod
+        return None, (d.ip, d.port), None
+
+    def _count_connect_failure(self, error):
+        if isinstance(error, mesh.TunnelError):
+            self.proxy.handshake_failed("outbound", str(error), None)
+        self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connect failed")
 
     # --- detection ---
 
@@ -208,8 +221,15 @@ class HttpTarget:
         return state, state.address
 
     async def acquire(self, address):
+        tunnel = self.proxy.tunnel_to(self.pod, self._pod_at(address), address[1], mesh.HINT_HTTP1)
         return await self.proxy.pool.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                             self.config.connect_timeout_s)
+                                             self.config.connect_timeout_s, tunnel)
+
+    def _pod_at(self, address):
+        if isinstance(self.decision, ToService):
+            state = self.endpoints.states.get(address)
+            return state.endpoint.pod if state else None
+        return self.decision.pod if isinstance(self.decision, ToPod) else None
 
     def release(self, address, conn):
         self.proxy.pool.release(self.pod.cookie, address, conn)
@@ -223,6 +243,8 @@ class HttpTarget:
     def connect_failed(self, state, exc):
         if state is not None:
             self._failed(state)
+        if isinstance(exc, mesh.TunnelError):
+            self.proxy.handshake_failed("outbound", str(exc), None)
         self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connect failed")
 
     def may_retry(self) -> bool:

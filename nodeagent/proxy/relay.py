@@ -63,26 +63,26 @@ class Holding(asyncio.Protocol):
         self.buffer = bytearray()
         self.eof = False
         self.lost = False
-        self._on_event = on_event
+        self.on_event = on_event
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
         self.buffer += data
-        if self._on_event:
-            self._on_event()
+        if self.on_event:
+            self.on_event()
 
     def eof_received(self):
         self.eof = True
-        if self._on_event:
-            self._on_event()
+        if self.on_event:
+            self.on_event()
         return True
 
     def connection_lost(self, exc):
         self.lost = True
-        if self._on_event:
-            self._on_event()
+        if self.on_event:
+            self.on_event()
 
 
 def splice_held(a: asyncio.Transport, a_held: bytes, a_eof: bool, b: Holding,

@@ -9,13 +9,18 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import ipaddress
+
 from nodeagent import netns
 from nodeagent.cluster.model import ClusterView, PodInfo
 from nodeagent.datapath.control import Datapath, PodEntry
-from nodeagent.proxy import service_config
+from nodeagent.identity import naming
+from nodeagent.identity.workload import WorkloadIdentities
+from nodeagent.policy import authz
+from nodeagent.proxy import mesh, service_config
 from nodeagent.proxy.budget import RetryBudget
 from nodeagent.proxy.endpoints import EndpointSet
-from nodeagent.proxy.inbound import InboundAccept
+from nodeagent.proxy.inbound import InboundAccept, MeshAccept
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
 from nodeagent.proxy.stats import Stats
@@ -26,7 +31,21 @@ log = logging.getLogger("nodeagent.proxy")
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 MAX_CONNECTIONS = 20000
+# Linkerd's default clusterNetworks.
+DEFAULT_CLUSTER_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"))
+LOGGED_REJECTIONS_MAX = 1024
 
+
+@dataclass(frozen=True)
+class Tunnel:
+    """How to reach a meshed destination pod: its mesh port, with mutual TLS."""
+
+    pod_ip: str
+    port: int
+    hint: int
+    context: object  # the source workload's client ssl.SSLContext
+    expected: naming.Identity
 
 @dataclass
 class PodContext:
@@ -35,6 +54,7 @@ class PodContext:
     cookie: int
     slot: int
     servers: list = field(default_factory=list)
+    identity: naming.Identity | None = None
 
     @property
     def netns_path(self) -> str:
@@ -46,19 +66,28 @@ class PodContext:
         return self.info.key
 
 
-def _listener(netns_path: str, port: int) -> socket.socket:
+def _listener(netns_path: str, port: int, host: str = "127.0.0.1") -> socket.socket:
     with netns.entered(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(4096)
     sock.setblocking(False)
     return sock
 
 
 class Proxy:
-    def __init__(self, datapath: Datapath, stats: Stats | None = None, max_connections: int = MAX_CONNECTIONS):
+    def __init__(self, datapath: Datapath, identities: WorkloadIdentities, trust_domain: str = naming.DEFAULT_TRUST_DOMAIN,
+                 default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED,
+                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, stats: Stats | None = None,
+                 max_connections: int = MAX_CONNECTIONS):
         self.datapath = datapath
+        self.identities = identities
+        self.trust_domain = trust_domain
+        self.default_policy = default_policy
+        self.cluster_networks = cluster_networks
+        self._policies: dict[str, tuple[dict, authz.PodPolicy]] = {}
+        self._logged_rejections: set = set()
         self.stats = stats or Stats()
         self.max_connections = max_connections
         self.view = ClusterView()
@@ -105,17 +134,63 @@ class Proxy:
             self._budgets[key] = RetryBudget(time.monotonic)
         return self._budgets[key]
 
+    # --- identity and policy ---
+
+    def identity_of(self, pod: PodInfo) -> naming.Identity:
+        return naming.of_pod(pod.namespace, pod.service_account, self.trust_domain)
+
+    def server_context(self, pod: PodContext):
+        return self.identities.material(pod.identity).server
+
+    def tunnel_to(self, source: PodContext, destination: PodInfo | None, port: int, hint: int) -> Tunnel | None:
+        """Mutual TLS to a meshed destination pod; None (plaintext) for anything outside the mesh."""
+        if destination is None or not self.view.meshed(destination):
+            return None
+        return Tunnel(destination.ip, port, hint, self.identities.material(source.identity).client,
+                      self.identity_of(destination))
+
+    def authorize(self, pod: PodContext, port: int, client: authz.Client) -> authz.Decision:
+        annotations = pod.info.annotations
+        cached = self._policies.get(pod.key)
+        if cached is None or cached[0] != annotations:
+            policy, errors = authz.pod_policy(annotations, self.default_policy)
+            for error in errors:
+                log.warning("pod %s: %s", pod.key, error)
+            cached = (annotations, policy)
+            self._policies[pod.key] = cached
+        decision = authz.authorize(cached[1], port, client, self.cluster_networks)
+        self.stats.inc("inbound_authorization", pod=pod.key, decision="allow" if decision.allowed else "deny",
+                       tls="true" if client.identity else "false")
+        if not decision.allowed:
+            self._log_once("deny", client.identity or client.ip, f"pod {pod.key} port {port}: {decision.reason}")
+        return decision
+
+    def handshake_failed(self, direction: str, reason: str, transport) -> None:
+        self.stats.inc("tls_handshake_failures", direction=direction, reason=reason)
+        peer = transport.get_extra_info("peername") if transport else None
+        self._log_once("tls", (peer or ("?",))[0], f"{direction} TLS handshake with {peer} refused: {reason}")
+
+    def _log_once(self, kind: str, who, message: str) -> None:
+        key = (kind, who, message)
+        if key not in self._logged_rejections and len(self._logged_rejections) < LOGGED_REJECTIONS_MAX:
+            self._logged_rejections.add(key)
+            log.warning("%s", message)
+
     # --- pods ---
 
     async def add_pod(self, info: PodInfo, netns_fd: int, slot: int) -> PodContext:
         """Listeners in the pod first, then the data path steers to them."""
         path = f"/proc/self/fd/{netns_fd}"
         outbound_sock, inbound_sock = _listener(path, OUTBOUND_PORT), _listener(path, INBOUND_PORT)
+        mesh_sock = _listener(path, mesh.MESH_PORT, host=info.ip)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot)
+        pod.identity = self.identity_of(info)
+        self.identities.material(pod.identity)  # issued now: a refusal surfaces before any traffic
         loop = asyncio.get_running_loop()
         pod.servers.append(await loop.create_server(lambda: OutboundAccept(self, pod), sock=outbound_sock))
         pod.servers.append(await loop.create_server(lambda: InboundAccept(self, pod), sock=inbound_sock))
+        pod.servers.append(await loop.create_server(lambda: MeshAccept(self, pod), sock=mesh_sock))
         self.datapath.reset_counters(slot)
         self.datapath.attach_inbound(path, cookie)
         self.datapath.register_inbound_listener(slot, inbound_sock)

@@ -36,6 +36,24 @@ async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_
     return sock
 
 
+async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: float, factory,
+                  tunnel=None) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    """A connection from the pod to `address`: plain, or through a mutual-TLS
+    tunnel to the destination pod's mesh port when `tunnel` says so."""
+    from nodeagent.proxy import mesh
+
+    loop = asyncio.get_running_loop()
+    if tunnel is None:
+        sock = await open_socket(netns_path, address, timeout_s)
+        return await loop.create_connection(factory, sock=sock)
+    sock = await open_socket(netns_path, (tunnel.pod_ip, mesh.MESH_PORT), timeout_s)
+    transport, protocol = await loop.create_connection(factory, sock=sock)
+    tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port, tunnel.hint,
+                                      timeout_s)
+    protocol.transport = tls  # start_tls hands the protocol a new transport without calling connection_made
+    return tls, protocol
+
+
 class ResponseReader(asyncio.Protocol):
     """One upstream HTTP/1 connection: parses responses (framing only) and
     passes their raw bytes to a sink once the head has been seen."""
@@ -135,7 +153,7 @@ class Pool:
         self._idle: dict[tuple, list[ResponseReader]] = defaultdict(list)
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int],
-                      timeout_s: float) -> tuple[ResponseReader, bool]:
+                      timeout_s: float, tunnel=None) -> tuple[ResponseReader, bool]:
         """(a connection, whether it was reused)."""
         idle = self._idle.get((cookie, address))
         now = time.monotonic()
@@ -144,8 +162,7 @@ class Pool:
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
                 return conn, True
             conn.transport.close()
-        sock = await open_socket(netns_path, address, timeout_s)
-        _, conn = await asyncio.get_running_loop().create_connection(ResponseReader, sock=sock)
+        _, conn = await connect(netns_path, address, timeout_s, ResponseReader, tunnel)
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:

@@ -1,0 +1,1 @@
+"""Workload identity: trust roots, per-ServiceAccount certificates, TLS contexts."""

@@ -1,0 +1,113 @@
+"""The certificates of the ServiceAccounts with pods on this node, and the TLS
+contexts built from them. Renewed at RENEW_AT of their lifetime; contexts are
+replaced, never changed, so established connections keep theirs.
+
+The agent asks `allow()` for exactly the identities of its node's pods and
+can obtain nothing else: `material()` refuses any other identity.
+"""
+
+import datetime
+import os
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent.identity import naming
+from nodeagent.identity.ca import DAY, Authority, certificate_pem, key_pem, new_key
+
+RENEW_AT = 0.7
+
+
+class NotOnThisNode(naming.IdentityError):
+    pass
+
+
+@dataclass
+class Material:
+    identity: naming.Identity
+    not_before: float
+    not_after: float
+    serial: int
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    def renew_due(self, now: float) -> bool:
+        return now >= self.not_before + RENEW_AT * (self.not_after - self.not_before)
+
+
+def _contexts(cert_file: str, key_file: str, anchors_pem: bytes) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for context in (server, client):
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.verify_mode = ssl.CERT_REQUIRED  # both ways: mutual TLS
+        context.load_verify_locations(cadata=anchors_pem.decode())
+        context.load_cert_chain(cert_file, key_file)
+    client.check_hostname = False  # identities are URIs: checked after the handshake (mesh.peer_identity)
+    return server, client
+
+
+class WorkloadIdentities:
+    def __init__(self, issuer: Authority, anchors_pem: bytes, lifetime: datetime.timedelta = DAY,
+                 clock: Callable[[], float] = time.time):
+        self.issuer = issuer
+        self.anchors_pem = anchors_pem
+        self.lifetime = lifetime
+        self.clock = clock
+        self._allowed: set[naming.Identity] = set()
+        self._material: dict[naming.Identity, Material] = {}
+        # Keys touch the disk only because ssl can load them from nowhere else: a private tmpfs-backed dir.
+        self._dir = Path(tempfile.mkdtemp(prefix="nodeagent-identity-", dir="/run" if os.access("/run", os.W_OK)
+                                          else None))
+        self._dir.chmod(0o700)
+        self.issued = 0
+
+    def allow(self, identities: set[naming.Identity]) -> None:
+        """The identities of the pods now on this node; material for others is dropped."""
+        self._allowed = set(identities)
+        for identity in [i for i in self._material if i not in self._allowed]:
+            del self._material[identity]
+
+    def material(self, identity: naming.Identity) -> Material:
+        if identity not in self._allowed:
+            raise NotOnThisNode(f"refusing an identity for {identity}: no pod of that ServiceAccount on this node")
+        current = self._material.get(identity)
+        if current is None or current.renew_due(self.clock()):
+            current = self._issue(identity)
+            self._material[identity] = current
+        return current
+
+    def renew_due(self) -> list[naming.Identity]:
+        """Re-issue what reached RENEW_AT of its lifetime; the identities renewed."""
+        now = self.clock()
+        due = [i for i, m in self._material.items() if m.renew_due(now)]
+        for identity in due:
+            self._material[identity] = self._issue(identity)
+        return due
+
+    def _issue(self, identity: naming.Identity) -> Material:
+        key = new_key()
+        certificate = self.issuer.issue(identity.uri, key.public_key(), self.lifetime)
+        stem = self._dir / f"{identity.namespace}.{identity.service_account}.{certificate.serial_number:x}"
+        cert_file, key_file = stem.with_suffix(".crt"), stem.with_suffix(".key")
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem(key))
+        cert_file.write_bytes(certificate_pem(certificate) + self.issuer.chain_pem())
+        try:
+            server, client = _contexts(str(cert_file), str(key_file), self.anchors_pem)
+        finally:
+            cert_file.unlink()
+            key_file.unlink()
+        self.issued += 1
+        return Material(identity, certificate.not_valid_before_utc.timestamp(),
+                        certificate.not_valid_after_utc.timestamp(), certificate.serial_number, server, client)
+
+    def expirations(self) -> dict[str, float]:
+        return {str(i): m.not_after for i, m in self._material.items()}
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""The proxy-to-proxy hop: mutual TLS 1.3 to the destination pod's mesh port,
+then an 8-byte header naming the original destination port.
+
+    magic "NAGT" | version (1) | protocol hint (1) | port (2, big-endian)
+
+The hint is what the source detected (0 opaque, 1 HTTP/1): the destination
+uses it to answer a refusal in the client's language (403 for HTTP). The
+source checks that the server proved the identity it expected for the
+destination pod; the destination checks the client's chain (ssl does) and
+authorizes its identity.
+"""
+
+import asyncio
+import ssl
+import struct
+
+from nodeagent.identity import naming
+from nodeagent.proxy.tls import handshake
+
+MAGIC = b"NAGT"
+VERSION = 1
+HEADER = struct.Struct("!4sBBH")
+HINT_OPAQUE, HINT_HTTP1 = 0, 1
+MESH_PORT = 4143
+
+
+class TunnelError(ConnectionError):
+    """A hop that must not carry traffic: the reason is in the message."""
+
+
+def encode_header(port: int, hint: int) -> bytes:
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return HEADER.pack(MAGIC, VERSION, hint, port)
+
+
+def decode_header(data: bytes) -> tuple[int, int]:
+    """(port, hint) from the first HEADER.size bytes."""
+    magic, version, hint, port = HEADER.unpack(data[:HEADER.size])
+    if magic != MAGIC or version != VERSION or port == 0:
+        raise TunnelError(f"not a nodeagent tunnel header: {data[:HEADER.size]!r}")
+    return port, hint
+
+
+def peer_identity(transport: asyncio.Transport) -> str | None:
+    """The SPIFFE URI in the peer's verified certificate, if exactly one."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    certificate = ssl_object.getpeercert() if ssl_object else None
+    if not certificate:
+        return None
+    uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
+    return uris[0] if len(uris) == 1 else None
+
+
+def handshake_failure_reason(error: BaseException) -> str:
+    """A short, stable reason for metrics and logs."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return error.verify_message or "certificate verification failed"
+    text = str(error).lower()
+    if "peer did not return a certificate" in text or "certificate required" in text:
+        return "no client certificate"
+    if "unknown ca" in text or "unknown_ca" in text:
+        return "certificate from another trust anchor"
+    if "certificate expired" in text:
+        return "certificate has expired"
+    if isinstance(error, ssl.SSLError):
+        return error.reason or "tls error"
+    return type(error).__name__
+
+
+async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext,
+                           expected: naming.Identity, port: int, hint: int, timeout_s: float) -> asyncio.Transport:
+    """TLS over a connected transport, identity checked, header sent: the tunnel's transport."""
+    try:
+        tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name)
+    except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
+        transport.abort()
+        raise TunnelError(f"handshake with {expected} failed: {handshake_failure_reason(e)}") from e
+    proven = peer_identity(tls)
+    if proven != expected.uri:
+        tls.abort()
+        raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}")
+    tls.write(encode_header(port, hint))
+    return tls

@@ -1,0 +1,219 @@
+"""TLS over an asyncio transport, with half-close.
+
+asyncio's and uvloop's TLS transports cannot write an EOF, so a client that
+half-closes (sends everything, shuts down its sending side, then reads the
+answer) would hang on a mesh hop. Here TLS 1.3 runs on ssl.SSLObject over
+memory BIOs: `write_eof()` sends close_notify and keeps reading, as TLS 1.3
+allows; a close_notify from the peer is an EOF to the protocol. OpenSSL does
+every byte's work; Python handles each TLS record, not each byte.
+"""
+
+import asyncio
+import ssl
+
+READ_CHUNK = 256 * 1024
+
+
+class TlsTransport(asyncio.Transport):
+    def __init__(self, raw: asyncio.Transport, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO):
+        super().__init__()
+        self._raw, self._ssl, self._in, self._out = raw, sslobj, incoming, outgoing
+        self._protocol: asyncio.Protocol | None = None
+        self._eof_sent = False
+        self._eof_received = False
+        self._closed = False
+
+    # -- sending --
+
+    def _flush(self) -> None:
+        pending = self._out.read()
+        if pending and not self._raw.is_closing():
+            self._raw.write(pending)
+
+    def write(self, data) -> None:
+        if self._eof_sent or self._closed or not data:
+            return
+        self._ssl.write(data)
+        self._flush()
+
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self._ssl.unwrap()  # sends close_notify; the peer's arrives (or not) later
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self._flush()
+        if self._eof_received:
+            self._raw.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._eof_sent:
+            self.write_eof()
+        self._raw.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closed or self._raw.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+    # -- receiving --
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def set_protocol(self, protocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self):
+        return self._protocol
+
+    def get_extra_info(self, name, default=None):
+        if name == "ssl_object":
+            return self._ssl
+        if name == "peercert":
+            return self._ssl.getpeercert()
+        return self._raw.get_extra_info(name, default)
+
+    def _decrypt(self) -> None:
+        """Hand every complete record to the protocol; a close_notify is an EOF."""
+        while not self._eof_received:
+            try:
+                data = self._ssl.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._peer_eof()
+                break
+            except ssl.SSLError:
+                self.abort()  # a corrupt or forged record: nothing after it can be trusted
+                return
+            if not data:
+                self._peer_eof()
+                break
+            self._protocol.data_received(data)
+        self._flush()  # post-handshake messages (session tickets, key updates)
+
+    def _peer_eof(self) -> None:
+        self._eof_received = True
+        keep_open = self._protocol.eof_received()
+        if self._eof_sent or not keep_open:
+            self.close()
+
+
+class _RawSide(asyncio.Protocol):
+    """The protocol of the TCP transport under an established TLS transport."""
+
+    def __init__(self, tls: TlsTransport):
+        self.tls = tls
+
+    def data_received(self, data):
+        self.tls._in.write(data)
+        self.tls._decrypt()
+
+    def eof_received(self):
+        # TCP ended without close_notify: the peer went away; say so as an EOF.
+        if not self.tls._eof_received:
+            self.tls._eof_received = True
+            self.tls._protocol.eof_received()
+        return False
+
+    def connection_lost(self, exc):
+        self.tls._closed = True
+        self.tls._protocol.connection_lost(exc)
+
+    def pause_writing(self):
+        self.tls._protocol.pause_writing()
+
+    def resume_writing(self):
+        self.tls._protocol.resume_writing()
+
+
+class _Handshake(asyncio.Protocol):
+    def __init__(self, sslobj, incoming, outgoing, raw):
+        self.sslobj, self.incoming, self.outgoing, self.raw = sslobj, incoming, outgoing, raw
+        self.done = asyncio.get_running_loop().create_future()
+
+    def step(self):
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as e:
+            self._flush()  # the alert, so the peer learns why
+            if not self.done.done():
+                self.done.set_exception(e)
+            return
+        self._flush()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _flush(self):
+        pending = self.outgoing.read()
+        if pending and not self.raw.is_closing():
+            self.raw.write(pending)
+
+    def data_received(self, data):
+        self.incoming.write(data)
+        if not self.done.done():
+            self.step()
+
+    def eof_received(self):
+        if not self.done.done():
+            self.done.set_exception(ConnectionResetError("the peer closed during the TLS handshake"))
+        return False
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
+
+
+async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, server_side: bool,
+                    timeout_s: float, server_hostname: str | None = None, initial: bytes = b"") -> TlsTransport:
+    """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
+    `initial`: bytes already read from `raw` (a ClientHello that arrived early)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+    shaking = _Handshake(sslobj, incoming, outgoing, raw)
+    raw.set_protocol(shaking)
+    if initial:
+        incoming.write(initial)
+    if initial or not server_side:
+        shaking.step()  # the ClientHello, or the answer to one that already came
+    raw.resume_reading()
+    try:
+        await asyncio.wait_for(shaking.done, timeout_s)
+    except BaseException:
+        raw.abort()
+        raise
+    tls = TlsTransport(raw, sslobj, incoming, outgoing)
+    tls.set_protocol(protocol)
+    raw.set_protocol(_RawSide(tls))
+    tls._decrypt()  # application data that came with the handshake's last flight
+    return tls
