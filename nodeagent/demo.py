@@ -114,17 +114,27 @@ def run_demo(console: Console) -> None:
         kernel = Table(title="Kernel counters per meshed pod (read from BPF maps)", title_justify="left")
         for column in ("NODE", "POD", "REDIRECTED", "OPENED", "FAILED", "DENIED", "INBOUND STEERED"):
             kernel.add_column(column)
-        for node, status in zip(lab.plan.nodes, agents):
+        for node in lab.plan.nodes:
             for pod in _agent_status(node.admin_port)["pods"]:
                 k = pod["kernel"]
                 kernel.add_row(node.name, pod["pod"], str(k["redirected"]), str(k["opened"]), str(k["failed"]),
                                str(k["denied"]), str(k["inbound_steered"]))
         console.print(kernel)
+        final = [_agent_status(n.admin_port) for n in lab.plan.nodes]
+        identities = Table(title="Workload identities (mTLS between proxies)", title_justify="left")
+        for column in ("NODE", "IDENTITIES HELD (24 h certificates)", "INBOUND mTLS ALLOWED", "HANDSHAKE FAILURES"):
+            identities.add_column(column)
+        for node, status in zip(lab.plan.nodes, final):
+            counters = status["counters"]
+            mtls = sum(c["value"] for c in counters if c["name"] == "inbound_authorization"
+                       and c["labels"].get("tls") == "true" and c["labels"].get("decision") == "allow")
+            failures = sum(c["value"] for c in counters if c["name"] == "tls_handshake_failures")
+            identities.add_row(node.name, "\n".join(sorted(status["identities"])), str(mtls), str(failures))
+        console.print(identities)
         outside = _outside_blocked(lab, "client-n0-0")
         console.print(f"GET http://{OUTSIDE}/ (outside the lab) from client-n0-0: {outside} "
                       "(the lab has no way out).")
-        console.print("[yellow]Not yet:[/yellow] traffic between the agents is plaintext until mutual TLS lands "
-                      "(issue #5); metrics, tap and stat arrive with issue #7.")
+        console.print("[yellow]Not yet:[/yellow] Prometheus metrics, tap and stat arrive with issue #7.")
         if failures or result["ok"] != BALANCED_REQUESTS or "connect failed" not in outside:
             raise lab_ops.LabError(f"{failures} probes failed, or a pod reached outside the lab: {outside}")
     finally:

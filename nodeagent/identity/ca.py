@@ -30,6 +30,8 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 def _ca_certificate(subject: str, key, issuer_name: x509.Name, signing_key, lifetime: datetime.timedelta,
                     path_length: int, not_before: datetime.datetime | None = None) -> x509.Certificate:
+    """A CA certificate. It names its signer's key (AKID): during a trust-anchor rollover two
+    anchors share a name, and the key identifier is how a verifier tells them apart."""
     start = not_before or _now() - datetime.timedelta(minutes=1)
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -43,6 +45,8 @@ def _ca_certificate(subject: str, key, issuer_name: x509.Name, signing_key, life
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
+                           critical=False)
             .sign(signing_key, hashes.SHA256()))
 
 
@@ -67,7 +71,8 @@ class Authority:
 
     def issue(self, spiffe_id: str, public_key, lifetime: datetime.timedelta = DAY,
               not_before: datetime.datetime | None = None) -> x509.Certificate:
-        start = not_before or _now() - datetime.timedelta(minutes=1)
+        # Valid slightly before now, for peers whose clocks lag, but never for a big part of a short lifetime.
+        start = not_before or _now() - min(datetime.timedelta(minutes=1), lifetime / 10)
         return (x509.CertificateBuilder()
                 .subject_name(x509.Name([]))
                 .issuer_name(self.certificate.subject)

@@ -150,7 +150,8 @@ class Proxy:
                       self.identity_of(destination))
 
     def authorize(self, pod: PodContext, port: int, client: authz.Client) -> authz.Decision:
-        annotations = pod.info.annotations
+        # Annotations change while the pod runs: read them from the current view.
+        annotations = self.view.pods.get(pod.key, pod.info).annotations
         cached = self._policies.get(pod.key)
         if cached is None or cached[0] != annotations:
             policy, errors = authz.pod_policy(annotations, self.default_policy)
