@@ -126,10 +126,10 @@ def run_demo(console: Console) -> None:
             identities.add_column(column)
         for node, status in zip(lab.plan.nodes, final):
             counters = status["counters"]
-            mtls = sum(c["value"] for c in counters if c["name"] == "inbound_authorization"
+            mtls = sum(c["value"] for c in counters if c["name"] == "inbound_authorization_total"
                        and c["labels"].get("tls") == "true" and c["labels"].get("decision") == "allow")
-            failures = sum(c["value"] for c in counters if c["name"] == "tls_handshake_failures")
-            identities.add_row(node.name, "\n".join(sorted(status["identities"])), str(mtls), str(failures))
+            failures = sum(c["value"] for c in counters if c["name"] == "tls_handshake_failures_total")
+            identities.add_row(node.name, "\n".join(sorted(status["identities"])), f"{mtls:.0f}", f"{failures:.0f}")
         console.print(identities)
         outside = _outside_blocked(lab, "client-n0-0")
         console.print(f"GET http://{OUTSIDE}/ (outside the lab) from client-n0-0: {outside} "

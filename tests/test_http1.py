@@ -47,14 +47,14 @@ class FixedTarget:
     def retries_status(self, status):
         return status in self.retry_statuses
 
-    def request_started(self, state):
+    def request_started(self, state, address):
         self.attempts += 1
         return 0
 
     def request_finished(self, state, token, status):
         pass
 
-    def response_started(self, request, status):
+    def response_started(self, request, status, address=None):
         self.statuses.append(status)
 
     def count_error(self, status, reason):

@@ -135,8 +135,8 @@ def test_inbound_policy_modes_and_port_allow_lists(mesh):
         annotate(mesh, "echo-n1-0", {})
         lab_ops.label("client-n1-0", "nodeagent.io/mesh=enabled")
     stats = agent_stats(1)
-    assert counter(stats, "inbound_authorization", pod="default/http-n1-0", decision="deny") >= 3
-    assert counter(stats, "inbound_authorization", pod="default/http-n1-0", decision="allow", tls="true") >= 2
+    assert counter(stats, "inbound_authorization_total", pod="http-n1-0", decision="deny") >= 3
+    assert counter(stats, "inbound_authorization_total", pod="http-n1-0", decision="allow", tls="true") >= 2
 
 
 def test_the_agent_holds_identities_only_for_its_nodes_service_accounts(mesh):

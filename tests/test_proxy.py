@@ -112,8 +112,8 @@ def test_curl_http1_through_a_service_and_to_a_pod_ip(mesh):
     before = agent_stats(0)
     curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/status/201")
     after = agent_stats(0)
-    assert counter(after, "response_total", dst="default/http", status_code="201") == counter(
-        before, "response_total", dst="default/http", status_code="201") + 1
+    assert counter(after, "response_total", peer="svc/default/http", status_code="201") == counter(
+        before, "response_total", peer="svc/default/http", status_code="201") + 1
     # The client pod's kernel counters saw the redirects.
     client = next(p for p in after["pods"] if p["pod"] == "default/client-n0-0")
     assert client["kernel"]["redirected"] >= 2
@@ -172,8 +172,8 @@ def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
         behave(mesh, "http-n0-0", "set-delay/0")
     assert seen == {"http-n0-0 200": 40}, seen
     stats = agent_stats(0)
-    assert counter(stats, "endpoint_ejections", dst="default/http-retry") >= 1
-    assert counter(stats, "retries", dst="default/http-retry") >= 1
+    assert counter(stats, "endpoint_ejections_total", peer="svc/default/http-retry") >= 1
+    assert counter(stats, "retries_total", peer="svc/default/http-retry") >= 1
 
 
 def test_the_retry_budget_stops_a_retry_storm(mesh):
@@ -189,8 +189,8 @@ def test_the_retry_budget_stops_a_retry_storm(mesh):
             behave(mesh, pod, "set-status/0")
     assert sum(v for k, v in seen.items() if k.endswith(" 429")) == 400
     stats = agent_stats(0)
-    retries = counter(stats, "retries", dst="default/http-storm")
-    refused = counter(stats, "retry_budget_exhausted", dst="default/http-storm")
+    retries = counter(stats, "retries_total", peer="svc/default/http-storm")
+    refused = counter(stats, "retry_budget_exhausted_total", peer="svc/default/http-storm")
     # 20% of ~401 requests plus 10/s over 10 s, instead of up to 400 retries.
     assert 100 <= retries <= 181 and refused >= 219, (retries, refused)
 
@@ -223,7 +223,7 @@ def test_malformed_requests_get_400_and_the_proxy_serves_the_next(mesh):
     lines = py_in(mesh, "client-n0-0", MALFORMED.format(vip=HTTP_VIP)).splitlines()
     assert lines[:2] == ["HTTP/1.1 400 Bad Request", "HTTP/1.1 431 Request Header Fields Too Large"]
     assert lines[2].startswith("HTTP/1.1 200 ")
-    assert counter(agent_stats(0), "http_errors", status_code="400") >= 1
+    assert counter(agent_stats(0), "http_errors_total", status_code="400") >= 1
 
 
 def test_pods_leave_and_rejoin_the_mesh_live(mesh):

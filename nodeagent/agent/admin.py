@@ -1,9 +1,11 @@
-"""The admin server: /live, /ready, /stats (JSON). Answers only on its own address."""
+"""The admin server: /live, /ready, /metrics (Prometheus), /stats (JSON).
+Answers only on its own address (127.0.0.1 by default)."""
 
 import asyncio
 import json
 
 import httptools
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 class AdminProtocol(asyncio.Protocol):
@@ -49,7 +51,12 @@ def routes_for(agent) -> dict:
     def stats():
         return 200, "application/json", json.dumps(agent.status(), indent=1).encode()
 
-    return {"/live": live, "/ready": ready, "/stats": stats}
+    def metrics():
+        if agent.proxy is None:
+            return 503, "text/plain", b"not ready\n"
+        return 200, CONTENT_TYPE_LATEST, generate_latest(agent.proxy.metrics.registry)
+
+    return {"/live": live, "/ready": ready, "/stats": stats, "/metrics": metrics}
 
 
 async def serve_admin(agent, host: str, port: int) -> asyncio.AbstractServer:

@@ -20,6 +20,7 @@ import datetime
 
 from nodeagent import preflight
 from nodeagent.agent.admin import serve_admin
+from nodeagent.agent.node_metrics import NodeCollector
 from nodeagent.identity import naming
 from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.workload import WorkloadIdentities
@@ -86,6 +87,7 @@ class Agent:
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.node))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
         self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy)
+        self.proxy.metrics.registry.register(NodeCollector(self))
         admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
         try:
             while not stop.is_set():
@@ -97,6 +99,7 @@ class Agent:
                     await self.reconcile()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
+                self._export_expirations()
                 self.ready = True
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_S)
@@ -154,6 +157,17 @@ class Agent:
             if cookie not in served:
                 self.proxy.datapath.forget_cookie(cookie)
 
+    def _export_expirations(self) -> None:
+        gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
+        current = self.identities.expirations()
+        for identity in set(self._exported) - set(current):
+            gauge.remove(identity)
+        for identity, not_after in current.items():
+            gauge.labels(identity).set(not_after)
+        self._exported = set(current)
+
+    _exported: set = set()
+
     def status(self) -> dict:
         pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
                 for p in self.proxy.pods.values()] if self.proxy else []
@@ -161,8 +175,8 @@ class Agent:
         return {"node": self.config.node, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
                 "datapath": self.load_report, "pods": pods, "identities": identities,
                 "certificates_issued": self.identities.issued if self.proxy else 0,
-                "open_connections": self.proxy.stats.open_connections if self.proxy else 0,
-                "counters": self.proxy.stats.snapshot() if self.proxy else []}
+                "open_connections": self.proxy.open_connections if self.proxy else 0,
+                "counters": self.proxy.metrics.samples() if self.proxy else []}
 
 
 def run_agent(config: AgentConfig, source) -> None:

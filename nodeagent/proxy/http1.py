@@ -36,6 +36,7 @@ class Request:
     chunked: bool = False
     has_body: bool = False
     body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None
+    started: float = 0.0
 
     def head(self) -> bytes:
         lines = [f"{self.method} ".encode() + bytes(self.url) + f" HTTP/{self.version}\r\n".encode()]
@@ -48,9 +49,11 @@ class Http1Server(asyncio.Protocol):
     request goes (see outbound.HttpTarget); `initial` are bytes read during
     detection."""
 
-    def __init__(self, target, initial: bytes = b""):
+    def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
         self.target = target
         self.initial = initial
+        self.stats = stats  # the connection's ConnectionStats (bytes from and to the client)
+        self.on_close = on_close
         self.parser = httptools.HttpRequestParser(self)
         self.requests: asyncio.Queue[Request] = asyncio.Queue()
         self.current: Request | None = None
@@ -83,6 +86,8 @@ class Http1Server(asyncio.Protocol):
             self._reject(408, "request head not received in time")
 
     def data_received(self, data):
+        if self.stats is not None:
+            self.stats.read += len(data)
         if self.closing:
             return
         if self.upgrade_bytes is not None:
@@ -153,12 +158,19 @@ class Http1Server(asyncio.Protocol):
             self.head_timer.cancel()
         if self.task and not self.upgraded:
             self.task.cancel()
+        if self.on_close and not self.upgraded:
+            self.on_close()
+
+    def _write(self, data: bytes) -> None:
+        if self.stats is not None:
+            self.stats.written += len(data)
+        self.transport.write(data)
 
     def _reject(self, status: int, reason: str):
         self.target.count_error(status, reason)
         self.closing = True
         if not self.transport.is_closing():
-            self.transport.write(error_response(status, reason))
+            self._write(error_response(status, reason))
             self.transport.close()
         if self.task:
             self.task.cancel()
@@ -190,7 +202,7 @@ class Http1Server(asyncio.Protocol):
 
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
-        started = time.monotonic()
+        started = request.started = time.monotonic()
         self.target.new_request()
         retryable = retryable_method(request.method, request.has_body) and not request.upgrade
         tried: set = set()
@@ -200,7 +212,7 @@ class Http1Server(asyncio.Protocol):
             choice = self.target.choose(tried)
             if isinstance(choice, str):  # no endpoint to send to: the reason
                 await self._drain_body(request)
-                self._write_error(503, choice, request)
+                self._write_error(503, choice, request, None)
                 return request.keep_alive
             endpoint, address = choice
             tried.add(address)
@@ -212,7 +224,7 @@ class Http1Server(asyncio.Protocol):
                     attempt += 1
                     continue
                 await self._drain_body(request)
-                self._write_error(502, "connect failed", request)
+                self._write_error(502, "connect failed", request, address)
                 return request.keep_alive
             outcome = await self._exchange(request, conn, endpoint, address, started, deadline, retryable,
                                            attempt)
@@ -224,7 +236,7 @@ class Http1Server(asyncio.Protocol):
     async def _exchange(self, request, conn, endpoint, address, started, deadline, retryable, attempt) -> str:
         """Send the request on `conn`, relay the response: 'keep', 'close' or 'retry'."""
         conn.expect(request.method)
-        token = self.target.request_started(endpoint)
+        token = self.target.request_started(endpoint, address)
         conn.transport.write(request.head())
         try:
             if request.has_body:
@@ -234,25 +246,25 @@ class Http1Server(asyncio.Protocol):
         except asyncio.TimeoutError:
             conn.transport.abort()
             self.target.request_finished(endpoint, token, None)
-            self._write_error(504, "request timeout", request)
+            self._write_error(504, "request timeout", request, address)
             return "close"
         except (ConnectionError, OSError) as e:
             self.target.request_finished(endpoint, token, None)
             if not request.has_body and retryable and attempt < self.target.retry_limit and self.target.may_retry():
                 return "retry"
-            self._write_error(502, f"upstream failed: {e}", request)
+            self._write_error(502, "upstream failed", request, address)
             return "close"
         if (retryable and self.target.retries_status(status) and attempt < self.target.retry_limit
                 and self.target.may_retry()):
             self.target.request_finished(endpoint, token, status)
             conn.transport.close()  # the discarded response's body is not read
             return "retry"
-        self.target.response_started(request, status)
+        self.target.response_started(request, status, address)
         if status == 101 and request.upgrade:
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
             request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
-        conn.attach(self.transport)
+        conn.attach(self.transport, self.stats)
         try:
             await conn.done
         except (ConnectionError, OSError):
@@ -267,10 +279,17 @@ class Http1Server(asyncio.Protocol):
         """101 Switching Protocols: from here the two connections are spliced."""
         self.upgraded = True
         self.target.request_finished(endpoint, token, status)
-        self.transport.write(bytes(conn.pending))  # the 101 head and anything after it
+        self._write(bytes(conn.pending))  # the 101 head and anything after it
         conn.pending.clear()
-        splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""))
+        splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""), on_close=self._relay_closed)
         return "close"
+
+    def _relay_closed(self, client_side) -> None:
+        if self.stats is not None:
+            self.stats.read += client_side.bytes_in
+            self.stats.written += client_side.peer.bytes_in
+        if self.on_close:
+            self.on_close()
 
     async def _stream_body(self, request: Request, conn) -> None:
         while (chunk := await request.body.get()) is not None:
@@ -286,8 +305,8 @@ class Http1Server(asyncio.Protocol):
             while await request.body.get() is not None:
                 pass
 
-    def _write_error(self, status: int, reason: str, request: Request) -> None:
+    def _write_error(self, status: int, reason: str, request: Request, address) -> None:
         self.target.count_error(status, reason)
-        self.target.response_started(request, status)
+        self.target.response_started(request, status, address)
         if not self.transport.is_closing():
-            self.transport.write(error_response(status, reason, close=not request.keep_alive))
+            self._write(error_response(status, reason, close=not request.keep_alive))

@@ -62,17 +62,24 @@ class _Inbound(asyncio.Protocol):
 
     def _opened(self):
         self._open = True
-        self.proxy.stats.open_connections += 1
-        self.proxy.stats.inc("tcp_open", direction="inbound", pod=self.pod.key)
+        self.proxy.open_connections += 1
+        self.stats = None  # counted once the client is known (its identity labels the series)
 
-    def _closed(self):
-        if self._open:
-            self._open = False
-            self.proxy.stats.open_connections -= 1
-            self.proxy.stats.inc("tcp_close", direction="inbound", pod=self.pod.key)
+    def _closed(self, relay=None):
+        if not self._open:
+            return
+        self._open = False
+        self.proxy.open_connections -= 1
+        if self.stats is not None:
+            if relay is not None:
+                self.stats.read += relay.bytes_in
+                self.stats.written += relay.peer.bytes_in
+            self.stats.close()
 
     async def _admit(self, transport, port: int, identity: str | None) -> None:
         peer_ip = transport.get_extra_info("peername")[0]
+        self.stats = self.proxy.metrics.connection("inbound", self.pod, identity or "unauthenticated",
+                                                   identity is not None)
         decision = self.proxy.authorize(self.pod, port, Client(peer_ip, identity))
         if not decision.allowed:
             await self._refuse(transport)
@@ -81,11 +88,11 @@ class _Inbound(asyncio.Protocol):
             sock = await open_socket(self.pod.netns_path, ("127.0.0.1", port), APP_CONNECT_TIMEOUT_S)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
         except (OSError, asyncio.TimeoutError):
-            self.proxy.stats.inc("tcp_errors", direction="inbound", reason="app connect failed")
+            self.proxy.metrics.tcp_error("inbound", self.pod, "app connect failed")
             self._closed()
             transport.abort()
             return
-        splice_held(transport, bytes(self.buffer), self.eof, app, on_close=lambda _: self._closed())
+        splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
 
     async def _refuse(self, transport) -> None:
         """403 for a client that speaks HTTP/1, a close for anything else."""
@@ -98,6 +105,9 @@ class _Inbound(asyncio.Protocol):
         found = detect(bytes(self.buffer))
         if found is not NEED_MORE and found.protocol is Protocol.HTTP1:
             transport.write(FORBIDDEN)
+            self.stats.written += len(FORBIDDEN)
+            self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized")
+        self.stats.read += len(self.buffer)
         self._closed()
         transport.close()
 
@@ -134,7 +144,8 @@ class MeshAccept(_Inbound):
             context = self.proxy.server_context(self.pod)
             tls = await handshake(raw, self, context, True, HANDSHAKE_TIMEOUT_S, initial=bytes(self.raw_bytes))
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
-            self.proxy.handshake_failed("inbound", mesh.handshake_failure_reason(e), raw)
+            reason = mesh.handshake_failure_reason(e)
+            self.proxy.handshake_failed("inbound", reason, raw, f"from {raw.get_extra_info('peername')}: {reason}")
             self._closed()
             raw.abort()
             return
@@ -146,8 +157,8 @@ class MeshAccept(_Inbound):
                 self._more.clear()
                 await asyncio.wait_for(self._more.wait(), HANDSHAKE_TIMEOUT_S)
             port, _hint = mesh.decode_header(bytes(self.buffer))
-        except (mesh.TunnelError, asyncio.TimeoutError) as e:
-            self.proxy.stats.inc("tcp_errors", direction="inbound", reason=f"tunnel: {type(e).__name__}")
+        except (mesh.TunnelError, asyncio.TimeoutError):
+            self.proxy.metrics.tcp_error("inbound", self.pod, "bad tunnel header")
             self._closed()
             tls.abort()
             return

@@ -25,7 +25,12 @@ MESH_PORT = 4143
 
 
 class TunnelError(ConnectionError):
-    """A hop that must not carry traffic: the reason is in the message."""
+    """A hop that must not carry traffic. `reason` is short and from a fixed set (for
+    metrics); the message has the details (for logs)."""
+
+    def __init__(self, message: str, reason: str = "tunnel error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def encode_header(port: int, hint: int) -> bytes:
@@ -38,7 +43,7 @@ def decode_header(data: bytes) -> tuple[int, int]:
     """(port, hint) from the first HEADER.size bytes."""
     magic, version, hint, port = HEADER.unpack(data[:HEADER.size])
     if magic != MAGIC or version != VERSION or port == 0:
-        raise TunnelError(f"not a nodeagent tunnel header: {data[:HEADER.size]!r}")
+        raise TunnelError(f"not a nodeagent tunnel header: {data[:HEADER.size]!r}", "bad tunnel header")
     return port, hint
 
 
@@ -75,10 +80,11 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
         tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name)
     except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
         transport.abort()
-        raise TunnelError(f"handshake with {expected} failed: {handshake_failure_reason(e)}") from e
+        reason = handshake_failure_reason(e)
+        raise TunnelError(f"handshake with {expected} failed: {reason}", reason) from e
     proven = peer_identity(tls)
     if proven != expected.uri:
         tls.abort()
-        raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}")
+        raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}", "wrong identity")
     tls.write(encode_header(port, hint))
     return tls

@@ -16,7 +16,6 @@ import asyncio
 import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
-from nodeagent.proxy.errors import error_response
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.relay import Holding, splice_held
 from nodeagent.proxy.routing import Passthrough, ToPod, ToService, route
@@ -35,38 +34,32 @@ class OutboundAccept(asyncio.Protocol):
         self.transport = None
         self.upstream: asyncio.Task | None = None
         self.early: Holding | None = None
-        self.endpoint = None
+        self.endpoint = None  # (endpoint state or None, address) of the early upstream
+        self.tls = False  # whether the early upstream is a mutual-TLS hop
         self.client_eof = False
+        self.stats = None  # the client connection's counters, made once the hop (mTLS or not) is known
+        self.finished = False
 
     def connection_made(self, transport):
         self.transport = transport
-        self.proxy.stats.open_connections += 1
         peer_port = transport.get_extra_info("peername")[1]
         original = self.proxy.datapath.original_destination(self.pod.cookie, peer_port)
         if original is None:
-            self.proxy.stats.inc("tcp_errors", direction="outbound", reason="no original destination")
+            self.proxy.metrics.tcp_error("outbound", self.pod, "no original destination")
             transport.abort()
             return
+        if self.proxy.open_connections >= self.proxy.max_connections:
+            self.proxy.metrics.tcp_error("outbound", self.pod, "connection limit")
+            transport.abort()
+            return
+        self.proxy.open_connections += 1
         self.original = original
         self.decision = route(self.proxy.view, *original)
+        self.peer = peer_label(self.decision)
         self.config = self.proxy.config_for(self.decision)
-        self.proxy.stats.inc("tcp_open", direction="outbound", pod=self.pod.key, dst=self.dst_label)
-        if self.proxy.stats.open_connections > self.proxy.max_connections:
-            self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connection limit")
-            transport.abort()
-            return
         self.upstream = asyncio.get_running_loop().create_task(self._connect())
         if original[1] in self.config.opaque_ports:
             self._decide(Protocol.OPAQUE)
-
-    @property
-    def dst_label(self) -> str:
-        d = self.decision
-        if isinstance(d, ToService):
-            return f"svc/{d.service.key}"
-        if isinstance(d, ToPod):
-            return f"pod/{d.pod.key}"
-        return "external"
 
     async def _connect(self):
         """Open the upstream at once, trying other endpoints if a connect fails."""
@@ -93,6 +86,7 @@ class OutboundAccept(asyncio.Protocol):
             if state is not None:
                 state.connections += 1
             self.endpoint = (state, address)
+            self.tls = tunnel is not None
             self.early = holding
             holding.on_event = self._upstream_event
             if holding.buffer or holding.eof or holding.lost:
@@ -114,20 +108,19 @@ class OutboundAccept(asyncio.Protocol):
 
     def _count_connect_failure(self, error):
         if isinstance(error, mesh.TunnelError):
-            self.proxy.handshake_failed("outbound", str(error), None)
-        self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connect failed")
+            self.proxy.handshake_failed("outbound", error.reason, None, str(error))
+        self.proxy.metrics.tcp_error("outbound", self.pod, "connect failed")
 
     # --- detection ---
 
     def data_received(self, data):
-        if self.decided:
-            self.buffer += data
-            return
         self.buffer += data
+        if self.decided:
+            return
         found = detect(bytes(self.buffer))
         if found is NEED_MORE and len(self.buffer) < MAX_PREFIX:
             return
-        self._decide(found.protocol if found else Protocol.OPAQUE, found.sni if found else None)
+        self._decide(found.protocol if found else Protocol.OPAQUE)
 
     def eof_received(self):
         self.client_eof = True
@@ -140,73 +133,103 @@ class OutboundAccept(asyncio.Protocol):
         if not self.decided:
             self._decide(Protocol.OPAQUE)
 
-    def _decide(self, protocol: Protocol, sni: str | None = None):
+    def _decide(self, protocol: Protocol):
         self.decided = True
-        self.proxy.stats.inc("detected", direction="outbound", protocol=protocol.value)
-        if protocol is Protocol.HTTP1:
-            asyncio.get_running_loop().create_task(self._as_http1())
-        else:
-            asyncio.get_running_loop().create_task(self._as_opaque())
+        self.proxy.metrics.detected("outbound", self.pod, protocol.value)
+        serve = self._as_http1 if protocol is Protocol.HTTP1 else self._as_opaque
+        asyncio.get_running_loop().create_task(serve())
 
     async def _as_opaque(self):
         upstream = await self.upstream
-        if upstream is None:
-            self.proxy.stats.inc("tcp_errors", direction="outbound", reason="no endpoint")
+        if upstream is None or self.transport.is_closing():
+            if upstream is None:
+                self.proxy.metrics.tcp_error("outbound", self.pod, "no endpoint")
+            else:
+                upstream.close()
+            self._done()
             self.transport.abort()  # TCP has no error page: a reset
             return
+        self._count_open()
         if self.early.lost:  # it spoke and hung up before the splice: deliver, then close
             self.transport.write(bytes(self.early.buffer))
-            self._closed(self.endpoint[0])
+            self.stats.written += len(self.early.buffer)
+            self._done()
             self.transport.close()
             return
-        state = self.endpoint[0]
-        splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early,
-                    on_close=lambda _: self._closed(state))
+        splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early, on_close=self._relay_closed)
 
-    def _closed(self, state):
-        self.proxy.stats.open_connections -= 1
-        self.proxy.stats.inc("tcp_close", direction="outbound", pod=self.pod.key)
+    def _relay_closed(self, client_side):
+        self.stats.read += client_side.bytes_in
+        self.stats.written += client_side.peer.bytes_in
+        self._done()
+
+    def _count_open(self):
+        if self.stats is None:
+            self.stats = self.proxy.metrics.connection("outbound", self.pod, self.peer, self.tls)
+
+    def _done(self):
+        if self.finished:
+            return
+        self.finished = True
+        self.proxy.open_connections -= 1
+        self._count_open()
+        self.stats.close()
+        state = self.endpoint[0] if self.endpoint else None
         if state is not None:
             state.connections -= 1
+            self.endpoint = None
 
     async def _as_http1(self):
         self.transport.pause_reading()
         upstream = await self.upstream
-        state = self.endpoint[0] if self.endpoint else None
         if upstream is not None:
+            state, address = self.endpoint
             if state is not None:
                 state.connections -= 1
+            self.endpoint = None
             if self.early.buffer or self.early.eof or self.early.lost:
                 upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
             else:
-                self.proxy.pool.adopt(self.pod.cookie, self.endpoint[1], upstream)
-        target = HttpTarget(self.proxy, self.pod, self.decision, self.config)
-        server = Http1Server(target, bytes(self.buffer))
+                self.proxy.pool.adopt(self.pod.cookie, address, upstream)
+        if self.transport.is_closing():
+            self._done()
+            return
+        self._count_open()
+        target = HttpTarget(self.proxy, self.pod, self.decision, self.config, self.peer)
+        server = Http1Server(target, bytes(self.buffer), self.stats, on_close=self._done)
         self.transport.set_protocol(server)
         server.connection_made(self.transport)
         self.transport.resume_reading()
 
     def connection_lost(self, exc):
-        if not self.decided:
-            self.proxy.stats.open_connections -= 1
-            if self.upstream:
-                self.upstream.cancel()
-                if self.early and self.early.transport:
-                    self.early.transport.close()
+        if self.decided or not hasattr(self, "original"):
+            return  # the task serving the decision owns the rest (or nothing was counted)
+        if self.upstream:
+            self.upstream.cancel()
+            if self.early and self.early.transport:
+                self.early.transport.close()
+        self._done()
+
+
+def peer_label(decision) -> str:
+    if isinstance(decision, ToService):
+        return f"svc/{decision.service.key}"
+    if isinstance(decision, ToPod):
+        return f"pod/{decision.pod.key}"
+    return "external"
 
 
 class HttpTarget:
     """Where the requests of one client connection go, and what is counted."""
 
-    def __init__(self, proxy, pod, decision, config):
-        self.proxy, self.pod, self.decision = proxy, pod, decision
+    def __init__(self, proxy, pod, decision, config, peer: str):
+        self.proxy, self.pod, self.decision, self.peer = proxy, pod, decision, peer
         self.config = config if isinstance(decision, ToService) else DEFAULT
         self.retry_limit = self.config.retry_limit
         self.request_timeout_s = self.config.request_timeout_s
         self.endpoints = proxy.endpoints_for(decision) if isinstance(decision, ToService) else None
         self.budget = proxy.budget_for(decision)
-        self.dst = decision.service.key if isinstance(decision, ToService) else (
-            decision.pod.key if isinstance(decision, ToPod) else f"{decision.ip}:{decision.port}")
+        self._stats = {tls: proxy.metrics.requests("outbound", pod, peer, tls) for tls in (False, True)}
 
     def choose(self, tried: set):
         """(endpoint state, address) for the next attempt, preferring endpoints not
@@ -220,10 +243,12 @@ class HttpTarget:
         state.accrual.on_send()
         return state, state.address
 
+    def _tunnel(self, address):
+        return self.proxy.tunnel_to(self.pod, self._pod_at(address), address[1], mesh.HINT_HTTP1)
+
     async def acquire(self, address):
-        tunnel = self.proxy.tunnel_to(self.pod, self._pod_at(address), address[1], mesh.HINT_HTTP1)
         return await self.proxy.pool.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                             self.config.connect_timeout_s, tunnel)
+                                             self.config.connect_timeout_s, self._tunnel(address))
 
     def _pod_at(self, address):
         if isinstance(self.decision, ToService):
@@ -238,29 +263,29 @@ class HttpTarget:
         ejections = state.accrual.ejections
         state.accrual.on_failure()
         if state.accrual.ejections > ejections:
-            self.proxy.stats.inc("endpoint_ejections", dst=self.dst)
+            self.proxy.metrics.endpoint_ejections_total.labels(self.peer).inc()
 
     def connect_failed(self, state, exc):
         if state is not None:
             self._failed(state)
         if isinstance(exc, mesh.TunnelError):
-            self.proxy.handshake_failed("outbound", str(exc), None)
-        self.proxy.stats.inc("tcp_errors", direction="outbound", reason="connect failed")
-
-    def may_retry(self) -> bool:
-        allowed = self.budget.withdraw()
-        self.proxy.stats.inc("retries" if allowed else "retry_budget_exhausted", dst=self.dst)
-        return allowed
-
-    def retries_status(self, status: int) -> bool:
-        return self.config.retries_status(status)
+            self.proxy.handshake_failed("outbound", exc.reason, None, str(exc))
+        self.proxy.metrics.tcp_error("outbound", self.pod, "connect failed")
 
     def new_request(self):
         """Once per request, however many attempts it takes: what the retry budget grows by."""
         self.budget.deposit()
 
-    def request_started(self, state):
-        self.proxy.stats.inc("request_total", direction="outbound", pod=self.pod.key, dst=self.dst)
+    def may_retry(self) -> bool:
+        allowed = self.budget.withdraw()
+        self.proxy.metrics.retry(self.pod, self.peer, allowed)
+        return allowed
+
+    def retries_status(self, status: int) -> bool:
+        return self.config.retries_status(status)
+
+    def request_started(self, state, address):
+        self._stats[self._tunnel(address) is not None].request()
         return state.ewma.start() if state is not None else time.monotonic()
 
     def request_finished(self, state, token, status):
@@ -272,9 +297,9 @@ class HttpTarget:
         else:
             state.accrual.on_success()
 
-    def response_started(self, request, status):
-        self.proxy.stats.inc("response_total", direction="outbound", pod=self.pod.key, dst=self.dst,
-                             status_code=str(status), classification="success" if status < 500 else "failure")
+    def response_started(self, request, status, address=None):
+        tls = address is not None and self._tunnel(address) is not None
+        self._stats[tls].response(status, request.started)
 
     def count_error(self, status, reason):
-        self.proxy.stats.inc("http_errors", direction="outbound", status_code=str(status), reason=reason)
+        self.proxy.metrics.http_error("outbound", self.pod, status, reason)

@@ -23,7 +23,7 @@ from nodeagent.proxy.endpoints import EndpointSet
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
-from nodeagent.proxy.stats import Stats
+from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.upstream import Pool
 
 log = logging.getLogger("nodeagent.proxy")
@@ -79,8 +79,7 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1") -> socket.soc
 class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, trust_domain: str = naming.DEFAULT_TRUST_DOMAIN,
                  default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED,
-                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, stats: Stats | None = None,
-                 max_connections: int = MAX_CONNECTIONS):
+                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, max_connections: int = MAX_CONNECTIONS):
         self.datapath = datapath
         self.identities = identities
         self.trust_domain = trust_domain
@@ -88,7 +87,8 @@ class Proxy:
         self.cluster_networks = cluster_networks
         self._policies: dict[str, tuple[dict, authz.PodPolicy]] = {}
         self._logged_rejections: set = set()
-        self.stats = stats or Stats()
+        self.metrics = Metrics()
+        self.open_connections = 0
         self.max_connections = max_connections
         self.view = ClusterView()
         self.pool = Pool()
@@ -160,16 +160,16 @@ class Proxy:
             cached = (annotations, policy)
             self._policies[pod.key] = cached
         decision = authz.authorize(cached[1], port, client, self.cluster_networks)
-        self.stats.inc("inbound_authorization", pod=pod.key, decision="allow" if decision.allowed else "deny",
-                       tls="true" if client.identity else "false")
+        self.metrics.authorization(pod, decision.allowed, client.identity is not None)
         if not decision.allowed:
             self._log_once("deny", client.identity or client.ip, f"pod {pod.key} port {port}: {decision.reason}")
         return decision
 
-    def handshake_failed(self, direction: str, reason: str, transport) -> None:
-        self.stats.inc("tls_handshake_failures", direction=direction, reason=reason)
+    def handshake_failed(self, direction: str, reason: str, transport, detail: str) -> None:
+        """Count a refused handshake by its short reason; log the details once."""
+        self.metrics.tls_handshake_failures_total.labels(direction, reason).inc()
         peer = transport.get_extra_info("peername") if transport else None
-        self._log_once("tls", (peer or ("?",))[0], f"{direction} TLS handshake with {peer} refused: {reason}")
+        self._log_once("tls", (peer or ("?",))[0], f"{direction} TLS handshake refused: {detail}")
 
     def _log_once(self, kind: str, who, message: str) -> None:
         key = (kind, who, message)
@@ -210,5 +210,6 @@ class Proxy:
         self.pool.forget_pod(cookie)
         if deleted:
             self.datapath.detach_inbound(cookie)
+        self.metrics.forget_pod(pod.key)
         os.close(pod.netns_fd)
         log.info("pod %s %s", pod.key, "deleted" if deleted else "left the mesh")

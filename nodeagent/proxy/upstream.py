@@ -71,6 +71,7 @@ class ResponseReader(asyncio.Protocol):
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending = bytearray()  # raw bytes read before a sink was attached
         self.sink: asyncio.Transport | None = None
+        self.counter = None  # the client connection's stats: bytes written to the client
         self.status = 0
         self.keep_alive = True
         self.eof_delimited = False
@@ -85,6 +86,8 @@ class ResponseReader(asyncio.Protocol):
     def data_received(self, data):
         if self.sink is not None:
             self.sink.write(data)
+            if self.counter is not None:
+                self.counter.written += len(data)
         else:
             self.pending += data
         try:
@@ -135,12 +138,14 @@ class ResponseReader(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(True)
 
-    def attach(self, sink: asyncio.Transport) -> None:
+    def attach(self, sink: asyncio.Transport, counter=None) -> None:
         """Send what was read so far, and everything after, to the client."""
         if self.pending:
             sink.write(bytes(self.pending))
+            if counter is not None:
+                counter.written += len(self.pending)
             self.pending.clear()
-        self.sink = sink
+        self.sink, self.counter = sink, counter
 
     def reusable(self) -> bool:
         return self.keep_alive and self.transport is not None and not self.transport.is_closing()
@@ -168,7 +173,7 @@ class Pool:
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
         idle = self._idle[(cookie, address)]
         if conn.reusable() and len(idle) < POOL_MAX_IDLE:
-            conn.sink = None
+            conn.sink = conn.counter = None
             conn.idle_since = time.monotonic()
             idle.append(conn)
         elif conn.transport:

@@ -1,0 +1,57 @@
+"""Node and agent metrics, read at scrape time: enrolled pods, attached BPF
+programs, and the kernel's per-pod counters from the data path's maps.
+Pods that left are simply not read, so their series end with them."""
+
+import os
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from nodeagent.datapath import libbpf
+from nodeagent.datapath.programs import CGROUP_PROGRAMS
+
+KERNEL_COUNTERS = (
+    ("redirected", "kernel_redirected", "Outbound connects the kernel sent to the proxy"),
+    ("opened", "kernel_connections_opened", "Outbound TCP connections established by the pod"),
+    ("failed", "kernel_connect_failures", "Outbound connects that never established"),
+    ("denied", "kernel_policy_denials", "Connects refused by the kernel's L4 policy"),
+    ("inbound_steered", "kernel_inbound_steered", "Inbound connections steered onto the proxy"),
+    ("inbound_refused", "kernel_inbound_refused", "Inbound connections refused: no proxy listening"),
+)
+
+
+class NodeCollector:
+    def __init__(self, agent):
+        self.agent = agent
+
+    def describe(self):
+        return []  # collected live; no fixed description at registration
+
+    def collect(self):
+        proxy = self.agent.proxy
+        pods = GaugeMetricFamily("enrolled_pods", "Pods this agent serves", labels=["node"])
+        pods.add_metric([self.agent.config.node], len(proxy.pods) if proxy else 0)
+        yield pods
+        programs = GaugeMetricFamily("bpf_programs_attached", "Our BPF programs attached to the node's pod cgroup",
+                                     labels=["node", "program"])
+        for name, count in self.attached().items():
+            programs.add_metric([self.agent.config.node, name], count)
+        yield programs
+        if proxy is None:
+            return
+        families = {key: CounterMetricFamily(name, doc, labels=["namespace", "pod"])
+                    for key, name, doc in KERNEL_COUNTERS}
+        for pod in list(proxy.pods.values()):
+            values = proxy.datapath.counters(pod.slot)
+            for key, family in families.items():
+                family.add_metric([pod.info.namespace, pod.info.name], values[key])
+        yield from families.values()
+
+    def attached(self) -> dict[str, int]:
+        try:
+            fd = os.open(self.agent.config.pods_cgroup, os.O_RDONLY)
+        except OSError:
+            return {}
+        try:
+            return {p.name: len(libbpf.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS}
+        finally:
+            os.close(fd)

@@ -1,0 +1,159 @@
+"""The proxy's Prometheus metrics, named and labelled as linkerd2-proxy's
+where Linkerd has them, so that existing dashboards work.
+
+Labels and their cardinality (bounded by the cluster, never by traffic):
+- direction: inbound | outbound
+- namespace, pod: the meshed pod on this node the traffic belongs to
+- peer: outbound, the destination: `svc/<ns>/<name>`, `pod/<ns>/<name>` or `external`
+  (never an address: external destinations collapse into one value);
+  inbound, the client's mesh identity (a ServiceAccount) or `unauthenticated`
+- tls: true | false (mutual TLS between proxies on the hop)
+- status_code (HTTP status), classification (success | failure: 5xx and errors)
+- reason: from a fixed set in the code (errors, refusals)
+Every series of a pod is removed when the pod leaves the node or the mesh.
+"""
+
+import time
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# linkerd2-proxy's response_latency_ms buckets.
+LATENCY_BUCKETS_MS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
+                      10000, 20000, 30000, 40000, 50000)
+TRAFFIC = ("direction", "namespace", "pod", "peer", "tls")
+
+
+class ConnectionStats:
+    """One connection's counters: opened on creation, closed exactly once."""
+
+    __slots__ = ("metrics", "labels", "read", "written", "closed")
+
+    def __init__(self, metrics: "Metrics", labels: tuple):
+        self.metrics, self.labels = metrics, labels
+        self.read = self.written = 0
+        self.closed = False
+        metrics.child(metrics.tcp_open_total, labels).inc()
+        metrics.child(metrics.tcp_open_connections, labels).inc()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        m = self.metrics
+        m.child(m.tcp_open_connections, self.labels).dec()
+        m.child(m.tcp_close_total, self.labels).inc()
+        m.child(m.tcp_read_bytes_total, self.labels).inc(self.read)
+        m.child(m.tcp_write_bytes_total, self.labels).inc(self.written)
+
+
+class RequestStats:
+    """The HTTP series of one (direction, pod, peer, tls): children looked up once."""
+
+    def __init__(self, metrics: "Metrics", labels: tuple):
+        self.metrics, self.labels = metrics, labels
+        self.requests = metrics.child(metrics.request_total, labels)
+        self.latency = metrics.child(metrics.response_latency_ms, labels)
+        self._responses: dict[int, object] = {}
+
+    def request(self) -> None:
+        self.requests.inc()
+
+    def response(self, status: int, started: float) -> None:
+        child = self._responses.get(status)
+        if child is None:
+            classification = "failure" if status >= 500 else "success"
+            child = self.metrics.child(self.metrics.response_total, (*self.labels, str(status), classification))
+            self._responses[status] = child
+        child.inc()
+        self.latency.observe((time.monotonic() - started) * 1000)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.request_total = Counter("request", "HTTP requests sent (outbound) or received (inbound)", TRAFFIC,
+                                     registry=r)
+        self.response_total = Counter("response", "HTTP responses", (*TRAFFIC, "status_code", "classification"),
+                                      registry=r)
+        self.response_latency_ms = Histogram("response_latency_ms", "Time to a response's head, in ms", TRAFFIC,
+                                             buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.tcp_open_total = Counter("tcp_open", "TCP connections opened", TRAFFIC, registry=r)
+        self.tcp_close_total = Counter("tcp_close", "TCP connections closed", TRAFFIC, registry=r)
+        self.tcp_open_connections = Gauge("tcp_open_connections", "TCP connections open", TRAFFIC, registry=r)
+        self.tcp_read_bytes_total = Counter("tcp_read_bytes", "Bytes read from clients", TRAFFIC, registry=r)
+        self.tcp_write_bytes_total = Counter("tcp_write_bytes", "Bytes written to clients", TRAFFIC, registry=r)
+        self.tcp_errors_total = Counter("tcp_errors", "Connections the proxy could not serve",
+                                        ("direction", "namespace", "pod", "reason"), registry=r)
+        self.http_errors_total = Counter("http_errors", "HTTP responses the proxy itself wrote",
+                                         ("direction", "namespace", "pod", "status_code", "reason"), registry=r)
+        self.protocol_detected_total = Counter("protocol_detected", "Protocols detected on connections",
+                                               ("direction", "namespace", "pod", "protocol"), registry=r)
+        self.inbound_authorization_total = Counter("inbound_authorization", "Inbound authorization decisions",
+                                                   ("namespace", "pod", "decision", "tls"), registry=r)
+        self.retries_total = Counter("retries", "Retries sent", ("namespace", "pod", "peer"), registry=r)
+        self.retry_budget_exhausted_total = Counter("retry_budget_exhausted", "Retries refused by the budget",
+                                                    ("namespace", "pod", "peer"), registry=r)
+        self.endpoint_ejections_total = Counter("endpoint_ejections", "Endpoints ejected by failure accrual",
+                                                ("peer",), registry=r)
+        self.tls_handshake_failures_total = Counter("tls_handshake_failures", "Mutual TLS handshakes refused",
+                                                    ("direction", "reason"), registry=r)
+        self.identity_cert_expiration_timestamp_seconds = Gauge(
+            "identity_cert_expiration_timestamp_seconds", "When each workload certificate expires", ("identity",),
+            registry=r)
+        self._series: dict[str, set] = defaultdict(set)  # pod key -> (metric, label values) it created
+
+    def child(self, metric, labels: tuple):
+        """metric.labels(*labels), remembered under its pod for `forget_pod`."""
+        pod_key = self._pod_key(metric, labels)
+        if pod_key:
+            self._series[pod_key].add((metric, labels))
+        return metric.labels(*labels)
+
+    @staticmethod
+    def _pod_key(metric, labels: tuple) -> str | None:
+        names = metric._labelnames
+        if "namespace" in names and "pod" in names:
+            return f"{labels[names.index('namespace')]}/{labels[names.index('pod')]}"
+        return None
+
+    def forget_pod(self, pod_key: str) -> int:
+        """Remove every series of a departed pod; how many."""
+        series = self._series.pop(pod_key, set())
+        for metric, labels in series:
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
+        return len(series)
+
+    # --- shorthands for the proxy ---
+
+    def connection(self, direction: str, pod, peer: str, tls: bool) -> ConnectionStats:
+        return ConnectionStats(self, (direction, pod.info.namespace, pod.info.name, peer, str(tls).lower()))
+
+    def requests(self, direction: str, pod, peer: str, tls: bool) -> RequestStats:
+        return RequestStats(self, (direction, pod.info.namespace, pod.info.name, peer, str(tls).lower()))
+
+    def tcp_error(self, direction: str, pod, reason: str) -> None:
+        self.child(self.tcp_errors_total, (direction, pod.info.namespace, pod.info.name, reason)).inc()
+
+    def http_error(self, direction: str, pod, status: int, reason: str) -> None:
+        self.child(self.http_errors_total, (direction, pod.info.namespace, pod.info.name, str(status), reason)).inc()
+
+    def detected(self, direction: str, pod, protocol: str) -> None:
+        self.child(self.protocol_detected_total, (direction, pod.info.namespace, pod.info.name, protocol)).inc()
+
+    def authorization(self, pod, allowed: bool, tls: bool) -> None:
+        self.child(self.inbound_authorization_total, (pod.info.namespace, pod.info.name,
+                                                      "allow" if allowed else "deny", str(tls).lower())).inc()
+
+    def retry(self, pod, peer: str, allowed: bool) -> None:
+        metric = self.retries_total if allowed else self.retry_budget_exhausted_total
+        self.child(metric, (pod.info.namespace, pod.info.name, peer)).inc()
+
+    def samples(self) -> list[dict]:
+        """Every sample, for the agent's JSON /stats."""
+        return [{"name": s.name, "labels": dict(s.labels), "value": s.value}
+                for family in self.registry.collect() for s in family.samples
+                if not s.name.endswith("_created")]
