@@ -21,6 +21,7 @@ from nodeagent.proxy.relay import Holding, splice_held
 from nodeagent.proxy.routing import Passthrough, ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.proxy import mesh
+from nodeagent.proxy.tap import request_event
 from nodeagent.proxy.upstream import connect
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
@@ -229,7 +230,7 @@ class HttpTarget:
         self.request_timeout_s = self.config.request_timeout_s
         self.endpoints = proxy.endpoints_for(decision) if isinstance(decision, ToService) else None
         self.budget = proxy.budget_for(decision)
-        self._stats = {tls: proxy.metrics.requests("outbound", pod, peer, tls) for tls in (False, True)}
+        self._stats: dict = {}  # tls -> RequestStats, made on first use
 
     def choose(self, tried: set):
         """(endpoint state, address) for the next attempt, preferring endpoints not
@@ -284,8 +285,13 @@ class HttpTarget:
     def retries_status(self, status: int) -> bool:
         return self.config.retries_status(status)
 
+    def _requests(self, tls: bool):
+        if tls not in self._stats:
+            self._stats[tls] = self.proxy.metrics.requests("outbound", self.pod, self.peer, tls)
+        return self._stats[tls]
+
     def request_started(self, state, address):
-        self._stats[self._tunnel(address) is not None].request()
+        self._requests(self._tunnel(address) is not None).request()
         return state.ewma.start() if state is not None else time.monotonic()
 
     def request_finished(self, state, token, status):
@@ -299,7 +305,8 @@ class HttpTarget:
 
     def response_started(self, request, status, address=None):
         tls = address is not None and self._tunnel(address) is not None
-        self._stats[tls].response(status, request.started)
+        self._requests(tls).response(status, request.started)
+        self.proxy.tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
 
     def count_error(self, status, reason):
         self.proxy.metrics.http_error("outbound", self.pod, status, reason)

@@ -24,6 +24,7 @@ from nodeagent.proxy.inbound import InboundAccept, MeshAccept
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
 from nodeagent.proxy.metrics import Metrics
+from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.upstream import Pool
 
 log = logging.getLogger("nodeagent.proxy")
@@ -88,6 +89,7 @@ class Proxy:
         self._policies: dict[str, tuple[dict, authz.PodPolicy]] = {}
         self._logged_rejections: set = set()
         self.metrics = Metrics()
+        self.tap = TapHub()
         self.open_connections = 0
         self.max_connections = max_connections
         self.view = ClusterView()

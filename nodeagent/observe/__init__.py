@@ -1,0 +1,1 @@
+"""stat, top and tap: what operators see, from the agents' admin endpoints."""

@@ -1,0 +1,39 @@
+"""Terminal renderings of stat, top and tap."""
+
+import time
+
+from rich.table import Table
+
+from nodeagent.observe.aggregate import RouteTotals, StatRow
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}ms" if value >= 10 else f"{value:.1f}ms"
+
+
+def stat_table(rows: list[StatRow], window_s: float, meshed: dict[str, str]) -> Table:
+    table = Table(title=f"Traffic to each destination, over {window_s:.0f}s", title_justify="left")
+    for column in ("DESTINATION", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN"):
+        table.add_column(column, justify="left" if column == "DESTINATION" else "right")
+    for row in rows:
+        table.add_row(row.destination, meshed.get(row.destination, "-"),
+                      "-" if row.success_rate is None else f"{row.success_rate:.2%}", f"{row.rps:.1f}",
+                      _ms(row.p50), _ms(row.p95), _ms(row.p99), f"{row.open_connections:.0f}")
+    return table
+
+
+def top_table(rows: list[tuple[tuple, RouteTotals]], limit: int = 20) -> Table:
+    table = Table(title="Top routes (from tap)", title_justify="left")
+    for column in ("SOURCE", "DESTINATION", "METHOD", "PATH", "COUNT", "BEST", "WORST", "LAST", "SUCCESS_RATE"):
+        table.add_column(column)
+    for (source, destination, method, path), t in rows[:limit]:
+        table.add_row(source, destination, method, path, str(t.count), _ms(t.best_ms), _ms(t.worst_ms),
+                      _ms(t.last_ms), f"{t.successes / t.count:.2%}")
+    return table
+
+
+def tap_line(event: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"])) + f".{int(event['ts'] * 1000) % 1000:03d}"
+    return (f"{stamp} {event['direction']} src={event['namespace']}/{event['pod']} dst={event['destination']} "
+            f"tls={str(event['tls']).lower()} :method={event['method']} :authority={event['authority']} "
+            f":path={event['path']} :status={event['status']} latency={event['latency_ms']:.3f}ms")
