@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv demo test unit clean-lab
+.PHONY: setup host venv tools demo test unit clean-lab
 
 setup: host venv
 
@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Test-only tools Debian lacks (helm).
+tools:
+	@bash scripts/install-tools.sh
+
 demo: setup
 	$(BIN)/nodeagent demo
 
-test: setup
+test: setup tools
 	$(BIN)/pytest -ra
 
 # Unprivileged tests only: no namespaces, cgroups or BPF.

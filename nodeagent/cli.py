@@ -356,3 +356,33 @@ def top(admins, namespace, pod, to, method, path, duration):
             time.sleep(1)
             with lock:
                 live.update(views.top_table(aggregate.roll_up(events)))
+
+
+@main.command()
+@click.option("--namespace", default="nodeagent", show_default=True)
+@click.option("--image", default="ghcr.io/nodeagent/nodeagent:0.1.0", show_default=True)
+@click.option("--label", default="nodeagent.io/mesh=enabled", show_default=True,
+              help="The opt-in label (KEY=VALUE) on pods or namespaces.")
+@click.option("--identity-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="From `identity init` (ca.crt, issuer.crt, issuer.key). Default: make a new one in "
+                   "./nodeagent-identity (keep its ca.key).")
+def install(namespace, image, label, identity_dir):
+    """Print the manifests to install nodeagent: `nodeagent install | kubectl apply -f -`."""
+    import datetime
+
+    import yaml
+
+    from nodeagent.deploy.render import Values, render
+    from nodeagent.identity import ca
+
+    if identity_dir is None:
+        identity_dir = Path("nodeagent-identity")
+        if not (identity_dir / "issuer.key").exists():
+            anchor = ca.Authority.new_anchor("cluster.local", datetime.timedelta(days=365))
+            ca.write_identity_files(identity_dir, anchor, anchor.new_issuer("cluster.local"))
+            click.echo(f"# made a new trust anchor and issuer in {identity_dir}/: keep ca.key safe", err=True)
+    values = Values(namespace=namespace, image=image, mesh_label=label,
+                    anchors_pem=(identity_dir / "ca.crt").read_text(),
+                    issuer_crt_pem=(identity_dir / "issuer.crt").read_text(),
+                    issuer_key_pem=(identity_dir / "issuer.key").read_text())
+    click.echo(yaml.safe_dump_all(render(values), sort_keys=False), nl=False)

@@ -1,0 +1,4 @@
+{{- define "nodeagent.labels" -}}
+app.kubernetes.io/name: nodeagent
+app.kubernetes.io/part-of: nodeagent
+{{- end -}}

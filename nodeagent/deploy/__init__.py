@@ -1,0 +1,1 @@
+"""Kubernetes manifests for running nodeagent as a DaemonSet."""

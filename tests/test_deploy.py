@@ -1,0 +1,98 @@
+"""deploy/: the manifests `nodeagent install` prints, the Helm chart, and the schemas they must pass."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from nodeagent.deploy.render import Values, render
+from nodeagent.identity.ca import Authority
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "nodeagent"
+HELM = shutil.which("helm") or str(ROOT / ".tools" / "helm")
+K8S_VERSION = "1.30.0"
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("identity")
+    anchor = Authority.new_anchor("cluster.local")
+    issuer = anchor.new_issuer("cluster.local")
+    (directory / "ca.crt").write_bytes(anchor.certificate_pem())
+    (directory / "issuer.crt").write_bytes(issuer.chain_pem())
+    (directory / "issuer.key").write_bytes(issuer.key_pem())
+    return directory
+
+
+def values_for(identity: Path, **overrides) -> Values:
+    return Values(anchors_pem=(identity / "ca.crt").read_text(), issuer_crt_pem=(identity / "issuer.crt").read_text(),
+                  issuer_key_pem=(identity / "issuer.key").read_text(), **overrides)
+
+
+def by_kind(docs: list[dict]) -> dict:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs if d}
+
+
+def helm_template(identity: Path, *settings: str) -> list[dict]:
+    done = subprocess.run([HELM, "template", "nodeagent", str(CHART),
+                           "--set-file", f"identity.trustAnchorsPEM={identity / 'ca.crt'}",
+                           "--set-file", f"identity.issuerCrtPEM={identity / 'issuer.crt'}",
+                           "--set-file", f"identity.issuerKeyPEM={identity / 'issuer.key'}", *settings],
+                          capture_output=True, text=True, check=True)
+    return list(yaml.safe_load_all(done.stdout))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"namespace": "mesh-system", "image": "registry.test/na:1",
+                                             "mesh_label": "example.com/meshed=yes"}])
+def test_every_rendered_manifest_validates_against_the_kubernetes_schemas(identity, overrides):
+    for manifest in render(values_for(identity, **overrides)):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is installed by `make tools`")
+
+
+@needs_helm
+def test_the_helm_chart_validates_and_equals_install_for_the_same_values(identity):
+    chart = helm_template(identity, "--set", "namespace=mesh-system", "--set", "image=registry.test/na:1",
+                          "--set", "meshLabel=example.com/meshed=yes")
+    for manifest in chart:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    expected = render(values_for(identity, namespace="mesh-system", image="registry.test/na:1",
+                                 mesh_label="example.com/meshed=yes"))
+    assert by_kind(chart) == by_kind(expected)
+
+
+@needs_helm
+def test_install_prints_what_the_chart_renders_with_its_defaults(identity):
+    done = subprocess.run([sys.executable, "-m", "nodeagent", "install", "--identity-dir", str(identity)],
+                          capture_output=True, text=True, check=True)
+    assert by_kind(list(yaml.safe_load_all(done.stdout))) == by_kind(helm_template(identity))
+
+
+def test_the_daemonset_asks_only_for_what_the_agent_needs(identity):
+    manifests = by_kind(render(values_for(identity)))
+    pod = manifests[("DaemonSet", "nodeagent")]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    security = container["securityContext"]
+    assert pod["spec"]["hostPID"] is True and "hostNetwork" not in pod["spec"]
+    assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) <= {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE",
+                                                    "PERFMON"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "admin"}
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src", "/var/run/nodeagent/identity"} <= mounts
+    rules = manifests[("ClusterRole", "nodeagent")]["rules"]
+    assert {v for r in rules for v in r["verbs"]} == {"get", "list", "watch"}  # read-only
+
+
+def test_a_bad_label_is_refused():
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        Values(mesh_label="nodeagent.io/mesh")
