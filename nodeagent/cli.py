@@ -156,8 +156,12 @@ def _default_pods_cgroup() -> Path:
 
 @main.command()
 @click.option("--node-name", required=True, help="This node's name (Pods' spec.nodeName).")
-@click.option("--cluster-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A directory of Kubernetes manifests to follow (the lab's cluster).")
+@click.option("--cluster-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Follow a directory of Kubernetes manifests (the lab's cluster).")
+@click.option("--kube", is_flag=True, help="Follow the Kubernetes API (in-cluster config, or --kubeconfig).")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--mesh-label", default="nodeagent.io/mesh=enabled", show_default=True,
+              help="The opt-in label KEY=VALUE on pods or namespaces (VALUE 'disabled' on a pod opts out).")
 @click.option("--cgroup", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The cgroup v2 directory of this node's pods (default: kubepods under the cgroup2 mount).")
 @pin_root_option
@@ -170,8 +174,8 @@ def _default_pods_cgroup() -> Path:
               help="Inbound policy of pods that set none.")
 @click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(node_name, cluster_dir, cgroup, pin_root, identity_dir, trust_domain, cert_lifetime, default_policy, admin,
-        log_level):
+def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, identity_dir, trust_domain,
+        cert_lifetime, default_policy, admin, log_level):
     """Run the agent for one node: data path, proxy, identities, admin port."""
     import datetime
     import logging
@@ -186,8 +190,20 @@ def run(node_name, cluster_dir, cgroup, pin_root, identity_dir, trust_domain, ce
     config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, identity_dir,
                          host or "127.0.0.1", int(port), trust_domain,
                          datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy))
+    if bool(cluster_dir) == bool(kube or kubeconfig):
+        raise click.UsageError("give either --cluster-dir or --kube/--kubeconfig")
+    if cluster_dir:
+        source = ManifestDirSource(cluster_dir, mesh_label)
+    else:
+        from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig, KubeSource
+
+        try:
+            config_source = KubeConfig.from_kubeconfig(kubeconfig) if kubeconfig else KubeConfig.in_cluster()
+        except (ApiError, OSError, KeyError, StopIteration) as e:
+            raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
+        source = KubeSource(ApiClient(config_source), mesh_label)
     try:
-        run_agent(config, ManifestDirSource(cluster_dir))
+        run_agent(config, source)
     except AgentError as e:
         raise click.ClickException(f"agent refused to start: {e}") from e
 

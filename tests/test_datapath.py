@@ -342,3 +342,14 @@ def test_counters_of_an_enrolled_pod_count_opens_and_failures(lab, proxy):
     assert counters["opened"] == 1 and counters["redirected"] == 1
     proxy.datapath.skip_port("outbound", 9999, skip=False)
     json.dumps(counters)
+
+
+def test_a_marked_proxy_socket_inside_a_pods_cgroup_is_not_redirected(lab, proxy):
+    # In a cluster the agent's own pod is under kubepods too: its sockets carry the proxy mark.
+    serve(lab, proxy, "client-n0-0", slot=12)
+    echo = lab.plan.pod("echo-n1-0")
+    code = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x4E41); "
+            f"s.settimeout(5); s.connect(({echo.ip!r}, 9000)); print(s.getpeername())")
+    done = run_in(lab, "client-n0-0", code)
+    assert done.stdout.strip() == f"('{echo.ip}', 9000)", done.stderr
+    assert proxy.datapath.counters(12)["redirected"] == 0 and proxy.originals == []

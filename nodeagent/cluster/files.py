@@ -8,19 +8,23 @@ from pathlib import Path
 
 import yaml
 
-from nodeagent.cluster.model import ClusterView
+from nodeagent.cluster.model import MESH_LABEL, ClusterView
 
 KINDS = ("pods", "services", "namespaces")
 
 
 class ManifestDirSource:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, mesh_label: str = MESH_LABEL):
         self.root = root
+        self.mesh_label = mesh_label
         self._signature: tuple | None = None
 
     def _files(self) -> dict[str, list[Path]]:
         return {kind: sorted((self.root / kind).rglob("*.yaml")) if (self.root / kind).exists() else []
                 for kind in KINDS}
+
+    def close(self) -> None:
+        pass
 
     def poll(self) -> ClusterView | None:
         files = self._files()
@@ -40,6 +44,6 @@ class ManifestDirSource:
                 if isinstance(loaded, dict):
                     objects[kind].append(loaded)
         self._signature = signature
-        view = ClusterView(objects["pods"], objects["services"], objects["namespaces"])
+        view = ClusterView(objects["pods"], objects["services"], objects["namespaces"], mesh_label=self.mesh_label)
         view.errors.extend(errors)
         return view

@@ -2,8 +2,10 @@
 objects (API or the lab's manifests alike): pods, Services, endpoints, and
 who is in the mesh. Pure: objects in, a read-only view out.
 
-Opt-in (issue #6's rules): a pod is meshed if its label nodeagent.io/mesh is
-"enabled", or its namespace's is and the pod's is not "disabled".
+Opt-in: a pod is meshed if its label nodeagent.io/mesh is "enabled", or its
+namespace's is and the pod's is not "disabled" (another KEY=VALUE can be
+configured). Endpoints come from EndpointSlices when the source has them
+(the API), else from Service selectors (the lab's manifests).
 Malformed objects are skipped and reported in `errors`, never fatal.
 """
 
@@ -11,7 +13,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-MESH_LABEL = "nodeagent.io/mesh"
+MESH_LABEL = "nodeagent.io/mesh=enabled"
+OPT_OUT = "disabled"
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class ServiceInfo:
 class Endpoint:
     ip: str
     port: int
-    pod: PodInfo
+    pod: PodInfo | None  # None: an address outside the cluster's pods (selector-less Service)
 
 
 def _pod(obj: dict) -> PodInfo | None:
@@ -92,8 +95,11 @@ def _service(obj: dict) -> ServiceInfo | None:
 
 
 class ClusterView:
-    def __init__(self, pods: list[dict] = (), services: list[dict] = (), namespaces: list[dict] = ()):
+    def __init__(self, pods: list[dict] = (), services: list[dict] = (), namespaces: list[dict] = (),
+                 endpoint_slices: list[dict] | None = None, mesh_label: str = MESH_LABEL):
         self.errors: list[str] = []
+        self.mesh_key, _, self.mesh_value = mesh_label.partition("=")
+        self._slices = _slices_by_service(endpoint_slices, self.errors) if endpoint_slices is not None else None
         self.pods: dict[str, PodInfo] = {}
         self.services: dict[str, ServiceInfo] = {}
         self.namespace_labels: dict[str, dict] = {}
@@ -118,10 +124,10 @@ class ClusterView:
             {(s.cluster_ip, p.port): (s, p) for s in self.services.values() for p in s.ports})
 
     def meshed(self, pod: PodInfo) -> bool:
-        own = pod.labels.get(MESH_LABEL)
-        if own in ("enabled", "disabled"):
-            return own == "enabled"
-        return self.namespace_labels.get(pod.namespace, {}).get(MESH_LABEL) == "enabled"
+        own = pod.labels.get(self.mesh_key)
+        if own in (self.mesh_value, OPT_OUT):
+            return own == self.mesh_value
+        return self.namespace_labels.get(pod.namespace, {}).get(self.mesh_key) == self.mesh_value
 
     def pods_on(self, node: str) -> list[PodInfo]:
         return sorted((p for p in self.pods.values() if p.node == node), key=lambda p: p.key)
@@ -134,6 +140,8 @@ class ClusterView:
         return self._endpoints[key]
 
     def _select(self, service: ServiceInfo, port: ServicePort) -> tuple[Endpoint, ...]:
+        if self._slices is not None:
+            return self._from_slices(service, port)
         if not service.selector:
             return ()
         found = []
@@ -149,3 +157,32 @@ class ClusterView:
                 target = pod.named_ports[target]
             found.append(Endpoint(pod.ip, int(target), pod))
         return tuple(sorted(found, key=lambda e: (e.ip, e.port)))
+
+    def _from_slices(self, service: ServiceInfo, port: ServicePort) -> tuple[Endpoint, ...]:
+        found = set()
+        for slice_ in self._slices.get(service.key, ()):
+            numbers = [p.get("port") for p in slice_.get("ports") or [] if (p.get("name") or "") == port.name
+                       and p.get("protocol", "TCP") == "TCP" and p.get("port")]
+            if not numbers:
+                continue
+            for endpoint in slice_.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
+                for ip in endpoint.get("addresses") or []:
+                    found.add(Endpoint(ip, int(numbers[0]), self.pod_by_ip.get(ip)))
+        return tuple(sorted(found, key=lambda e: (e.ip, e.port)))
+
+
+def _slices_by_service(slices: list[dict], errors: list[str]) -> dict[str, list[dict]]:
+    """IPv4 EndpointSlices by the Service (namespace/name) they belong to."""
+    by_service: dict[str, list[dict]] = {}
+    for slice_ in slices:
+        try:
+            meta = slice_["metadata"]
+            service = meta["labels"]["kubernetes.io/service-name"]
+        except (KeyError, TypeError):
+            errors.append(f"EndpointSlice skipped: no service-name label: {slice_.get('metadata', {}).get('name')}")
+            continue
+        if slice_.get("addressType", "IPv4") == "IPv4":
+            by_service.setdefault(f"{meta['namespace']}/{service}", []).append(slice_)
+    return by_service
