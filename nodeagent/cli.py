@@ -103,11 +103,28 @@ pin_root_option = click.option("--pin-root", type=click.Path(path_type=Path), de
 @main.command()
 @pin_root_option
 @click.option("--no-compile", is_flag=True, help="Skip compiling the BPF programs.")
-def check(pin_root, no_compile):
-    """Check every kernel and host prerequisite; non-zero exit if any fails."""
+@click.option("--post-install", is_flag=True,
+              help="Check an installed mesh through the Kubernetes API instead of this host.")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --post-install (default: in-cluster configuration).")
+@click.option("--namespace", default="nodeagent", show_default=True, help="With --post-install.")
+def check(pin_root, no_compile, post_install, kubeconfig, namespace):
+    """Check every kernel and host prerequisite (or, --post-install, the installed mesh);
+    non-zero exit if any fails."""
     from nodeagent import preflight
 
-    if not preflight.render(preflight.run_all(pin_root, compile_programs=not no_compile), click.echo):
+    if post_install:
+        from nodeagent import postinstall
+        from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig
+
+        try:
+            config = KubeConfig.from_kubeconfig(kubeconfig) if kubeconfig else KubeConfig.in_cluster()
+        except (ApiError, OSError, KeyError, StopIteration) as e:
+            raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
+        checks = postinstall.run_all(ApiClient(config), namespace)
+    else:
+        checks = preflight.run_all(pin_root, compile_programs=not no_compile)
+    if not preflight.render(checks, click.echo):
         raise SystemExit(1)
 
 

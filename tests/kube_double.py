@@ -29,6 +29,8 @@ class ApiDouble:
         self.delay_s = 0.0
         self.requests: list[tuple[str, dict]] = []
         self.watch_connections: set = set()
+        self.forbidden: set[str] = set()  # kinds the caller may not read: 403
+        self.singles: dict[str, dict] = {}  # other paths (a DaemonSet, a Secret) -> the object
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,13 +101,18 @@ class ApiDouble:
         self.requests.append((url.path, params))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+        if url.path in self.singles:
+            return self._json(request, 200, self.singles[url.path])
         kind = PATH_TO_KIND.get(url.path)
         if kind is None:
             return self._json(request, 404, {"kind": "Status", "code": 404, "message": "not found"})
+        if kind in self.forbidden:
+            return self._json(request, 403, {"kind": "Status", "code": 403, "message": f"{kind} is forbidden"})
         if self.delay_s:
             threading.Event().wait(self.delay_s)
         if params.get("watch") == "1":
-            return self._watch(request, kind, int(params["resourceVersion"]), float(params.get("timeoutSeconds", 300)))
+            since = int(params.get("resourceVersion") or self.rv)  # none given: from now on
+            return self._watch(request, kind, since, float(params.get("timeoutSeconds", 300)))
         self._list(request, kind, int(params.get("limit", 0)), int(params.get("continue", 0) or 0))
 
     def _json(self, request, status: int, body: dict) -> None:

@@ -1,9 +1,10 @@
 """`nodeagent run`: one agent per node.
 
 Start: check the host, load (or adopt) the data path in a short-lived loader
-process, open the admin port, then follow the cluster: every meshed pod on
-this node gets listeners inside its namespace and its data-path entries;
-pods that leave or go away are released. Ready once the first reconcile is done.
+process, open the admin port, then follow the cluster (the Kubernetes API or
+a manifest directory): every meshed pod on this node gets listeners inside
+its namespace and its data-path entries; pods that leave or go away are
+released. Ready once the first complete view of the cluster is reconciled.
 Stop (SIGTERM/SIGINT): close listeners and exit; the data path stays pinned,
 so the node's enrolled pods fail closed until an agent returns (README).
 """
@@ -95,18 +96,19 @@ class Agent:
                 if view is not None:
                     self.proxy.update_view(view)
                     await self.reconcile()
-                elif not self.ready or self._waiting:
+                    self.ready = True  # ready once the first complete view is served
+                elif self._waiting:
                     await self.reconcile()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._export_expirations()
-                self.ready = True
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_S)
                 except asyncio.TimeoutError:
                     pass
         finally:
             admin.close()
+            self.source.close()
             self.identities.close()
             for cookie in list(self.proxy.pods):
                 for server in self.proxy.pods[cookie].servers:

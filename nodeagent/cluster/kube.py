@@ -145,11 +145,12 @@ class ApiClient:
             if not token:
                 return items, page["metadata"]["resourceVersion"]
 
-    def watch(self, path: str, params: dict, resource_version: str) -> Iterator[dict]:
+    def watch(self, path: str, params: dict, resource_version: str,
+              timeout_s: int = WATCH_TIMEOUT_S) -> Iterator[dict]:
         """Watch events from `resource_version` until the server ends the stream."""
         conn, response = self._request(path, {**params, "watch": "1", "resourceVersion": resource_version,
-                                              "allowWatchBookmarks": "true", "timeoutSeconds": WATCH_TIMEOUT_S},
-                                       WATCH_TIMEOUT_S + 30)
+                                              "allowWatchBookmarks": "true", "timeoutSeconds": timeout_s},
+                                       timeout_s + 30)
         try:
             while line := response.readline():
                 if not line.strip():
