@@ -190,9 +190,11 @@ def _default_pods_cgroup() -> Path:
               type=click.Choice([m.value for m in __import__("nodeagent.policy.authz", fromlist=["Mode"]).Mode]),
               help="Inbound policy of pods that set none.")
 @click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
+@click.option("--sidecar-pod", metavar="NAMESPACE/NAME",
+              help="Sidecar mode: serve only this pod; --cgroup is then the pod's own cgroup.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, identity_dir, trust_domain,
-        cert_lifetime, default_policy, admin, log_level):
+        cert_lifetime, default_policy, admin, sidecar_pod, log_level):
     """Run the agent for one node: data path, proxy, identities, admin port."""
     import datetime
     import logging
@@ -206,7 +208,9 @@ def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, 
     host, _, port = admin.rpartition(":")
     config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, identity_dir,
                          host or "127.0.0.1", int(port), trust_domain,
-                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy))
+                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy), sidecar_pod)
+    if sidecar_pod and not cgroup:
+        raise click.UsageError("--sidecar-pod needs --cgroup: the pod's own cgroup directory")
     if bool(cluster_dir) == bool(kube or kubeconfig):
         raise click.UsageError("give either --cluster-dir or --kube/--kubeconfig")
     if cluster_dir:

@@ -20,12 +20,31 @@ pytestmark = pytest.mark.privileged
 HTTP_VIP, H2C_VIP, ECHO_VIP, BANNER_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
 
 
-@pytest.fixture(scope="module")
-def mesh():
+@pytest.fixture(scope="module", params=["node", "sidecar"])
+def mesh(request):
+    """The same functional tests in both modes: one agent per node, and one proxy per pod."""
     lab_ops.down()
-    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
+    created = lab_ops.up(nodes=2, pods_per_node=5, mesh=request.param)
     yield created
     lab_ops.down()
+
+
+def node_mode_only(lab):
+    if lab.mesh != "node":
+        pytest.skip("about the per-node agent itself")
+
+
+def client_admin(lab, pod_name: str = "client-n0-0") -> int:
+    """The admin port of the proxy serving `pod_name`: its node's agent, or its sidecar."""
+    pod = lab.plan.pod(pod_name)
+    if lab.mesh == "sidecar":
+        return lab_ops.sidecar_admin_port(lab, pod)
+    return next(n.admin_port for n in lab.plan.nodes if n.name == pod.node)
+
+
+def proxy_stats(lab, pod_name: str = "client-n0-0") -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{client_admin(lab, pod_name)}/stats", timeout=5) as response:
+        return json.load(response)
 
 
 def run_in(lab, pod_name: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -99,6 +118,7 @@ print(json.dumps(seen))
 
 
 def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
+    node_mode_only(mesh)
     for i in range(2):
         stats = agent_stats(i)
         assert stats["ready"] and len(stats["pods"]) == 5
@@ -109,9 +129,9 @@ def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
 def test_curl_http1_through_a_service_and_to_a_pod_ip(mesh):
     assert curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/").startswith("hello from http-n")
     assert curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/") == "hello from http-n0-0\n"
-    before = agent_stats(0)
+    before = proxy_stats(mesh)
     curl(mesh, "client-n0-0", f"http://{HTTP_VIP}/status/201")
-    after = agent_stats(0)
+    after = proxy_stats(mesh)
     assert counter(after, "response_total", peer="svc/default/http", status_code="201") == counter(
         before, "response_total", peer="svc/default/http", status_code="201") + 1
     # The client pod's kernel counters saw the redirects.
@@ -171,7 +191,7 @@ def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
         behave(mesh, "http-n1-0", "set-status/0")
         behave(mesh, "http-n0-0", "set-delay/0")
     assert seen == {"http-n0-0 200": 40}, seen
-    stats = agent_stats(0)
+    stats = proxy_stats(mesh)
     assert counter(stats, "endpoint_ejections_total", peer="svc/default/http-retry") >= 1
     assert counter(stats, "retries_total", peer="svc/default/http-retry") >= 1
 
@@ -188,7 +208,7 @@ def test_the_retry_budget_stops_a_retry_storm(mesh):
         for pod in ("http-n0-0", "http-n1-0"):
             behave(mesh, pod, "set-status/0")
     assert sum(v for k, v in seen.items() if k.endswith(" 429")) == 400
-    stats = agent_stats(0)
+    stats = proxy_stats(mesh)
     retries = counter(stats, "retries_total", peer="svc/default/http-storm")
     refused = counter(stats, "retry_budget_exhausted_total", peer="svc/default/http-storm")
     # 20% of ~401 requests plus 10/s over 10 s, instead of up to 400 retries.
@@ -223,12 +243,12 @@ def test_malformed_requests_get_400_and_the_proxy_serves_the_next(mesh):
     lines = py_in(mesh, "client-n0-0", MALFORMED.format(vip=HTTP_VIP)).splitlines()
     assert lines[:2] == ["HTTP/1.1 400 Bad Request", "HTTP/1.1 431 Request Header Fields Too Large"]
     assert lines[2].startswith("HTTP/1.1 200 ")
-    assert counter(agent_stats(0), "http_errors_total", status_code="400") >= 1
+    assert counter(proxy_stats(mesh), "http_errors_total", status_code="400") >= 1
 
 
 def test_pods_leave_and_rejoin_the_mesh_live(mesh):
     def meshed(pod_key):
-        return any(p["pod"] == pod_key for p in agent_stats(0)["pods"])
+        return any(p["pod"] == pod_key for p in proxy_stats(mesh)["pods"])
 
     assert lab_ops.label("client-n0-0", "nodeagent.io/mesh=disabled")
     try:
@@ -251,6 +271,7 @@ def _agent_pid(mesh, node: str) -> int:
 
 
 def test_a_killed_agent_fails_closed_and_its_successor_serves_the_same_pods(mesh):
+    node_mode_only(mesh)
     node = mesh.plan.nodes[0]
     os.kill(_agent_pid(mesh, "node0"), signal.SIGKILL)
     wait_until(lambda: not lab_ops.agent_ready(node), "the agent to die")

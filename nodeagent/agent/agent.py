@@ -54,7 +54,15 @@ class AgentConfig:
     trust_domain: str = naming.DEFAULT_TRUST_DOMAIN
     cert_lifetime: datetime.timedelta = datetime.timedelta(hours=24)
     default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED
+    # Sidecar mode: serve only this pod ("namespace/name"), with `pods_cgroup` its own cgroup.
+    only_pod: str | None = None
 
+    @property
+    def pin_name(self) -> str:
+        """Each agent's data path has a pin directory of its own."""
+        if self.only_pod:
+            return f"sidecar-{self.only_pod.replace('/', '-')}"
+        return self.node
 
 class Agent:
     def __init__(self, config: AgentConfig, source):
@@ -81,11 +89,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
-        self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.node, self.config.pods_cgroup,
+        self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.pin_name, self.config.pods_cgroup,
                                                    self.config.pin_root)
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
-        datapath = Datapath(PinLayout(self.config.pin_root, self.config.node))
+        datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
         self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy)
         self.proxy.metrics.registry.register(NodeCollector(self))
@@ -119,7 +127,8 @@ class Agent:
 
     async def reconcile(self) -> None:
         view = self.proxy.view
-        on_node = {p.uid: p for p in view.pods_on(self.config.node)}
+        on_node = {p.uid: p for p in view.pods_on(self.config.node)
+                   if self.config.only_pod is None or p.key == self.config.only_pod}
         wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})

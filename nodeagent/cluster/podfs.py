@@ -19,6 +19,8 @@ def pod_cgroup_names(uid: str) -> tuple[str, ...]:
 def find_pod_cgroup(root: Path, uid: str, max_depth: int = 6) -> Path | None:
     """Breadth-first under `root` for the pod's cgroup directory."""
     names = set(pod_cgroup_names(uid))
+    if root.name in names:
+        return root  # a sidecar's agent is given the pod's own cgroup
     level = [root]
     for _ in range(max_depth):
         following = []

@@ -29,7 +29,8 @@ STATE_DIR = Path(os.environ.get("NODEAGENT_LAB_DIR", "/run/nodeagent-lab"))
 BPF_PIN_ROOT = Path("/sys/fs/bpf") / PREFIX
 READY_TIMEOUT_S = 15.0
 AGENT_READY_TIMEOUT_S = 60.0
-MESH_MODES = ("none", "node")
+MESH_MODES = ("none", "node", "sidecar")
+SIDECAR_ADMIN_BASE = 5000  # sidecar k (k-th pod of the plan) serves its admin on 5000+k
 # Extra `nodeagent run` arguments for the lab's agents (tests use it for short certificate lifetimes).
 AGENT_EXTRA_ARGS = os.environ.get("NODEAGENT_LAB_AGENT_ARGS", "").split()
 
@@ -135,13 +136,36 @@ def _build(lab: Lab) -> None:
             pods.start(pod, cgroup, pods.workload_argv(pod), STATE_DIR / "logs" / f"{pod.name}.log")
     manifests.write_cluster(lab.cluster_dir, lab.plan)
     _wait_ready(lab)
-    if lab.mesh == "node":
+    if lab.mesh != "none":
         anchor = ca.Authority.new_anchor(naming.DEFAULT_TRUST_DOMAIN)
         ca.write_identity_files(identity_dir(), anchor, anchor.new_issuer(naming.DEFAULT_TRUST_DOMAIN))
+    if lab.mesh == "node":
         for node in lab.plan.nodes:
             start_agent(lab, node)
         for node in lab.plan.nodes:
             wait_agent_ready(node)
+    elif lab.mesh == "sidecar":
+        for pod in meshed_pods(lab):
+            start_sidecar(lab, pod)
+        for pod in meshed_pods(lab):
+            wait_ready(sidecar_admin_port(lab, pod), f"the sidecar of {pod.name}")
+
+
+def meshed_pods(lab: Lab) -> list[PodPlan]:
+    return [p for p in lab.plan.pods if p.labels.get("nodeagent.io/mesh") == "enabled"]
+
+
+def sidecar_admin_port(lab: Lab, pod: PodPlan) -> int:
+    return SIDECAR_ADMIN_BASE + lab.plan.pods.index(pod)
+
+
+def start_sidecar(lab: Lab, pod: PodPlan) -> subprocess.Popen:
+    """Sidecar mode: the same agent, one per pod, attached to that pod's cgroup only."""
+    node = next(n for n in lab.plan.nodes if n.name == pod.node)
+    pod_cgroup = lab.pod_cgroup(pod).parent
+    return _start_agent_process(lab, f"sidecar-{pod.name}", [
+        "--node-name", node.name, "--cgroup", str(pod_cgroup), "--sidecar-pod", f"{pod.namespace}/{pod.name}",
+        "--admin", f"127.0.0.1:{sidecar_admin_port(lab, pod)}"])
 
 
 def identity_dir() -> Path:
@@ -155,31 +179,44 @@ def agent_cgroup(lab: Lab, node: NodePlan) -> Path:
 
 
 def start_agent(lab: Lab, node: NodePlan) -> subprocess.Popen:
-    cgroup = agent_cgroup(lab, node)
+    return _start_agent_process(lab, node.name, [
+        "--node-name", node.name, "--cgroup", str(lab.cgroup_root / node.name),
+        "--admin", f"127.0.0.1:{node.admin_port}"])
+
+
+def _start_agent_process(lab: Lab, name: str, args: list[str]) -> subprocess.Popen:
+    """`nodeagent run` in the background, in a cgroup beside the nodes' pod subtrees."""
+    cgroup = lab.cgroup_root / "agents" / name
     cgroup.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "nodeagent", "run", "--node-name", node.name, "--cluster-dir", str(lab.cluster_dir),
-            "--cgroup", str(lab.cgroup_root / node.name), "--pin-root", str(BPF_PIN_ROOT),
-            "--identity-dir", str(identity_dir()), "--admin", f"127.0.0.1:{node.admin_port}", *AGENT_EXTRA_ARGS]
-    with open(STATE_DIR / "logs" / f"agent-{node.name}.log", "ab") as log:
+    argv = [sys.executable, "-m", "nodeagent", "run", "--cluster-dir", str(lab.cluster_dir), "--pin-root",
+            str(BPF_PIN_ROOT), "--identity-dir", str(identity_dir()), *args, *AGENT_EXTRA_ARGS]
+    with open(STATE_DIR / "logs" / f"agent-{name}.log", "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=lambda: cgroups.join(cgroup))
 
 
-def agent_ready(node: NodePlan, timeout_s: float = 0.5) -> bool:
+def ready(admin_port: int, timeout_s: float = 0.5) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/ready", timeout=timeout_s) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=timeout_s) as response:
             return response.status == 200
     except OSError:
         return False
 
 
-def wait_agent_ready(node: NodePlan) -> None:
+def agent_ready(node: NodePlan) -> bool:
+    return ready(node.admin_port)
+
+
+def wait_ready(admin_port: int, what: str) -> None:
     deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
-    while not agent_ready(node):
+    while not ready(admin_port):
         if time.monotonic() > deadline:
-            log = (STATE_DIR / "logs" / f"agent-{node.name}.log").read_text()[-3000:]
-            raise LabError(f"the agent of {node.name} is not ready after {AGENT_READY_TIMEOUT_S:.0f} s:\n{log}")
+            raise LabError(f"{what} is not ready after {AGENT_READY_TIMEOUT_S:.0f} s (logs: {STATE_DIR / 'logs'})")
         time.sleep(0.1)
+
+
+def wait_agent_ready(node: NodePlan) -> None:
+    wait_ready(node.admin_port, f"the agent of {node.name}")
 
 
 def _wait_ready(lab: Lab) -> None:
@@ -279,7 +316,9 @@ def status(lab: Lab) -> dict:
     nodes = [
         {"name": n.name, "pods": sum(p["node"] == n.name for p in pod_rows), "pod_cidr": n.pod_cidr,
          "admin": f"127.0.0.1:{n.admin_port}",
-         "agent": "none" if lab.mesh == "none" else ("ready" if agent_ready(n) else "not ready")}
+         "agent": {"none": "none", "node": "ready" if agent_ready(n) else "not ready"}.get(
+             lab.mesh, f"sidecars: {sum(ready(sidecar_admin_port(lab, p)) for p in meshed_pods(lab) if p.node == n.name)}"
+                       f" ready")}
         for n in lab.plan.nodes
     ]
     return {"mesh": lab.mesh, "cluster_dir": str(lab.cluster_dir), "nodes": nodes, "pods": pod_rows,
