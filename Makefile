@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv tools demo test unit clean-lab
+.PHONY: setup host venv tools demo test unit bench clean-lab
 
 setup: host venv
 
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup tools
 	$(BIN)/pytest -ra
+
+# The full benchmark (about 10 minutes); results land in benchmarks/results/<stamp>/.
+bench: setup
+	$(BIN)/python -m benchmarks.run
 
 # Unprivileged tests only: no namespaces, cgroups or BPF.
 unit: venv

@@ -8,6 +8,7 @@ set -euo pipefail
 packages=(
     python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
     iproute2 procps util-linux curl socat nghttp2-client
+    wrk nginx-light haproxy   # benchmarks: load generator, a C web server, a C proxy
 )
 arch=$(dpkg --print-architecture)
 kver=$(uname -r)
@@ -19,7 +20,13 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     apt-get update -qq
+    # nginx and haproxy come with services; the benchmarks start their own, so none may start here.
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Prefer the exact

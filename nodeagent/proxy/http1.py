@@ -23,6 +23,7 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_READ_TIMEOUT_S = 10.0  # slowloris: a request head must arrive within this
 KEEPALIVE_IDLE_S = 60.0
 MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being served
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
 @dataclass
@@ -39,8 +40,12 @@ class Request:
     started: float = 0.0
 
     def head(self) -> bytes:
+        """The head for the upstream. Connection-level headers are the client's hop's,
+        not the upstream's: the pooled upstream connection stays open whatever the client
+        asked of its own (an upgrade keeps them: it is the upstream that must switch)."""
         lines = [f"{self.method} ".encode() + bytes(self.url) + f" HTTP/{self.version}\r\n".encode()]
-        lines += [name + b": " + value + b"\r\n" for name, value in self.headers]
+        lines += [name + b": " + value + b"\r\n" for name, value in self.headers
+                  if self.upgrade or self.version != "1.1" or name.lower() not in HOP_BY_HOP]
         return b"".join(lines) + b"\r\n"
 
 
@@ -264,7 +269,7 @@ class Http1Server(asyncio.Protocol):
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
             request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
-        conn.attach(self.transport, self.stats)
+        conn.attach(self.transport, self.stats, closing=not request.keep_alive)
         try:
             await conn.done
         except (ConnectionError, OSError):

@@ -19,7 +19,7 @@ import ssl
 from nodeagent.policy.authz import Client
 from nodeagent.proxy import mesh
 from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
-from nodeagent.proxy.relay import Holding, splice_held
+from nodeagent.proxy.relay import Holding, nodelay, splice_held
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
 
@@ -61,6 +61,7 @@ class _Inbound(asyncio.Protocol):
             self._closed()
 
     def _opened(self):
+        nodelay(self.transport)
         self._open = True
         self.proxy.open_connections += 1
         self.stats = None  # counted once the client is known (its identity labels the series)
@@ -69,6 +70,7 @@ class _Inbound(asyncio.Protocol):
         if not self._open:
             return
         self._open = False
+        self.proxy.track_inbound(self, False)
         self.proxy.open_connections -= 1
         if self.stats is not None:
             if relay is not None:
@@ -80,10 +82,13 @@ class _Inbound(asyncio.Protocol):
         peer_ip = transport.get_extra_info("peername")[0]
         self.stats = self.proxy.metrics.connection("inbound", self.pod, identity or "unauthenticated",
                                                    identity is not None)
-        decision = self.proxy.authorize(self.pod, port, Client(peer_ip, identity))
+        self.port, self.client = port, Client(peer_ip, identity)
+        decision = self.proxy.authorize(self.pod, port, self.client)
         if not decision.allowed:
             await self._refuse(transport)
             return
+        self.admitted = transport
+        self.proxy.track_inbound(self, True)
         try:
             sock = await open_socket(self.pod.netns_path, ("127.0.0.1", port), APP_CONNECT_TIMEOUT_S)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
@@ -93,6 +98,10 @@ class _Inbound(asyncio.Protocol):
             transport.abort()
             return
         splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
+
+    def revoke(self) -> None:
+        """The pod's policy no longer admits this client: end the connection."""
+        self.admitted.abort()
 
     async def _refuse(self, transport) -> None:
         """403 for a client that speaks HTTP/1, a close for anything else."""

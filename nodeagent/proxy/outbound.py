@@ -3,13 +3,15 @@
 accept -> original destination (the data path) -> route -> detect -> HTTP/1
 (per-request balancing) or opaque (per-connection balancing).
 
-Server-speaks-first: the upstream connection is opened at accept time, in
-parallel with detection. If the server's bytes arrive before the client's,
-the connection is opaque and the banner reaches the client as soon as it is
-read: nothing waits for a detection timeout. If the client speaks HTTP/1
-first, that early connection becomes the first pooled connection to its
-endpoint. The cost: every outbound connection opens its upstream at once,
-as a plain TCP proxy would.
+Server-speaks-first: unless the client has spoken within EAGER_CONNECT_DELAY_S
+of the accept, the upstream connection is opened in parallel with detection.
+If the server's bytes arrive before the client's, the connection is opaque
+and the banner reaches the client as soon as it is read: nothing waits for a
+detection timeout (the banner is at most a few milliseconds later than
+without a mesh). A client that speaks HTTP/1 within the delay, as HTTP
+clients do, opens no upstream of its own: its requests go over pooled
+connections, so a new client connection costs no new mutual-TLS handshake.
+If it spoke later, the early connection becomes a pooled connection.
 """
 
 import asyncio
@@ -17,7 +19,7 @@ import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.http1 import Http1Server
-from nodeagent.proxy.relay import Holding, splice_held
+from nodeagent.proxy.relay import Holding, nodelay, splice_held
 from nodeagent.proxy.routing import Passthrough, ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.proxy import mesh
@@ -25,6 +27,7 @@ from nodeagent.proxy.tap import request_event
 from nodeagent.proxy.upstream import connect
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
+EAGER_CONNECT_DELAY_S = 0.003
 
 
 class OutboundAccept(asyncio.Protocol):
@@ -40,9 +43,11 @@ class OutboundAccept(asyncio.Protocol):
         self.client_eof = False
         self.stats = None  # the client connection's counters, made once the hop (mTLS or not) is known
         self.finished = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         self.transport = transport
+        nodelay(transport)
         peer_port = transport.get_extra_info("peername")[1]
         original = self.proxy.datapath.original_destination(self.pod.cookie, peer_port)
         if original is None:
@@ -58,9 +63,14 @@ class OutboundAccept(asyncio.Protocol):
         self.decision = route(self.proxy.view, *original)
         self.peer = peer_label(self.decision)
         self.config = self.proxy.config_for(self.decision)
-        self.upstream = asyncio.get_running_loop().create_task(self._connect())
         if original[1] in self.config.opaque_ports:
             self._decide(Protocol.OPAQUE)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(EAGER_CONNECT_DELAY_S, self._start_connect)
+
+    def _start_connect(self):
+        if self.upstream is None:
+            self.upstream = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self):
         """Open the upstream at once, trying other endpoints if a connect fails."""
@@ -137,8 +147,13 @@ class OutboundAccept(asyncio.Protocol):
     def _decide(self, protocol: Protocol):
         self.decided = True
         self.proxy.metrics.detected("outbound", self.pod, protocol.value)
-        serve = self._as_http1 if protocol is Protocol.HTTP1 else self._as_opaque
-        asyncio.get_running_loop().create_task(serve())
+        if self._timer:
+            self._timer.cancel()
+        if protocol is Protocol.HTTP1:
+            asyncio.get_running_loop().create_task(self._as_http1())
+        else:
+            self._start_connect()
+            asyncio.get_running_loop().create_task(self._as_opaque())
 
     async def _as_opaque(self):
         upstream = await self.upstream
@@ -182,7 +197,7 @@ class OutboundAccept(asyncio.Protocol):
 
     async def _as_http1(self):
         self.transport.pause_reading()
-        upstream = await self.upstream
+        upstream = await self.upstream if self.upstream else None
         if upstream is not None:
             state, address = self.endpoint
             if state is not None:
@@ -205,6 +220,8 @@ class OutboundAccept(asyncio.Protocol):
     def connection_lost(self, exc):
         if self.decided or not hasattr(self, "original"):
             return  # the task serving the decision owns the rest (or nothing was counted)
+        if self._timer:
+            self._timer.cancel()
         if self.upstream:
             self.upstream.cancel()
             if self.early and self.early.transport:

@@ -8,7 +8,19 @@ one side resets the other.
 """
 
 import asyncio
+import socket
 from collections.abc import Callable
+
+
+def nodelay(transport: asyncio.BaseTransport) -> None:
+    """No Nagle on our connections: a small write (a TLS flight, a tunnel header, an
+    HTTP head) must not wait for the peer's delayed ACK (40 ms)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 class Relay(asyncio.Protocol):

@@ -87,6 +87,7 @@ class Proxy:
         self.default_policy = default_policy
         self.cluster_networks = cluster_networks
         self._policies: dict[str, tuple[dict, authz.PodPolicy]] = {}
+        self.inbound_live: dict[str, set] = {}  # pod key -> admitted inbound connections
         self._logged_rejections: set = set()
         self.metrics = Metrics()
         self.tap = TapHub()
@@ -103,7 +104,25 @@ class Proxy:
     def update_view(self, view: ClusterView) -> None:
         for error in view.errors:
             log.warning("cluster: %s", error)
-        self.view = view
+        old, self.view = self.view, view
+        for key, connections in list(self.inbound_live.items()):
+            before, after = old.pods.get(key), view.pods.get(key)
+            if before is not None and after is not None and before.annotations != after.annotations:
+                self._reauthorize(connections)
+
+    def _reauthorize(self, connections: set) -> None:
+        """A pod's policy changed: connections it would now refuse are closed (pooled
+        connections would otherwise carry requests past the new policy)."""
+        for connection in list(connections):
+            if not self.authorize(connection.pod, connection.port, connection.client).allowed:
+                connection.revoke()
+
+    def track_inbound(self, connection, alive: bool) -> None:
+        live = self.inbound_live.setdefault(connection.pod.key, set())
+        if alive:
+            live.add(connection)
+        else:
+            live.discard(connection)
 
     # --- shared per-Service state ---
 
@@ -210,6 +229,7 @@ class Proxy:
         for server in pod.servers:
             server.close()
         self.pool.forget_pod(cookie)
+        self.inbound_live.pop(pod.key, None)
         if deleted:
             self.datapath.detach_inbound(cookie)
         self.metrics.forget_pod(pod.key)

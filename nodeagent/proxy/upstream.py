@@ -138,8 +138,14 @@ class ResponseReader(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(True)
 
-    def attach(self, sink: asyncio.Transport, counter=None) -> None:
-        """Send what was read so far, and everything after, to the client."""
+    def attach(self, sink: asyncio.Transport, counter=None, closing: bool = False) -> None:
+        """Send what was read so far, and everything after, to the client. `closing`: the
+        client's connection ends after this response, so its head must say so (the
+        upstream's own connection stays open for the pool)."""
+        if closing:
+            head_end = self.pending.find(b"\r\n\r\n")
+            if head_end >= 0 and b"\r\nconnection: close" not in bytes(self.pending[:head_end]).lower():
+                self.pending[head_end:head_end] = b"\r\nconnection: close"
         if self.pending:
             sink.write(bytes(self.pending))
             if counter is not None:
