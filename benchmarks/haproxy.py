@@ -33,9 +33,9 @@ def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def client_config(server_ip: str, bundle: Path, client_pem: Path) -> str:
-    tls = f"ssl verify required ca-file {bundle} crt {client_pem} sni str(server)"
+    tls = f"ssl verify required ca-file {bundle} crt {client_pem}"  # identities are URIs: no hostname check
     return f"""global
-    maxconn 20000
+    maxconn 2000
 defaults
     timeout connect 5s
     timeout client 60s
@@ -62,7 +62,7 @@ listen bulk_local
 def server_config(server_ip: str, bundle: Path, server_pem: Path) -> str:
     tls = f"ssl crt {server_pem} ca-file {bundle} verify required"
     return f"""global
-    maxconn 20000
+    maxconn 2000
 defaults
     timeout connect 5s
     timeout client 60s

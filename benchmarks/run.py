@@ -119,6 +119,7 @@ error_log {dir}/nginx-{pod}.log;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    keepalive_requests 10000000;  # nginx would end HTTP/2 connections after 1000 requests
     server {{ listen {http}; location / {{ return 200 "ok\\n"; }} }}
     server {{ listen {h2} http2; location / {{ return 200 "ok\\n"; }} }}
 }}
@@ -201,6 +202,8 @@ def h2load(lab, host, port, requests) -> dict:
     out = in_pod(lab, CLIENT, ["h2load", "-n", str(requests), "-c", "4", "-m", "10", f"http://{host}:{port}/"])
     finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
     succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    if int(succeeded[1]) != requests:
+        raise RuntimeError(f"h2load: only {succeeded[1]} of {requests} requests succeeded:\n{out[-1500:]}")
     return {"rps": float(finished[3]), "succeeded": int(succeeded[1]), "requests": requests}
 
 
