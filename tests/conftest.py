@@ -22,3 +22,18 @@ def no_lab_leftovers():
         from nodeagent.lab import lab
 
         lab.down()
+
+
+def lab_fixture(nodes: int = 2, pods_per_node: int = 5, mesh: str = "none"):
+    """A module-scoped lab for a test module: up before its first test, down after its last."""
+
+    @pytest.fixture(scope="module")
+    def lab():
+        from nodeagent.lab import lab as lab_ops
+
+        lab_ops.down()
+        created = lab_ops.up(nodes=nodes, pods_per_node=pods_per_node, mesh=mesh)
+        yield created
+        lab_ops.down()
+
+    return lab

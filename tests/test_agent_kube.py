@@ -14,16 +14,12 @@ from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import manifests
 from test_postinstall import kubeconfig
 from test_proxy import agent_stats, curl, wait_until
+from conftest import lab_fixture
 
 pytestmark = pytest.mark.privileged
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab_ops.down()
-    created = lab_ops.up(nodes=1, pods_per_node=5, mesh="none")
-    yield created
-    lab_ops.down()
+lab = lab_fixture(nodes=1, mesh="none")
 
 
 def endpoint_slice(service: dict, pods: list[dict]) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lab_fixture
 from nodeagent import netns
 from nodeagent.datapath import cleanup, libbpf
 from nodeagent.datapath.control import Datapath, PodEntry
@@ -27,12 +28,7 @@ NODE = "node0"
 STANDIN = Path(__file__).with_name("standin_proxy.py")
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab_ops.down()
-    created = lab_ops.up(nodes=2, pods_per_node=5)
-    yield created
-    lab_ops.down()
+lab = lab_fixture()
 
 
 @pytest.fixture

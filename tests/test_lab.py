@@ -14,17 +14,13 @@ from nodeagent import cgroups, netns
 from nodeagent.lab import client, pods
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab.plan import FABRIC_NETNS, WORKLOAD_BY_KIND
+from conftest import lab_fixture
 
 pytestmark = pytest.mark.privileged
 NODEAGENT = [sys.executable, "-m", "nodeagent"]
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab_ops.down()
-    created = lab_ops.up(nodes=2, pods_per_node=5)
-    yield created
-    lab_ops.down()
+lab = lab_fixture()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

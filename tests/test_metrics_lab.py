@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import lab_fixture
 from nodeagent.lab import lab as lab_ops
 from nodeagent.observe import admin_client
 from test_proxy import py_in, wait_until
@@ -16,12 +17,7 @@ pytestmark = pytest.mark.privileged
 ADMIN0 = "127.0.0.1:4191"
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    lab_ops.down()
-    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
-    yield created
-    lab_ops.down()
+mesh = lab_fixture(mesh="node")
 
 
 def value(samples, name, **labels) -> float:

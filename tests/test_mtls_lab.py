@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import lab_fixture
 from nodeagent import netns
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import manifests
@@ -17,12 +18,7 @@ pytestmark = pytest.mark.privileged
 ETH_P_ALL = 0x0003
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    lab_ops.down()
-    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
-    yield created
-    lab_ops.down()
+mesh = lab_fixture(mesh="node")
 
 
 class Capture:

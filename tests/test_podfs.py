@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent import cgroups
 from nodeagent.cluster import podfs
 
 UID = "7f3c1c2e-1b2a-4c5d-8e9f-0a1b2c3d4e5f"
@@ -42,7 +43,7 @@ def test_the_pod_cgroup_is_found_by_uid(tmp_path, layout):
     pod_dir, container = LAYOUTS[layout]
     pod = make_pod(tmp_path, pod_dir, container, os.getpid())
     assert podfs.find_pod_cgroup(tmp_path, UID) == pod
-    assert podfs.pod_pids(pod) == [os.getpid()]
+    assert cgroups.pids_in(pod) == [os.getpid()]
 
 
 def test_the_netns_is_opened_from_a_live_process_of_the_pod(tmp_path):

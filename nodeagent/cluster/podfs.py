@@ -9,6 +9,8 @@ the namespace: /proc/<pid>/ns/net.
 import os
 from pathlib import Path
 
+from nodeagent import cgroups
+
 
 def pod_cgroup_names(uid: str) -> tuple[str, ...]:
     underscored = uid.replace("-", "_")
@@ -37,19 +39,9 @@ def find_pod_cgroup(root: Path, uid: str, max_depth: int = 6) -> Path | None:
     return None
 
 
-def pod_pids(pod_cgroup: Path) -> list[int]:
-    pids = []
-    for directory in [pod_cgroup, *sorted(p for p in pod_cgroup.rglob("*") if p.is_dir())]:
-        try:
-            pids += [int(x) for x in (directory / "cgroup.procs").read_text().split()]
-        except OSError:
-            continue
-    return pids
-
-
 def open_pod_netns(pod_cgroup: Path) -> int | None:
     """An fd on the pod's network namespace (kept alive while the fd is open), or None."""
-    for pid in pod_pids(pod_cgroup):
+    for pid in cgroups.pids_in(pod_cgroup):
         try:
             return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
         except OSError:
