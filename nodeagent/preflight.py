@@ -88,7 +88,7 @@ def check_headers() -> Check:
     target = build.resolve()
     matched = release in target.name
     return Check("kernel headers", True, f"{build} -> {target}" + ("" if matched else
-                 f" (headers of another kernel: our BPF uses only stable UAPI types)"))
+                 " (headers of another kernel: our BPF uses only stable UAPI types)"))
 
 
 def check_prog_types() -> list[Check]:

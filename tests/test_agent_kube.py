@@ -3,7 +3,6 @@ double, the agent started with --kubeconfig, traffic through the mesh."""
 
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml

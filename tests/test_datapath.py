@@ -21,7 +21,7 @@ from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import CGROUP_PROGRAMS, SK_LOOKUP
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import pods
-from standin_proxy import INBOUND_PORT, OUTBOUND_PORT, StandinProxy
+from standin_proxy import OUTBOUND_PORT, StandinProxy
 
 pytestmark = pytest.mark.privileged
 NODE = "node0"

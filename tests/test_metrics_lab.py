@@ -1,6 +1,5 @@
 """After known traffic in the lab, the agent's metrics say exactly what was sent."""
 
-import json
 import subprocess
 import sys
 import threading
@@ -9,7 +8,6 @@ import time
 import pytest
 
 from conftest import lab_fixture
-from nodeagent.lab import lab as lab_ops
 from nodeagent.observe import admin_client
 from test_proxy import py_in, wait_until
 

@@ -8,7 +8,6 @@ can obtain nothing else: `material()` refuses any other identity.
 
 import datetime
 import os
-import shutil
 import ssl
 import tempfile
 import time
@@ -20,6 +19,7 @@ from nodeagent.identity import naming
 from nodeagent.identity.ca import DAY, Authority, certificate_pem, key_pem, new_key
 
 RENEW_AT = 0.7
+_PRIVATE_TMP = "/run" if os.access("/run", os.W_OK) else None
 
 
 class NotOnThisNode(naming.IdentityError):
@@ -60,10 +60,6 @@ class WorkloadIdentities:
         self.clock = clock
         self._allowed: set[naming.Identity] = set()
         self._material: dict[naming.Identity, Material] = {}
-        # Keys touch the disk only because ssl can load them from nowhere else: a private tmpfs-backed dir.
-        self._dir = Path(tempfile.mkdtemp(prefix="nodeagent-identity-", dir="/run" if os.access("/run", os.W_OK)
-                                          else None))
-        self._dir.chmod(0o700)
         self.issued = 0
 
     def allow(self, identities: set[naming.Identity]) -> None:
@@ -92,16 +88,14 @@ class WorkloadIdentities:
     def _issue(self, identity: naming.Identity) -> Material:
         key = new_key()
         certificate = self.issuer.issue(identity.uri, key.public_key(), self.lifetime)
-        stem = self._dir / f"{identity.namespace}.{identity.service_account}.{certificate.serial_number:x}"
-        cert_file, key_file = stem.with_suffix(".crt"), stem.with_suffix(".key")
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(key_pem(key))
-        cert_file.write_bytes(certificate_pem(certificate) + self.issuer.chain_pem())
-        try:
+        # The key touches a file only because ssl loads keys from nowhere else: a private
+        # directory on tmpfs (/run) that exists for the length of the load.
+        with tempfile.TemporaryDirectory(prefix="nodeagent-identity-", dir=_PRIVATE_TMP) as directory:
+            cert_file, key_file = Path(directory, "tls.crt"), Path(directory, "tls.key")
+            key_file.touch(mode=0o600)
+            key_file.write_bytes(key_pem(key))
+            cert_file.write_bytes(certificate_pem(certificate) + self.issuer.chain_pem())
             server, client = _contexts(str(cert_file), str(key_file), self.anchors_pem)
-        finally:
-            cert_file.unlink()
-            key_file.unlink()
         self.issued += 1
         return Material(identity, certificate.not_valid_before_utc.timestamp(),
                         certificate.not_valid_after_utc.timestamp(), certificate.serial_number, server, client)
@@ -110,4 +104,4 @@ class WorkloadIdentities:
         return {str(i): m.not_after for i, m in self._material.items()}
 
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._material.clear()

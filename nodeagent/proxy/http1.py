@@ -253,7 +253,7 @@ class Http1Server(asyncio.Protocol):
             self.target.request_finished(endpoint, token, None)
             self._write_error(504, "request timeout", request, address)
             return "close"
-        except (ConnectionError, OSError) as e:
+        except (ConnectionError, OSError):
             self.target.request_finished(endpoint, token, None)
             if not request.has_body and retryable and attempt < self.target.retry_limit and self.target.may_retry():
                 return "retry"

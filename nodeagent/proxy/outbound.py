@@ -20,7 +20,7 @@ import time
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.relay import Holding, nodelay, splice_held
-from nodeagent.proxy.routing import Passthrough, ToPod, ToService, route
+from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.proxy import mesh
 from nodeagent.proxy.tap import request_event
