@@ -52,12 +52,18 @@ class Connection(asyncio.Protocol):
         return await self.waiter
 
 
-async def run(host: str, port: int, rate: float, seconds: float, connections: int) -> dict:
+async def run(host: str, port: int, rate: float, seconds: float, connections: int, warmup: bool = False) -> dict:
     loop = asyncio.get_running_loop()
     idle: asyncio.Queue = asyncio.Queue()
     for _ in range(connections):
         _, conn = await loop.create_connection(Connection, host, port)
         idle.put_nowait(conn)
+    if warmup:  # one request per connection first: measure steady keep-alive traffic, not connection set-up
+        for _ in range(connections):
+            conn = idle.get_nowait()
+            await conn.request()
+            idle.put_nowait(conn)
+        await asyncio.sleep(0.5)
     latencies, errors = [], 0
     total = int(rate * seconds)
     clock = time.perf_counter  # loop.time() has millisecond resolution under uvloop
@@ -100,8 +106,9 @@ def main():
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--warmup", action="store_true", help="one request per connection before measuring")
     args = parser.parse_args()
-    print(json.dumps(uvloop.run(run(args.host, args.port, args.rate, args.seconds, args.connections))))
+    print(json.dumps(uvloop.run(run(args.host, args.port, args.rate, args.seconds, args.connections, args.warmup))))
 
 
 if __name__ == "__main__":

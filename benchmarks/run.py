@@ -208,8 +208,9 @@ def h2load(lab, host, port, requests) -> dict:
 
 
 def openloop(lab, host, port, rate, seconds) -> dict:
+    # Warmed up: this row is steady keep-alive traffic; connection set-up has its own row.
     out = in_pod(lab, CLIENT, [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
-                               "--seconds", str(seconds)], timeout_s=seconds + 60)
+                               "--seconds", str(seconds), "--warmup"], timeout_s=seconds + 60)
     return json.loads(out)
 
 

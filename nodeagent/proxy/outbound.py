@@ -43,6 +43,7 @@ class OutboundAccept(asyncio.Protocol):
         self.client_eof = False
         self.stats = None  # the client connection's counters, made once the hop (mTLS or not) is known
         self.finished = False
+        self.adopting = False
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
@@ -190,23 +191,21 @@ class OutboundAccept(asyncio.Protocol):
         self.proxy.open_connections -= 1
         self._count_open()
         self.stats.close()
-        state = self.endpoint[0] if self.endpoint else None
+        state = self.endpoint[0] if self.endpoint and not self.adopting else None
         if state is not None:
             state.connections -= 1
             self.endpoint = None
 
     async def _as_http1(self):
-        self.transport.pause_reading()
-        upstream = await self.upstream if self.upstream else None
-        if upstream is not None:
-            state, address = self.endpoint
-            if state is not None:
-                state.connections -= 1
-            self.endpoint = None
-            if self.early.buffer or self.early.eof or self.early.lost:
-                upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
+        # An early upstream still being set up must not hold the first request back (a burst
+        # of new connections would queue behind each other's handshakes): it joins the pool
+        # when it is ready, and requests use whatever the pool has meanwhile.
+        self.adopting = self.upstream is not None  # from here the early upstream belongs to the pool
+        if self.adopting:
+            if self.upstream.done():
+                self._adopt(self.upstream)
             else:
-                self.proxy.pool.adopt(self.pod.cookie, address, upstream)
+                self.upstream.add_done_callback(self._adopt)
         if self.transport.is_closing():
             self._done()
             return
@@ -215,7 +214,20 @@ class OutboundAccept(asyncio.Protocol):
         server = Http1Server(target, bytes(self.buffer), self.stats, on_close=self._done)
         self.transport.set_protocol(server)
         server.connection_made(self.transport)
-        self.transport.resume_reading()
+
+    def _adopt(self, task: asyncio.Task) -> None:
+        """The early upstream becomes a pooled connection, if it is a clean HTTP/1 one."""
+        upstream = None if task.cancelled() or task.exception() else task.result()
+        if upstream is None or self.endpoint is None:
+            return
+        state, address = self.endpoint
+        if state is not None:
+            state.connections -= 1
+        self.endpoint = None
+        if self.early.buffer or self.early.eof or self.early.lost:
+            upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
+        else:
+            self.proxy.pool.adopt(self.pod.cookie, address, upstream)
 
     def connection_lost(self, exc):
         if self.decided or not hasattr(self, "original"):
