@@ -123,6 +123,7 @@ def daemonset(values: Values) -> dict:
                             {"name": "headers", "mountPath": "/usr/src", "readOnly": True},
                             {"name": "identity", "mountPath": "/var/run/nodeagent/identity", "readOnly": True},
                             {"name": "run", "mountPath": "/run"},
+                            {"name": "tmp", "mountPath": "/tmp"},
                         ],
                     }],
                     "volumes": [
@@ -130,6 +131,7 @@ def daemonset(values: Values) -> dict:
                         host("modules", "/lib/modules"), host("headers", "/usr/src"),
                         {"name": "identity", "secret": {"secretName": f"{NAME}-identity-issuer"}},
                         {"name": "run", "emptyDir": {"medium": "Memory"}},
+                        {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
                     ],
                 },
             },
