@@ -22,6 +22,7 @@ from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.relay import Holding, nodelay, splice_held
 from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
+from nodeagent.identity import naming
 from nodeagent.proxy import mesh
 from nodeagent.proxy.tap import request_event
 from nodeagent.proxy.upstream import connect
@@ -82,12 +83,16 @@ class OutboundAccept(asyncio.Protocol):
                 return None
             state, address, destination = target
             tried.add(address)
-            # The protocol is not known yet: the hint says opaque, the destination detects for itself.
-            tunnel = self.proxy.tunnel_to(self.pod, destination, address[1], mesh.HINT_OPAQUE)
             holding = Holding()
             try:
+                # The protocol is not known yet: the hint says opaque, the destination detects for itself.
+                tunnel = self.proxy.tunnel_to(self.pod, destination, address[1], mesh.HINT_OPAQUE)
                 transport, _ = await connect(self.pod.netns_path, address, self.config.connect_timeout_s,
                                              lambda: holding, tunnel)
+            except naming.IdentityError:
+                # The pod left the mesh (its identity went with it) while this connection was set up.
+                self.proxy.metrics.tcp_error("outbound", self.pod, "no identity")
+                return None
             except (OSError, asyncio.TimeoutError) as e:
                 if state is not None:
                     state.accrual.on_failure()
