@@ -4,6 +4,7 @@ kind through the mesh, a summary, and teardown (also on Ctrl-C)."""
 import json
 import statistics
 import sys
+import time
 import urllib.request
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.table import Table
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import pods
 from nodeagent.lab.plan import WORKLOAD_BY_KIND
+from nodeagent.observe import admin_client, aggregate, views
 
 KINDS = ("http", "h2c", "echo", "banner")
 # An address outside the lab (TEST-NET-2, never routed): a pod must not reach it.
@@ -65,6 +67,10 @@ def _outside_blocked(lab: lab_ops.Lab, client: str) -> str:
     return _run_python(lab, client, ["-c", OUTSIDE_GET.format(host=OUTSIDE)]).strip()
 
 
+def _scrape(admins: list[str]) -> dict:
+    return aggregate.totals_by_destination([s for admin in admins for s in admin_client.scrape(admin)])
+
+
 def _agent_status(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
         return json.load(response)
@@ -73,7 +79,7 @@ def _agent_status(port: int) -> dict:
 def _traffic_table(lab: lab_ops.Lab) -> tuple[Table, int]:
     table = Table(title="Traffic from pod client-n0-0 (node0), through the mesh", title_justify="left")
     for column in ("PROTOCOL", "TO", "PATH", "RESULT", "MS", "DETAIL"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     failures = 0
     services = {s.name: s for s in lab.plan.services}
     for kind in KINDS:
@@ -104,16 +110,21 @@ def run_demo(console: Console) -> None:
         table, failures = _traffic_table(lab)
         console.print(table)
 
+        admins = [f"127.0.0.1:{n.admin_port}" for n in lab.plan.nodes]
+        before, started = _scrape(admins), time.monotonic()
         result = json.loads(_run_python(lab, "client-n1-0", ["-c", LATENCIES.format(vip="10.96.0.10",
                                                                                    n=BALANCED_REQUESTS)]))
+        window = time.monotonic() - started
         cuts = statistics.quantiles(result["latencies"], n=100)
         console.print(f"{BALANCED_REQUESTS} HTTP requests from client-n1-0 to svc/http on one connection: "
                       f"{result['ok']}/{BALANCED_REQUESTS} succeeded, p50 {cuts[49]:.2f} ms, p99 {cuts[98]:.2f} ms; "
                       f"balanced per request: {dict(result['served'])}")
+        rows = [r for r in aggregate.stat_rows(before, _scrape(admins), window) if r.rps > 0]
+        console.print(views.stat_table(rows, window, {}))
 
         kernel = Table(title="Kernel counters per meshed pod (read from BPF maps)", title_justify="left")
         for column in ("NODE", "POD", "REDIRECTED", "OPENED", "FAILED", "DENIED", "INBOUND STEERED"):
-            kernel.add_column(column)
+            kernel.add_column(column, overflow="fold")
         for node in lab.plan.nodes:
             for pod in _agent_status(node.admin_port)["pods"]:
                 k = pod["kernel"]
@@ -123,7 +134,7 @@ def run_demo(console: Console) -> None:
         final = [_agent_status(n.admin_port) for n in lab.plan.nodes]
         identities = Table(title="Workload identities (mTLS between proxies)", title_justify="left")
         for column in ("NODE", "IDENTITIES HELD (24 h certificates)", "INBOUND mTLS ALLOWED", "HANDSHAKE FAILURES"):
-            identities.add_column(column)
+            identities.add_column(column, overflow="fold")
         for node, status in zip(lab.plan.nodes, final):
             counters = status["counters"]
             mtls = sum(c["value"] for c in counters if c["name"] == "inbound_authorization_total"
@@ -134,7 +145,9 @@ def run_demo(console: Console) -> None:
         outside = _outside_blocked(lab, "client-n0-0")
         console.print(f"GET http://{OUTSIDE}/ (outside the lab) from client-n0-0: {outside} "
                       "(the lab has no way out).")
-        console.print("[yellow]Not yet:[/yellow] Prometheus metrics, tap and stat arrive with issue #7.")
+        console.print("More: `nodeagent stat`, `nodeagent top`, `nodeagent tap` and /metrics on each agent's admin "
+                      "port while a lab runs. [yellow]Not yet:[/yellow] HTTP/2 per-request balancing, several "
+                      "cores per agent, the kernel fast paths.")
         if failures or result["ok"] != BALANCED_REQUESTS or "connect failed" not in outside:
             raise lab_ops.LabError(f"{failures} probes failed, or a pod reached outside the lab: {outside}")
     finally:

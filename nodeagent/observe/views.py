@@ -12,9 +12,9 @@ def _ms(value: float | None) -> str:
 
 
 def stat_table(rows: list[StatRow], window_s: float, meshed: dict[str, str]) -> Table:
-    table = Table(title=f"Traffic to each destination, over {window_s:.0f}s", title_justify="left")
+    table = Table(title=f"Traffic to each destination, over {window_s:.1f}s", title_justify="left")
     for column in ("DESTINATION", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN"):
-        table.add_column(column, justify="left" if column == "DESTINATION" else "right")
+        table.add_column(column, justify="left" if column == "DESTINATION" else "right", overflow="fold")
     for row in rows:
         table.add_row(row.destination, meshed.get(row.destination, "-"),
                       "-" if row.success_rate is None else f"{row.success_rate:.2%}", f"{row.rps:.1f}",
