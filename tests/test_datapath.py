@@ -349,3 +349,21 @@ def test_a_marked_proxy_socket_inside_a_pods_cgroup_is_not_redirected(lab, proxy
     done = run_in(lab, "client-n0-0", code)
     assert done.stdout.strip() == f"('{echo.ip}', 9000)", done.stderr
     assert proxy.datapath.counters(12)["redirected"] == 0 and proxy.originals == []
+
+
+def test_the_agent_refuses_to_start_with_a_named_reason(tmp_path):
+    identity = tmp_path / "identity"
+    subprocess.run([sys.executable, "-m", "nodeagent", "identity", "init", "--dir", str(identity)], check=True,
+                   capture_output=True)
+    (tmp_path / "cluster").mkdir()
+    done = subprocess.run([sys.executable, "-m", "nodeagent", "run", "--node-name", "n", "--cluster-dir",
+                           str(tmp_path / "cluster"), "--cgroup", str(tmp_path), "--identity-dir", str(identity),
+                           "--pin-root", str(lab_ops.BPF_PIN_ROOT)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "agent refused to start: the data path could not be loaded" in done.stderr
+    assert "is not a cgroup v2 directory" in done.stderr and "Traceback" not in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "nodeagent", "run", "--node-name", "n", "--cluster-dir",
+                              str(tmp_path / "cluster"), "--cgroup", str(tmp_path), "--identity-dir",
+                              str(tmp_path / "cluster"), "--pin-root", str(lab_ops.BPF_PIN_ROOT)],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot load the identity issuer" in missing.stderr

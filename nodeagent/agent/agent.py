@@ -30,7 +30,7 @@ from nodeagent.agent.reconcile import SlotAllocator, plan_changes
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
-from nodeagent.datapath.loader import load_in_subprocess
+from nodeagent.datapath.loader import LoadError, load_in_subprocess
 from nodeagent.datapath.pins import PinLayout
 from nodeagent.proxy.server import Proxy
 
@@ -89,8 +89,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
-        self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.pin_name, self.config.pods_cgroup,
-                                                   self.config.pin_root)
+        try:
+            self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.pin_name,
+                                                       self.config.pods_cgroup, self.config.pin_root)
+        except LoadError as e:
+            raise AgentError(f"the data path could not be loaded: {e}") from e
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
