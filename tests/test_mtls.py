@@ -220,3 +220,37 @@ def test_tunnel_header_round_trip_and_garbage():
         mesh.decode_header(b"GET / HTTP/1.1\r\n")
     with pytest.raises(ValueError):
         mesh.encode_header(0, 0)
+
+
+def test_a_second_tunnel_resumes_the_session_and_identities_still_hold(pki):
+    anchor, issuer, _, _ = pki
+    anchors = anchor.certificate_pem()
+    server, client = identities(issuer, anchors, SERVER), identities(issuer, anchors, CLIENT)
+    server_context, client_context = server.material(SERVER).server, client.material(CLIENT).client
+    sessions = mesh.SessionCache()
+
+    async def twice():
+        loop = asyncio.get_running_loop()
+        results, reused = [], []
+        listener = await loop.create_server(lambda: EchoAfterHandshake(server_context, results), "127.0.0.1", 0)
+        for _ in range(2):
+            transport, holding = await loop.create_connection(Holding, *listener.sockets[0].getsockname())
+            tls = await mesh.client_handshake(transport, holding, client_context, SERVER, 9000, 0, 5,
+                                              sessions, "10.244.0.9")
+            reused.append(tls.get_extra_info("ssl_object").session_reused)
+            assert mesh.peer_identity(tls) == SERVER.uri  # the server's identity, from the session too
+            tls.write(b"ping")
+            for _ in range(200):
+                if holding.buffer:
+                    break
+                await asyncio.sleep(0.01)
+            tls.close()
+        listener.close()
+        return results, reused
+
+    results, reused = asyncio.run(twice())
+    assert reused == [False, True]
+    assert results == [("identity", CLIENT.uri), ("identity", CLIENT.uri)]
+    # A renewed client certificate is a new context: its first handshake is a full one again.
+    assert sessions.get(client.material(CLIENT).client, "10.244.0.9") is not None
+    assert sessions.get(client._issue(CLIENT).client, "10.244.0.9") is None

@@ -73,11 +73,34 @@ def handshake_failure_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+class SessionCache:
+    """Resumable TLS sessions per (client context, server): a resumed handshake skips the
+    certificate signatures and chain checks (the identities proven the first time stay in the
+    session), which is most of a handshake's cost. Bounded; a renewed certificate is a new
+    context, so its sessions start afresh."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._sessions: dict[tuple, ssl.SSLSession] = {}
+
+    def get(self, context: ssl.SSLContext, server: str) -> ssl.SSLSession | None:
+        return self._sessions.get((id(context), server))
+
+    def put(self, context: ssl.SSLContext, server: str, session: ssl.SSLSession | None) -> None:
+        if session is None or not session.has_ticket:
+            return
+        if len(self._sessions) >= self.size:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[(id(context), server)] = session
+
+
 async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext,
-                           expected: naming.Identity, port: int, hint: int, timeout_s: float) -> asyncio.Transport:
+                           expected: naming.Identity, port: int, hint: int, timeout_s: float,
+                           sessions: SessionCache | None = None, server: str = "") -> asyncio.Transport:
     """TLS over a connected transport, identity checked, header sent: the tunnel's transport."""
     try:
-        tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name)
+        tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name,
+                              session=sessions.get(context, server) if sessions else None)
     except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
         transport.abort()
         reason = handshake_failure_reason(e)
@@ -86,5 +109,7 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
     if proven != expected.uri:
         tls.abort()
         raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}", "wrong identity")
+    if sessions is not None:
+        tls.on_session = lambda session: sessions.put(context, server, session)
     tls.write(encode_header(port, hint))
     return tls

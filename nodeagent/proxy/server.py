@@ -47,6 +47,7 @@ class Tunnel:
     hint: int
     context: object  # the source workload's client ssl.SSLContext
     expected: naming.Identity
+    sessions: object = None  # mesh.SessionCache: resumable sessions per (context, server)
 
 @dataclass
 class PodContext:
@@ -91,6 +92,7 @@ class Proxy:
         self._logged_rejections: set = set()
         self.metrics = Metrics()
         self.tap = TapHub()
+        self.tls_sessions = mesh.SessionCache()
         self.open_connections = 0
         self.max_connections = max_connections
         self.view = ClusterView()
@@ -168,7 +170,7 @@ class Proxy:
         if destination is None or not self.view.meshed(destination):
             return None
         return Tunnel(destination.ip, port, hint, self.identities.material(source.identity).client,
-                      self.identity_of(destination))
+                      self.identity_of(destination), self.tls_sessions)
 
     def authorize(self, pod: PodContext, port: int, client: authz.Client) -> authz.Decision:
         # Annotations change while the pod runs: read them from the current view.

@@ -20,6 +20,7 @@ class TlsTransport(asyncio.Transport):
         super().__init__()
         self._raw, self._ssl, self._in, self._out = raw, sslobj, incoming, outgoing
         self._protocol: asyncio.Protocol | None = None
+        self.on_session = None  # called once with the resumable session, when the peer's tickets are in
         self._eof_sent = False
         self._eof_received = False
         self._closed = False
@@ -116,6 +117,10 @@ class TlsTransport(asyncio.Transport):
             if not data:
                 self._peer_eof()
                 break
+            if self.on_session is not None:
+                # TLS 1.3 tickets come right after the handshake, so before the first data.
+                callback, self.on_session = self.on_session, None
+                callback(self._ssl.session)
             self._protocol.data_received(data)
         self._flush()  # post-handshake messages (session tickets, key updates)
 
@@ -195,11 +200,14 @@ class _Handshake(asyncio.Protocol):
 
 
 async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, server_side: bool,
-                    timeout_s: float, server_hostname: str | None = None, initial: bytes = b"") -> TlsTransport:
+                    timeout_s: float, server_hostname: str | None = None, initial: bytes = b"",
+                    session: ssl.SSLSession | None = None) -> TlsTransport:
     """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
-    `initial`: bytes already read from `raw` (a ClientHello that arrived early)."""
+    `initial`: bytes already read from `raw` (a ClientHello that arrived early);
+    `session`: a client's earlier session with the same server, to resume."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+    sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+                              session=session)
     shaking = _Handshake(sslobj, incoming, outgoing, raw)
     raw.set_protocol(shaking)
     if initial:

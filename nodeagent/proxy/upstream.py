@@ -49,7 +49,7 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
     sock = await open_socket(netns_path, (tunnel.pod_ip, mesh.MESH_PORT), timeout_s)
     transport, protocol = await loop.create_connection(factory, sock=sock)
     tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port, tunnel.hint,
-                                      timeout_s)
+                                      timeout_s, tunnel.sessions, tunnel.pod_ip)
     protocol.transport = tls  # start_tls hands the protocol a new transport without calling connection_made
     return tls, protocol
 
