@@ -185,12 +185,9 @@ class Http1Server(asyncio.Protocol):
     async def _serve(self):
         try:
             while True:
-                try:
-                    request = await asyncio.wait_for(self.requests.get(), KEEPALIVE_IDLE_S)
-                except asyncio.TimeoutError:
-                    break  # idle keep-alive connection
+                request = await self._next_request()
                 if request is None:
-                    break
+                    break  # the client is done, or the keep-alive connection sat idle
                 if self.transport.is_reading() is False and self.requests.qsize() < MAX_QUEUED_REQUESTS // 2:
                     self.transport.resume_reading()
                 keep_going = await self._handle(request)
@@ -204,6 +201,17 @@ class Http1Server(asyncio.Protocol):
             return
         if not self.upgraded and not self.transport.is_closing():
             self.transport.close()
+
+    async def _next_request(self) -> Request | None:
+        """The next request, or None after KEEPALIVE_IDLE_S of nothing (a timer, not a
+        wait_for: that would cost a task per request on the hot path)."""
+        if not self.requests.empty():
+            return self.requests.get_nowait()
+        idle = asyncio.get_running_loop().call_later(KEEPALIVE_IDLE_S, self.requests.put_nowait, None)
+        try:
+            return await self.requests.get()
+        finally:
+            idle.cancel()
 
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
@@ -246,8 +254,11 @@ class Http1Server(asyncio.Protocol):
         try:
             if request.has_body:
                 await self._stream_body(request, conn)
-            timeout = None if deadline is None else max(deadline - (time.monotonic() - started), 0.001)
-            status = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+            if deadline is None:
+                status = await conn.head
+            else:
+                timeout = max(deadline - (time.monotonic() - started), 0.001)
+                status = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
         except asyncio.TimeoutError:
             conn.transport.abort()
             self.target.request_finished(endpoint, token, None)

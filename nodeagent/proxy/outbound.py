@@ -265,6 +265,7 @@ class HttpTarget:
         self.endpoints = proxy.endpoints_for(decision) if isinstance(decision, ToService) else None
         self.budget = proxy.budget_for(decision)
         self._stats: dict = {}  # tls -> RequestStats, made on first use
+        self._meshed_view, self._meshed_cache = None, {}
 
     def choose(self, tried: set):
         """(endpoint state, address) for the next attempt, preferring endpoints not
@@ -319,13 +320,22 @@ class HttpTarget:
     def retries_status(self, status: int) -> bool:
         return self.config.retries_status(status)
 
+    def _meshed(self, address) -> bool:
+        """Whether requests to `address` go over mutual TLS (for labels), cached per view."""
+        if self._meshed_view is not self.proxy.view:
+            self._meshed_view, self._meshed_cache = self.proxy.view, {}
+        if address not in self._meshed_cache:
+            pod = self._pod_at(address)
+            self._meshed_cache[address] = pod is not None and self.proxy.view.meshed(pod)
+        return self._meshed_cache[address]
+
     def _requests(self, tls: bool):
         if tls not in self._stats:
             self._stats[tls] = self.proxy.metrics.requests("outbound", self.pod, self.peer, tls)
         return self._stats[tls]
 
     def request_started(self, state, address):
-        self._requests(self._tunnel(address) is not None).request()
+        self._requests(self._meshed(address)).request()
         return state.ewma.start() if state is not None else time.monotonic()
 
     def request_finished(self, state, token, status):
@@ -338,7 +348,7 @@ class HttpTarget:
             state.accrual.on_success()
 
     def response_started(self, request, status, address=None):
-        tls = address is not None and self._tunnel(address) is not None
+        tls = address is not None and self._meshed(address)
         self._requests(tls).response(status, request.started)
         self.proxy.tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
 
