@@ -203,3 +203,33 @@ def test_an_upgraded_connection_is_spliced_both_ways(proxy_to):
         while len(echoed) < len(b"after the upgrade"):
             echoed += sock.recv(65536)
         assert echoed == b"after the upgrade"
+
+
+def test_a_slow_request_head_gets_408_and_is_closed(proxy_to, monkeypatch):
+    from nodeagent.proxy import http1
+
+    monkeypatch.setattr(http1, "HEAD_READ_TIMEOUT_S", 0.3)
+    port, target = proxy_to("http")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ")  # slowloris: never finishes the head
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408 ") and sock.recv(10) == b""
+    assert target.errors == [(408, "request head not received in time")]
+
+
+def test_an_idle_keep_alive_connection_is_closed(proxy_to, monkeypatch):
+    from nodeagent.proxy import http1
+
+    monkeypatch.setattr(http1, "KEEPALIVE_IDLE_S", 0.3)
+    port, _ = proxy_to("http")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert sock.recv(10) == b""  # closed by the proxy (a socket timeout would fail the test instead)
+
+
+def test_a_request_timeout_is_a_504_with_the_reason(proxy_to):
+    port, target = proxy_to("http")
+    target.request_timeout_s = 0.2
+    reply = raw(port, b"GET /delay/2000 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 504 ") and b"nodeagent-proxy-error: request timeout" in reply
