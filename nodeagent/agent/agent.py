@@ -74,6 +74,8 @@ class Agent:
         self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
         self.started = time.time()
         self.load_report: dict = {}
+        self._waiting = False  # a wanted pod whose namespace was not found yet
+        self._exported: set[str] = set()  # identities whose expiry gauge is set
 
     def preflight(self) -> None:
         failed = [c for c in (preflight.check_privileges(), preflight.check_cgroup2(),
@@ -126,8 +128,6 @@ class Agent:
                     server.close()
             datapath.close()
 
-    _waiting = False  # a wanted pod whose namespace was not found yet
-
     async def reconcile(self) -> None:
         view = self.proxy.view
         on_node = {p.uid: p for p in view.pods_on(self.config.node)
@@ -179,8 +179,6 @@ class Agent:
         for identity, not_after in current.items():
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
-
-    _exported: set = set()
 
     def status(self) -> dict:
         pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
