@@ -34,8 +34,6 @@ FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\n
 class _Inbound(asyncio.Protocol):
     """What both ways share: buffering until the splice, the policy, the app connection."""
 
-    direction = "inbound"
-
     def __init__(self, proxy, pod):
         self.proxy, self.pod = proxy, pod
         self.buffer = bytearray()
