@@ -266,7 +266,7 @@ except OSError as e: print(e.strerror)""")
 
 
 def _agent_pid(mesh, node: str) -> int:
-    (pid,) = [p for p in lab_ops.cgroups.pids_in(lab_ops.agent_cgroup(mesh, mesh.plan.nodes[int(node[-1])]))]
+    (pid,) = lab_ops.cgroups.pids_in(lab_ops.agent_cgroup(mesh, node))
     return pid
 
 
@@ -306,3 +306,24 @@ def test_a_meshed_pod_still_cannot_reach_outside_the_lab(mesh):
     code = ("import socket; s = socket.create_connection(('198.51.100.1', 9000), timeout=5); s.sendall(b'\\x00');"
             "\ntry:\n print(repr(s.recv(10)))\nexcept OSError as e:\n print(e.errno)")
     assert py_in(mesh, "client-n0-0", code).strip() in (str(errno.ECONNRESET), "b''")
+
+
+def test_an_idle_opaque_connection_is_closed_after_the_services_idle_timeout(mesh):
+    manifests.write_manifest(mesh.cluster_dir, {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo-idle", "namespace": "default",
+                     "annotations": {"timeout.nodeagent.io/idle": "500ms"}},
+        "spec": {"clusterIP": "10.96.0.53", "selector": {"app": "echo"},
+                 "ports": [{"port": 9000, "targetPort": 9000}]}})
+    code = """
+import socket, time
+s = socket.create_connection(("10.96.0.53", 9000), timeout=10)
+s.sendall(b"ping"); assert s.recv(10) == b"ping"
+start = time.monotonic()
+print(s.recv(10), round(time.monotonic() - start))
+"""
+    # Until the agent has read the Service, the VIP routes nowhere: retry until it answers.
+    out = wait_until(lambda: (run_in(mesh, "client-n0-0", [sys.executable, "-c", code]).stdout or None),
+                     "the Service at 10.96.0.53")
+    data, waited = out.split()
+    assert data == "b''" and int(waited) < 10  # closed by the proxy, not the 10 s socket timeout

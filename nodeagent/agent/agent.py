@@ -188,6 +188,7 @@ class Agent:
                 "datapath": self.load_report, "pods": pods, "identities": identities,
                 "certificates_issued": self.identities.issued if self.proxy else 0,
                 "open_connections": self.proxy.open_connections if self.proxy else 0,
+                "tap_events_dropped": self.proxy.tap.dropped if self.proxy else 0,
                 "counters": self.proxy.metrics.samples() if self.proxy else []}
 
 

@@ -32,7 +32,3 @@ class SlotAllocator:
 
     def free(self, slot: int) -> None:
         self._used.discard(slot)
-
-    @property
-    def used(self) -> int:
-        return len(self._used)

@@ -54,10 +54,6 @@ class ServiceInfo:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    @property
-    def authority(self) -> str:
-        return f"{self.name}.{self.namespace}.svc.cluster.local"
-
 
 @dataclass(frozen=True)
 class Endpoint:

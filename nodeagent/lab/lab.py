@@ -173,9 +173,9 @@ def identity_dir() -> Path:
     return STATE_DIR / "identity"
 
 
-def agent_cgroup(lab: Lab, node: NodePlan) -> Path:
-    """Agents live beside the nodes' pod subtrees, never inside them."""
-    return lab.cgroup_root / "agents" / node.name
+def agent_cgroup(lab: Lab, name: str) -> Path:
+    """Agents and sidecars live beside the nodes' pod subtrees, never inside them."""
+    return lab.cgroup_root / "agents" / name
 
 
 def start_agent(lab: Lab, node: NodePlan) -> subprocess.Popen:
@@ -186,7 +186,7 @@ def start_agent(lab: Lab, node: NodePlan) -> subprocess.Popen:
 
 def _start_agent_process(lab: Lab, name: str, args: list[str]) -> subprocess.Popen:
     """`nodeagent run` in the background, in a cgroup beside the nodes' pod subtrees."""
-    cgroup = lab.cgroup_root / "agents" / name
+    cgroup = agent_cgroup(lab, name)
     cgroup.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "nodeagent", "run", "--cluster-dir", str(lab.cluster_dir), "--pin-root",
             str(BPF_PIN_ROOT), "--identity-dir", str(identity_dir()), *args, *AGENT_EXTRA_ARGS]

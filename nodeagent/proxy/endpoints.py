@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from nodeagent.cluster.model import Endpoint
-from nodeagent.proxy.accrual import FailureAccrual, State
+from nodeagent.proxy.accrual import FailureAccrual
 from nodeagent.proxy.balance import PeakEwma, p2c
 
 
@@ -64,6 +64,3 @@ class EndpointSet:
         if not self.states:
             return "no endpoints"
         return "all endpoints ejected"
-
-    def ejected(self) -> int:
-        return sum(s.accrual.state is State.EJECTED for s in self.states.values())

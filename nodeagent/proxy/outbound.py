@@ -19,7 +19,7 @@ import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.http1 import Http1Server
-from nodeagent.proxy.relay import Holding, nodelay, splice_held
+from nodeagent.proxy.relay import Holding, close_when_idle, nodelay, splice_held
 from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.identity import naming
@@ -178,7 +178,9 @@ class OutboundAccept(asyncio.Protocol):
             self._done()
             self.transport.close()
             return
-        splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early, on_close=self._relay_closed)
+        pair = splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early,
+                           on_close=self._relay_closed)
+        close_when_idle(pair, self.config.idle_timeout_s)
 
     def _relay_closed(self, client_side):
         self.stats.read += client_side.bytes_in

@@ -6,7 +6,7 @@
 | retry.nodeagent.io/http | statuses to retry: "5xx", "gateway-error" (502-504), codes "503,429" | none |
 | retry.nodeagent.io/limit | retries per request, 0-10 | 1 |
 | timeout.nodeagent.io/request | whole-request timeout: "500ms", "10s", "1m" | none |
-| timeout.nodeagent.io/idle | idle connection timeout | 3600s |
+| timeout.nodeagent.io/idle | close an opaque TCP connection idle this long | 3600s |
 | timeout.nodeagent.io/connect | connect timeout to an endpoint | 1s |
 
 A bad value is reported and its default used: a typo never takes a Service down.

@@ -31,6 +31,7 @@ class Subscription:
 class TapHub:
     def __init__(self):
         self.subscriptions: list[Subscription] = []
+        self.dropped = 0  # events lost to full queues, over all subscriptions (in /stats)
 
     def subscribe(self, filters: dict) -> Subscription:
         unknown = set(filters) - set(FILTER_KEYS)
@@ -54,6 +55,7 @@ class TapHub:
                     subscription.queue.put_nowait(event)
                 except asyncio.QueueFull:
                     subscription.dropped += 1
+                    self.dropped += 1
 
 
 def request_event(direction: str, pod, destination: str, request, status: int, tls: bool) -> dict:

@@ -60,7 +60,6 @@ class ResponseReader(asyncio.Protocol):
 
     def __init__(self):
         self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
         self.idle_since = time.monotonic()
         self._reset(None)
 
@@ -135,8 +134,6 @@ class ResponseReader(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self._fail(exc or ConnectionError("upstream closed the connection"))
-        if not self.closed.done():
-            self.closed.set_result(True)
 
     def attach(self, sink: asyncio.Transport, counter=None, closing: bool = False) -> None:
         """Send what was read so far, and everything after, to the client. `closing`: the
