@@ -4,6 +4,7 @@
  *   getpeername4  (cgroup, node subtree)  apps still see where they connected
  *   sockops       (cgroup, node subtree)  original destination by client port; counters
  *   sk_lookup     (each pod's netns)      inbound TCP to the pod's IP -> the proxy
+ *   sk_msg        (loopback_socks)        proxy-requested splices (and loopback legs) skip the proxy
  *
  * Knobs arrive as -D flags; PIN_DIR is where the maps are pinned.
  */
@@ -18,6 +19,18 @@
 #define LOOPBACK_NET 0x7f000000 /* 127.0.0.0/8, host order */
 #define TCP_STATE_SYN_SENT 2
 #define TCP_STATE_CLOSE 7
+#define LOOPBACK_IP 0x7f000001  /* 127.0.0.1, host order */
+
+/* BPF_SOCKHASH with a pin (bcc pins a map whose section names a path), so a
+ * restarted agent's programs share the sockets of its predecessor's. */
+#define NA_SOCKHASH_PINNED(_name, _key_type, _max_entries, _pinned) \
+struct _name##_table_t { _key_type key; int leaf; \
+  int (*update) (_key_type *, int *); int (*delete) (_key_type *); \
+  int (*sock_hash_update) (void *, void *, u64); int (*msg_redirect_hash) (void *, void *, u64); \
+  int (*sk_redirect_hash) (void *, void *, u64); u32 max_entries; }; \
+__attribute__((section("maps/sockhash:" _pinned))) \
+struct _name##_table_t _name = { .max_entries = (_max_entries) }; \
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
 
 BPF_TABLE_PINNED("hash", __u64, struct na_pod, pods_by_netns, NA_MAX_PODS, PIN_DIR "/pods_by_netns");
 BPF_TABLE_PINNED("hash", __u32, struct na_pod, pods_by_ip, NA_MAX_PODS, PIN_DIR "/pods_by_ip");
@@ -30,6 +43,9 @@ BPF_TABLE_PINNED("hash", __u32, __u32, outbound_skip_ports, 256, PIN_DIR "/outbo
 BPF_TABLE_PINNED("hash", __u32, __u32, inbound_skip_ports, 256, PIN_DIR "/inbound_skip_ports");
 BPF_TABLE_PINNED("array", __u32, struct na_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("sockmap", __u32, int, inbound_listeners, NA_MAX_PODS, PIN_DIR "/inbound_listeners");
+NA_SOCKHASH_PINNED(loopback_socks, struct na_sock_key, 65536, PIN_DIR "/loopback_socks");
+BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_msg_state, msg_state, 65536, PIN_DIR "/msg_state");
+BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_splice, splices, 16384, PIN_DIR "/splices");
 
 /* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
 static __u64 (*na_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -70,12 +86,16 @@ static __always_inline int policy_denies(__u32 src, __u32 dst, __u32 port)
     return 0;
 }
 
-static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx)
+static __always_inline int is_proxy_sock(struct bpf_sock *sk)
 {
     __u32 zero = 0;
     struct na_config *cfg = config.lookup(&zero);
-    struct bpf_sock *sk = ctx->sk;
     return cfg && cfg->proxy_mark && sk && sk->mark == cfg->proxy_mark;
+}
+
+static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx)
+{
+    return is_proxy_sock(ctx->sk);
 }
 
 /* The decision for an IPv4 destination (network order ip/port): redirect to
@@ -174,6 +194,62 @@ static __always_inline void file_original_destination(struct bpf_sock_ops *skops
     orig_by_port.update(&key, orig);
 }
 
+static __always_inline int fast_path_on(__u32 bit)
+{
+    __u32 zero = 0;
+    struct na_config *cfg = config.lookup(&zero);
+    return cfg && (cfg->fast_paths & bit);
+}
+
+static __always_inline struct na_sock_key sock_key_of(struct bpf_sock_ops *skops)
+{
+    struct na_sock_key key = {.netns_cookie = bpf_get_netns_cookie(skops), .remote_ip4 = skops->remote_ip4,
+                              .local_port = skops->local_port, .remote_port = bpf_ntohl(skops->remote_port)};
+    return key;
+}
+
+/* A loopback connection in an enrolled pod's namespace (an app and the
+ * proxy's listener or its connection to the app, or two processes of the
+ * pod) joins the sockhash as soon as it is established, before either side
+ * can send, so that its sendmsg() can skip TCP. Runs for the pods' sockets
+ * and, attached to the proxy's cgroup, for the proxy's ends. */
+static __always_inline void join_loopback(struct bpf_sock_ops *skops, struct na_pod *pod, int proxy)
+{
+    if (skops->family != AF_INET || skops->local_ip4 != bpf_htonl(LOOPBACK_IP) ||
+        skops->remote_ip4 != bpf_htonl(LOOPBACK_IP) || !fast_path_on(NA_FAST_SPLICE | NA_FAST_LOOPBACK))
+        return;
+    struct na_sock_key key = sock_key_of(skops);
+    struct na_msg_state state = {.mode = NA_MSG_UNDECIDED, .slot = pod->slot,
+                                 .flags = proxy || is_proxy_sock(skops->sk) ? NA_SOCK_PROXY : 0};
+    /* (bcc rewrites these map calls into statements: assign, then test) */
+    long err = loopback_socks.sock_hash_update(skops, &key, BPF_ANY);
+    if (err == 0) {
+        msg_state.update(&key, &state);
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+    }
+}
+
+/* The proxy's ends of loopback connections, when the proxy's cgroup is not
+ * below the pods' (the lab; an agent run outside Kubernetes). */
+int na_sockops_proxy(struct bpf_sock_ops *skops)
+{
+    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+        skops->op != BPF_SOCK_OPS_STATE_CB)
+        return 1;
+    struct na_pod *pod = enrolled_pod(skops);
+    if (!pod)
+        return 1;
+    if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+        if (skops->args[1] == TCP_STATE_CLOSE) {
+            struct na_sock_key key = sock_key_of(skops);
+            msg_state.delete(&key);
+        }
+        return 1;
+    }
+    join_loopback(skops, pod, 1);
+    return 1;
+}
+
 int na_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->family != AF_INET && skops->family != AF_INET6)
@@ -183,6 +259,14 @@ int na_sockops(struct bpf_sock_ops *skops)
     struct na_pod *pod = enrolled_pod(skops);
     if (!pod)
         return 1;
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        join_loopback(skops, pod, 0);
+    if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_STATE_CLOSE) {
+        struct na_sock_key key = sock_key_of(skops);
+        msg_state.delete(&key);  /* the kernel drops it from the sockhash itself */
+    }
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || is_proxy_sock(skops->sk))
+        return 1;  /* counters below are about the pod's own connects */
     struct na_counters *c = pod_counters(pod);
     if (!c)
         return 1;
@@ -199,6 +283,51 @@ int na_sockops(struct bpf_sock_ops *skops)
         break;
     }
     return 1;
+}
+
+static __always_inline void count_fast_bytes(struct na_msg_state *st, __u64 bytes)
+{
+    __u32 slot = st->slot;
+    struct na_counters *c = counters.lookup(&slot);
+    if (c)
+        c->fast_path_bytes += bytes;
+}
+
+/* sendmsg() of a socket in loopback_socks. */
+int na_msg(struct sk_msg_md *msg)
+{
+    if (msg->family != AF_INET)
+        return SK_PASS;
+    struct na_sock_key self = {.netns_cookie = bpf_get_netns_cookie(msg), .remote_ip4 = msg->remote_ip4,
+                               .local_port = msg->local_port, .remote_port = bpf_ntohl(msg->remote_port)};
+    struct na_msg_state *st = msg_state.lookup(&self);
+    if (!st)
+        return SK_PASS;
+    __u64 size = msg->size;
+    struct na_splice *sp = splices.lookup(&self);
+    if (sp && (st->mode == NA_MSG_SPLICED || sp->forwarded == st->sent)) {
+        long verdict = loopback_socks.msg_redirect_hash(msg, &sp->target, 0);
+        if (verdict == SK_PASS) {
+            st->mode = NA_MSG_SPLICED;
+            __sync_fetch_and_add(&sp->offered, size);
+            return SK_PASS;
+        }
+        /* the target is gone: the proxy still reads its end and will see to the rest */
+    }
+    st->sent += size;
+    if (st->mode == NA_MSG_TCP || (st->mode == NA_MSG_UNDECIDED &&
+                                   ((st->flags & NA_SOCK_PROXY) || !fast_path_on(NA_FAST_LOOPBACK)))) {
+        st->mode = NA_MSG_TCP;
+        return SK_PASS;
+    }
+    struct na_sock_key peer = {.netns_cookie = self.netns_cookie, .remote_ip4 = self.remote_ip4,
+                               .local_port = self.remote_port, .remote_port = self.local_port};
+    long verdict = loopback_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+    if (st->mode == NA_MSG_UNDECIDED)  /* peer not in the sockhash yet: TCP, for good */
+        st->mode = verdict == SK_PASS ? NA_MSG_PEER : NA_MSG_TCP;
+    if (verdict == SK_PASS)
+        count_fast_bytes(st, size);
+    return SK_PASS;  /* a PEER socket whose peer is gone: TCP (the peer has closed) */
 }
 
 /* Inbound: every TCP connection to an enrolled pod's IP lands on the proxy's

@@ -42,9 +42,59 @@ struct na_policy_key {
     __u32 dst_port;        /* host order */
 };
 
+/* na_config.fast_paths */
+#define NA_FAST_SPLICE 1       /* sk_msg: opaque connections the proxy asks for skip it */
+#define NA_FAST_LOOPBACK 2     /* sk_msg: loopback legs skip TCP (no backpressure: see README) */
+
 struct na_config {
     __u32 proxy_mark;      /* SO_MARK of the proxy's own sockets: never redirected */
     __u32 mesh_port;       /* proxy-to-proxy listener in each pod: never steered inbound */
+    __u32 fast_paths;      /* NA_FAST_* bits */
+    __u32 pad;
+};
+
+/* A TCP socket in a pod's namespace, as its own side sees it (ports in host
+ * order). Its loopback peer has the ports swapped and the same namespace. */
+struct na_sock_key {
+    __u64 netns_cookie;
+    __u32 remote_ip4;      /* network order */
+    __u16 local_port;
+    __u16 remote_port;
+};
+
+/* na_msg_state.mode: where a socket's sendmsg() goes when no splice is due.
+ * Decided at its first send and then kept: a receiver must never get newer
+ * bytes in its psock queue than in its TCP queue, as it reads the psock queue
+ * first. (Older bytes in the psock queue and newer ones by TCP are fine.) */
+#define NA_MSG_UNDECIDED 0
+#define NA_MSG_TCP 1           /* loopback TCP, as without us */
+#define NA_MSG_PEER 2          /* straight into the loopback peer's receive queue */
+#define NA_MSG_SPLICED 3       /* to the splice target (see na_splice) */
+
+/* na_msg_state.flags */
+#define NA_SOCK_PROXY 1        /* one of the proxy's sockets: its sends always take TCP, so TCP's
+                                * counters on it tell the proxy how much a splice carried */
+
+/* Per loopback socket of an enrolled pod, and the proxy's ends of them. */
+struct na_msg_state {
+    __u32 mode;
+    __u32 slot;            /* the pod's counters */
+    __u64 sent;            /* bytes sent toward the peer, by either path, before a splice */
+    __u32 flags;
+    __u32 pad;
+};
+
+/* A splice the proxy asked for, keyed by the sending app socket: once the
+ * proxy has forwarded everything the app sent (forwarded == sent), its sends
+ * go into the send queue of `target`, the proxy's socket at the far side,
+ * past the proxy. Into a send queue, not a receive queue, so TCP's
+ * backpressure still holds the sender back. */
+struct na_splice {
+    struct na_sock_key target;
+    __u64 forwarded;       /* bytes the proxy read from this socket and wrote on; set by the proxy */
+    __u64 offered;         /* bytes handed to the target, a remainder the kernel retries counted
+                            * again: a sign of life for idle timeouts, not a byte count (the
+                            * proxy counts spliced bytes from the target's TCP counters) */
 };
 
 /* Per pod, per CPU; the agent sums the CPUs. */
@@ -55,6 +105,8 @@ struct na_counters {
     __u64 denied;          /* connects refused by policy (EPERM) */
     __u64 inbound_steered; /* inbound connections steered onto the proxy */
     __u64 inbound_refused; /* inbound connections refused: no proxy listening */
+    __u64 fast_path_bytes; /* bytes its loopback sockets sent straight into a peer's receive queue
+                            * (a remainder retried after the kernel ran out of memory counts again) */
 };
 
 #endif

@@ -44,6 +44,15 @@ def cgroup2_root() -> Path:
     return Path(mount)
 
 
+def own_cgroup(pid: str = "self") -> Path:
+    """The cgroup v2 directory a process is in ("0::<path>" in /proc/<pid>/cgroup)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return cgroup2_root() / line[3:].strip().lstrip("/")
+    raise CgroupError(f"process {pid} is in no cgroup v2 group")
+
+
 def join(cgroup_dir: Path, pid: int = 0) -> None:
     """Move `pid` (0: the caller) into `cgroup_dir`."""
     (cgroup_dir / "cgroup.procs").write_text(f"{pid}\n")

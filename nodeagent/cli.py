@@ -1,6 +1,7 @@
 """The `nodeagent` command: wires subcommands to the modules that do the work."""
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -171,6 +172,18 @@ def _default_pods_cgroup() -> Path:
     raise click.ClickException(f"no kubepods cgroup under {root}; pass --cgroup")
 
 
+def _fast_path_bits(text: str) -> int:
+    from nodeagent.datapath import abi
+
+    names = {"splice": abi.FAST_SPLICE, "loopback": abi.FAST_LOOPBACK}
+    bits = 0
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        if name not in names:
+            raise click.BadParameter(f"{name!r}: use splice, loopback or both", param_hint="--fast-path")
+        bits |= names[name]
+    return bits
+
+
 @main.command()
 @click.option("--node-name", required=True, help="This node's name (Pods' spec.nodeName).")
 @click.option("--cluster-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -192,9 +205,17 @@ def _default_pods_cgroup() -> Path:
 @click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
 @click.option("--sidecar-pod", metavar="NAMESPACE/NAME",
               help="Sidecar mode: serve only this pod; --cgroup is then the pod's own cgroup.")
+@click.option("--fast-path", "fast_path", default="", show_default="off", metavar="splice[,loopback]",
+              help="Kernel fast paths (sk_msg): 'splice' carries opaque plaintext connections past the proxy; "
+                   "'loopback' also skips TCP on loopback legs, without backpressure (README, Fast paths).")
+@click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
+              help="Opaque TCP between meshed pods of this node skips the mTLS hop (it never leaves the kernel).")
+@click.option("--workers", default=0, type=click.IntRange(0, 256), show_default="0: one per core",
+              help="Proxy processes, this one included (0: one per core the agent may use); sidecar mode "
+                   "always runs one.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, identity_dir, trust_domain,
-        cert_lifetime, default_policy, admin, sidecar_pod, log_level):
+        cert_lifetime, default_policy, admin, sidecar_pod, fast_path, on_node_plaintext, workers, log_level):
     """Run the agent for one node: data path, proxy, identities, admin port."""
     import datetime
     import logging
@@ -206,9 +227,12 @@ def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, 
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = admin.rpartition(":")
+    fast_paths = _fast_path_bits(fast_path)
     config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, identity_dir,
                          host or "127.0.0.1", int(port), trust_domain,
-                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy), sidecar_pod)
+                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy), sidecar_pod,
+                         fast_paths, on_node_plaintext,
+                         1 if sidecar_pod else (workers or len(os.sched_getaffinity(0))), log_level.upper())
     if sidecar_pod and not cgroup:
         raise click.UsageError("--sidecar-pod needs --cgroup: the pod's own cgroup directory")
     if bool(cluster_dir) == bool(kube or kubeconfig):
@@ -270,7 +294,11 @@ def identity_init(directory, trust_domain, anchor_lifetime, issuer_lifetime, nam
 @click.option("--identity-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="From `identity init` (ca.crt, issuer.crt, issuer.key). Default: make a new one in "
                    "./nodeagent-identity (keep its ca.key).")
-def install(namespace, image, label, identity_dir):
+@click.option("--fast-path", default="", show_default="off", metavar="splice[,loopback]",
+              help="The agents' kernel fast paths (as `run --fast-path`).")
+@click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
+              help="As `run --on-node-plaintext`.")
+def install(namespace, image, label, identity_dir, fast_path, on_node_plaintext):
     """Print the manifests to install nodeagent: `nodeagent install | kubectl apply -f -`."""
     import datetime
 
@@ -285,7 +313,9 @@ def install(namespace, image, label, identity_dir):
             anchor = ca.Authority.new_anchor("cluster.local", datetime.timedelta(days=365))
             ca.write_identity_files(identity_dir, anchor, anchor.new_issuer("cluster.local"))
             click.echo(f"# made a new trust anchor and issuer in {identity_dir}/: keep ca.key safe", err=True)
-    values = Values(namespace=namespace, image=image, mesh_label=label,
+    _fast_path_bits(fast_path)  # refuse a typo here rather than in every agent
+    values = Values(namespace=namespace, image=image, mesh_label=label, fast_path=fast_path,
+                    on_node_plaintext=on_node_plaintext,
                     anchors_pem=(identity_dir / "ca.crt").read_text(),
                     issuer_crt_pem=(identity_dir / "issuer.crt").read_text(),
                     issuer_key_pem=(identity_dir / "issuer.key").read_text())

@@ -19,5 +19,9 @@ def test_the_benchmark_harness_runs_every_mode_and_writes_its_report(tmp_path):
     assert modes == {"none", "node", "sidecar", "haproxy"}
     assert all(r.get("rps", r.get("mib_per_s", r.get("p99_ms"))) for r in results["traffic"])
     assert {(r["mode"], r["pods"]) for r in results["cost"]} == {(m, n) for m in ("node", "sidecar") for n in (1, 3)}
-    assert "| workload | path |" in (run / "results.md").read_text()
+    report = (run / "results.md").read_text()
+    assert "| workload | path |" in report and "### Kernel fast paths" in report
+    variants = {r["mode"] for r in results["fast_paths"]}
+    assert variants == {"none", "node", "node, on-node plaintext", "+ splice", "+ splice + loopback"}
+    assert all(r.get("mib_per_s", r.get("rps", r.get("p99_ms"))) for r in results["fast_paths"])
     assert {p.name for p in run.glob("*.png")} == {"latency.png", "memory.png", "throughput.png"}

@@ -60,11 +60,12 @@ needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is install
 @needs_helm
 def test_the_helm_chart_validates_and_equals_install_for_the_same_values(identity):
     chart = helm_template(identity, "--set", "namespace=mesh-system", "--set", "image=registry.test/na:1",
-                          "--set", "meshLabel=example.com/meshed=yes")
+                          "--set", "meshLabel=example.com/meshed=yes", "--set", "fastPath=splice",
+                          "--set", "onNodePlaintext=true")
     for manifest in chart:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     expected = render(values_for(identity, namespace="mesh-system", image="registry.test/na:1",
-                                 mesh_label="example.com/meshed=yes"))
+                                 mesh_label="example.com/meshed=yes", fast_path="splice", on_node_plaintext=True))
     assert by_kind(chart) == by_kind(expected)
 
 
@@ -96,3 +97,9 @@ def test_the_daemonset_asks_only_for_what_the_agent_needs(identity):
 def test_a_bad_label_is_refused():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         Values(mesh_label="nodeagent.io/mesh")
+
+
+def test_an_unknown_fast_path_is_refused_with_the_choices(identity):
+    done = subprocess.run([sys.executable, "-m", "nodeagent", "install", "--identity-dir", str(identity),
+                           "--fast-path", "splice,warp"], capture_output=True, text=True)
+    assert done.returncode == 2 and "'warp': use splice, loopback or both" in done.stderr

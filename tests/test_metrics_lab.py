@@ -131,3 +131,27 @@ def test_series_of_a_deleted_pod_disappear(mesh):
         assert value(admin_client.scrape(ADMIN0), "enrolled_pods", node="node0") == 4
     finally:
         manifest.write_text(saved)
+
+
+TLS_HELLO = """
+import socket, ssl
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+with socket.create_connection(({ip!r}, 9000), timeout=5) as s:
+    try:
+        context.wrap_socket(s, server_hostname="db.example.test")  # the echo server answers nonsense
+    except (ssl.SSLError, OSError):
+        pass
+"""
+
+
+def test_tls_passed_through_is_recorded_with_its_server_name(mesh):
+    tap = subprocess.Popen([sys.executable, "-m", "nodeagent", "tap", "--pod", "client-n0-0", "--max", "1",
+                            "--duration", "20"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # subscribed
+    py_in(mesh, "client-n0-0", TLS_HELLO.format(ip=mesh.plan.pod("echo-n1-0").ip))
+    out, _ = tap.communicate(timeout=30)
+    assert "tls-passthrough sni=db.example.test" in out and "src=default/client-n0-0" in out
+    samples = admin_client.scrape(ADMIN0)
+    assert value(samples, "tls_sni_total", pod="client-n0-0", sni="db.example.test", direction="outbound") == 1
+    assert value(samples, "protocol_detected_total", pod="client-n0-0", protocol="tls") >= 1

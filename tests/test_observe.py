@@ -3,6 +3,7 @@ import math
 import pytest
 
 from nodeagent.observe.aggregate import histogram_quantile, roll_up, stat_rows, totals_by_destination
+from nodeagent.observe.views import tap_line
 
 INF = math.inf
 
@@ -55,7 +56,15 @@ def test_roll_up_groups_routes_busiest_first():
         return {"namespace": "default", "pod": "c", "destination": "svc/default/http", "method": "GET",
                 "path": path, "status": status, "latency_ms": ms}
 
-    rows = roll_up([event("/a", 200, 3), event("/b", 200, 1), event("/a", 503, 9), event("/a", 200, 2)])
+    tls = {"kind": "tls", "namespace": "default", "pod": "c", "destination": "external", "sni": "db", "method": "",
+           "path": ""}
+    rows = roll_up([event("/a", 200, 3), tls, event("/b", 200, 1), event("/a", 503, 9), event("/a", 200, 2)])
     (route_a, a), (route_b, b) = rows
     assert route_a[3] == "/a" and (a.count, a.successes, a.best_ms, a.worst_ms, a.last_ms) == (3, 2, 2, 9, 2)
     assert route_b[3] == "/b" and b.count == 1
+
+
+def test_a_tls_tap_event_shows_its_server_name():
+    line = tap_line({"ts": 0.0, "kind": "tls", "direction": "outbound", "namespace": "default", "pod": "c",
+                     "destination": "external", "sni": "db.example", "method": "", "path": ""})
+    assert line.endswith("outbound src=default/c dst=external tls-passthrough sni=db.example")

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from nodeagent.datapath import libbpf
-from nodeagent.datapath.programs import CGROUP_PROGRAMS
+from nodeagent.datapath.programs import CGROUP_PROGRAMS, MSG
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import manifests, pods
 
@@ -123,7 +123,7 @@ def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
         stats = agent_stats(i)
         assert stats["ready"] and len(stats["pods"]) == 5
         assert sorted(stats["datapath"]["created"] + stats["datapath"]["adopted"]) == sorted(
-            p.name for p in CGROUP_PROGRAMS)
+            [p.name for p in CGROUP_PROGRAMS] + [MSG.name])
 
 
 def test_curl_http1_through_a_service_and_to_a_pod_ip(mesh):
@@ -163,6 +163,8 @@ def test_tcp_echo_of_a_large_payload_is_byte_exact(mesh):
                                          f"print(json.dumps(client.run('echo', {target!r}, 9000, size=32 << 20)))")
         result = json.loads(out)
         assert result["ok"], result
+    if mesh.mesh == "node":  # the kernel fast paths are off unless asked for (test_fastpath.py)
+        assert counter(agent_stats(0), "kernel_fast_path_bytes_total") == 0
 
 
 def test_a_server_that_speaks_first_is_heard_without_the_client_speaking(mesh):
@@ -266,7 +268,9 @@ except OSError as e: print(e.strerror)""")
 
 
 def _agent_pid(mesh, node: str) -> int:
-    (pid,) = lab_ops.cgroups.pids_in(lab_ops.agent_cgroup(mesh, node))
+    """The agent's main process (its worker processes are its children, in the same cgroup)."""
+    pids = lab_ops.cgroups.pids_in(lab_ops.agent_cgroup(mesh, node))
+    (pid,) = [p for p in pids if int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) not in pids]
     return pid
 
 
@@ -288,7 +292,7 @@ except OSError as e: print(e.errno)"""
     lab_ops.start_agent(mesh, node)
     lab_ops.wait_agent_ready(node)
     stats = agent_stats(0)
-    assert sorted(stats["datapath"]["adopted"]) == sorted(p.name for p in CGROUP_PROGRAMS)
+    assert sorted(stats["datapath"]["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS] + [MSG.name])
     assert len(stats["pods"]) == 5
     assert curl(mesh, "client-n0-0", f"http://{target}:8080/") == "hello from http-n1-0\n"
     assert curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/") == "hello from http-n0-0\n"

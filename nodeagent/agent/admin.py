@@ -46,8 +46,15 @@ class AdminProtocol(asyncio.Protocol):
         handler = self.routes.get(target.path)
         if handler is None:
             self._send(404, "text/plain", b"not found\n")
+            return
+        answer = handler()
+        if asyncio.iscoroutine(answer):  # it gathers from the worker processes first
+            self.task = asyncio.get_running_loop().create_task(self._send_when_ready(answer))
         else:
-            self._send(*handler())
+            self._send(*answer)
+
+    async def _send_when_ready(self, answer):
+        self._send(*await answer)
 
     def connection_lost(self, exc):
         if self.task:
@@ -97,13 +104,13 @@ def routes_for(agent) -> dict:
     def ready():
         return (200, "text/plain", b"ready\n") if agent.ready else (503, "text/plain", b"not ready\n")
 
-    def stats():
-        return 200, "application/json", json.dumps(agent.status(), indent=1).encode()
+    async def stats():
+        return 200, "application/json", json.dumps(await agent.status(), indent=1).encode()
 
-    def metrics():
+    async def metrics():
         if agent.proxy is None:
             return 503, "text/plain", b"not ready\n"
-        return 200, CONTENT_TYPE_LATEST, generate_latest(agent.proxy.metrics.registry)
+        return 200, CONTENT_TYPE_LATEST, generate_latest(await agent.metrics_registry())
 
     return {"/live": live, "/ready": ready, "/stats": stats, "/metrics": metrics}
 

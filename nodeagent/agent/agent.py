@@ -19,8 +19,13 @@ from pathlib import Path
 
 import datetime
 
-from nodeagent import preflight
+from nodeagent import cgroups, preflight
+from prometheus_client import CollectorRegistry
+
 from nodeagent.agent.admin import serve_admin
+from nodeagent.agent.merge import Merged, families_of, merge
+from nodeagent.agent.worker import Settings
+from nodeagent.agent.workers import Workers
 from nodeagent.agent.node_metrics import NodeCollector
 from nodeagent.identity import naming
 from nodeagent.identity.ca import load_issuer
@@ -56,6 +61,10 @@ class AgentConfig:
     default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED
     # Sidecar mode: serve only this pod ("namespace/name"), with `pods_cgroup` its own cgroup.
     only_pod: str | None = None
+    fast_paths: int = 0  # abi.FAST_* bits: kernel splices, loopback legs (benchmarks/README.md)
+    on_node_plaintext: bool = False  # same-node meshed pods: no mTLS hop (README, "On-node plaintext")
+    workers: int = 1  # proxy processes, this one included (agent/workers.py)
+    log_level: str = "INFO"
 
     @property
     def pin_name(self) -> str:
@@ -76,6 +85,7 @@ class Agent:
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
         self._exported: set[str] = set()  # identities whose expiry gauge is set
+        self.workers: Workers | None = None
 
     def preflight(self) -> None:
         failed = [c for c in (preflight.check_privileges(), preflight.check_cgroup2(),
@@ -92,22 +102,33 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
         try:
-            self.load_report = await asyncio.to_thread(load_in_subprocess, self.config.pin_name,
-                                                       self.config.pods_cgroup, self.config.pin_root)
+            self.load_report = await asyncio.to_thread(
+                load_in_subprocess, self.config.pin_name, self.config.pods_cgroup, self.config.pin_root,
+                # Only the fast path needs the proxy's own sockets seen by sockops.
+                proxy_cgroup=cgroups.own_cgroup() if self.config.fast_paths else None,
+                fast_paths=self.config.fast_paths)
         except LoadError as e:
             raise AgentError(f"the data path could not be loaded: {e}") from e
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
-        self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy)
+        fast_path = bool(self.config.fast_paths & abi.FAST_SPLICE)
+        self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy,
+                           on_node_plaintext=self.config.on_node_plaintext, fast_path=fast_path,
+                           reuse_port=self.config.workers > 1)
         self.proxy.metrics.registry.register(NodeCollector(self))
+        if self.config.workers > 1:
+            self.workers = Workers(self.config.workers - 1, self._worker_settings(fast_path), self.proxy.tap)
+            self.workers.start()
         admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
         try:
             while not stop.is_set():
                 view = self.source.poll()
                 if view is not None:
                     self.proxy.update_view(view)
+                    if self.workers:
+                        self.workers.update_view(view)
                     await self.reconcile()
                     self.ready = True  # ready once the first complete view is served
                 elif self._waiting:
@@ -115,12 +136,16 @@ class Agent:
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._export_expirations()
+                if self.workers:
+                    self.workers.check()
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_S)
                 except asyncio.TimeoutError:
                     pass
         finally:
             admin.close()
+            if self.workers:
+                self.workers.stop()
             self.source.close()
             self.identities.close()
             for cookie in list(self.proxy.pods):
@@ -139,6 +164,8 @@ class Agent:
         for uid in changes.release:
             cookie = self.enrolled.pop(uid)
             slot = self.proxy.pods[cookie].slot
+            if self.workers:
+                self.workers.remove_pod(cookie, deleted=uid in changes.deleted)
             await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted)
             self.slots.free(slot)
         self._waiting = False
@@ -159,6 +186,8 @@ class Agent:
                 self._waiting = True
                 continue
             self.enrolled[uid] = context.cookie
+            if self.workers:
+                self.workers.add_pod(context)
         if not self._waiting:
             self._forget_stale_enrolments()
 
@@ -180,16 +209,36 @@ class Agent:
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
 
-    def status(self) -> dict:
+    def _worker_settings(self, fast_path: bool) -> Settings:
+        c = self.config
+        return Settings(0, c.pin_root, c.pin_name, c.identity_dir, c.trust_domain, c.cert_lifetime.total_seconds(),
+                        c.default_policy.value, c.on_node_plaintext, fast_path, c.log_level)
+
+    async def _families(self) -> tuple[list, int]:
+        """Every process's metrics, merged, and their open connections."""
+        reports = await self.workers.scrape() if self.workers else []
+        families = merge([families_of(self.proxy.metrics.registry)] + [r[0] for r in reports])
+        return families, self.proxy.open_connections + sum(r[1] for r in reports)
+
+    async def metrics_registry(self) -> CollectorRegistry:
+        registry = CollectorRegistry()
+        registry.register(Merged((await self._families())[0]))
+        return registry
+
+    async def status(self) -> dict:
         pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
                 for p in self.proxy.pods.values()] if self.proxy else []
         identities = self.identities.expirations() if self.proxy else {}
+        families, open_connections = await self._families() if self.proxy else ([], 0)
         return {"node": self.config.node, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
                 "datapath": self.load_report, "pods": pods, "identities": identities,
+                "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
-                "open_connections": self.proxy.open_connections if self.proxy else 0,
+                "open_connections": open_connections,
                 "tap_events_dropped": self.proxy.tap.dropped if self.proxy else 0,
-                "counters": self.proxy.metrics.samples() if self.proxy else []}
+                "counters": [{"name": name, "labels": labels, "value": value}
+                             for _, _, _, samples in families for name, labels, value in samples
+                             if not name.endswith("_created")]}
 
 
 def run_agent(config: AgentConfig, source) -> None:

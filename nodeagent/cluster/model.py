@@ -93,6 +93,9 @@ def _service(obj: dict) -> ServiceInfo | None:
 class ClusterView:
     def __init__(self, pods: list[dict] = (), services: list[dict] = (), namespaces: list[dict] = (),
                  endpoint_slices: list[dict] | None = None, mesh_label: str = MESH_LABEL):
+        # Kept to rebuild the view elsewhere (a worker process gets it pickled).
+        self._objects = (list(pods), list(services), list(namespaces),
+                         None if endpoint_slices is None else list(endpoint_slices), mesh_label)
         self.errors: list[str] = []
         self.mesh_key, _, self.mesh_value = mesh_label.partition("=")
         self._slices = _slices_by_service(endpoint_slices, self.errors) if endpoint_slices is not None else None
@@ -118,6 +121,9 @@ class ClusterView:
         self.pod_by_ip = MappingProxyType({p.ip: p for p in self.pods.values()})
         self.service_by_address = MappingProxyType(
             {(s.cluster_ip, p.port): (s, p) for s in self.services.values() for p in s.ports})
+
+    def __reduce__(self):
+        return ClusterView, self._objects
 
     def meshed(self, pod: PodInfo) -> bool:
         own = pod.labels.get(self.mesh_key)

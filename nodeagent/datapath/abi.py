@@ -4,6 +4,9 @@ import ctypes
 
 MAX_PODS = 1024  # NA_MAX_PODS
 POD_ENROLLED = 1  # NA_POD_ENROLLED
+FAST_SPLICE, FAST_LOOPBACK = 1, 2  # NA_FAST_*
+MSG_UNDECIDED, MSG_TCP, MSG_PEER, MSG_SPLICED = 0, 1, 2, 3  # NA_MSG_*
+SOCK_PROXY = 1  # NA_SOCK_PROXY
 
 
 class Pod(ctypes.Structure):
@@ -39,7 +42,28 @@ class PolicyKey(ctypes.Structure):
 class Config(ctypes.Structure):
     """struct na_config"""
 
-    _fields_ = [("proxy_mark", ctypes.c_uint32), ("mesh_port", ctypes.c_uint32)]
+    _fields_ = [("proxy_mark", ctypes.c_uint32), ("mesh_port", ctypes.c_uint32), ("fast_paths", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class SockKey(ctypes.Structure):
+    """struct na_sock_key"""
+
+    _fields_ = [("netns_cookie", ctypes.c_uint64), ("remote_ip4", ctypes.c_uint32), ("local_port", ctypes.c_uint16),
+                ("remote_port", ctypes.c_uint16)]
+
+
+class MsgState(ctypes.Structure):
+    """struct na_msg_state"""
+
+    _fields_ = [("mode", ctypes.c_uint32), ("slot", ctypes.c_uint32), ("sent", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class Splice(ctypes.Structure):
+    """struct na_splice"""
+
+    _fields_ = [("target", SockKey), ("forwarded", ctypes.c_uint64), ("offered", ctypes.c_uint64)]
 
 
 class Counters(ctypes.Structure):
@@ -52,6 +76,7 @@ class Counters(ctypes.Structure):
         ("denied", ctypes.c_uint64),
         ("inbound_steered", ctypes.c_uint64),
         ("inbound_refused", ctypes.c_uint64),
+        ("fast_path_bytes", ctypes.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -59,7 +84,8 @@ class Counters(ctypes.Structure):
 
 
 # sizeof() of each struct as the C compiler lays it out; tests compare.
-C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 8, Counters: 48}
+C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Counters: 56, SockKey: 16, MsgState: 24,
+           Splice: 32}
 
 
 def u32(value: int) -> bytes:

@@ -13,7 +13,7 @@ from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import SK_LOOKUP
 
 MAPS = ("pods_by_netns", "pods_by_ip", "orig_by_port", "counters", "policy", "ip_identity",
-        "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners")
+        "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners", "loopback_socks", "msg_state", "splices")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,40 @@ class Datapath:
         libbpf.map_delete(self._fds["orig_by_port"], key)
         orig = abi.OrigDst.from_buffer_copy(raw)
         return str(ipaddress.IPv4Address(orig.ip.to_bytes(4, "little"))), socket.ntohs(orig.port)
+
+    # Kernel fast path (sk_msg): splices the proxy asks for; see proxy/fastpath.py.
+
+    def add_socket(self, key: abi.SockKey, sock: socket.socket) -> None:
+        """Put one of the proxy's sockets in loopback_socks, as a splice target."""
+        libbpf.map_update(self._fds["loopback_socks"], bytes(key), abi.u32(sock.fileno()))
+
+    def msg_mode(self, key: abi.SockKey) -> int | None:
+        raw = libbpf.map_lookup(self._fds["msg_state"], bytes(key), ctypes.sizeof(abi.MsgState))
+        return None if raw is None else abi.MsgState.from_buffer_copy(raw).mode
+
+    def request_splice(self, source: abi.SockKey, target: abi.SockKey) -> None:
+        """From the source's next send once the proxy has forwarded all it sent (see splice_forwarded)."""
+        value = abi.Splice(target, 0, 0)
+        libbpf.map_update(self._fds["splices"], bytes(source), bytes(value))
+
+    def _splice(self, source: abi.SockKey) -> abi.Splice | None:
+        raw = libbpf.map_lookup(self._fds["splices"], bytes(source), ctypes.sizeof(abi.Splice))
+        return None if raw is None else abi.Splice.from_buffer_copy(raw)
+
+    def splice_forwarded(self, source: abi.SockKey, forwarded: int) -> None:
+        """The proxy forwarded more of the source's bytes before its splice started."""
+        splice = self._splice(source)
+        if splice is not None and splice.offered == 0:  # once started, only the kernel writes it
+            splice.forwarded = forwarded
+            libbpf.map_update(self._fds["splices"], bytes(source), bytes(splice))
+
+    def splice_activity(self, source: abi.SockKey) -> int:
+        """Grows while the kernel sends the source's bytes past the proxy (not a byte count)."""
+        splice = self._splice(source)
+        return 0 if splice is None else splice.offered
+
+    def end_splice(self, source: abi.SockKey) -> None:
+        libbpf.map_delete(self._fds["splices"], bytes(source))
 
     # L4 policy and exemptions.
 

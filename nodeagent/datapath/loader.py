@@ -20,11 +20,12 @@ from pathlib import Path
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.cleanup import detach_link
 from nodeagent.datapath.pins import DEFAULT_ROOT, PinLayout
-from nodeagent.datapath.programs import CGROUP_PROGRAMS, PROGRAMS, SK_LOOKUP
+from nodeagent.datapath.programs import CGROUP_PROGRAMS, LOOPBACK_MAP, MSG, PROGRAMS, SK_LOOKUP, SOCKOPS_PROXY
 
 BPF_SRC_DIR = Path(os.environ.get("NODEAGENT_BPF_SRC", Path(__file__).resolve().parents[2] / "bpf"))
 DEFAULT_PROXY_MARK = 0x4E41  # "NA"
 DEFAULT_MESH_PORT = 4143  # as Linkerd's inbound mesh port
+DEFAULT_FAST_PATHS = 0  # off: see benchmarks/README.md, "Kernel fast paths"
 
 
 class LoadError(RuntimeError):
@@ -59,13 +60,14 @@ def _link_target(path: Path) -> int:
         os.close(link)
 
 
-def attach_cgroup_links(layout: PinLayout, cgroup: Path, fds: dict[str, int]) -> tuple[list[str], list[str]]:
+def attach_cgroup_links(layout: PinLayout, cgroup: Path, fds: dict[str, int],
+                        programs=CGROUP_PROGRAMS) -> tuple[list[str], list[str]]:
     """(hooks created, hooks adopted). A link pinned for another cgroup is replaced."""
     created, adopted = [], []
     cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
         cgroup_id = os.fstat(cgroup_fd).st_ino  # on cgroup2 the inode number is the cgroup id
-        for program in CGROUP_PROGRAMS:
+        for program in programs:
             path = layout.link(program.name)
             if path.exists() and _link_target(path) == cgroup_id:
                 link = libbpf.obj_get(str(path))
@@ -88,6 +90,43 @@ def attach_cgroup_links(layout: PinLayout, cgroup: Path, fds: dict[str, int]) ->
     return created, adopted
 
 
+def attach_proxy_cgroup(layout: PinLayout, cgroup: Path, proxy_cgroup: Path | None,
+                        fds: dict[str, int]) -> tuple[list[str], list[str]]:
+    """The proxy's own sockets need sockops for the loopback fast path; when the proxy runs
+    below the pods' cgroup (an agent pod in kubepods) the pods' link covers them already."""
+    path = layout.link(SOCKOPS_PROXY.name)
+    if proxy_cgroup is None or proxy_cgroup.resolve().is_relative_to(cgroup.resolve()):
+        if path.exists():
+            detach_link(path)
+        return [], []
+    return attach_cgroup_links(layout, proxy_cgroup, fds, (SOCKOPS_PROXY,))
+
+
+def attach_msg_link(layout: PinLayout, prog_fd: int) -> str:
+    """sk_msg runs for the sockets in loopback_socks: one link on the map, pinned."""
+    path = layout.link(MSG.name)
+    if path.exists():
+        link = libbpf.obj_get(str(path))
+        try:
+            libbpf.link_update(link, prog_fd)
+            return "adopted"
+        except libbpf.BpfError:
+            pass  # its map was replaced: attach anew
+        finally:
+            os.close(link)
+        detach_link(path)
+    sockhash = libbpf.obj_get(str(layout.map(LOOPBACK_MAP)))
+    try:
+        link = libbpf.link_create(prog_fd, sockhash, MSG.attach_type)
+        try:
+            libbpf.obj_pin(link, str(path))
+        finally:
+            os.close(link)
+    finally:
+        os.close(sockhash)
+    return "created"
+
+
 def update_sk_lookup_links(layout: PinLayout, prog_fd: int) -> int:
     """Give every pod's pinned sk_lookup link the new program; drop links of dead namespaces."""
     updated = 0
@@ -103,16 +142,17 @@ def update_sk_lookup_links(layout: PinLayout, prog_fd: int) -> int:
     return updated
 
 
-def write_config(layout: PinLayout, proxy_mark: int, mesh_port: int) -> None:
+def write_config(layout: PinLayout, proxy_mark: int, mesh_port: int, fast_paths: int) -> None:
     fd = libbpf.obj_get(str(layout.map("config")))
     try:
-        libbpf.map_update(fd, abi.u32(0), bytes(abi.Config(proxy_mark, mesh_port)))
+        libbpf.map_update(fd, abi.u32(0), bytes(abi.Config(proxy_mark, mesh_port, fast_paths)))
     finally:
         os.close(fd)
 
 
 def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
-         mesh_port: int = DEFAULT_MESH_PORT) -> dict:
+         mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
+         fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
     if not cgroup.is_dir() or not (cgroup / "cgroup.procs").exists():
         raise LoadError(f"{cgroup} is not a cgroup v2 directory")
     for directory in (layout.maps, layout.progs, layout.sk_lookup_links):
@@ -121,11 +161,14 @@ def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
     for name, fd in fds.items():
         _replace_pin(fd, layout.prog(name))
     created, adopted = attach_cgroup_links(layout, cgroup, fds)
+    proxy_created, proxy_adopted = attach_proxy_cgroup(layout, cgroup, proxy_cgroup, fds)
+    (created if attach_msg_link(layout, fds[MSG.name]) == "created" else adopted).append(MSG.name)
     pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
-    write_config(layout, proxy_mark, mesh_port)
+    write_config(layout, proxy_mark, mesh_port, fast_paths)
     del module
     return {"node": layout.node, "cgroup": str(cgroup), "pin_dir": str(layout.node_dir),
-            "compile_and_load_ms": round(seconds * 1000, 1), "created": created, "adopted": adopted,
+            "compile_and_load_ms": round(seconds * 1000, 1), "created": created + proxy_created,
+            "adopted": adopted + proxy_adopted, "fast_paths": fast_paths,
             "sk_lookup_links_updated": pods}
 
 
@@ -153,6 +196,8 @@ def main() -> None:
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--proxy-mark", type=int, default=DEFAULT_PROXY_MARK)
     parser.add_argument("--mesh-port", type=int, default=DEFAULT_MESH_PORT)
+    parser.add_argument("--proxy-cgroup", type=Path, help="the proxy's own cgroup (for the loopback fast path)")
+    parser.add_argument("--fast-paths", type=int, default=DEFAULT_FAST_PATHS, help="NA_FAST_* bits")
     args = parser.parse_args()
     if args.check:
         try:
@@ -164,7 +209,8 @@ def main() -> None:
     if not args.node or not args.cgroup:
         parser.error("--node and --cgroup are required to load")
     try:
-        report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.proxy_mark, args.mesh_port)
+        report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.proxy_mark, args.mesh_port,
+                      args.proxy_cgroup, args.fast_paths)
     except (LoadError, OSError, ValueError) as e:
         print(f"nodeagent loader: {e}", file=sys.stderr)
         raise SystemExit(2) from e
@@ -176,14 +222,17 @@ if __name__ == "__main__":
 
 
 def load_in_subprocess(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, proxy_mark: int = DEFAULT_PROXY_MARK,
-                       mesh_port: int = DEFAULT_MESH_PORT) -> dict:
+                       mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
+                       fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
     """Run the loader as its own process (bcc's memory leaves with it); its report."""
     import subprocess
 
-    done = subprocess.run(
-        [sys.executable, "-m", "nodeagent.datapath.loader", "--node", node, "--cgroup", str(cgroup),
-         "--pin-root", str(pin_root), "--proxy-mark", str(proxy_mark), "--mesh-port", str(mesh_port)],
-        capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "nodeagent.datapath.loader", "--node", node, "--cgroup", str(cgroup),
+               "--pin-root", str(pin_root), "--proxy-mark", str(proxy_mark), "--mesh-port", str(mesh_port),
+               "--fast-paths", str(fast_paths)]
+    if proxy_cgroup is not None:
+        command += ["--proxy-cgroup", str(proxy_cgroup)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise LoadError(done.stderr.strip() or f"loader exited with {done.returncode}")
     return json.loads(done.stdout)

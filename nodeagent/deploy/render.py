@@ -24,6 +24,8 @@ class Values:
     trust_domain: str = "cluster.local"
     default_policy: str = "all-unauthenticated"
     log_level: str = "info"
+    fast_path: str = ""  # off; "splice" or "splice,loopback" (README, Fast paths)
+    on_node_plaintext: bool = False
     admin_port: int = 4191
     anchors_pem: str = ""
     issuer_crt_pem: str = ""
@@ -62,7 +64,8 @@ def render(values: Values) -> list[dict]:
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NAME}-config", values),
          "data": {"mesh-label": values.mesh_label, "trust-domain": values.trust_domain,
-                  "default-policy": values.default_policy, "log-level": values.log_level}},
+                  "default-policy": values.default_policy, "log-level": values.log_level,
+                  "fast-path": values.fast_path, "on-node-plaintext": str(values.on_node_plaintext).lower()}},
         {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(f"{NAME}-identity-issuer", values),
          "data": {"ca.crt": _b64(values.anchors_pem), "issuer.crt": _b64(values.issuer_crt_pem),
                   "issuer.key": _b64(values.issuer_key_pem)}},
@@ -100,11 +103,14 @@ def daemonset(values: Values) -> dict:
                                  "--identity-dir=/var/run/nodeagent/identity",
                                  f"--admin=0.0.0.0:{values.admin_port}", "--pin-root=/sys/fs/bpf/nodeagent",
                                  "--mesh-label=$(MESH_LABEL)", "--trust-domain=$(TRUST_DOMAIN)",
-                                 "--default-policy=$(DEFAULT_POLICY)", "--log-level=$(LOG_LEVEL)"],
+                                 "--default-policy=$(DEFAULT_POLICY)", "--log-level=$(LOG_LEVEL)",
+                                 "--fast-path=$(FAST_PATH)", "--on-node-plaintext=$(ON_NODE_PLAINTEXT)"],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             _config_env("MESH_LABEL", "mesh-label"), _config_env("TRUST_DOMAIN", "trust-domain"),
                             _config_env("DEFAULT_POLICY", "default-policy"), _config_env("LOG_LEVEL", "log-level"),
+                            _config_env("FAST_PATH", "fast-path"),
+                            _config_env("ON_NODE_PLAINTEXT", "on-node-plaintext"),
                         ],
                         "ports": [{"name": "admin", "containerPort": values.admin_port, "protocol": "TCP"}],
                         "readinessProbe": probe("/ready"),

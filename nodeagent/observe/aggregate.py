@@ -87,9 +87,11 @@ class RouteTotals:
 
 
 def roll_up(events: list[dict]) -> list[tuple[tuple, RouteTotals]]:
-    """Tap events by (source, destination, method, path), busiest first."""
+    """Tap events of requests by (source, destination, method, path), busiest first."""
     routes: dict[tuple, RouteTotals] = defaultdict(RouteTotals)
     for e in events:
+        if e.get("kind") == "tls":
+            continue  # a passed-through TLS connection has no route, status or latency
         totals = routes[(f"{e['namespace']}/{e['pod']}", e["destination"], e["method"], e["path"])]
         totals.count += 1
         totals.successes += e["status"] < 500

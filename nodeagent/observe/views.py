@@ -34,6 +34,9 @@ def top_table(rows: list[tuple[tuple, RouteTotals]], limit: int = 20) -> Table:
 
 def tap_line(event: dict) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"])) + f".{int(event['ts'] * 1000) % 1000:03d}"
+    if event.get("kind") == "tls":
+        return (f"{stamp} {event['direction']} src={event['namespace']}/{event['pod']} dst={event['destination']} "
+                f"tls-passthrough sni={event['sni'] or '-'}")
     return (f"{stamp} {event['direction']} src={event['namespace']}/{event['pod']} dst={event['destination']} "
             f"tls={str(event['tls']).lower()} :method={event['method']} :authority={event['authority']} "
             f":path={event['path']} :status={event['status']} latency={event['latency_ms']:.3f}ms")

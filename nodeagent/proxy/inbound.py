@@ -26,6 +26,7 @@ from nodeagent.proxy.upstream import open_socket
 APP_CONNECT_TIMEOUT_S = 1.0
 HANDSHAKE_TIMEOUT_S = 10.0
 DENY_DETECT_S = 1.0  # how long a refused client may take to show it speaks HTTP (for a 403)
+PENDING_MAX = 256 * 1024  # bytes read ahead of the splice; then the client waits (TCP backpressure)
 
 FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
              b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -42,10 +43,13 @@ class _Inbound(asyncio.Protocol):
         self.task = None
         self._more = asyncio.Event()
         self._open = False
+        self.kernel = None  # a KernelSplice carrying the app's replies
 
     def data_received(self, data):
         self.buffer += data  # only until the splice replaces this protocol
         self._more.set()
+        if len(self.buffer) >= PENDING_MAX:
+            self.transport.pause_reading()
 
     def eof_received(self):
         self.eof = True
@@ -70,10 +74,12 @@ class _Inbound(asyncio.Protocol):
         self._open = False
         self.proxy.track_inbound(self, False)
         self.proxy.open_connections -= 1
+        carried = self.kernel.end() if self.kernel else {}
         if self.stats is not None:
             if relay is not None:
-                self.stats.read += relay.bytes_in
-                self.stats.written += relay.peer.bytes_in
+                self.stats.read += relay.bytes_in + carried.get(id(relay), 0)
+                self.stats.written += relay.peer.bytes_in + carried.get(id(relay.peer), 0)
+                self.stats.spliced += sum(carried.values())
             self.stats.close()
 
     async def _admit(self, transport, port: int, identity: str | None) -> None:
@@ -95,7 +101,13 @@ class _Inbound(asyncio.Protocol):
             self._closed()
             transport.abort()
             return
-        splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
+        if identity is None:  # plaintext both ways: the kernel may carry the app's replies
+            self.kernel = self.proxy.kernel_splice(transport, self.pod.cookie, app.transport, self.pod.cookie)
+        pair = splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
+        if self.kernel is not None:
+            self.kernel.attach(pair)
+        if not transport.is_reading() and not transport.is_closing():
+            transport.resume_reading()  # the relay's flow control takes over
 
     def revoke(self) -> None:
         """The pod's policy no longer admits this client: end the connection."""

@@ -22,16 +22,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS_MS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
                       10000, 20000, 30000, 40000, 50000)
 TRAFFIC = ("direction", "namespace", "pod", "peer", "tls")
+SNI_LABELS_PER_POD = 100
+SNI_NONE, SNI_OTHER = "(none)", "(other)"
 
 
 class ConnectionStats:
     """One connection's counters: opened on creation, closed exactly once."""
 
-    __slots__ = ("metrics", "labels", "read", "written", "closed")
+    __slots__ = ("metrics", "labels", "read", "written", "spliced", "closed")
 
     def __init__(self, metrics: "Metrics", labels: tuple):
         self.metrics, self.labels = metrics, labels
         self.read = self.written = 0
+        self.spliced = 0  # of read + written: bytes a kernel splice carried past the proxy
         self.closed = False
         metrics.child(metrics.tcp_open_total, labels).inc()
         metrics.child(metrics.tcp_open_connections, labels).inc()
@@ -45,6 +48,8 @@ class ConnectionStats:
         m.child(m.tcp_close_total, self.labels).inc()
         m.child(m.tcp_read_bytes_total, self.labels).inc(self.read)
         m.child(m.tcp_write_bytes_total, self.labels).inc(self.written)
+        if self.spliced:
+            m.child(m.tcp_spliced_bytes_total, self.labels).inc(self.spliced)
 
 
 class RequestStats:
@@ -83,6 +88,8 @@ class Metrics:
         self.tcp_open_connections = Gauge("tcp_open_connections", "TCP connections open", TRAFFIC, registry=r)
         self.tcp_read_bytes_total = Counter("tcp_read_bytes", "Bytes read from clients", TRAFFIC, registry=r)
         self.tcp_write_bytes_total = Counter("tcp_write_bytes", "Bytes written to clients", TRAFFIC, registry=r)
+        self.tcp_spliced_bytes_total = Counter("tcp_spliced_bytes", "Of the bytes read and written: those the "
+                                               "kernel carried past the proxy (fast path)", TRAFFIC, registry=r)
         self.tcp_errors_total = Counter("tcp_errors", "Connections the proxy could not serve",
                                         ("direction", "namespace", "pod", "reason"), registry=r)
         self.http_errors_total = Counter("http_errors", "HTTP responses the proxy itself wrote",
@@ -98,6 +105,10 @@ class Metrics:
                                                 ("peer",), registry=r)
         self.tls_handshake_failures_total = Counter("tls_handshake_failures", "Mutual TLS handshakes refused",
                                                     ("direction", "reason"), registry=r)
+        self.tls_sni_total = Counter("tls_sni", "TLS connections passed through, by the server name asked for "
+                                     f"(the first {SNI_LABELS_PER_POD} names per pod; then '{SNI_OTHER}')",
+                                     ("direction", "namespace", "pod", "sni"), registry=r)
+        self._sni_seen: dict[str, set] = defaultdict(set)  # pod key -> names with a series of their own
         self.identity_cert_expiration_timestamp_seconds = Gauge(
             "identity_cert_expiration_timestamp_seconds", "When each workload certificate expires", ("identity",),
             registry=r)
@@ -119,6 +130,7 @@ class Metrics:
 
     def forget_pod(self, pod_key: str) -> int:
         """Remove every series of a departed pod; how many."""
+        self._sni_seen.pop(pod_key, None)
         series = self._series.pop(pod_key, set())
         for metric, labels in series:
             try:
@@ -147,6 +159,17 @@ class Metrics:
     def authorization(self, pod, allowed: bool, tls: bool) -> None:
         self.child(self.inbound_authorization_total, (pod.info.namespace, pod.info.name,
                                                       "allow" if allowed else "deny", str(tls).lower())).inc()
+
+    def tls_sni(self, direction: str, pod, sni: str | None) -> None:
+        """Server names are chosen by apps: bounded per pod, so a scanner cannot blow up the series."""
+        name = sni or SNI_NONE
+        seen = self._sni_seen[pod.key]
+        if name not in seen:
+            if len(seen) >= SNI_LABELS_PER_POD:
+                name = SNI_OTHER
+            else:
+                seen.add(name)
+        self.child(self.tls_sni_total, (direction, pod.info.namespace, pod.info.name, name)).inc()
 
     def retry(self, pod, peer: str, allowed: bool) -> None:
         metric = self.retries_total if allowed else self.retry_budget_exhausted_total

@@ -24,11 +24,13 @@ from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.identity import naming
 from nodeagent.proxy import mesh
-from nodeagent.proxy.tap import request_event
-from nodeagent.proxy.upstream import connect
+from nodeagent.proxy.tap import request_event, tls_event
+from nodeagent.proxy.upstream import connect, open_socket
+from nodeagent.policy.authz import Client
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
 EAGER_CONNECT_DELAY_S = 0.003
+PENDING_MAX = 256 * 1024  # bytes read ahead of the splice; then the client waits (TCP backpressure)
 
 
 class OutboundAccept(asyncio.Protocol):
@@ -46,6 +48,11 @@ class OutboundAccept(asyncio.Protocol):
         self.finished = False
         self.adopting = False
         self._timer: asyncio.TimerHandle | None = None
+        self.upstream_cookie = pod.cookie  # the namespace the upstream socket lives in
+        self.on_node: OnNodeInbound | None = None  # the destination's side of an on-node hop
+        self.kernel = None  # a KernelSplice carrying part of the bytes
+        self.refused = False  # the on-node destination's policy refused us
+        self.opaque = False  # decided: opaque (the bytes wait here for the splice)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -84,11 +91,18 @@ class OutboundAccept(asyncio.Protocol):
             state, address, destination = target
             tried.add(address)
             holding = Holding()
+            local = self.proxy.on_node(destination)
+            tunnel = None
             try:
-                # The protocol is not known yet: the hint says opaque, the destination detects for itself.
-                tunnel = self.proxy.tunnel_to(self.pod, destination, address[1], mesh.HINT_OPAQUE)
-                transport, _ = await connect(self.pod.netns_path, address, self.config.connect_timeout_s,
-                                             lambda: holding, tunnel)
+                if local is not None:
+                    transport = await self._connect_on_node(local, address[1], holding)
+                    if transport is None:
+                        return None
+                else:
+                    # The protocol is not known yet: the hint says opaque, the destination detects for itself.
+                    tunnel = self.proxy.tunnel_to(self.pod, destination, address[1], mesh.HINT_OPAQUE)
+                    transport, _ = await connect(self.pod.netns_path, address, self.config.connect_timeout_s,
+                                                 lambda: holding, tunnel)
             except naming.IdentityError:
                 # The pod left the mesh (its identity went with it) while this connection was set up.
                 self.proxy.metrics.tcp_error("outbound", self.pod, "no identity")
@@ -110,6 +124,20 @@ class OutboundAccept(asyncio.Protocol):
                 self._upstream_event()  # it spoke while the connection was being set up
             return transport
         return None
+
+    async def _connect_on_node(self, local, port: int, holding: Holding):
+        """Plaintext on the node: the destination pod's policy is asked with our pod's identity
+        (the kernel told us which pod this connection is from), and its app is reached on its
+        loopback, as the mesh hop would; no byte leaves the kernel. None if refused."""
+        client = Client(self.pod.info.ip, self.pod.identity.uri)
+        if not self.proxy.authorize(local, port, client).allowed:
+            self.refused = True  # counted if the connection turns out opaque (HTTP goes the mesh way: a 403)
+            return None
+        sock = await open_socket(local.netns_path, ("127.0.0.1", port), self.config.connect_timeout_s)
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: holding, sock=sock)
+        self.upstream_cookie = local.cookie
+        self.on_node = OnNodeInbound(self.proxy, local, port, client, transport)
+        return transport
 
     def _pick(self, tried):
         """(endpoint state or None, address, destination pod or None), or None."""
@@ -133,10 +161,14 @@ class OutboundAccept(asyncio.Protocol):
     def data_received(self, data):
         self.buffer += data
         if self.decided:
+            if self.opaque and len(self.buffer) >= PENDING_MAX:
+                self.transport.pause_reading()  # until the splice: the client waits, nothing piles up
             return
         found = detect(bytes(self.buffer))
         if found is NEED_MORE and len(self.buffer) < MAX_PREFIX:
             return
+        if found and found.protocol is Protocol.TLS:
+            self._record_sni(found.sni)
         self._decide(found.protocol if found else Protocol.OPAQUE)
 
     def eof_received(self):
@@ -150,6 +182,12 @@ class OutboundAccept(asyncio.Protocol):
         if not self.decided:
             self._decide(Protocol.OPAQUE)
 
+    def _record_sni(self, sni: str | None) -> None:
+        """TLS from the app passes through opaque; the server name it asked for is what
+        operators can see of it: a bounded metric label and a tap event."""
+        self.proxy.metrics.tls_sni("outbound", self.pod, sni)
+        self.proxy.tap.publish(lambda: tls_event("outbound", self.pod, self.peer, sni))
+
     def _decide(self, protocol: Protocol):
         self.decided = True
         self.proxy.metrics.detected("outbound", self.pod, protocol.value)
@@ -158,6 +196,7 @@ class OutboundAccept(asyncio.Protocol):
         if protocol is Protocol.HTTP1:
             asyncio.get_running_loop().create_task(self._as_http1())
         else:
+            self.opaque = True
             self._start_connect()
             asyncio.get_running_loop().create_task(self._as_opaque())
 
@@ -165,9 +204,11 @@ class OutboundAccept(asyncio.Protocol):
         upstream = await self.upstream
         if upstream is None or self.transport.is_closing():
             if upstream is None:
-                self.proxy.metrics.tcp_error("outbound", self.pod, "no endpoint")
+                self.proxy.metrics.tcp_error("outbound", self.pod, "refused by policy" if self.refused else "no endpoint")
             else:
                 upstream.close()
+                if self.on_node is not None:
+                    self.on_node.close(len(self.buffer), 0)
             self._done()
             self.transport.abort()  # TCP has no error page: a reset
             return
@@ -175,16 +216,31 @@ class OutboundAccept(asyncio.Protocol):
         if self.early.lost:  # it spoke and hung up before the splice: deliver, then close
             self.transport.write(bytes(self.early.buffer))
             self.stats.written += len(self.early.buffer)
+            if self.on_node is not None:
+                self.on_node.close(len(self.buffer), len(self.early.buffer))
             self._done()
             self.transport.close()
             return
+        if not self.tls:
+            self.kernel = self.proxy.kernel_splice(self.transport, self.pod.cookie, self.early.transport,
+                                                   self.upstream_cookie)
         pair = splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early,
                            on_close=self._relay_closed)
-        close_when_idle(pair, self.config.idle_timeout_s)
+        if self.kernel is not None:
+            self.kernel.attach(pair)
+        if not self.transport.is_reading() and not self.transport.is_closing():
+            self.transport.resume_reading()
+        close_when_idle(pair, self.config.idle_timeout_s, self.kernel.moved if self.kernel else None)
 
     def _relay_closed(self, client_side):
-        self.stats.read += client_side.bytes_in
-        self.stats.written += client_side.peer.bytes_in
+        carried = self.kernel.end() if self.kernel else {}
+        read = client_side.bytes_in + carried.get(id(client_side), 0)
+        written = client_side.peer.bytes_in + carried.get(id(client_side.peer), 0)
+        self.stats.read += read
+        self.stats.written += written
+        self.stats.spliced += sum(carried.values())
+        if self.on_node is not None:
+            self.on_node.close(read, written, sum(carried.values()))
         self._done()
 
     def _count_open(self):
@@ -231,7 +287,10 @@ class OutboundAccept(asyncio.Protocol):
         if state is not None:
             state.connections -= 1
         self.endpoint = None
-        if self.early.buffer or self.early.eof or self.early.lost:
+        if self.on_node is not None:
+            self.on_node.close(0, 0)
+            upstream.close()  # requests go over the mesh's pooled connections, with their metrics
+        elif self.early.buffer or self.early.eof or self.early.lost:
             upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
         else:
             self.proxy.pool.adopt(self.pod.cookie, address, upstream)
@@ -245,7 +304,33 @@ class OutboundAccept(asyncio.Protocol):
             self.upstream.cancel()
             if self.early and self.early.transport:
                 self.early.transport.close()
+        if self.on_node is not None:
+            self.on_node.close(len(self.buffer), 0)
         self._done()
+
+
+class OnNodeInbound:
+    """The destination pod's half of an on-node hop: counted as its inbound connection and
+    revoked, like a mesh connection, when the pod's policy stops admitting the client."""
+
+    def __init__(self, proxy, pod, port: int, client: Client, upstream: asyncio.Transport):
+        self.proxy, self.pod, self.port, self.client, self.upstream = proxy, pod, port, client, upstream
+        self.stats = proxy.metrics.connection("inbound", pod, client.identity, False)
+        self.closed = False
+        proxy.track_inbound(self, True)
+
+    def revoke(self) -> None:
+        self.upstream.abort()
+
+    def close(self, client_bytes: int, app_bytes: int, spliced: int = 0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.track_inbound(self, False)
+        self.stats.read += client_bytes
+        self.stats.written += app_bytes
+        self.stats.spliced += spliced
+        self.stats.close()
 
 
 def peer_label(decision) -> str:

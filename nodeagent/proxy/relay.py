@@ -30,6 +30,7 @@ class Relay(asyncio.Protocol):
         self.got_eof = False
         self.bytes_in = 0
         self._on_close = on_close
+        self.on_forwarded: Callable[["Relay"], None] | None = None  # a kernel splice waits for our bytes
 
     def connection_made(self, transport):
         self.transport = transport
@@ -37,6 +38,8 @@ class Relay(asyncio.Protocol):
     def data_received(self, data):
         self.bytes_in += len(data)
         self.peer.transport.write(data)
+        if self.on_forwarded is not None:
+            self.on_forwarded(self)
 
     def eof_received(self):
         self.got_eof = True
@@ -53,6 +56,8 @@ class Relay(asyncio.Protocol):
 
     def resume_writing(self):
         self.peer.transport.resume_reading()
+        if self.peer.on_forwarded is not None:
+            self.peer.on_forwarded(self.peer)
 
     def connection_lost(self, exc):
         peer = self.peer.transport if self.peer else None
@@ -97,24 +102,28 @@ class Holding(asyncio.Protocol):
             self.on_event()
 
 
-def close_when_idle(pair: tuple[Relay, Relay], seconds: float) -> None:
+def close_when_idle(pair: tuple[Relay, Relay], seconds: float,
+                    kernel_moved: Callable[[], int] | None = None) -> None:
     """Close a spliced pair once no byte has moved either way for `seconds` (checked every
-    `seconds`, so after one to two of them). It compares the relays' byte counts, so the
-    byte path pays nothing for it."""
+    `seconds`, so after one to two of them). It compares the relays' byte counts (and the
+    kernel's, for bytes a kernel splice carries), so the byte path pays nothing for it."""
     left, right = pair
     loop = asyncio.get_running_loop()
+
+    def moved() -> int:
+        return left.bytes_in + right.bytes_in + (kernel_moved() if kernel_moved else 0)
 
     def check(moved_before: int) -> None:
         if left.transport.is_closing() or right.transport.is_closing():
             return
-        moved = left.bytes_in + right.bytes_in
-        if moved == moved_before:
+        now = moved()
+        if now == moved_before:
             left.transport.close()
             right.transport.close()
             return
-        loop.call_later(seconds, check, moved)
+        loop.call_later(seconds, check, now)
 
-    loop.call_later(seconds, check, left.bytes_in + right.bytes_in)
+    loop.call_later(seconds, check, moved())
 
 
 def splice_held(a: asyncio.Transport, a_held: bytes, a_eof: bool, b: Holding,

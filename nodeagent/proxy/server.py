@@ -2,6 +2,7 @@
 pods on the node share (cluster view, endpoint balancers, retry budgets, pool)."""
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ from nodeagent.datapath.control import Datapath, PodEntry
 from nodeagent.identity import naming
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.policy import authz
-from nodeagent.proxy import mesh, service_config
+from nodeagent.proxy import fastpath, mesh, service_config
 from nodeagent.proxy.budget import RetryBudget
 from nodeagent.proxy.endpoints import EndpointSet
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
@@ -25,7 +26,7 @@ from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.tap import TapHub
-from nodeagent.proxy.upstream import Pool
+from nodeagent.proxy.upstream import PROXY_MARK, Pool
 
 log = logging.getLogger("nodeagent.proxy")
 
@@ -68,10 +69,17 @@ class PodContext:
         return self.info.key
 
 
-def _listener(netns_path: str, port: int, host: str = "127.0.0.1") -> socket.socket:
+def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: bool = False) -> socket.socket:
     with netns.entered(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit the mark: the data path knows them for the proxy's (fast path).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+    if reuse_port:
+        # The agent's worker processes each listen on the same ports: the kernel spreads the
+        # connections over the group (sk_lookup's assignment too). Only with workers: a root
+        # process in the pod could join a group, so a single process does not open one.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(4096)
     sock.setblocking(False)
@@ -81,7 +89,9 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1") -> socket.soc
 class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, trust_domain: str = naming.DEFAULT_TRUST_DOMAIN,
                  default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED,
-                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, max_connections: int = MAX_CONNECTIONS):
+                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, max_connections: int = MAX_CONNECTIONS,
+                 on_node_plaintext: bool = False, fast_path: bool = False, owns_datapath: bool = True,
+                 reuse_port: bool = False):
         self.datapath = datapath
         self.identities = identities
         self.trust_domain = trust_domain
@@ -102,6 +112,12 @@ class Proxy:
         self._budgets: dict[str, RetryBudget] = {}
         self._configs: dict[str, tuple[dict, service_config.ServiceConfig]] = {}
         self._rng = random.Random()
+        self.on_node_plaintext = on_node_plaintext
+        self.fast_path = fast_path
+        # A worker process serves pods but leaves enrolment and inbound steering to the main one.
+        self.owns_datapath = owns_datapath
+        self.reuse_port = reuse_port
+        self._pods_by_key: dict[str, PodContext] = {}
 
     def update_view(self, view: ClusterView) -> None:
         for error in view.errors:
@@ -172,6 +188,25 @@ class Proxy:
         return Tunnel(destination.ip, port, hint, self.identities.material(source.identity).client,
                       self.identity_of(destination), self.tls_sessions)
 
+    def on_node(self, destination: PodInfo | None) -> PodContext | None:
+        """The destination's context when opaque TCP to it may skip the mTLS hop: it is a
+        meshed pod this proxy serves, and the agent allows plaintext on the node."""
+        if not self.on_node_plaintext or destination is None:
+            return None
+        return self._pods_by_key.get(destination.key)
+
+    def kernel_splice(self, client, client_cookie: int, upstream, upstream_cookie: int):
+        """Ask the kernel to carry an opaque pair's bytes past us (before the relays start:
+        KernelSplice.attach follows them); None if the fast path is off or the kernel refused."""
+        if not self.fast_path:
+            return None
+        try:
+            return fastpath.request(self.datapath, client, client_cookie, upstream, upstream_cookie)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTCONN):  # a side half-closed or closed meanwhile
+                self._log_once("splice", type(e).__name__, f"kernel splice not used: {e}")
+            return None
+
     def authorize(self, pod: PodContext, port: int, client: authz.Client) -> authz.Decision:
         # Annotations change while the pod runs: read them from the current view.
         annotations = self.view.pods.get(pod.key, pod.info).annotations
@@ -205,8 +240,9 @@ class Proxy:
     async def add_pod(self, info: PodInfo, netns_fd: int, slot: int) -> PodContext:
         """Listeners in the pod first, then the data path steers to them."""
         path = f"/proc/self/fd/{netns_fd}"
-        outbound_sock, inbound_sock = _listener(path, OUTBOUND_PORT), _listener(path, INBOUND_PORT)
-        mesh_sock = _listener(path, mesh.MESH_PORT, host=info.ip)
+        outbound_sock = _listener(path, OUTBOUND_PORT, reuse_port=self.reuse_port)
+        inbound_sock = _listener(path, INBOUND_PORT, reuse_port=self.reuse_port)
+        mesh_sock = _listener(path, mesh.MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot)
         pod.identity = self.identity_of(info)
@@ -215,11 +251,13 @@ class Proxy:
         pod.servers.append(await loop.create_server(lambda: OutboundAccept(self, pod), sock=outbound_sock))
         pod.servers.append(await loop.create_server(lambda: InboundAccept(self, pod), sock=inbound_sock))
         pod.servers.append(await loop.create_server(lambda: MeshAccept(self, pod), sock=mesh_sock))
-        self.datapath.reset_counters(slot)
-        self.datapath.attach_inbound(path, cookie)
-        self.datapath.register_inbound_listener(slot, inbound_sock)
-        self.datapath.enrol(PodEntry(cookie, info.ip, slot, OUTBOUND_PORT))
+        if self.owns_datapath:
+            self.datapath.reset_counters(slot)
+            self.datapath.attach_inbound(path, cookie)
+            self.datapath.register_inbound_listener(slot, inbound_sock)
+            self.datapath.enrol(PodEntry(cookie, info.ip, slot, OUTBOUND_PORT))
         self.pods[cookie] = pod
+        self._pods_by_key[info.key] = pod
         log.info("pod %s enrolled (slot %d, netns cookie %d)", info.key, slot, cookie)
         return pod
 
@@ -227,12 +265,14 @@ class Proxy:
         """Leave the mesh (the data path first, then the listeners). A deleted
         pod's sk_lookup link goes too; a pod that only left keeps it, idle."""
         pod = self.pods.pop(cookie)
-        self.datapath.forget(cookie, pod.info.ip)
+        self._pods_by_key.pop(pod.key, None)
+        if self.owns_datapath:
+            self.datapath.forget(cookie, pod.info.ip)
         for server in pod.servers:
             server.close()
         self.pool.forget_pod(cookie)
         self.inbound_live.pop(pod.key, None)
-        if deleted:
+        if deleted and self.owns_datapath:
             self.datapath.detach_inbound(cookie)
         self.metrics.forget_pod(pod.key)
         os.close(pod.netns_fd)

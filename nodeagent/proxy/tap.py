@@ -32,6 +32,7 @@ class TapHub:
     def __init__(self):
         self.subscriptions: list[Subscription] = []
         self.dropped = 0  # events lost to full queues, over all subscriptions (in /stats)
+        self.on_change = None  # called when the first subscriber comes or the last goes (workers)
 
     def subscribe(self, filters: dict) -> Subscription:
         unknown = set(filters) - set(FILTER_KEYS)
@@ -39,10 +40,14 @@ class TapHub:
             raise ValueError(f"unknown tap filters: {', '.join(sorted(unknown))}; known: {', '.join(FILTER_KEYS)}")
         subscription = Subscription(filters)
         self.subscriptions.append(subscription)
+        if self.on_change and len(self.subscriptions) == 1:
+            self.on_change()
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self.subscriptions.remove(subscription)
+        if self.on_change and not self.subscriptions:
+            self.on_change()
 
     def publish(self, event_factory) -> None:
         """`event_factory()` builds the event only if someone listens."""
@@ -72,4 +77,19 @@ def request_event(direction: str, pod, destination: str, request, status: int, t
         "status": status,
         "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
         "tls": tls,
+    }
+
+
+def tls_event(direction: str, pod, destination: str, sni: str | None) -> dict:
+    """A TLS connection the proxy passes through: no request to show, only the server name asked for."""
+    return {
+        "ts": time.time(),
+        "kind": "tls",
+        "direction": direction,
+        "namespace": pod.info.namespace,
+        "pod": pod.info.name,
+        "destination": destination,
+        "sni": sni or "",
+        "method": "",  # so that a method or path filter leaves these out
+        "path": "",
     }

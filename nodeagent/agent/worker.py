@@ -1,0 +1,177 @@
+"""A worker process of the agent: the same proxy, serving every enrolled pod, on another core.
+
+Started by the agent (`agent/workers.py`) with one end of a channel
+(`agent/channel.py`); it never talks to the cluster, never loads or writes the
+data path's enrolment: the agent sends it its settings, the cluster view, and
+each pod to serve (with an fd on the pod's network namespace). It opens its
+own SO_REUSEPORT listeners in each pod, next to the agent's, so the kernel
+spreads the pods' connections over the processes. It answers the agent's
+scrapes with its metrics and, while someone taps, forwards its tap events.
+It dies with the agent (PR_SET_PDEATHSIG), so no worker outlives a killed agent.
+"""
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodeagent.agent import channel
+from nodeagent.agent.merge import families_of
+
+log = logging.getLogger("nodeagent.worker")
+PR_SET_PDEATHSIG = 1
+RENEW_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker needs of the agent's configuration."""
+
+    index: int
+    pin_root: Path
+    pin_name: str
+    identity_dir: Path
+    trust_domain: str
+    cert_lifetime_s: float
+    default_policy: str
+    on_node_plaintext: bool
+    fast_path: bool
+    log_level: str = "INFO"
+
+
+class TapForward:
+    """Stands in for a tap subscriber: every event goes to the agent, which filters."""
+
+    def __init__(self, endpoint: channel.Endpoint):
+        self.filters, self.dropped = {}, 0
+        self.queue = self
+        self.endpoint = endpoint
+
+    def wants(self, event: dict) -> bool:
+        return True
+
+    def put_nowait(self, event: dict) -> None:
+        self.endpoint.post(("event", event))
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, settings: Settings):
+        self.settings = settings
+        self.sock = sock
+        self.stop = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.proxy = None
+        self.tap_forward = None
+
+    def _on_message(self, message, fds) -> None:  # the reader thread
+        self.loop.call_soon_threadsafe(self._handle, message, fds)
+
+    def _on_closed(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)  # the agent is gone
+
+    async def run(self) -> None:
+        import datetime
+
+        from nodeagent.datapath.control import Datapath
+        from nodeagent.datapath.pins import PinLayout
+        from nodeagent.identity.ca import load_issuer
+        from nodeagent.identity.workload import WorkloadIdentities
+        from nodeagent.policy import authz
+        from nodeagent.proxy.server import Proxy
+
+        s = self.settings
+        issuer, anchors = load_issuer(s.identity_dir)
+        self.identities = WorkloadIdentities(issuer, anchors, datetime.timedelta(seconds=s.cert_lifetime_s))
+        datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
+        self.proxy = Proxy(datapath, self.identities, s.trust_domain, authz.Mode(s.default_policy),
+                           on_node_plaintext=s.on_node_plaintext, fast_path=s.fast_path, owns_datapath=False,
+                           reuse_port=True)
+        self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{s.index}")
+        self.endpoint.post(("ready", s.index))
+        try:
+            while not self.stop.is_set():
+                for identity in self.identities.renew_due():
+                    log.info("worker %d: certificate for %s renewed", s.index, identity)
+                try:
+                    await asyncio.wait_for(self.stop.wait(), RENEW_EVERY_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for pod in list(self.proxy.pods.values()):
+                for server in pod.servers:
+                    server.close()
+            self.endpoint.close()
+            datapath.close()
+
+    def _handle(self, message, fds) -> None:
+        kind = message[0]
+        if kind == "view":
+            self.proxy.update_view(message[1])
+        elif kind == "add":
+            _, info, slot = message
+            self.loop.create_task(self._add(info, fds[0], slot))
+        elif kind == "remove":
+            _, cookie, deleted = message
+            if cookie in self.proxy.pods:
+                self.loop.create_task(self._remove(cookie, deleted))
+        elif kind == "scrape":
+            self.endpoint.post(("scrape", message[1], families_of(self.proxy.metrics.registry),
+                                self.proxy.open_connections))
+        elif kind == "tap":
+            self._tap(message[1])
+        elif kind == "stop":
+            self.stop.set()
+
+    async def _add(self, info, netns_fd: int, slot: int) -> None:
+        identities = {self.proxy.identity_of(p.info) for p in self.proxy.pods.values()}
+        self.identities.allow(identities | {self.proxy.identity_of(info)})
+        try:
+            await self.proxy.add_pod(info, netns_fd, slot)
+        except OSError as e:
+            log.error("worker %d: pod %s: cannot serve: %s", self.settings.index, info.key, e)
+            os.close(netns_fd)
+
+    async def _remove(self, cookie: int, deleted: bool) -> None:
+        await self.proxy.remove_pod(cookie, deleted)
+        self.identities.allow({self.proxy.identity_of(p.info) for p in self.proxy.pods.values()})
+
+    def _tap(self, on: bool) -> None:
+        subscriptions = self.proxy.tap.subscriptions
+        if on and self.tap_forward is None:
+            self.tap_forward = TapForward(self.endpoint)
+            subscriptions.append(self.tap_forward)
+        elif not on and self.tap_forward is not None:
+            subscriptions.remove(self.tap_forward)
+            self.tap_forward = None
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before we could ask
+        os._exit(1)
+
+
+def main() -> None:
+    _die_with_parent()
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    message, _ = channel.receive(sock)
+    settings: Settings = message[1]
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
+
+    import uvloop
+
+    async def run():
+        await Worker(sock, settings).run()
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The agent's worker processes, seen from the agent (`agent/worker.py` is the other side).
+
+A Python process is one core. With `--workers N` the agent is the first of N
+proxy processes: it keeps everything that must happen once per node (the
+cluster source, enrolment and inbound steering in the data path, identity
+issuance for its own proxy, the admin port) and tells N-1 workers what to
+serve. Every process listens in every enrolled pod with SO_REUSEPORT, so the
+kernel spreads the pods' connections over them. Per-pod state in a worker is
+its three listening sockets and a small context; nothing is per pod per
+process beyond that.
+
+A worker that dies is started again and given the current view and pods; its
+connections are lost (as with a restarted sidecar). Scrapes and tap gather the
+workers' metrics and events into the agent's.
+"""
+
+import asyncio
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+
+from nodeagent.agent import channel
+from nodeagent.agent.worker import Settings
+
+log = logging.getLogger("nodeagent.agent")
+SCRAPE_TIMEOUT_S = 2.0
+
+
+class _Process:
+    def __init__(self, index: int, settings: Settings, on_message):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with child:
+            self.popen = subprocess.Popen([sys.executable, "-m", "nodeagent.agent.worker", str(child.fileno())],
+                                          pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        self.index = index
+        self.endpoint = channel.Endpoint(parent, lambda message, fds: on_message(self, message, fds),
+                                         name=f"agent-worker{index}")
+        self.endpoint.post(("settings", Settings(**{**settings.__dict__, "index": index})))
+
+
+class Workers:
+    def __init__(self, count: int, settings: Settings, tap_hub):
+        self.count = count
+        self.settings = settings
+        self.tap_hub = tap_hub
+        self.loop = asyncio.get_running_loop()
+        self.view = None
+        self.pods: dict[int, object] = {}  # cookie -> the agent's PodContext
+        self.processes: list[_Process] = []
+        self._scrapes: dict[int, tuple[asyncio.Future, dict]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        tap_hub.on_change = self._tap_changed
+
+    def start(self) -> None:
+        self.processes = [self._spawn(i + 1) for i in range(self.count)]
+
+    def _spawn(self, index: int) -> _Process:
+        process = _Process(index, self.settings, self._from_worker)
+        if self.view is not None:
+            process.endpoint.post(("view", self.view))
+        for pod in self.pods.values():
+            process.endpoint.post(("add", pod.info, pod.slot), (pod.netns_fd,))
+        if self.tap_hub.subscriptions:
+            process.endpoint.post(("tap", True))
+        return process
+
+    def _broadcast(self, message, fds: tuple[int, ...] = ()) -> None:
+        for process in self.processes:
+            process.endpoint.post(message, fds)
+
+    # --- what the agent tells them ---
+
+    def update_view(self, view) -> None:
+        self.view = view
+        self._broadcast(("view", view))
+
+    def add_pod(self, pod) -> None:
+        self.pods[pod.cookie] = pod
+        self._broadcast(("add", pod.info, pod.slot), (pod.netns_fd,))
+
+    def remove_pod(self, cookie: int, deleted: bool) -> None:
+        self.pods.pop(cookie, None)
+        self._broadcast(("remove", cookie, deleted))
+
+    def _tap_changed(self) -> None:
+        self._broadcast(("tap", bool(self.tap_hub.subscriptions)))
+
+    # --- what they tell the agent (called from reader threads) ---
+
+    def _from_worker(self, process: _Process, message, fds) -> None:
+        self.loop.call_soon_threadsafe(self._handle, process, message)
+
+    def _handle(self, process: _Process, message) -> None:
+        kind = message[0]
+        if kind == "scrape":
+            _, scrape_id, families, open_connections = message
+            future, replies = self._scrapes.get(scrape_id, (None, None))
+            if future is not None:
+                replies[process.index] = (families, open_connections)
+                if len(replies) == len(self.processes) and not future.done():
+                    future.set_result(None)
+        elif kind == "event":
+            event = message[1]
+            self.tap_hub.publish(lambda: event)
+
+    async def scrape(self) -> list[tuple[list, int]]:
+        """Each live worker's (metric families, open connections); a worker that does not answer
+        within SCRAPE_TIMEOUT_S is left out of this scrape."""
+        if not self.processes:
+            return []
+        scrape_id = next(self._ids)
+        future, replies = self.loop.create_future(), {}
+        self._scrapes[scrape_id] = (future, replies)
+        self._broadcast(("scrape", scrape_id))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SCRAPE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("workers %s did not answer a scrape",
+                        sorted({p.index for p in self.processes} - set(replies)))
+        finally:
+            self._scrapes.pop(scrape_id, None)
+        return list(replies.values())
+
+    # --- life and death ---
+
+    def check(self) -> None:
+        """Start again any worker that died (called from the agent's loop)."""
+        for position, process in enumerate(self.processes):
+            code = process.popen.poll()
+            if code is not None and not self._stopping:
+                log.error("worker %d exited with %s; starting it again", process.index, code)
+                process.endpoint.close()
+                self.processes[position] = self._spawn(process.index)
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        self._stopping = True
+        self._broadcast(("stop",))
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+            process.endpoint.close()
+
+    def pids(self) -> list[int]:
+        return [p.popen.pid for p in self.processes]

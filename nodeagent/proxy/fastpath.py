@@ -1,0 +1,159 @@
+"""Kernel splices for opaque connections the proxy only forwards (sk_msg, bpf/datapath.c).
+
+With the fast path on, every loopback connection in an enrolled pod (an app
+and the proxy's listener, the proxy and the app it forwards to) is in the
+`loopback_socks` sockhash from its handshake on, and the sk_msg program sees
+each of its sends.
+
+For an opaque connection whose bytes need no reading (no TLS on either side),
+the proxy asks the kernel to send an app's bytes past the proxy, straight into
+the send queue of the proxy's socket at the far side (toward the other app,
+the remote peer or the remote client). A send queue, so TCP's backpressure
+still holds. The proxy keeps relaying until the kernel switches, and tells it
+how many of the app's bytes it has forwarded; the switch happens at the app's
+next send once every earlier byte has been written on, so no byte overtakes
+another. A sender that never pauses keeps going through the proxy. EOFs and
+resets still pass through the proxy's ends, which stay open.
+"""
+import asyncio
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from nodeagent.datapath import abi
+from nodeagent.proxy.relay import Relay
+
+LOOPBACK = "127.0.0.1"
+
+
+def _ip(address: str) -> int:
+    return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")  # network order in memory
+
+
+def own_key(sock: socket.socket, netns_cookie: int) -> abi.SockKey:
+    """A socket as its own side sees it (the sockhash's key for it)."""
+    local, remote = sock.getsockname(), sock.getpeername()
+    return abi.SockKey(netns_cookie, _ip(remote[0]), local[1], remote[1])
+
+
+def peer_key(sock: socket.socket, netns_cookie: int) -> abi.SockKey:
+    """The other end of a loopback connection: ports swapped, same namespace."""
+    local, remote = sock.getsockname(), sock.getpeername()
+    return abi.SockKey(netns_cookie, _ip(LOOPBACK), remote[1], local[1])
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    return sock.getsockname()[0] == LOOPBACK and sock.getpeername()[0] == LOOPBACK
+
+
+@dataclass
+class Direction:
+    """The app socket `source`, whose bytes the proxy reads through `relay`, is to send to `target`
+    (the proxy's socket `target_socket`, which only `relay` otherwise writes to)."""
+
+    source: abi.SockKey
+    target: abi.SockKey
+    target_socket: socket.socket  # a duplicate: its TCP counters outlive the transport's close
+    target_start: int  # data_sent(target) when asked, before the proxy wrote to it
+    relay: Relay | None = None
+
+
+# struct tcp_info (uapi/linux/tcp.h), 4.19+: offsets of the fields data_sent reads.
+TCP_INFO_NOTSENT_BYTES, TCP_INFO_BYTES_SENT, TCP_INFO_BYTES_RETRANS = 144, 200, 208
+
+
+def data_sent(sock: socket.socket) -> int:
+    """Data bytes handed to TCP on a connected socket so far: transmitted (less retransmissions;
+    SYN and FIN carry no data) plus not yet transmitted. Survives the socket's close while
+    something still holds it."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+
+    def field(offset: int, size: int = 8) -> int:
+        return int.from_bytes(info[offset:offset + size], "little")
+
+    return field(TCP_INFO_BYTES_SENT) - field(TCP_INFO_BYTES_RETRANS) + field(TCP_INFO_NOTSENT_BYTES, 4)
+
+
+class KernelSplice:
+    """Splices requested before the proxy writes anything (so that an app that answers at once
+    is spliced from its first byte), then fed the proxy's forwarded counts."""
+
+    def __init__(self, datapath, client: Direction | None, upstream: Direction | None):
+        self.datapath = datapath
+        self.client, self.upstream = client, upstream
+        self.directions = [d for d in (client, upstream) if d is not None]
+        for d in self.directions:
+            datapath.request_splice(d.source, d.target)
+
+    def attach(self, pair: tuple[Relay, Relay]) -> "KernelSplice":
+        """The relays are running (and have written what was read before): report, then follow."""
+        if self.client is not None:
+            self.client.relay = pair[0]
+        if self.upstream is not None:
+            self.upstream.relay = pair[1]
+        for d in self.directions:
+            d.relay.on_forwarded = self._forwarded
+            self._forwarded(d.relay)
+        return self
+
+    def _direction(self, relay: Relay) -> Direction:
+        return self.client if self.client is not None and self.client.relay is relay else self.upstream
+
+    def _forwarded(self, relay: Relay) -> None:
+        """The relay wrote what it read: tell the kernel, once the bytes have left our buffers."""
+        if relay.peer.transport.get_write_buffer_size() == 0:
+            self.datapath.splice_forwarded(self._direction(relay).source, relay.bytes_in)
+
+    def moved(self) -> int:
+        """Grows while the kernel carries bytes (for idle timeouts)."""
+        return sum(self.datapath.splice_activity(d.source) for d in self.directions)
+
+    def end(self) -> dict[int, int]:
+        """Forget the splices; bytes each carried, by id() of the relay that reads its source:
+        what its target socket sent, less what the relay wrote to it."""
+        carried = {}
+        for d in self.directions:
+            self.datapath.end_splice(d.source)
+            try:
+                if d.relay is not None:
+                    d.relay.on_forwarded = None
+                    sent = data_sent(d.target_socket) - d.target_start
+                    carried[id(d.relay)] = max(0, sent - d.relay.bytes_in)
+            except OSError:
+                pass
+            finally:
+                d.target_socket.close()
+        return carried
+
+
+def _direction(datapath, source_side, source_cookie: int, target_side, target_cookie: int) -> Direction:
+    """From the app behind `source_side` (a loopback leg) into the proxy's `target_side`: in the
+    sockhash already if a loopback leg too (sockops put it there), else put there now."""
+    target = own_key(target_side, target_cookie)
+    if not is_loopback(target_side):
+        datapath.add_socket(target, target_side)
+    duplicate = socket.socket(fileno=os.dup(target_side.fileno()))
+    return Direction(peer_key(source_side, source_cookie), target, duplicate, data_sent(duplicate))
+
+
+def request(datapath, client: asyncio.Transport, client_cookie: int, upstream: asyncio.Transport,
+            upstream_cookie: int) -> KernelSplice | None:
+    """Ask for what this pair allows: each side that is a loopback leg (an app in an enrolled
+    pod behind it) sends past the proxy, into the proxy's socket at the other side."""
+    a = client.get_extra_info("socket")
+    b = upstream.get_extra_info("socket")
+    if a is None or b is None:
+        return None
+    made: list[Direction] = []
+    try:
+        from_client = _direction(datapath, a, client_cookie, b, upstream_cookie) if is_loopback(a) else None
+        made += [from_client] if from_client else []
+        from_upstream = _direction(datapath, b, upstream_cookie, a, client_cookie) if is_loopback(b) else None
+        made += [from_upstream] if from_upstream else []
+        return KernelSplice(datapath, from_client, from_upstream) if made else None
+    except OSError:
+        for d in made:
+            datapath.end_splice(d.source)
+            d.target_socket.close()
+        raise

@@ -1,0 +1,234 @@
+"""The kernel fast path (sk_msg over loopback_socks) in the lab: real sockets, real programs.
+
+Agents here run with --fast-path splice,loopback and --on-node-plaintext:
+loopback legs skip TCP, and opaque connections the proxy only forwards are
+spliced past it.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nodeagent.lab import lab as lab_ops
+from test_mtls_lab import annotate, meshed_on
+from test_proxy import agent_stats, counter, curl, py_in, wait_until
+
+pytestmark = pytest.mark.privileged
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab_ops.down()
+    saved = lab_ops.AGENT_EXTRA_ARGS
+    lab_ops.AGENT_EXTRA_ARGS = ["--fast-path", "splice,loopback", "--on-node-plaintext", "true"]
+    try:
+        yield lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
+    finally:
+        lab_ops.AGENT_EXTRA_ARGS = saved
+        lab_ops.down()
+
+
+def echo(lab, client: str, target_ip: str, size: int) -> dict:
+    out = py_in(lab, client, f"from nodeagent.lab import client; import json; "
+                             f"print(json.dumps(client.run('echo', {target_ip!r}, 9000, size={size})))")
+    return json.loads(out)
+
+
+def spliced(node: int, **labels) -> int:
+    return counter(agent_stats(node), "tcp_spliced_bytes_total", **labels)
+
+
+def spliced_grows(node: int, before: int, at_least: int, **labels) -> int:
+    """Connections are counted when the proxy has closed its ends, just after the client's."""
+    wait_until(lambda: spliced(node, **labels) - before >= at_least, f"{at_least} bytes spliced ({labels})")
+    return spliced(node, **labels) - before
+
+
+def fast_bytes(node: int, pod: str) -> int:
+    return counter(agent_stats(node), "kernel_fast_path_bytes_total", pod=pod)
+
+
+def test_two_pods_of_a_node_exchange_100_mb_byte_exact_past_the_proxy(lab):
+    before = spliced(0, direction="outbound", pod="client-n0-0")
+    result = echo(lab, "client-n0-0", lab.plan.pod("echo-n0-0").ip, 100 * MB)
+    assert result["ok"], result
+    # The echo server's replies are spliced from its first byte (the splice is asked for before
+    # the proxy forwards anything); the client never pauses, so its stream stays with the proxy.
+    spliced_grows(0, before, 100 * MB, direction="outbound", pod="client-n0-0")
+    inbound = agent_stats(0)
+    assert counter(inbound, "tcp_close_total", direction="inbound", pod="echo-n0-0",
+                   peer="spiffe://cluster.local/ns/default/sa/client") >= 1
+
+
+def test_across_nodes_the_loopback_legs_skip_tcp_and_mtls_stays(lab):
+    before = fast_bytes(0, "client-n0-0")
+    result = echo(lab, "client-n0-0", lab.plan.pod("echo-n1-0").ip, 100 * MB)
+    assert result["ok"], result
+    # app -> proxy by sk_msg (the proxy's own sends take TCP); the hop between nodes is mutual TLS.
+    assert fast_bytes(0, "client-n0-0") - before >= 100 * MB
+    stats = agent_stats(0)
+    assert counter(stats, "tcp_read_bytes_total", direction="outbound", pod="client-n0-0",
+                   peer="pod/default/echo-n1-0", tls="true") >= 100 * MB
+    assert counter(stats, "tcp_spliced_bytes_total", tls="true") == 0
+
+
+def test_many_short_connections_stay_byte_exact_while_splices_start(lab):
+    """Each connection's switch from the proxy to the splice happens mid-stream: bytes must
+    neither be lost nor overtake each other, whatever the timing."""
+    code = f"""
+import concurrent.futures, hashlib, os, socket
+def one(i):
+    payload = os.urandom(1000 + i * 997)
+    with socket.create_connection(({lab.plan.pod("echo-n0-0").ip!r}, 9000), timeout=10) as s:
+        for start in range(0, len(payload), 4096):  # many sends: the switch lands between two of them
+            s.sendall(payload[start:start + 4096])
+        s.shutdown(socket.SHUT_WR)
+        got = b''
+        while chunk := s.recv(65536):
+            got += chunk
+    return hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    results = list(pool.map(one, range(300)))
+print(sum(results), len(results))
+"""
+    assert py_in(lab, "client-n0-0", code).split() == ["300", "300"]
+
+
+def test_a_server_that_speaks_first_and_http_work_on_the_node(lab):
+    code = (f"import socket; s = socket.create_connection(({lab.plan.pod('banner-n0-0').ip!r}, 2525), timeout=5); "
+            f"print(s.recv(100))")
+    assert "220 banner-n0-0" in py_in(lab, "client-n0-0", code)
+    assert "hello from http-n0-0" in curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n0-0').ip}:8080/")
+    # HTTP keeps its per-request handling (and mTLS): only opaque TCP skips the hop.
+    assert counter(agent_stats(0), "response_total", direction="outbound", pod="client-n0-0", tls="true") >= 1
+
+
+def test_the_destination_policy_still_decides_on_the_node(lab):
+    target = lab.plan.pod("echo-n0-0").ip
+    code = (f"import socket, time; time.sleep(0.3); s = socket.create_connection(({target!r}, 9000), timeout=5); "
+            f"s.sendall(b'hello'); s.shutdown(socket.SHUT_WR)\n"
+            f"try:\n    print(repr(s.recv(10)))\nexcept ConnectionResetError:\n    print('reset')")
+    try:
+        annotate(lab, "echo-n0-0", {"config.nodeagent.io/default-inbound-policy": "deny"})
+        wait_until(lambda: py_in(lab, "client-n0-0", code).strip() in ("b''", "reset"), "deny to apply")
+        assert counter(agent_stats(0), "inbound_authorization_total", pod="echo-n0-0", decision="deny") >= 1
+    finally:
+        annotate(lab, "echo-n0-0", {})
+    wait_until(lambda: py_in(lab, "client-n0-0", code).strip() == "b'hello'", "the allow to return")
+
+
+ROUNDS = """
+import os, socket
+s = socket.create_connection(({ip!r}, 9000), timeout=10)
+for round in range(32):
+    payload = os.urandom(1 << 20)
+    s.sendall(payload)
+    got = b''
+    while len(got) < len(payload):
+        got += s.recv(1 << 20)
+    assert got == payload, round
+print('32 rounds exact')
+"""
+
+
+def test_plaintext_to_and_from_pods_outside_the_mesh_is_spliced_one_way(lab):
+    try:
+        lab_ops.label("client-n1-0", "nodeagent.io/mesh=disabled")
+        lab_ops.label("echo-n1-0", "nodeagent.io/mesh=disabled")
+        wait_until(lambda: not meshed_on(1, "default/client-n1-0") and not meshed_on(1, "default/echo-n1-0"),
+                   "two pods to leave the mesh")
+        # Inbound from a client outside the mesh: the app's replies go straight into the client's socket.
+        before = spliced(0, direction="inbound", pod="echo-n0-0")
+        result = echo(lab, "client-n1-0", lab.plan.pod("echo-n0-0").ip, 32 * MB)
+        assert result["ok"], result
+        spliced_grows(0, before, 16 * MB, direction="inbound", pod="echo-n0-0")
+        # Outbound to a pod outside the mesh: the app's bytes go straight into the proxy's socket
+        # toward it, from the first pause in the app's sending (here: after each round).
+        before = spliced(1, direction="outbound", pod="http-n1-0")
+        assert py_in(lab, "http-n1-0", ROUNDS.format(ip=lab.plan.pod("echo-n1-0").ip)).strip() == "32 rounds exact"
+        spliced_grows(1, before, 16 * MB, direction="outbound", pod="http-n1-0")
+    finally:
+        lab_ops.label("client-n1-0", "nodeagent.io/mesh=enabled")
+        lab_ops.label("echo-n1-0", "nodeagent.io/mesh=enabled")
+    wait_until(lambda: meshed_on(1, "default/client-n1-0") and meshed_on(1, "default/echo-n1-0"), "rejoin")
+
+
+HOLDER = """
+import socket, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(('0.0.0.0', 7000)); srv.listen()
+print('listening', flush=True)
+c, _ = srv.accept(); c.recv(1); c.settimeout(2)
+sent = 0
+try:
+    while sent < (1 << 30):
+        sent += c.send(b'y' * (1 << 20))
+except OSError:
+    pass
+print(sent, flush=True)
+time.sleep(5)
+"""
+
+
+def test_a_spliced_sender_is_still_held_back_by_a_receiver_that_does_not_read(lab):
+    """The splice goes into a send queue: TCP's backpressure holds (an sk_msg redirect into a
+    receive queue would let the sender queue without bound)."""
+    server = lab.plan.pod("echo-n0-0")
+    holder = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", HOLDER],
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: (lab.pod_cgroup(server) / "cgroup.procs").write_text("0"))
+    try:
+        assert holder.stdout.readline().strip() == "listening"
+        code = (f"import socket, time; s = socket.create_connection(({server.ip!r}, 7000)); s.sendall(b'w'); "
+                f"time.sleep(4); print('done')")
+        assert py_in(lab, "client-n0-0", code).strip() == "done"
+        sent = int(holder.stdout.readline())
+        assert 0 < sent < 64 * MB, sent  # socket buffers' worth, not a gigabyte
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _loaded_programs(name: str) -> int:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True).stdout
+    return sum(1 for p in json.loads(out) if p.get("name") == name)
+
+
+def test_cleanup_frees_the_programs_even_with_sockets_in_the_sockhash(lab):
+    """Runs last: it unmeshes node0. Sockets in the sockhash keep its programs alive until
+    it is emptied; cleanup empties it, and the open connection goes on as plain TCP."""
+    code = f"""
+import socket, subprocess, sys, time
+s = socket.create_connection(({lab.plan.pod("echo-n0-0").ip!r}, 9000), timeout=10)
+def round_trip(data):
+    s.sendall(data)
+    got = b''
+    while len(got) < len(data):
+        got += s.recv(65536)
+    return got == data
+ok = round_trip(b'a' * 100000) and round_trip(b'b' * 100000)
+print('open', ok, flush=True)
+sys.stdin.readline()  # cleanup happens now
+print('after', round_trip(b'c' * 100000), flush=True)
+"""
+    pod = lab.plan.pod("client-n0-0")
+    process = subprocess.Popen(["ip", "netns", "exec", pod.netns, sys.executable, "-c", code],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: (lab.pod_cgroup(pod) / "cgroup.procs").write_text("0"))
+    try:
+        assert process.stdout.readline().strip() == "open True"
+        assert _loaded_programs("na_msg") == 2  # node0 and node1
+        done = subprocess.run([sys.executable, "-m", "nodeagent", "cleanup", "--pin-root", str(lab_ops.BPF_PIN_ROOT),
+                               "--node", "node0"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: _loaded_programs("na_msg") == 1, "node0's sk_msg program to be freed")
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "after True"
+    finally:
+        process.kill()
+        process.wait()
