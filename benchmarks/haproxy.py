@@ -8,9 +8,10 @@ from pathlib import Path
 
 from nodeagent.identity import ca
 
-HTTP_LOCAL, H2_LOCAL, BULK_LOCAL = 7001, 7002, 7003  # client side, 127.0.0.1 in the client pod
-HTTP_MESH, H2_MESH, BULK_MESH = 7441, 7442, 7443  # server side, on the server pod's IP
-APP_PORTS = {"http": 8090, "h2": 8091, "bulk": 9100}
+HTTP_LOCAL, H2_LOCAL, BULK_LOCAL, DOWNLOAD_LOCAL = 7001, 7002, 7003, 7004  # client side, 127.0.0.1 in the client pod
+HTTP_MESH, H2_MESH, BULK_MESH, DOWNLOAD_MESH = 7441, 7442, 7443, 7444  # server side, on the server pod's IP
+APP_PORTS = {"http": 8090, "h2": 8091, "bulk": 9100, "download": 9101}
+LOCAL_PORTS = {"http": HTTP_LOCAL, "h2": H2_LOCAL, "bulk": BULK_LOCAL, "download": DOWNLOAD_LOCAL}
 
 
 def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -56,6 +57,10 @@ listen bulk_local
     mode tcp
     bind 127.0.0.1:{BULK_LOCAL}
     server s {server_ip}:{BULK_MESH} {tls}
+listen download_local
+    mode tcp
+    bind 127.0.0.1:{DOWNLOAD_LOCAL}
+    server s {server_ip}:{DOWNLOAD_MESH} {tls}
 """
 
 
@@ -83,4 +88,8 @@ listen bulk_mesh
     mode tcp
     bind {server_ip}:{BULK_MESH} {tls}
     server app 127.0.0.1:{APP_PORTS['bulk']}
+listen download_mesh
+    mode tcp
+    bind {server_ip}:{DOWNLOAD_MESH} {tls}
+    server app 127.0.0.1:{APP_PORTS['download']}
 """

@@ -83,6 +83,29 @@ def cost_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def fast_path_table(results: dict) -> str:
+    """Each fast-path setting beside no mesh, per workload and path; 'spliced' is what the
+    kernel carried past the proxy during that workload."""
+    rows = results.get("fast_paths", [])
+    if not rows:
+        return "(not run)"
+    variants = list(dict.fromkeys(r["mode"] for r in rows))
+    lines = ["| workload | path | unit | " + " | ".join(variants) + " | best fast / none | spliced MiB |",
+             "|---|---|---|" + "---|" * len(variants) + "---|---|"]
+    keys = list(dict.fromkeys((r["workload"], r["path"]) for r in rows))
+    for workload, path in keys:
+        cells = {r["mode"]: r for r in rows if r["workload"] == workload and r["path"] == path}
+        unit, _, higher = _main_metric(next(iter(cells.values())))
+        values = {v: _main_metric(cells[v])[1] if v in cells else None for v in variants}
+        fast = [values[v] for v in variants if v.startswith("+") and values[v] is not None]
+        best = (max(fast) if higher else min(fast)) if fast else None
+        ratio = f"{best / values['none']:.2f}" if best and values.get("none") else "-"
+        spliced = " / ".join(_fmt(cells[v].get("spliced_mib")) for v in variants if v.startswith("+") and v in cells)
+        lines.append(f"| {workload} | {path} | {unit} | " + " | ".join(_fmt(values[v]) for v in variants)
+                     + f" | {ratio} | {spliced} |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     return "\n\n".join([
@@ -92,6 +115,7 @@ def markdown(results: dict) -> str:
         "### Traffic\n\n" + traffic_table(results),
         "### Open-loop latency\n\n" + latency_table(results),
         "### CPU of the mesh's processes\n\n" + cpu_table(results),
+        "### Kernel fast paths (node mode)\n\n" + fast_path_table(results),
         "### Cost as pods per node grow\n\n" + cost_table(results),
     ]) + "\n"
 

@@ -33,6 +33,14 @@ from benchmarks import haproxy, report
 ROOT = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODES = ("none", "node", "sidecar", "haproxy")
+# The kernel fast path section: node mode with each setting (same lab layout, same workloads).
+FAST_VARIANTS = {
+    "none": None,
+    "node": [],
+    "node, on-node plaintext": ["--on-node-plaintext", "true"],
+    "+ splice": ["--on-node-plaintext", "true", "--fast-path", "splice"],
+    "+ splice + loopback": ["--on-node-plaintext", "true", "--fast-path", "splice,loopback"],
+}
 PATHS = {"same-node": "http-n0-0", "cross-node": "http-n1-0"}
 CLIENT = "client-n0-0"
 
@@ -136,6 +144,8 @@ def start_servers(lab) -> None:
         start_in_pod(lab, server, ["nginx", "-c", str(conf), "-g", "daemon off;"], f"nginx-{server}.log")
         start_in_pod(lab, server, ["socat", "-u", f"TCP-LISTEN:{haproxy.APP_PORTS['bulk']},reuseaddr,fork",
                                    "OPEN:/dev/null"], f"sink-{server}.log")
+        start_in_pod(lab, server, [sys.executable, "-m", "benchmarks.bulk", "serve", str(haproxy.APP_PORTS["download"])],
+                     f"download-{server}.log")
     for server in PATHS.values():
         ip = lab.plan.pod(server).ip
         code = (f"import socket, time\nfor port in {list(haproxy.APP_PORTS.values())}:\n"
@@ -156,7 +166,7 @@ def start_haproxy_chain(lab) -> tuple[dict[str, int], list[int]]:
                                       f"haproxy-server-{server}.log"))
         client_cfg = haproxy.client_config(ip, bundle, client_pem)
         offsets[path] = 100 * index  # each path's client-side proxy listens on its own ports
-        for port in (haproxy.HTTP_LOCAL, haproxy.H2_LOCAL, haproxy.BULK_LOCAL):
+        for port in haproxy.LOCAL_PORTS.values():
             client_cfg = client_cfg.replace(f"127.0.0.1:{port}", f"127.0.0.1:{port + offsets[path]}")
         (work / f"haproxy-client-{path}.cfg").write_text(client_cfg)
         processes.append(start_in_pod(lab, CLIENT, ["haproxy", "-db", "-f", str(work / f"haproxy-client-{path}.cfg")],
@@ -167,9 +177,7 @@ def start_haproxy_chain(lab) -> tuple[dict[str, int], list[int]]:
 
 def targets(lab, mode: str, path: str, offsets: dict) -> dict[str, tuple[str, int]]:
     if mode == "haproxy":
-        o = offsets[path]
-        return {"http": ("127.0.0.1", haproxy.HTTP_LOCAL + o), "h2": ("127.0.0.1", haproxy.H2_LOCAL + o),
-                "bulk": ("127.0.0.1", haproxy.BULK_LOCAL + o)}
+        return {name: ("127.0.0.1", port + offsets[path]) for name, port in haproxy.LOCAL_PORTS.items()}
     ip = lab.plan.pod(PATHS[path]).ip
     return {name: (ip, port) for name, port in haproxy.APP_PORTS.items()}
 
@@ -214,8 +222,20 @@ def openloop(lab, host, port, rate, seconds) -> dict:
     return json.loads(out)
 
 
-def bulk(lab, host, port, mib) -> dict:
-    return json.loads(in_pod(lab, CLIENT, [sys.executable, "-m", "benchmarks.bulk", host, str(port), "--mib", str(mib)]))
+def bulk(lab, host, port, mib, direction="upload") -> dict:
+    return json.loads(in_pod(lab, CLIENT, [sys.executable, "-m", "benchmarks.bulk", direction, host, str(port),
+                                           "--mib", str(mib)]))
+
+
+def measured(lab, mode: str, path: str, workload: str, run, extra: list[int]) -> dict:
+    """One workload's result with the CPU the mesh's processes spent on it."""
+    pids = mesh_pids(lab, extra)
+    cpu_before, wall = cpu_seconds(pids), time.monotonic()
+    result = run()
+    print(f"  {mode:8} {path:10} {workload}: {result}", flush=True)
+    return {"mode": mode, "path": path, "workload": workload, **result,
+            "mesh_cpu_s": round(cpu_seconds(mesh_pids(lab, extra)) - cpu_before, 3),
+            "wall_s": round(time.monotonic() - wall, 3)}
 
 
 def traffic(mode: str, sizes: Sizes) -> list[dict]:
@@ -233,18 +253,58 @@ def traffic(mode: str, sizes: Sizes) -> list[dict]:
                 "http2 (h2load, 4 conns x 10 streams)": lambda: h2load(lab, *t["h2"], sizes.h2_requests),
                 "http1 new connection per request (wrk)": lambda: wrk(lab, *t["http"], sizes.seconds, 8, close=True),
                 f"opaque tcp bulk {sizes.mib} MiB": lambda: bulk(lab, *t["bulk"], sizes.mib),
+                f"opaque tcp download {sizes.mib} MiB": lambda: bulk(lab, *t["download"], sizes.mib, "download"),
             }
-            for workload, run in runs.items():
-                pids = mesh_pids(lab, extra)
-                cpu_before, wall = cpu_seconds(pids), time.monotonic()
-                result = run()
-                results.append({"mode": mode, "path": path, "workload": workload, **result,
-                                "mesh_cpu_s": round(cpu_seconds(mesh_pids(lab, extra)) - cpu_before, 3),
-                                "wall_s": round(time.monotonic() - wall, 3)})
-                print(f"  {mode:8} {path:10} {workload}: {result}", flush=True)
+            results += [measured(lab, mode, path, workload, run, extra) for workload, run in runs.items()]
         return results
     finally:
         lab_ops.down()
+
+
+def fast_paths(sizes: Sizes) -> list[dict]:
+    """Opaque bulk both ways and HTTP, in node mode with each fast-path setting, beside no mesh."""
+    results = []
+    saved = lab_ops.AGENT_EXTRA_ARGS
+    try:
+        for variant, agent_args in FAST_VARIANTS.items():
+            lab_ops.down()
+            lab_ops.AGENT_EXTRA_ARGS = agent_args or []
+            lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="none" if agent_args is None else "node")
+            try:
+                start_servers(lab)
+                for path in PATHS:
+                    t = targets(lab, "node", path, {})
+                    runs = {
+                        f"opaque tcp bulk {sizes.mib} MiB": lambda: bulk(lab, *t["bulk"], sizes.mib),
+                        f"opaque tcp download {sizes.mib} MiB":
+                            lambda: bulk(lab, *t["download"], sizes.mib, "download"),
+                        "http1 keep-alive (wrk, 16 conns)": lambda: wrk(lab, *t["http"], sizes.seconds, 16),
+                        f"http1 open-loop {sizes.rate}/s":
+                            lambda: openloop(lab, *t["http"], sizes.rate, sizes.seconds),
+                    }
+                    for workload, run in runs.items():
+                        before = spliced_bytes(lab) if agent_args is not None else 0
+                        row = measured(lab, variant, path, workload, run, [])
+                        if agent_args is not None:
+                            time.sleep(0.3)  # a connection is counted once the proxy has closed its ends
+                            row["spliced_mib"] = round((spliced_bytes(lab) - before) / 2 ** 20, 1)
+                        results.append(row)
+            finally:
+                lab_ops.down()
+    finally:
+        lab_ops.AGENT_EXTRA_ARGS = saved
+    return results
+
+
+def spliced_bytes(lab) -> int:
+    """What the kernel carried past the proxies in this variant (from the agents' metrics)."""
+    total = 0
+    for node in lab.plan.nodes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/stats", timeout=5) as response:
+            # outbound series only: an on-node hop counts the same bytes for the destination's inbound too
+            total += sum(c["value"] for c in json.load(response)["counters"]
+                         if c["name"] == "tcp_spliced_bytes_total" and c["labels"].get("direction") == "outbound")
+    return int(total)
 
 
 # --- cost ---
@@ -308,17 +368,22 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that the harness works")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--no-fast-paths", action="store_true", help="skip the kernel fast path section")
     args = parser.parse_args()
     sizes = Sizes.of(args.smoke)
     modes = args.modes.split(",")
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    results = {"machine": machine(), "smoke": args.smoke, "sizes": sizes.__dict__, "traffic": [], "cost": []}
+    results = {"machine": machine(), "smoke": args.smoke, "sizes": sizes.__dict__, "traffic": [], "cost": [],
+               "fast_paths": []}
     started = time.monotonic()
     try:
         for mode in modes:
             print(f"traffic: {mode}", flush=True)
             results["traffic"] += traffic(mode, sizes)
+        if "node" in modes and not args.no_fast_paths:
+            print("fast paths", flush=True)
+            results["fast_paths"] = fast_paths(sizes)
         for mode in [m for m in modes if m in ("node", "sidecar")]:
             for count in sizes.pods:
                 print(f"cost: {mode} with {count} pods", flush=True)
