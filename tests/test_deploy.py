@@ -61,11 +61,12 @@ needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is install
 def test_the_helm_chart_validates_and_equals_install_for_the_same_values(identity):
     chart = helm_template(identity, "--set", "namespace=mesh-system", "--set", "image=registry.test/na:1",
                           "--set", "meshLabel=example.com/meshed=yes", "--set", "fastPath=splice",
-                          "--set", "onNodePlaintext=true")
+                          "--set", "onNodePlaintext=true", "--set", "workers=4")
     for manifest in chart:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     expected = render(values_for(identity, namespace="mesh-system", image="registry.test/na:1",
-                                 mesh_label="example.com/meshed=yes", fast_path="splice", on_node_plaintext=True))
+                                 mesh_label="example.com/meshed=yes", fast_path="splice", on_node_plaintext=True,
+                                 workers=4))
     assert by_kind(chart) == by_kind(expected)
 
 

@@ -26,6 +26,7 @@ class Values:
     log_level: str = "info"
     fast_path: str = ""  # off; "splice" or "splice,loopback" (README, Fast paths)
     on_node_plaintext: bool = False
+    workers: int = 0  # proxy processes per node; 0: one per core the agent's container may use
     admin_port: int = 4191
     anchors_pem: str = ""
     issuer_crt_pem: str = ""
@@ -65,7 +66,8 @@ def render(values: Values) -> list[dict]:
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NAME}-config", values),
          "data": {"mesh-label": values.mesh_label, "trust-domain": values.trust_domain,
                   "default-policy": values.default_policy, "log-level": values.log_level,
-                  "fast-path": values.fast_path, "on-node-plaintext": str(values.on_node_plaintext).lower()}},
+                  "fast-path": values.fast_path, "on-node-plaintext": str(values.on_node_plaintext).lower(),
+                  "workers": str(values.workers)}},
         {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(f"{NAME}-identity-issuer", values),
          "data": {"ca.crt": _b64(values.anchors_pem), "issuer.crt": _b64(values.issuer_crt_pem),
                   "issuer.key": _b64(values.issuer_key_pem)}},
@@ -104,13 +106,14 @@ def daemonset(values: Values) -> dict:
                                  f"--admin=0.0.0.0:{values.admin_port}", "--pin-root=/sys/fs/bpf/nodeagent",
                                  "--mesh-label=$(MESH_LABEL)", "--trust-domain=$(TRUST_DOMAIN)",
                                  "--default-policy=$(DEFAULT_POLICY)", "--log-level=$(LOG_LEVEL)",
-                                 "--fast-path=$(FAST_PATH)", "--on-node-plaintext=$(ON_NODE_PLAINTEXT)"],
+                                 "--fast-path=$(FAST_PATH)", "--on-node-plaintext=$(ON_NODE_PLAINTEXT)",
+                                 "--workers=$(WORKERS)"],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             _config_env("MESH_LABEL", "mesh-label"), _config_env("TRUST_DOMAIN", "trust-domain"),
                             _config_env("DEFAULT_POLICY", "default-policy"), _config_env("LOG_LEVEL", "log-level"),
                             _config_env("FAST_PATH", "fast-path"),
-                            _config_env("ON_NODE_PLAINTEXT", "on-node-plaintext"),
+                            _config_env("ON_NODE_PLAINTEXT", "on-node-plaintext"), _config_env("WORKERS", "workers"),
                         ],
                         "ports": [{"name": "admin", "containerPort": values.admin_port, "protocol": "TCP"}],
                         "readinessProbe": probe("/ready"),
