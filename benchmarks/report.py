@@ -106,6 +106,27 @@ def fast_path_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def workers_table(results: dict) -> str:
+    rows = results.get("workers", [])
+    if not rows:
+        return "(not run)"
+    variants = list(dict.fromkeys(r["mode"] for r in rows))
+    lines = ["| workload | path | unit | " + " | ".join(f"{v} (median; runs)" for v in variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]
+    for workload, path in dict.fromkeys((r["workload"], r["path"]) for r in rows):
+        cells = {r["mode"]: r for r in rows if r["workload"] == workload and r["path"] == path}
+        unit = _main_metric(next(iter(cells.values())))[0]
+
+        def cell(variant):
+            r = cells.get(variant)
+            if r is None:
+                return "-"
+            return f"{_fmt(_main_metric(r)[1], 2 if unit.endswith('ms') else 1)} ({', '.join(_fmt(v, 2 if unit.endswith('ms') else 0) for v in r['runs'])})"
+
+        lines.append(f"| {workload} | {path} | {unit} | " + " | ".join(cell(v) for v in variants) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     return "\n\n".join([
@@ -116,6 +137,7 @@ def markdown(results: dict) -> str:
         "### Open-loop latency\n\n" + latency_table(results),
         "### CPU of the mesh's processes\n\n" + cpu_table(results),
         "### Kernel fast paths (node mode)\n\n" + fast_path_table(results),
+        "### Worker processes (node mode)\n\n" + workers_table(results),
         "### Cost as pods per node grow\n\n" + cost_table(results),
     ]) + "\n"
 

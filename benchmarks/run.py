@@ -39,8 +39,13 @@ FAST_VARIANTS = {
     "node": [],
     "node, on-node plaintext": ["--on-node-plaintext", "true"],
     "+ splice": ["--on-node-plaintext", "true", "--fast-path", "splice"],
-    "+ splice + loopback": ["--on-node-plaintext", "true", "--fast-path", "splice,loopback"],
+    "+ splice + skb": ["--on-node-plaintext", "true", "--fast-path", "splice,skb"],
+    "+ splice + skb + loopback": ["--on-node-plaintext", "true", "--fast-path", "splice,skb,loopback"],
 }
+# Worker processes: the agent alone, and the default (one per core). Repeated: on a 2-core VM
+# shared with the load generator and the server, one run of a row moves by up to ~15%.
+WORKER_VARIANTS = {"node, 1 process": ["--workers", "1"], "node, 1 per core": []}
+WORKER_REPEATS = 3
 PATHS = {"same-node": "http-n0-0", "cross-node": "http-n1-0"}
 CLIENT = "client-n0-0"
 
@@ -296,6 +301,37 @@ def fast_paths(sizes: Sizes) -> list[dict]:
     return results
 
 
+def workers(sizes: Sizes) -> list[dict]:
+    """HTTP keep-alive throughput and open-loop latency with and without worker processes;
+    each row is the median of WORKER_REPEATS runs (all runs kept in `runs`)."""
+    results = []
+    saved = lab_ops.AGENT_EXTRA_ARGS
+    try:
+        for variant, agent_args in WORKER_VARIANTS.items():
+            lab_ops.down()
+            lab_ops.AGENT_EXTRA_ARGS = agent_args
+            lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
+            try:
+                start_servers(lab)
+                for path in PATHS:
+                    t = targets(lab, "node", path, {})
+                    runs = {
+                        "http1 keep-alive (wrk, 16 conns)": (lambda: wrk(lab, *t["http"], sizes.seconds, 16), "rps"),
+                        "http1 keep-alive (wrk, 64 conns)": (lambda: wrk(lab, *t["http"], sizes.seconds, 64), "rps"),
+                        f"http1 open-loop {sizes.rate}/s":
+                            (lambda: openloop(lab, *t["http"], sizes.rate, sizes.seconds), "p99_ms"),
+                    }
+                    for workload, (run, key) in runs.items():
+                        rows = [measured(lab, variant, path, workload, run, []) for _ in range(WORKER_REPEATS)]
+                        rows.sort(key=lambda r: r[key])
+                        results.append({**rows[len(rows) // 2], "runs": [r[key] for r in rows]})
+            finally:
+                lab_ops.down()
+    finally:
+        lab_ops.AGENT_EXTRA_ARGS = saved
+    return results
+
+
 def spliced_bytes(lab) -> int:
     """What the kernel carried past the proxies in this variant (from the agents' metrics)."""
     total = 0
@@ -369,21 +405,32 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--no-fast-paths", action="store_true", help="skip the kernel fast path section")
+    parser.add_argument("--no-workers", action="store_true", help="skip the worker processes section")
     args = parser.parse_args()
     sizes = Sizes.of(args.smoke)
     modes = args.modes.split(",")
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     results = {"machine": machine(), "smoke": args.smoke, "sizes": sizes.__dict__, "traffic": [], "cost": [],
-               "fast_paths": []}
+               "fast_paths": [], "workers": []}
     started = time.monotonic()
+
+    def keep() -> None:  # after each part: a run cut short still leaves what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
     try:
         for mode in modes:
             print(f"traffic: {mode}", flush=True)
             results["traffic"] += traffic(mode, sizes)
+            keep()
         if "node" in modes and not args.no_fast_paths:
             print("fast paths", flush=True)
             results["fast_paths"] = fast_paths(sizes)
+            keep()
+        if "node" in modes and not args.no_workers:
+            print("workers", flush=True)
+            results["workers"] = workers(sizes)
+            keep()
         for mode in [m for m in modes if m in ("node", "sidecar")]:
             for count in sizes.pods:
                 print(f"cost: {mode} with {count} pods", flush=True)

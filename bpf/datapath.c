@@ -5,6 +5,7 @@
  *   sockops       (cgroup, node subtree)  original destination by client port; counters
  *   sk_lookup     (each pod's netns)      inbound TCP to the pod's IP -> the proxy
  *   sk_msg        (loopback_socks)        proxy-requested splices (and loopback legs) skip the proxy
+ *   sk_skb        (skb_socks)             bytes from a remote peer go past the proxy (requested)
  *
  * Knobs arrive as -D flags; PIN_DIR is where the maps are pinned.
  */
@@ -46,6 +47,8 @@ BPF_TABLE_PINNED("sockmap", __u32, int, inbound_listeners, NA_MAX_PODS, PIN_DIR 
 NA_SOCKHASH_PINNED(loopback_socks, struct na_sock_key, 65536, PIN_DIR "/loopback_socks");
 BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_msg_state, msg_state, 65536, PIN_DIR "/msg_state");
 BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_splice, splices, 16384, PIN_DIR "/splices");
+NA_SOCKHASH_PINNED(skb_socks, __u64, 32768, PIN_DIR "/skb_socks");
+BPF_TABLE_PINNED("lru_hash", __u64, struct na_skb_splice, skb_splices, 16384, PIN_DIR "/skb_splices");
 
 /* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
 static __u64 (*na_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -328,6 +331,23 @@ int na_msg(struct sk_msg_md *msg)
     if (verdict == SK_PASS)
         count_fast_bytes(st, size);
     return SK_PASS;  /* a PEER socket whose peer is gone: TCP (the peer has closed) */
+}
+
+/* A received skb on a socket in skb_socks (the proxy put it there). Nothing asked: the
+ * proxy reads it as usual. Redirect failed (the target is gone): the proxy reads it too and
+ * will find the target closed. */
+int na_skb_verdict(struct __sk_buff *skb)
+{
+    __u64 cookie = na_socket_cookie(skb);
+    struct na_skb_splice *sp = skb_splices.lookup(&cookie);
+    if (!sp)
+        return SK_PASS;
+    __u32 len = skb->len;
+    long verdict = loopback_socks.sk_redirect_hash(skb, &sp->target, 0);
+    if (verdict != SK_PASS)
+        return SK_PASS;
+    __sync_fetch_and_add(&sp->redirected, len);
+    return SK_PASS;
 }
 
 /* Inbound: every TCP connection to an enrolled pod's IP lands on the proxy's

@@ -45,6 +45,7 @@ struct na_policy_key {
 /* na_config.fast_paths */
 #define NA_FAST_SPLICE 1       /* sk_msg: opaque connections the proxy asks for skip it */
 #define NA_FAST_LOOPBACK 2     /* sk_msg: loopback legs skip TCP (no backpressure: see README) */
+#define NA_FAST_SKB 4          /* sk_skb: bytes from a remote peer go past the proxy (no backpressure) */
 
 struct na_config {
     __u32 proxy_mark;      /* SO_MARK of the proxy's own sockets: never redirected */
@@ -95,6 +96,16 @@ struct na_splice {
     __u64 offered;         /* bytes handed to the target, a remainder the kernel retries counted
                             * again: a sign of life for idle timeouts, not a byte count (the
                             * proxy counts spliced bytes from the target's TCP counters) */
+};
+
+/* An sk_skb splice, keyed by the socket cookie of the proxy's socket toward a remote
+ * peer: what arrives on it goes into the send queue of `target` (the proxy's socket toward
+ * the app, in loopback_socks), through the kernel's psock worker. The target is not in
+ * skb_socks: a verdict on its own receive path would queue what it receives behind that
+ * worker, where an EOF could overtake it. */
+struct na_skb_splice {
+    struct na_sock_key target;
+    __u64 redirected;      /* bytes handed to the target's worker queue */
 };
 
 /* Per pod, per CPU; the agent sums the CPUs. */

@@ -175,12 +175,14 @@ def _default_pods_cgroup() -> Path:
 def _fast_path_bits(text: str) -> int:
     from nodeagent.datapath import abi
 
-    names = {"splice": abi.FAST_SPLICE, "loopback": abi.FAST_LOOPBACK}
+    names = {"splice": abi.FAST_SPLICE, "skb": abi.FAST_SKB, "loopback": abi.FAST_LOOPBACK}
     bits = 0
     for name in filter(None, (part.strip() for part in text.split(","))):
         if name not in names:
-            raise click.BadParameter(f"{name!r}: use splice, loopback or both", param_hint="--fast-path")
+            raise click.BadParameter(f"{name!r}: a list of splice, skb, loopback", param_hint="--fast-path")
         bits |= names[name]
+    if bits and not bits & abi.FAST_SPLICE:
+        raise click.BadParameter("skb and loopback come on top of splice", param_hint="--fast-path")
     return bits
 
 
@@ -205,9 +207,10 @@ def _fast_path_bits(text: str) -> int:
 @click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
 @click.option("--sidecar-pod", metavar="NAMESPACE/NAME",
               help="Sidecar mode: serve only this pod; --cgroup is then the pod's own cgroup.")
-@click.option("--fast-path", "fast_path", default="", show_default="off", metavar="splice[,loopback]",
-              help="Kernel fast paths (sk_msg): 'splice' carries opaque plaintext connections past the proxy; "
-                   "'loopback' also skips TCP on loopback legs, without backpressure (README, Fast paths).")
+@click.option("--fast-path", "fast_path", default="", show_default="off", metavar="splice[,skb][,loopback]",
+              help="Kernel fast paths: 'splice' (sk_msg) carries apps' sends on opaque plaintext connections "
+                   "past the proxy; 'skb' (sk_skb) also what arrives from remote peers, and 'loopback' apps' "
+                   "loopback sends; these two without backpressure (README, Kernel fast paths).")
 @click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
               help="Opaque TCP between meshed pods of this node skips the mTLS hop (it never leaves the kernel).")
 @click.option("--workers", default=0, type=click.IntRange(0, 256), show_default="0: one per core",
@@ -294,7 +297,7 @@ def identity_init(directory, trust_domain, anchor_lifetime, issuer_lifetime, nam
 @click.option("--identity-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="From `identity init` (ca.crt, issuer.crt, issuer.key). Default: make a new one in "
                    "./nodeagent-identity (keep its ca.key).")
-@click.option("--fast-path", default="", show_default="off", metavar="splice[,loopback]",
+@click.option("--fast-path", default="", show_default="off", metavar="splice[,skb][,loopback]",
               help="The agents' kernel fast paths (as `run --fast-path`).")
 @click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
               help="As `run --on-node-plaintext`.")

@@ -95,7 +95,8 @@ def check_prog_types() -> list[Check]:
     from nodeagent.datapath.programs import PROGRAMS
 
     names = {libbpf.PROG_TYPE_CGROUP_SOCK_ADDR: "cgroup sock_addr", libbpf.PROG_TYPE_SOCK_OPS: "sock_ops",
-             libbpf.PROG_TYPE_SK_LOOKUP: "sk_lookup (5.9+)", libbpf.PROG_TYPE_SK_MSG: "sk_msg"}
+             libbpf.PROG_TYPE_SK_LOOKUP: "sk_lookup (5.9+)", libbpf.PROG_TYPE_SK_MSG: "sk_msg",
+             libbpf.PROG_TYPE_SK_SKB: "sk_skb"}
     return [Check(f"program type {names[t]}", libbpf.probe_prog_type(t), "loadable" if libbpf.probe_prog_type(t)
                   else "the kernel refuses it", "a newer kernel (5.15 or later)")
             for t in sorted({p.prog_type for p in PROGRAMS})]
@@ -111,6 +112,8 @@ HELPERS = (
     (libbpf.PROG_TYPE_SOCK_OPS, libbpf.FUNC_SOCK_HASH_UPDATE, "bpf_sock_hash_update in sock_ops"),
     (libbpf.PROG_TYPE_SK_MSG, libbpf.FUNC_MSG_REDIRECT_HASH, "bpf_msg_redirect_hash in sk_msg"),
     (libbpf.PROG_TYPE_SK_MSG, libbpf.FUNC_GET_NETNS_COOKIE, "bpf_get_netns_cookie in sk_msg (5.15+)"),
+    (libbpf.PROG_TYPE_SK_SKB, libbpf.FUNC_SK_REDIRECT_HASH, "bpf_sk_redirect_hash in sk_skb"),
+    (libbpf.PROG_TYPE_SK_SKB, libbpf.FUNC_GET_SOCKET_COOKIE, "bpf_get_socket_cookie in sk_skb"),
 )
 
 

@@ -18,7 +18,8 @@ BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 def test_struct_sizes_match_the_c_header(tmp_path):
     names = {abi.Pod: "na_pod", abi.OrigDst: "na_orig_dst", abi.OrigKey: "na_orig_key",
              abi.PolicyKey: "na_policy_key", abi.Config: "na_config", abi.Counters: "na_counters",
-             abi.SockKey: "na_sock_key", abi.MsgState: "na_msg_state", abi.Splice: "na_splice"}
+             abi.SockKey: "na_sock_key", abi.MsgState: "na_msg_state", abi.Splice: "na_splice",
+             abi.SkbSplice: "na_skb_splice"}
     source = tmp_path / "sizes.c"
     source.write_text('#include <stdio.h>\n#include "nodeagent.h"\nint main(void) {\n'
                       + "".join(f'    printf("%zu\\n", sizeof(struct {c}));\n' for c in names.values())
@@ -35,6 +36,7 @@ def test_c_constants_match():
     assert re.search(rf"#define NA_POD_ENROLLED {abi.POD_ENROLLED}\b", header)
     assert re.search(rf"#define NA_FAST_SPLICE {abi.FAST_SPLICE}\b", header)
     assert re.search(rf"#define NA_SOCK_PROXY {abi.SOCK_PROXY}\b", header)
+    assert re.search(rf"#define NA_FAST_SKB {abi.FAST_SKB}\b", header)
     assert re.search(rf"#define NA_FAST_LOOPBACK {abi.FAST_LOOPBACK}\b", header)
     for name, value in (("UNDECIDED", abi.MSG_UNDECIDED), ("TCP", abi.MSG_TCP), ("PEER", abi.MSG_PEER),
                         ("SPLICED", abi.MSG_SPLICED)):
@@ -66,6 +68,7 @@ def test_helper_ids_match_the_kernel_uapi():
     assert ids["sk_assign"] == libbpf.FUNC_SK_ASSIGN
     assert ids["sock_hash_update"] == libbpf.FUNC_SOCK_HASH_UPDATE
     assert ids["msg_redirect_hash"] == libbpf.FUNC_MSG_REDIRECT_HASH
+    assert ids["sk_redirect_hash"] == libbpf.FUNC_SK_REDIRECT_HASH
 
 
 def test_long_lived_modules_never_import_bcc():

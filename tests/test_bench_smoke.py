@@ -22,6 +22,9 @@ def test_the_benchmark_harness_runs_every_mode_and_writes_its_report(tmp_path):
     report = (run / "results.md").read_text()
     assert "| workload | path |" in report and "### Kernel fast paths" in report
     variants = {r["mode"] for r in results["fast_paths"]}
-    assert variants == {"none", "node", "node, on-node plaintext", "+ splice", "+ splice + loopback"}
+    assert variants == {"none", "node", "node, on-node plaintext", "+ splice", "+ splice + skb",
+                        "+ splice + skb + loopback"}
     assert all(r.get("mib_per_s", r.get("rps", r.get("p99_ms"))) for r in results["fast_paths"])
+    assert {r["mode"] for r in results["workers"]} == {"node, 1 process", "node, 1 per core"}
+    assert all(len(r["runs"]) == 3 for r in results["workers"]) and "### Worker processes" in report
     assert {p.name for p in run.glob("*.png")} == {"latency.png", "memory.png", "throughput.png"}

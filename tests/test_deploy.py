@@ -103,4 +103,4 @@ def test_a_bad_label_is_refused():
 def test_an_unknown_fast_path_is_refused_with_the_choices(identity):
     done = subprocess.run([sys.executable, "-m", "nodeagent", "install", "--identity-dir", str(identity),
                            "--fast-path", "splice,warp"], capture_output=True, text=True)
-    assert done.returncode == 2 and "'warp': use splice, loopback or both" in done.stderr
+    assert done.returncode == 2 and "'warp': a list of splice, skb, loopback" in done.stderr

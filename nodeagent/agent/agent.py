@@ -113,13 +113,12 @@ class Agent:
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
-        fast_path = bool(self.config.fast_paths & abi.FAST_SPLICE)
         self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy,
-                           on_node_plaintext=self.config.on_node_plaintext, fast_path=fast_path,
+                           on_node_plaintext=self.config.on_node_plaintext, fast_paths=self.config.fast_paths,
                            reuse_port=self.config.workers > 1)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if self.config.workers > 1:
-            self.workers = Workers(self.config.workers - 1, self._worker_settings(fast_path), self.proxy.tap)
+            self.workers = Workers(self.config.workers - 1, self._worker_settings(), self.proxy.tap)
             self.workers.start()
         admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
         try:
@@ -209,10 +208,10 @@ class Agent:
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
 
-    def _worker_settings(self, fast_path: bool) -> Settings:
+    def _worker_settings(self) -> Settings:
         c = self.config
         return Settings(0, c.pin_root, c.pin_name, c.identity_dir, c.trust_domain, c.cert_lifetime.total_seconds(),
-                        c.default_policy.value, c.on_node_plaintext, fast_path, c.log_level)
+                        c.default_policy.value, c.on_node_plaintext, c.fast_paths, c.log_level)
 
     async def _families(self) -> tuple[list, int]:
         """Every process's metrics, merged, and their open connections."""

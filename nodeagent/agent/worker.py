@@ -40,7 +40,7 @@ class Settings:
     cert_lifetime_s: float
     default_policy: str
     on_node_plaintext: bool
-    fast_path: bool
+    fast_paths: int
     log_level: str = "INFO"
 
 
@@ -89,7 +89,7 @@ class Worker:
         self.identities = WorkloadIdentities(issuer, anchors, datetime.timedelta(seconds=s.cert_lifetime_s))
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
         self.proxy = Proxy(datapath, self.identities, s.trust_domain, authz.Mode(s.default_policy),
-                           on_node_plaintext=s.on_node_plaintext, fast_path=s.fast_path, owns_datapath=False,
+                           on_node_plaintext=s.on_node_plaintext, fast_paths=s.fast_paths, owns_datapath=False,
                            reuse_port=True)
         self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{s.index}")
         self.endpoint.post(("ready", s.index))

@@ -4,7 +4,7 @@ import ctypes
 
 MAX_PODS = 1024  # NA_MAX_PODS
 POD_ENROLLED = 1  # NA_POD_ENROLLED
-FAST_SPLICE, FAST_LOOPBACK = 1, 2  # NA_FAST_*
+FAST_SPLICE, FAST_LOOPBACK, FAST_SKB = 1, 2, 4  # NA_FAST_*
 MSG_UNDECIDED, MSG_TCP, MSG_PEER, MSG_SPLICED = 0, 1, 2, 3  # NA_MSG_*
 SOCK_PROXY = 1  # NA_SOCK_PROXY
 
@@ -66,6 +66,12 @@ class Splice(ctypes.Structure):
     _fields_ = [("target", SockKey), ("forwarded", ctypes.c_uint64), ("offered", ctypes.c_uint64)]
 
 
+class SkbSplice(ctypes.Structure):
+    """struct na_skb_splice"""
+
+    _fields_ = [("target", SockKey), ("redirected", ctypes.c_uint64)]
+
+
 class Counters(ctypes.Structure):
     """struct na_counters"""
 
@@ -85,7 +91,7 @@ class Counters(ctypes.Structure):
 
 # sizeof() of each struct as the C compiler lays it out; tests compare.
 C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Counters: 56, SockKey: 16, MsgState: 24,
-           Splice: 32}
+           Splice: 32, SkbSplice: 24}
 
 
 def u32(value: int) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.pins import PinLayout
-from nodeagent.datapath.programs import LOOPBACK_MAP
+from nodeagent.datapath.programs import LOOPBACK_MAP, SKB_MAP
 
 
 def detach_link(path: Path) -> None:
@@ -43,6 +43,7 @@ def remove_node(layout: PinLayout) -> list[str]:
             detach_link(path)
             removed.append(str(path))
     empty_sockhash(layout.map(LOOPBACK_MAP), ctypes.sizeof(abi.SockKey))
+    empty_sockhash(layout.map(SKB_MAP), 8)  # keyed by socket cookie
     if layout.node_dir.exists():
         removed += [str(p) for p in layout.node_dir.rglob("*") if not p.is_dir()]
         shutil.rmtree(layout.node_dir)  # unlinking a pin drops its reference

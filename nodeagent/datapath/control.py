@@ -13,7 +13,8 @@ from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import SK_LOOKUP
 
 MAPS = ("pods_by_netns", "pods_by_ip", "orig_by_port", "counters", "policy", "ip_identity",
-        "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners", "loopback_socks", "msg_state", "splices")
+        "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners", "loopback_socks", "msg_state", "splices",
+        "skb_socks", "skb_splices")
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,7 @@ class Datapath:
         prog = libbpf.obj_get(str(self.layout.prog(SK_LOOKUP.name)))
         ns = os.open(netns_path, os.O_RDONLY)
         try:
-            link = libbpf.link_create(prog, ns, SK_LOOKUP.attach_type)
-            try:
-                libbpf.obj_pin(link, str(path))
-            finally:
-                os.close(link)
+            libbpf.pin_new_link(prog, ns, SK_LOOKUP.attach_type, str(path))
         finally:
             os.close(ns)
             os.close(prog)
@@ -157,6 +154,22 @@ class Datapath:
 
     def end_splice(self, source: abi.SockKey) -> None:
         libbpf.map_delete(self._fds["splices"], bytes(source))
+
+    # sk_skb splices: by socket cookie.
+
+    def add_skb_socket(self, cookie: int, sock: socket.socket) -> None:
+        libbpf.map_update(self._fds["skb_socks"], abi.u64(cookie), abi.u32(sock.fileno()))
+
+    def request_skb_splice(self, source_cookie: int, target: abi.SockKey) -> None:
+        """What arrives on the source goes to `target`, once the source is in skb_socks."""
+        libbpf.map_update(self._fds["skb_splices"], abi.u64(source_cookie), bytes(abi.SkbSplice(target, 0)))
+
+    def skb_redirected(self, source_cookie: int) -> int:
+        raw = libbpf.map_lookup(self._fds["skb_splices"], abi.u64(source_cookie), ctypes.sizeof(abi.SkbSplice))
+        return 0 if raw is None else abi.SkbSplice.from_buffer_copy(raw).redirected
+
+    def end_skb_splice(self, source_cookie: int) -> None:
+        libbpf.map_delete(self._fds["skb_splices"], abi.u64(source_cookie))
 
     # L4 policy and exemptions.
 

@@ -14,12 +14,14 @@ _lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=T
 
 # enum bpf_prog_type (uapi/linux/bpf.h)
 PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_SK_SKB = 14
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 PROG_TYPE_SK_LOOKUP = 30
 
 # enum bpf_attach_type
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_SKB_STREAM_VERDICT = 5
 ATTACH_SK_MSG_VERDICT = 7
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
@@ -32,6 +34,7 @@ FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SOCK_OPS_CB_FLAGS_SET = 59
 FUNC_SOCK_HASH_UPDATE = 70
 FUNC_MSG_REDIRECT_HASH = 71
+FUNC_SK_REDIRECT_HASH = 72
 FUNC_SK_RELEASE = 86
 FUNC_GET_NETNS_COOKIE = 122
 FUNC_SK_ASSIGN = 124
@@ -61,6 +64,15 @@ def obj_pin(fd: int, path: str) -> None:
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(_lib.bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf_link_create")
+
+
+def pin_new_link(prog_fd: int, target_fd: int, attach_type: int, path: str) -> None:
+    """Attach by a new link and pin it, so the attachment outlives this process."""
+    link = link_create(prog_fd, target_fd, attach_type)
+    try:
+        obj_pin(link, path)
+    finally:
+        os.close(link)
 
 
 def link_update(link_fd: int, prog_fd: int) -> None:

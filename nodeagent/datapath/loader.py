@@ -20,7 +20,8 @@ from pathlib import Path
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.cleanup import detach_link
 from nodeagent.datapath.pins import DEFAULT_ROOT, PinLayout
-from nodeagent.datapath.programs import CGROUP_PROGRAMS, LOOPBACK_MAP, MSG, PROGRAMS, SK_LOOKUP, SOCKOPS_PROXY
+from nodeagent.datapath.programs import (CGROUP_PROGRAMS, PROGRAMS, SK_LOOKUP, SOCKHASH_OF, SOCKHASH_PROGRAMS,
+                                        SOCKOPS_PROXY, Program)
 
 BPF_SRC_DIR = Path(os.environ.get("NODEAGENT_BPF_SRC", Path(__file__).resolve().parents[2] / "bpf"))
 DEFAULT_PROXY_MARK = 0x4E41  # "NA"
@@ -79,11 +80,7 @@ def attach_cgroup_links(layout: PinLayout, cgroup: Path, fds: dict[str, int],
                 continue
             if path.exists():
                 detach_link(path)
-            link = libbpf.link_create(fds[program.name], cgroup_fd, program.attach_type)
-            try:
-                libbpf.obj_pin(link, str(path))
-            finally:
-                os.close(link)
+            libbpf.pin_new_link(fds[program.name], cgroup_fd, program.attach_type, str(path))
             created.append(program.name)
     finally:
         os.close(cgroup_fd)
@@ -102,9 +99,9 @@ def attach_proxy_cgroup(layout: PinLayout, cgroup: Path, proxy_cgroup: Path | No
     return attach_cgroup_links(layout, proxy_cgroup, fds, (SOCKOPS_PROXY,))
 
 
-def attach_msg_link(layout: PinLayout, prog_fd: int) -> str:
-    """sk_msg runs for the sockets in loopback_socks: one link on the map, pinned."""
-    path = layout.link(MSG.name)
+def attach_sockhash_link(layout: PinLayout, program: Program, prog_fd: int) -> str:
+    """sk_msg and sk_skb programs run for the sockets of their sockhash: one link on the map, pinned."""
+    path = layout.link(program.name)
     if path.exists():
         link = libbpf.obj_get(str(path))
         try:
@@ -115,13 +112,9 @@ def attach_msg_link(layout: PinLayout, prog_fd: int) -> str:
         finally:
             os.close(link)
         detach_link(path)
-    sockhash = libbpf.obj_get(str(layout.map(LOOPBACK_MAP)))
+    sockhash = libbpf.obj_get(str(layout.map(SOCKHASH_OF[program.name])))
     try:
-        link = libbpf.link_create(prog_fd, sockhash, MSG.attach_type)
-        try:
-            libbpf.obj_pin(link, str(path))
-        finally:
-            os.close(link)
+        libbpf.pin_new_link(prog_fd, sockhash, program.attach_type, str(path))
     finally:
         os.close(sockhash)
     return "created"
@@ -162,7 +155,9 @@ def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
         _replace_pin(fd, layout.prog(name))
     created, adopted = attach_cgroup_links(layout, cgroup, fds)
     proxy_created, proxy_adopted = attach_proxy_cgroup(layout, cgroup, proxy_cgroup, fds)
-    (created if attach_msg_link(layout, fds[MSG.name]) == "created" else adopted).append(MSG.name)
+    for program in SOCKHASH_PROGRAMS:
+        (created if attach_sockhash_link(layout, program, fds[program.name]) == "created" else adopted).append(
+            program.name)
     pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
     write_config(layout, proxy_mark, mesh_port, fast_paths)
     del module

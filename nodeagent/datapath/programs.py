@@ -22,7 +22,11 @@ SOCKOPS = Program("na_sockops", libbpf.PROG_TYPE_SOCK_OPS, libbpf.ATTACH_CGROUP_
 SK_LOOKUP = Program("na_sk_lookup", libbpf.PROG_TYPE_SK_LOOKUP, libbpf.ATTACH_SK_LOOKUP, "netns")
 SOCKOPS_PROXY = Program("na_sockops_proxy", libbpf.PROG_TYPE_SOCK_OPS, libbpf.ATTACH_CGROUP_SOCK_OPS, "proxy-cgroup")
 MSG = Program("na_msg", libbpf.PROG_TYPE_SK_MSG, libbpf.ATTACH_SK_MSG_VERDICT, "sockhash")
+SKB = Program("na_skb_verdict", libbpf.PROG_TYPE_SK_SKB, libbpf.ATTACH_SK_SKB_STREAM_VERDICT, "sockhash")
 LOOPBACK_MAP = "loopback_socks"  # where MSG attaches
+SKB_MAP = "skb_socks"  # where SKB attaches
+SOCKHASH_OF = {MSG.name: LOOPBACK_MAP, SKB.name: SKB_MAP}
+SOCKHASH_PROGRAMS = (MSG, SKB)
 
-PROGRAMS = (CONNECT4, CONNECT6, GETPEERNAME4, SOCKOPS, SK_LOOKUP, SOCKOPS_PROXY, MSG)
+PROGRAMS = (CONNECT4, CONNECT6, GETPEERNAME4, SOCKOPS, SK_LOOKUP, SOCKOPS_PROXY, MSG, SKB)
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.hook == "cgroup")

@@ -79,10 +79,12 @@ class KernelSplice:
     """Splices requested before the proxy writes anything (so that an app that answers at once
     is spliced from its first byte), then fed the proxy's forwarded counts."""
 
-    def __init__(self, datapath, client: Direction | None, upstream: Direction | None):
+    def __init__(self, datapath, client: Direction | None, upstream: Direction | None,
+                 receive: "ReceiveSplice | None" = None):
         self.datapath = datapath
         self.client, self.upstream = client, upstream
         self.directions = [d for d in (client, upstream) if d is not None]
+        self.receive = receive
         for d in self.directions:
             datapath.request_splice(d.source, d.target)
 
@@ -95,6 +97,8 @@ class KernelSplice:
         for d in self.directions:
             d.relay.on_forwarded = self._forwarded
             self._forwarded(d.relay)
+        if self.receive is not None:
+            self.receive.start(pair[0] if self.receive.remote_is_client else pair[1])
         return self
 
     def _direction(self, relay: Relay) -> Direction:
@@ -107,7 +111,8 @@ class KernelSplice:
 
     def moved(self) -> int:
         """Grows while the kernel carries bytes (for idle timeouts)."""
-        return sum(self.datapath.splice_activity(d.source) for d in self.directions)
+        moved = sum(self.datapath.splice_activity(d.source) for d in self.directions)
+        return moved + (self.receive.redirected() if self.receive else 0)
 
     def end(self) -> dict[int, int]:
         """Forget the splices; bytes each carried, by id() of the relay that reads its source:
@@ -124,6 +129,122 @@ class KernelSplice:
                 pass
             finally:
                 d.target_socket.close()
+        if self.receive is not None:
+            carried.update(self.receive.end())
+        return carried
+
+
+SO_COOKIE = 57  # asm-generic/socket.h
+EOF_WAIT_STEP_S, EOF_WAIT_MAX_S = 0.001, 10.0
+DRAIN_ROUNDS, DRAIN_READ = 16, 256 * 1024
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+class ReceiveSplice:
+    """sk_skb: what arrives from the remote peer on `remote` goes into the send queue of `local`
+    (the proxy's socket toward the app) inside the kernel, through its psock worker.
+
+    Arming: stop reading `remote`, wait until what we already read has left our buffers for
+    `local`, ask for the splice, then let the verdict program take `remote` over and kick it
+    once (SO_RCVLOWAT wakes it) so bytes already queued go the same way, in order. The relay
+    keeps reading `remote` for its EOF; the EOF is passed on only once `local` has sent all
+    the kernel took (its TCP counters say), as the worker sends asynchronously."""
+
+    def __init__(self, datapath, remote: socket.socket, local: socket.socket, local_key: abi.SockKey,
+                 remote_is_client: bool):
+        self.datapath = datapath
+        self.remote = socket.socket(fileno=os.dup(remote.fileno()))  # counters outlive the transports
+        self.local = socket.socket(fileno=os.dup(local.fileno()))
+        self.remote_cookie, self.local_key = socket_cookie(remote), local_key
+        self.remote_is_client = remote_is_client
+        self.relay: Relay | None = None
+        self.armed = False
+        self.local_start = self.read_at_arm = 0
+
+    def start(self, relay: Relay) -> None:
+        """`relay` reads `remote` and writes `local`."""
+        self.relay = relay
+        relay.transport.pause_reading()
+        relay.eof_gate = self._gate_eof
+        self._arm_when_drained()
+
+    def _arm_when_drained(self) -> None:
+        relay = self.relay
+        if relay.transport.is_closing() or relay.peer.transport.is_closing():
+            return
+        drained = self._drain()
+        if drained is None:  # the peer is done sending: nothing to splice, the relay sees the EOF
+            relay.transport.resume_reading()
+            return
+        if not drained:
+            asyncio.get_running_loop().call_later(EOF_WAIT_STEP_S, self._arm_when_drained)
+            return
+        try:
+            self.local_start, self.read_at_arm = data_sent(self.local), relay.bytes_in
+            self.datapath.request_skb_splice(self.remote_cookie, self.local_key)  # local: in loopback_socks
+            self.datapath.add_skb_socket(self.remote_cookie, self.remote)  # the verdict takes over here
+            self.armed = True
+            self.remote.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # and sees what came meanwhile
+        except OSError:
+            self.datapath.end_skb_splice(self.remote_cookie)  # a side closed meanwhile: we relay
+        relay.transport.resume_reading()
+
+    def _drain(self) -> bool | None:
+        """Whether `remote`'s receive queue is empty and our buffer toward `local` too (None: the
+        peer has finished sending). The verdict would redirect a partly read skb whole, repeating
+        what we read of it, so we read the queue to the end ourselves first (at most DRAIN_ROUNDS
+        reads per try)."""
+        if self.relay.peer.transport.get_write_buffer_size():
+            return False
+        for _ in range(DRAIN_ROUNDS):
+            try:
+                data = self.remote.recv(DRAIN_READ, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            if not data:
+                return None
+            self.relay.data_received(data)
+            if self.relay.peer.transport.get_write_buffer_size():
+                return False
+        return False
+
+    def redirected(self) -> int:
+        return self.datapath.skb_redirected(self.remote_cookie) if self.armed else 0
+
+    def _expected_on_local(self) -> int:
+        return self.redirected() + self.relay.bytes_in - self.read_at_arm
+
+    def _gate_eof(self, pass_eof) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EOF_WAIT_MAX_S
+
+        def check() -> None:
+            try:
+                done = not self.armed or data_sent(self.local) - self.local_start >= self._expected_on_local()
+            except OSError:
+                done = True
+            if done or loop.time() > deadline or self.relay.peer.transport.is_closing():
+                pass_eof()
+            else:
+                loop.call_later(EOF_WAIT_STEP_S, check)
+
+        check()
+
+    def end(self) -> dict[int, int]:
+        carried = {}
+        try:
+            if self.armed and self.relay is not None:
+                proxy_wrote = self.relay.bytes_in - self.read_at_arm
+                carried[id(self.relay)] = max(0, data_sent(self.local) - self.local_start - proxy_wrote)
+        except OSError:
+            pass
+        finally:
+            self.datapath.end_skb_splice(self.remote_cookie)
+            self.remote.close()
+            self.local.close()
         return carried
 
 
@@ -138,20 +259,26 @@ def _direction(datapath, source_side, source_cookie: int, target_side, target_co
 
 
 def request(datapath, client: asyncio.Transport, client_cookie: int, upstream: asyncio.Transport,
-            upstream_cookie: int) -> KernelSplice | None:
+            upstream_cookie: int, skb: bool = False) -> KernelSplice | None:
     """Ask for what this pair allows: each side that is a loopback leg (an app in an enrolled
-    pod behind it) sends past the proxy, into the proxy's socket at the other side."""
+    pod behind it) sends past the proxy, into the proxy's socket at the other side; with `skb`,
+    a side toward a remote peer receives past the proxy too."""
     a = client.get_extra_info("socket")
     b = upstream.get_extra_info("socket")
     if a is None or b is None:
         return None
     made: list[Direction] = []
+    receive = None
     try:
-        from_client = _direction(datapath, a, client_cookie, b, upstream_cookie) if is_loopback(a) else None
+        a_loop, b_loop = is_loopback(a), is_loopback(b)
+        from_client = _direction(datapath, a, client_cookie, b, upstream_cookie) if a_loop else None
         made += [from_client] if from_client else []
-        from_upstream = _direction(datapath, b, upstream_cookie, a, client_cookie) if is_loopback(b) else None
+        from_upstream = _direction(datapath, b, upstream_cookie, a, client_cookie) if b_loop else None
         made += [from_upstream] if from_upstream else []
-        return KernelSplice(datapath, from_client, from_upstream) if made else None
+        if skb and a_loop != b_loop:
+            receive = (ReceiveSplice(datapath, b, a, own_key(a, client_cookie), False) if a_loop
+                       else ReceiveSplice(datapath, a, b, own_key(b, upstream_cookie), True))
+        return KernelSplice(datapath, from_client, from_upstream, receive) if made or receive else None
     except OSError:
         for d in made:
             datapath.end_splice(d.source)

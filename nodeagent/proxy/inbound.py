@@ -104,10 +104,10 @@ class _Inbound(asyncio.Protocol):
         if identity is None:  # plaintext both ways: the kernel may carry the app's replies
             self.kernel = self.proxy.kernel_splice(transport, self.pod.cookie, app.transport, self.pod.cookie)
         pair = splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
-        if self.kernel is not None:
-            self.kernel.attach(pair)
         if not transport.is_reading() and not transport.is_closing():
             transport.resume_reading()  # the relay's flow control takes over
+        if self.kernel is not None:
+            self.kernel.attach(pair)
 
     def revoke(self) -> None:
         """The pod's policy no longer admits this client: end the connection."""

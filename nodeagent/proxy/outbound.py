@@ -226,10 +226,10 @@ class OutboundAccept(asyncio.Protocol):
                                                    self.upstream_cookie)
         pair = splice_held(self.transport, bytes(self.buffer), self.client_eof, self.early,
                            on_close=self._relay_closed)
-        if self.kernel is not None:
-            self.kernel.attach(pair)
         if not self.transport.is_reading() and not self.transport.is_closing():
             self.transport.resume_reading()
+        if self.kernel is not None:
+            self.kernel.attach(pair)
         close_when_idle(pair, self.config.idle_timeout_s, self.kernel.moved if self.kernel else None)
 
     def _relay_closed(self, client_side):

@@ -31,6 +31,7 @@ class Relay(asyncio.Protocol):
         self.bytes_in = 0
         self._on_close = on_close
         self.on_forwarded: Callable[["Relay"], None] | None = None  # a kernel splice waits for our bytes
+        self.eof_gate: Callable[[Callable[[], bool]], None] | None = None  # holds an EOF back until called
 
     def connection_made(self, transport):
         self.transport = transport
@@ -42,8 +43,17 @@ class Relay(asyncio.Protocol):
             self.on_forwarded(self)
 
     def eof_received(self):
+        if self.eof_gate is not None:  # bytes of ours may still be on their way in the kernel
+            self.eof_gate(self._pass_eof)
+            return True
+        return self._pass_eof()
+
+    def _pass_eof(self) -> bool:
         self.got_eof = True
         peer = self.peer.transport
+        if peer.is_closing():  # an EOF held back by a gate, overtaken by a close
+            self.transport.close()
+            return False
         if self.peer.got_eof or not peer.can_write_eof():
             self.transport.close()
             peer.close()

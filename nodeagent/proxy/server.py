@@ -14,6 +14,7 @@ import ipaddress
 
 from nodeagent import netns
 from nodeagent.cluster.model import ClusterView, PodInfo
+from nodeagent.datapath.abi import FAST_SKB, FAST_SPLICE
 from nodeagent.datapath.control import Datapath, PodEntry
 from nodeagent.identity import naming
 from nodeagent.identity.workload import WorkloadIdentities
@@ -90,7 +91,7 @@ class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, trust_domain: str = naming.DEFAULT_TRUST_DOMAIN,
                  default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED,
                  cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, max_connections: int = MAX_CONNECTIONS,
-                 on_node_plaintext: bool = False, fast_path: bool = False, owns_datapath: bool = True,
+                 on_node_plaintext: bool = False, fast_paths: int = 0, owns_datapath: bool = True,
                  reuse_port: bool = False):
         self.datapath = datapath
         self.identities = identities
@@ -113,7 +114,8 @@ class Proxy:
         self._configs: dict[str, tuple[dict, service_config.ServiceConfig]] = {}
         self._rng = random.Random()
         self.on_node_plaintext = on_node_plaintext
-        self.fast_path = fast_path
+        self.fast_path = bool(fast_paths & FAST_SPLICE)  # sk_msg splices
+        self.skb_splice = bool(fast_paths & FAST_SKB)  # sk_skb: bytes from remote peers
         # A worker process serves pods but leaves enrolment and inbound steering to the main one.
         self.owns_datapath = owns_datapath
         self.reuse_port = reuse_port
@@ -201,7 +203,7 @@ class Proxy:
         if not self.fast_path:
             return None
         try:
-            return fastpath.request(self.datapath, client, client_cookie, upstream, upstream_cookie)
+            return fastpath.request(self.datapath, client, client_cookie, upstream, upstream_cookie, self.skb_splice)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTCONN):  # a side half-closed or closed meanwhile
                 self._log_once("splice", type(e).__name__, f"kernel splice not used: {e}")
