@@ -125,6 +125,19 @@ def check_helpers() -> list[Check]:
     return checks
 
 
+def check_sockmap_links() -> list[Check]:
+    """The fast paths' programs are attached to their sockhash by pinned links."""
+    from nodeagent.datapath.programs import SOCKHASH_PROGRAMS
+
+    checks = []
+    for program in SOCKHASH_PROGRAMS:
+        ok = libbpf.probe_sockmap_link(program.prog_type, program.attach_type)
+        checks.append(Check(f"sockmap link for {program.name}", ok, "a link attaches it to a sockhash" if ok else
+                            "the kernel refuses a bpf_link on a sockhash",
+                            "Linux 6.10 or later; needed only with --fast-path", required=False))
+    return checks
+
+
 def check_netns_cookie() -> Check:
     try:
         with socket.socket() as probe:
@@ -147,7 +160,7 @@ def check_bcc_compiles() -> Check:
 def run_all(pin_root: Path, compile_programs: bool = True) -> list[Check]:
     checks: list[Check] = [check_privileges(), check_cgroup2(), check_bpffs(pin_root), check_btf(), check_headers()]
     if os.geteuid() == 0:  # probing program types needs the privileges checked above
-        checks += check_prog_types() + check_helpers()
+        checks += check_prog_types() + check_helpers() + check_sockmap_links()
     checks.append(check_netns_cookie())
     if compile_programs:
         checks.append(check_bcc_compiles())

@@ -18,7 +18,7 @@ from nodeagent.datapath import cleanup, libbpf
 from nodeagent.datapath.control import Datapath, PodEntry
 from nodeagent.datapath.loader import LoadError, load_in_subprocess
 from nodeagent.datapath.pins import PinLayout
-from nodeagent.datapath.programs import CGROUP_PROGRAMS, SK_LOOKUP, SOCKHASH_PROGRAMS
+from nodeagent.datapath.programs import CGROUP_PROGRAMS, SK_LOOKUP
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import pods
 from standin_proxy import OUTBOUND_PORT, StandinProxy
@@ -88,7 +88,7 @@ print(s.getpeername(), s.recv(100))
 
 def test_loader_reports_compile_time_and_attaches_each_hook_once(loaded, node_cgroup):
     assert loaded["compile_and_load_ms"] > 0
-    assert sorted(loaded["created"]) == sorted([p.name for p in CGROUP_PROGRAMS + SOCKHASH_PROGRAMS])
+    assert sorted(loaded["created"]) == sorted([p.name for p in CGROUP_PROGRAMS])
     assert attached(node_cgroup) == {p.name: 1 for p in CGROUP_PROGRAMS}
 
 
@@ -284,7 +284,7 @@ def test_a_killed_agent_fails_closed_and_a_restart_adopts_without_duplicates(lab
     assert run_in(lab, "client-n1-0", inbound).stdout.strip() == str(errno.ECONNREFUSED)
 
     report = load_in_subprocess(NODE, node_cgroup, lab_ops.BPF_PIN_ROOT)
-    assert sorted(report["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS + SOCKHASH_PROGRAMS])
+    assert sorted(report["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS])
     assert report["created"] == []
     assert report["sk_lookup_links_updated"] == 2
     second = start_standin()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from nodeagent.datapath.programs import CGROUP_PROGRAMS, SOCKHASH_PROGRAMS, SOCKOPS_PROXY
 from nodeagent.lab import lab as lab_ops
 from test_mtls_lab import annotate, meshed_on
 from test_proxy import agent_stats, counter, curl, py_in, wait_until
@@ -50,6 +51,13 @@ def spliced_grows(node: int, before: int, at_least: int, **labels) -> int:
 
 def fast_bytes(node: int, pod: str) -> int:
     return counter(agent_stats(node), "kernel_fast_path_bytes_total", pod=pod)
+
+
+def test_the_fast_paths_programs_are_attached_once_to_their_sockhashes(lab):
+    stats = agent_stats(0)
+    assert sorted(stats["datapath"]["created"] + stats["datapath"]["adopted"]) == sorted(
+        [p.name for p in CGROUP_PROGRAMS + SOCKHASH_PROGRAMS + (SOCKOPS_PROXY,)])
+    assert _loaded_programs("na_skb_verdict") == 2  # one per node
 
 
 def test_two_pods_of_a_node_exchange_100_mb_byte_exact_past_the_proxy(lab):

@@ -1,3 +1,5 @@
+import pytest
+
 from nodeagent import preflight
 from nodeagent.preflight import Check
 
@@ -20,3 +22,13 @@ def test_render_fails_only_on_required_checks():
     assert lines == ["[ok]   a: fine", "[warn] b: absent\n       hint: do x"]
     assert not preflight.render([Check("c", False, "broken", "fix it")], lines.append)
     assert lines[-1] == "[FAIL] c: broken\n       hint: fix it"
+
+
+@pytest.mark.privileged
+def test_the_sockmap_link_probe_tells_an_accepted_attachment_from_a_refused_one():
+    from nodeagent.datapath import libbpf
+
+    assert libbpf.probe_sockmap_link(libbpf.PROG_TYPE_SK_MSG, libbpf.ATTACH_SK_MSG_VERDICT)
+    assert libbpf.probe_sockmap_link(libbpf.PROG_TYPE_SK_SKB, libbpf.ATTACH_SK_SKB_STREAM_VERDICT)
+    # an sk_msg program where an sk_skb verdict goes: the kernel refuses, the probe says so
+    assert not libbpf.probe_sockmap_link(libbpf.PROG_TYPE_SK_MSG, libbpf.ATTACH_SK_SKB_STREAM_VERDICT)

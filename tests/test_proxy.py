@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from nodeagent.datapath import libbpf
-from nodeagent.datapath.programs import CGROUP_PROGRAMS, SOCKHASH_PROGRAMS
+from nodeagent.datapath.programs import CGROUP_PROGRAMS
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import manifests, pods
 
@@ -123,7 +123,7 @@ def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
         stats = agent_stats(i)
         assert stats["ready"] and len(stats["pods"]) == 5
         assert sorted(stats["datapath"]["created"] + stats["datapath"]["adopted"]) == sorted(
-            [p.name for p in CGROUP_PROGRAMS + SOCKHASH_PROGRAMS])
+            [p.name for p in CGROUP_PROGRAMS])
 
 
 def test_curl_http1_through_a_service_and_to_a_pod_ip(mesh):
@@ -292,7 +292,7 @@ except OSError as e: print(e.errno)"""
     lab_ops.start_agent(mesh, node)
     lab_ops.wait_agent_ready(node)
     stats = agent_stats(0)
-    assert sorted(stats["datapath"]["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS + SOCKHASH_PROGRAMS])
+    assert sorted(stats["datapath"]["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS])
     assert len(stats["pods"]) == 5
     assert curl(mesh, "client-n0-0", f"http://{target}:8080/") == "hello from http-n1-0\n"
     assert curl(mesh, "client-n1-0", f"http://{mesh.plan.pod('http-n0-0').ip}:8080/") == "hello from http-n0-0\n"

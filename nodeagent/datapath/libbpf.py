@@ -145,6 +145,31 @@ def probe_helper(prog_type: int, func_id: int) -> bool:
     return _lib.libbpf_probe_bpf_helper(prog_type, func_id, None) == 1
 
 
+MAP_TYPE_SOCKHASH = 18  # enum bpf_map_type
+
+
+def probe_sockmap_link(prog_type: int, attach_type: int) -> bool:
+    """Whether a program of this type can be attached to a sockhash by a bpf_link (6.10+):
+    load a two-instruction program, make a one-slot sockhash, try, undo."""
+    insns = (ctypes.c_uint64 * 2)(0x00000001000000b7, 0x0000000000000095)  # r0 = 1; exit
+    prog = _lib.bpf_prog_load(prog_type, None, b"GPL", insns, 2, None)
+    if prog < 0:
+        return False
+    sockhash = _lib.bpf_map_create(MAP_TYPE_SOCKHASH, None, 4, 4, 1, None)
+    try:
+        if sockhash < 0:
+            return False
+        link = _lib.bpf_link_create(prog, sockhash, attach_type, None)
+        if link < 0:
+            return False
+        os.close(link)
+        return True
+    finally:
+        if sockhash >= 0:
+            os.close(sockhash)
+        os.close(prog)
+
+
 def possible_cpus() -> int:
     """Per-CPU map values hold one slot per possible CPU."""
     with open("/sys/devices/system/cpu/possible") as f:

@@ -155,9 +155,15 @@ def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
         _replace_pin(fd, layout.prog(name))
     created, adopted = attach_cgroup_links(layout, cgroup, fds)
     proxy_created, proxy_adopted = attach_proxy_cgroup(layout, cgroup, proxy_cgroup, fds)
-    for program in SOCKHASH_PROGRAMS:
-        (created if attach_sockhash_link(layout, program, fds[program.name]) == "created" else adopted).append(
-            program.name)
+    for program in SOCKHASH_PROGRAMS:  # only for the fast paths (sockmap links need 6.10+)
+        path = layout.link(program.name)
+        if not fast_paths:
+            if path.exists():
+                detach_link(path)
+        elif attach_sockhash_link(layout, program, fds[program.name]) == "created":
+            created.append(program.name)
+        else:
+            adopted.append(program.name)
     pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
     write_config(layout, proxy_mark, mesh_port, fast_paths)
     del module
