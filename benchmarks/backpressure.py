@@ -2,10 +2,12 @@
 
   python -m benchmarks.backpressure        (root; brings a lab up and down; about a minute)
 
-For each setting: a client outside the mesh (so the connection is plaintext and spliceable)
-connects to a meshed pod on the other node whose app reads the first 8 MiB (time for a splice
-to start) and then stops reading, and sends for 3 s (at most 1 GiB). TCP's flow control stops it after socket buffers' worth; a fast path
-without backpressure lets it queue in the kernel. Prints one JSON line per setting.
+Toward a pod: for each setting, a client outside the mesh (so the connection is plaintext and
+spliceable) connects to a meshed pod on the other node whose app reads the first 8 MiB (time
+for a splice to start) and then stops reading, and sends for 3 s (at most 1 GiB).
+Inside a pod: the same reader and sender as two processes of one meshed pod, over loopback
+(what the `loopback` fast path takes). TCP's flow control stops a sender after socket buffers'
+worth; a fast path without backpressure lets it queue in the kernel. One JSON line per case.
 """
 
 import json
@@ -16,7 +18,8 @@ import time
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab import pods
 
-SETTINGS = {"off": [], "splice": ["--fast-path", "splice"], "splice,skb": ["--fast-path", "splice,skb"]}
+SETTINGS = {"off": [], "splice": ["--fast-path", "splice"], "splice,skb": ["--fast-path", "splice,skb"],
+            "splice,loopback": ["--fast-path", "splice,loopback"]}
 LIMIT = 1 << 30
 
 HOLDER = """
@@ -44,21 +47,24 @@ print(sent)
 """
 
 
-def measure(agent_args: list[str]) -> int:
+def measure(agent_args: list[str], in_pod: bool) -> int:
     lab_ops.down()
     lab_ops.AGENT_EXTRA_ARGS = agent_args
     lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
     try:
-        lab_ops.label("client-n1-0", "nodeagent.io/mesh=disabled")
-        time.sleep(1.0)  # the agent's next poll: the client is outside the mesh
-        server, client = lab.plan.pod("echo-n0-0"), lab.plan.pod("client-n1-0")
+        server = lab.plan.pod("echo-n0-0")
+        client = server if in_pod else lab.plan.pod("client-n1-0")
+        if not in_pod:
+            lab_ops.label("client-n1-0", "nodeagent.io/mesh=disabled")
+            time.sleep(1.0)  # the agent's next poll: the client is outside the mesh
         holder = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", HOLDER],
                                   stdout=subprocess.PIPE, text=True,
                                   preexec_fn=lambda: (lab.pod_cgroup(server) / "cgroup.procs").write_text("0"))
         try:
             holder.stdout.readline()
+            target = "127.0.0.1" if in_pod else server.ip
             done = pods.run(client, lab.pod_cgroup(client),
-                            [sys.executable, "-c", SENDER.format(ip=server.ip, limit=LIMIT)], timeout_s=60)
+                            [sys.executable, "-c", SENDER.format(ip=target, limit=LIMIT)], timeout_s=60)
             return int(done.stdout.strip())
         finally:
             holder.kill()
@@ -68,10 +74,13 @@ def measure(agent_args: list[str]) -> int:
 
 
 def main() -> None:
-    for name, args in SETTINGS.items():
-        sent = measure(args)
-        print(json.dumps({"fast_path": name, "queued_mib": round(sent / 2 ** 20, 1),
-                          "capped": sent >= LIMIT}), flush=True)
+    for in_pod in (False, True):
+        for name, args in SETTINGS.items():
+            if in_pod and name not in ("off", "splice,loopback"):
+                continue  # only the loopback fast path acts between two processes of a pod
+            sent = measure(args, in_pod)
+            print(json.dumps({"case": "inside a pod" if in_pod else "toward a pod", "fast_path": name,
+                              "queued_mib": round(sent / 2 ** 20, 1), "capped": sent >= LIMIT}), flush=True)
 
 
 if __name__ == "__main__":
