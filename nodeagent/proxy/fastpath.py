@@ -12,7 +12,9 @@ the remote peer or the remote client). A send queue, so TCP's backpressure
 still holds. The proxy keeps relaying until the kernel switches, and tells it
 how many of the app's bytes it has forwarded; the switch happens at the app's
 next send once every earlier byte has been written on, so no byte overtakes
-another. A sender that never pauses keeps going through the proxy. EOFs and
+another. A sender that never lets the proxy catch up keeps going through the
+proxy (an echo client, in the tests; a bulk upload to a fast reader still
+got spliced in the benchmark). EOFs and
 resets still pass through the proxy's ends, which stay open.
 """
 import asyncio
