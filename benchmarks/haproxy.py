@@ -12,6 +12,12 @@ HTTP_LOCAL, H2_LOCAL, BULK_LOCAL, DOWNLOAD_LOCAL = 7001, 7002, 7003, 7004  # cli
 HTTP_MESH, H2_MESH, BULK_MESH, DOWNLOAD_MESH = 7441, 7442, 7443, 7444  # server side, on the server pod's IP
 APP_PORTS = {"http": 8090, "h2": 8091, "bulk": 9100, "download": 9101}
 LOCAL_PORTS = {"http": HTTP_LOCAL, "h2": H2_LOCAL, "bulk": BULK_LOCAL, "download": DOWNLOAD_LOCAL}
+MESH_PORTS = {"http": HTTP_MESH, "h2": H2_MESH, "bulk": BULK_MESH, "download": DOWNLOAD_MESH}
+TCP_NAMES = ("h2", "bulk", "download")  # passed through as TCP (h2 too: HAProxy's chain as a sidecar's)
+
+
+def _tcp_listen(name: str, bind: str, server: str) -> str:
+    return f"listen {name}\n    mode tcp\n    bind {bind}\n    server s {server}\n"
 
 
 def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -49,19 +55,8 @@ backend http_mesh
     mode http
     http-reuse always
     server s {server_ip}:{HTTP_MESH} {tls} alpn http/1.1
-listen h2_local
-    mode tcp
-    bind 127.0.0.1:{H2_LOCAL}
-    server s {server_ip}:{H2_MESH} {tls}
-listen bulk_local
-    mode tcp
-    bind 127.0.0.1:{BULK_LOCAL}
-    server s {server_ip}:{BULK_MESH} {tls}
-listen download_local
-    mode tcp
-    bind 127.0.0.1:{DOWNLOAD_LOCAL}
-    server s {server_ip}:{DOWNLOAD_MESH} {tls}
-"""
+""" + "".join(_tcp_listen(f"{name}_local", f"127.0.0.1:{LOCAL_PORTS[name]}", f"{server_ip}:{MESH_PORTS[name]} {tls}")
+              for name in TCP_NAMES)
 
 
 def server_config(server_ip: str, bundle: Path, server_pem: Path) -> str:
@@ -80,16 +75,5 @@ backend app
     mode http
     http-reuse always
     server app 127.0.0.1:{APP_PORTS['http']}
-listen h2_mesh
-    mode tcp
-    bind {server_ip}:{H2_MESH} {tls}
-    server app 127.0.0.1:{APP_PORTS['h2']}
-listen bulk_mesh
-    mode tcp
-    bind {server_ip}:{BULK_MESH} {tls}
-    server app 127.0.0.1:{APP_PORTS['bulk']}
-listen download_mesh
-    mode tcp
-    bind {server_ip}:{DOWNLOAD_MESH} {tls}
-    server app 127.0.0.1:{APP_PORTS['download']}
-"""
+""" + "".join(_tcp_listen(f"{name}_mesh", f"{server_ip}:{MESH_PORTS[name]} {tls}", f"127.0.0.1:{APP_PORTS[name]}")
+              for name in TCP_NAMES)

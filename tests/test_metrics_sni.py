@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+from nodeagent.agent.merge import families_of
 from nodeagent.proxy.metrics import SNI_LABELS_PER_POD, SNI_NONE, SNI_OTHER, Metrics
 
 
@@ -10,7 +11,8 @@ def pod(name: str):
 
 
 def sni_series(metrics: Metrics) -> dict[str, float]:
-    return {s["labels"]["sni"]: s["value"] for s in metrics.samples() if s["name"] == "tls_sni_total"}
+    return {labels["sni"]: value for _, _, _, samples in families_of(metrics.registry)
+            for name, labels, value in samples if name == "tls_sni_total"}
 
 
 def test_each_name_counts_until_the_pod_has_its_share_then_the_rest_is_other():

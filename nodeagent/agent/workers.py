@@ -15,6 +15,7 @@ workers' metrics and events into the agent's.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import socket
@@ -37,7 +38,7 @@ class _Process:
         self.index = index
         self.endpoint = channel.Endpoint(parent, lambda message, fds: on_message(self, message, fds),
                                          name=f"agent-worker{index}")
-        self.endpoint.post(("settings", Settings(**{**settings.__dict__, "index": index})))
+        self.endpoint.post(("settings", dataclasses.replace(settings, index=index)))
 
 
 class Workers:

@@ -127,10 +127,6 @@ class Datapath:
         """Put one of the proxy's sockets in loopback_socks, as a splice target."""
         libbpf.map_update(self._fds["loopback_socks"], bytes(key), abi.u32(sock.fileno()))
 
-    def msg_mode(self, key: abi.SockKey) -> int | None:
-        raw = libbpf.map_lookup(self._fds["msg_state"], bytes(key), ctypes.sizeof(abi.MsgState))
-        return None if raw is None else abi.MsgState.from_buffer_copy(raw).mode
-
     def request_splice(self, source: abi.SockKey, target: abi.SockKey) -> None:
         """From the source's next send once the proxy has forwarded all it sent (see splice_forwarded)."""
         value = abi.Splice(target, 0, 0)
@@ -140,12 +136,15 @@ class Datapath:
         raw = libbpf.map_lookup(self._fds["splices"], bytes(source), ctypes.sizeof(abi.Splice))
         return None if raw is None else abi.Splice.from_buffer_copy(raw)
 
-    def splice_forwarded(self, source: abi.SockKey, forwarded: int) -> None:
-        """The proxy forwarded more of the source's bytes before its splice started."""
+    def splice_forwarded(self, source: abi.SockKey, forwarded: int) -> bool:
+        """The proxy forwarded more of the source's bytes; False once the splice has started
+        (from then on only the kernel writes the entry, and nothing more needs reporting)."""
         splice = self._splice(source)
-        if splice is not None and splice.offered == 0:  # once started, only the kernel writes it
-            splice.forwarded = forwarded
-            libbpf.map_update(self._fds["splices"], bytes(source), bytes(splice))
+        if splice is None or splice.offered:
+            return False
+        splice.forwarded = forwarded
+        libbpf.map_update(self._fds["splices"], bytes(source), bytes(splice))
+        return True
 
     def splice_activity(self, source: abi.SockKey) -> int:
         """Grows while the kernel sends the source's bytes past the proxy (not a byte count)."""

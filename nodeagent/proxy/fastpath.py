@@ -87,6 +87,7 @@ class KernelSplice:
         self.client, self.upstream = client, upstream
         self.directions = [d for d in (client, upstream) if d is not None]
         self.receive = receive
+        self._reporting: set[Relay] = set()  # relays with a report due this turn
         for d in self.directions:
             datapath.request_splice(d.source, d.target)
 
@@ -107,9 +108,18 @@ class KernelSplice:
         return self.client if self.client is not None and self.client.relay is relay else self.upstream
 
     def _forwarded(self, relay: Relay) -> None:
-        """The relay wrote what it read: tell the kernel, once the bytes have left our buffers."""
-        if relay.peer.transport.get_write_buffer_size() == 0:
-            self.datapath.splice_forwarded(self._direction(relay).source, relay.bytes_in)
+        """The relay wrote what it read: tell the kernel, once per turn of the event loop (not
+        per read: two map syscalls each), and no more once the splice has started."""
+        if relay not in self._reporting:
+            self._reporting.add(relay)
+            asyncio.get_running_loop().call_soon(self._report, relay)
+
+    def _report(self, relay: Relay) -> None:
+        self._reporting.discard(relay)
+        if relay.on_forwarded is None or relay.peer.transport.get_write_buffer_size():
+            return  # ended, or our bytes not all out yet: the drain reports again
+        if not self.datapath.splice_forwarded(self._direction(relay).source, relay.bytes_in):
+            relay.on_forwarded = None
 
     def moved(self) -> int:
         """Grows while the kernel carries bytes (for idle timeouts)."""

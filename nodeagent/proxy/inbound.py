@@ -19,14 +19,13 @@ import ssl
 from nodeagent.policy.authz import Client
 from nodeagent.proxy import mesh
 from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
-from nodeagent.proxy.relay import Holding, nodelay, splice_held
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay, splice_held
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
 
 APP_CONNECT_TIMEOUT_S = 1.0
 HANDSHAKE_TIMEOUT_S = 10.0
 DENY_DETECT_S = 1.0  # how long a refused client may take to show it speaks HTTP (for a 403)
-PENDING_MAX = 256 * 1024  # bytes read ahead of the splice; then the client waits (TCP backpressure)
 
 FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
              b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -48,7 +47,7 @@ class _Inbound(asyncio.Protocol):
     def data_received(self, data):
         self.buffer += data  # only until the splice replaces this protocol
         self._more.set()
-        if len(self.buffer) >= PENDING_MAX:
+        if len(self.buffer) >= READ_AHEAD_MAX:
             self.transport.pause_reading()
 
     def eof_received(self):

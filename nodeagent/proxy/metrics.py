@@ -174,9 +174,3 @@ class Metrics:
     def retry(self, pod, peer: str, allowed: bool) -> None:
         metric = self.retries_total if allowed else self.retry_budget_exhausted_total
         self.child(metric, (pod.info.namespace, pod.info.name, peer)).inc()
-
-    def samples(self) -> list[dict]:
-        """Every sample, for the agent's JSON /stats."""
-        return [{"name": s.name, "labels": dict(s.labels), "value": s.value}
-                for family in self.registry.collect() for s in family.samples
-                if not s.name.endswith("_created")]

@@ -19,7 +19,7 @@ import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.http1 import Http1Server
-from nodeagent.proxy.relay import Holding, close_when_idle, nodelay, splice_held
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, close_when_idle, nodelay, splice_held
 from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.identity import naming
@@ -30,7 +30,6 @@ from nodeagent.policy.authz import Client
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
 EAGER_CONNECT_DELAY_S = 0.003
-PENDING_MAX = 256 * 1024  # bytes read ahead of the splice; then the client waits (TCP backpressure)
 
 
 class OutboundAccept(asyncio.Protocol):
@@ -161,7 +160,7 @@ class OutboundAccept(asyncio.Protocol):
     def data_received(self, data):
         self.buffer += data
         if self.decided:
-            if self.opaque and len(self.buffer) >= PENDING_MAX:
+            if self.opaque and len(self.buffer) >= READ_AHEAD_MAX:
                 self.transport.pause_reading()  # until the splice: the client waits, nothing piles up
             return
         found = detect(bytes(self.buffer))

@@ -11,6 +11,8 @@ import asyncio
 import socket
 from collections.abc import Callable
 
+READ_AHEAD_MAX = 256 * 1024  # bytes read ahead of a splice; then the client waits (TCP backpressure)
+
 
 def nodelay(transport: asyncio.BaseTransport) -> None:
     """No Nagle on our connections: a small write (a TLS flight, a tunnel header, an
