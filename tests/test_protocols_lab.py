@@ -12,6 +12,12 @@ from nodeagent.observe import admin_client
 from test_proxy import py_in
 
 
+def requests_to(pod: str) -> float:
+    """Requests client-n0-0 sent to `pod` by its IP, as the node0 agent counted them."""
+    return sum(v for n, ls, v in admin_client.scrape("127.0.0.1:4191") if n == "request_total"
+               and ls.get("pod") == "client-n0-0" and ls.get("peer") == f"pod/default/{pod}")
+
+
 def detected(protocol: str) -> float:
     """How many outbound connections of client-n0-0 the node0 agent detected as `protocol`."""
     return sum(v for n, ls, v in admin_client.scrape("127.0.0.1:4191") if n == "protocol_detected_total"
@@ -40,10 +46,11 @@ def client(lab, pod_name: str, role: str, host: str, port: int) -> dict:
 @pytest.mark.parametrize("server", ["h2c-n0-0", "h2c-n1-0"])
 def test_grpc_unary_and_streaming_calls_through_the_mesh(mesh, server):
     start_peer(mesh, server, "grpc-server", 50051)
-    before = detected("h2")
+    before, requests_before = detected("h2"), requests_to(server)
     result = client(mesh, "client-n0-0", "grpc-client", mesh.plan.pod(server).ip, 50051)
     assert result == {"unary": "echo:hello", "stream": ["stream:a", "stream:b", "stream:c"]}
     assert detected("h2") > before  # it went through the proxy, detected as HTTP/2
+    assert requests_to(server) - requests_before == 2  # and each call was a request of its own
 
 
 @pytest.mark.parametrize("server", ["http-n0-0", "http-n1-0"])

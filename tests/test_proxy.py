@@ -18,6 +18,7 @@ from nodeagent.lab import manifests, pods
 
 pytestmark = pytest.mark.privileged
 HTTP_VIP, H2C_VIP, ECHO_VIP, BANNER_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module", params=["node", "sidecar"])
@@ -75,15 +76,18 @@ def counter(stats: dict, name: str, **labels) -> int:
 
 
 def behave(lab, pod_name: str, setting: str) -> None:
-    """Tell an http pod how to answer from now on (/set-delay/<ms>, /set-status/<code>)."""
+    """Tell an http or h2c pod how to answer from now on (/set-delay/<ms>, /set-status/<code>)."""
     ip = lab.plan.pod(pod_name).ip
-    assert pod_name in curl(lab, "client-n1-0", f"http://{ip}:8080/{setting}")
+    if pod_name.startswith("h2c"):
+        assert pod_name in curl(lab, "client-n1-0", f"http://{ip}:8081/{setting}", "--http2-prior-knowledge")
+    else:
+        assert pod_name in curl(lab, "client-n1-0", f"http://{ip}:8080/{setting}")
 
 
-def add_service(lab, name: str, vip: str, selector: dict, annotations: dict) -> None:
+def add_service(lab, name: str, vip: str, selector: dict, annotations: dict, target_port: int = 8080) -> None:
     manifest = {"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": "default", "annotations": annotations},
-                "spec": {"clusterIP": vip, "selector": selector, "ports": [{"port": 80, "targetPort": 8080}]}}
+                "spec": {"clusterIP": vip, "selector": selector, "ports": [{"port": 80, "targetPort": target_port}]}}
     manifests.write_manifest(lab.cluster_dir, manifest)
 
 
@@ -115,6 +119,15 @@ for _ in range({count}):
 print(json.dumps(seen))
 """
     return json.loads(py_in(lab, client, code))
+
+
+def h2_served_by(lab, client: str, url: str, count: int) -> dict[str, int]:
+    """Send `count` HTTP/2 GETs, one after another, on one connection; how many each pod served."""
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    return json.loads(py_in(lab, client, f"import sys; sys.path.insert(0, {TESTS!r}); import h2_client; import json; "
+                                         f"print(json.dumps(h2_client.count_served({host!r}, {port or 80}, "
+                                         f"'/{path}', {count})))"))
 
 
 def test_agents_are_ready_and_serve_every_pod_of_their_node(mesh):
@@ -196,6 +209,33 @@ def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
     stats = proxy_stats(mesh)
     assert counter(stats, "endpoint_ejections_total", peer="svc/default/http-retry") >= 1
     assert counter(stats, "retries_total", peer="svc/default/http-retry") >= 1
+
+
+def test_http2_requests_on_one_connection_are_balanced_each_on_its_own(mesh):
+    behave(mesh, "h2c-n0-0", "set-delay/150")
+    try:
+        seen = h2_served_by(mesh, "client-n0-0", f"http://{H2C_VIP}/", 60)
+    finally:
+        behave(mesh, "h2c-n0-0", "set-delay/0")
+    assert seen.get("h2c-n1-0 200", 0) >= 48, seen
+    assert counter(proxy_stats(mesh), "request_total", peer="svc/default/h2c") >= 60
+
+
+def test_http2_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
+    add_service(mesh, "h2c-retry", "10.96.0.53", {"app": "h2c"}, {"retry.nodeagent.io/http": "5xx"}, 8081)
+    wait_until(lambda: curl(mesh, "client-n0-0", "http://10.96.0.53/", "--http2-prior-knowledge", "-o",
+                            "/dev/null", "-w", "%{http_code}") == "200", "the Service at 10.96.0.53")
+    behave(mesh, "h2c-n1-0", "set-status/503")
+    behave(mesh, "h2c-n0-0", "set-delay/20")  # so that the failing one, being faster, is chosen
+    try:
+        seen = h2_served_by(mesh, "client-n0-0", "http://10.96.0.53/", 40)
+    finally:
+        behave(mesh, "h2c-n1-0", "set-status/0")
+        behave(mesh, "h2c-n0-0", "set-delay/0")
+    assert seen == {"h2c-n0-0 200": 40}, seen
+    stats = proxy_stats(mesh)
+    assert counter(stats, "endpoint_ejections_total", peer="svc/default/h2c-retry") >= 1
+    assert counter(stats, "retries_total", peer="svc/default/h2c-retry") >= 1
 
 
 def test_the_retry_budget_stops_a_retry_storm(mesh):

@@ -133,12 +133,15 @@ class Http1Server(asyncio.Protocol):
 
 
 class H2cServer(asyncio.Protocol):
-    """HTTP/2 with prior knowledge (no TLS, no Upgrade)."""
+    """HTTP/2 with prior knowledge (no TLS, no Upgrade). Bodies of any size, sent as the
+    client's flow control allows. A request with `te: trailers` (as gRPC sends) gets
+    trailers: `x-body-bytes`, the response body's size."""
 
     def __init__(self, pod: str):
         self.pod = pod
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         self.streams: dict[int, tuple[dict, bytearray]] = {}
+        self.sending: dict[int, list] = {}  # stream id -> [body left to send, trailers]
 
     def connection_made(self, transport):
         self.transport = transport
@@ -160,6 +163,12 @@ class H2cServer(asyncio.Protocol):
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
                 asyncio.get_running_loop().create_task(self._respond(event.stream_id))
+            elif isinstance(event, h2.events.StreamReset):
+                self.streams.pop(event.stream_id, None)
+                self.sending.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.WindowUpdated):
+                for stream_id in [event.stream_id] if event.stream_id else list(self.sending):
+                    self._send_more(stream_id)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.transport.close()
         self.transport.write(self.conn.data_to_send())
@@ -170,14 +179,33 @@ class H2cServer(asyncio.Protocol):
                                        bytes(body), BEHAVIOUR)
         if delay:
             await asyncio.sleep(delay)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
             return
+        trailers = [("x-body-bytes", str(len(payload)))] if headers.get(b"te") == b"trailers" else None
         self.conn.send_headers(stream_id, [(":status", str(status)), ("content-type", "text/plain"),
                                            ("x-pod", self.pod)])
-        # Respect the peer's window: send what fits, a test workload needs no more.
-        window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-        self.conn.send_data(stream_id, payload[:window], end_stream=True)
+        self.sending[stream_id] = [memoryview(payload), trailers]
+        self._send_more(stream_id)
         self.transport.write(self.conn.data_to_send())
+
+    def _send_more(self, stream_id: int):
+        """What the client's windows allow now; the rest when it opens them further."""
+        entry = self.sending.get(stream_id)
+        if entry is None:
+            return
+        body, trailers = entry
+        while body:
+            window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                entry[0] = body
+                return
+            self.conn.send_data(stream_id, bytes(body[:window]))
+            body = body[window:]
+        del self.sending[stream_id]
+        if trailers:
+            self.conn.send_headers(stream_id, trailers, end_stream=True)
+        else:
+            self.conn.end_stream(stream_id)
 
 
 class EchoServer(asyncio.Protocol):

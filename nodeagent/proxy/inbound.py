@@ -6,7 +6,7 @@
   proven, and the tunnel header names the destination port.
 
 Either way the pod's policy decides (policy/authz.py); a refused HTTP client
-gets a 403, anything else is closed. An allowed connection reaches the app on
+(HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection reaches the app on
 the pod's loopback at that port (apps listen on 0.0.0.0 or 127.0.0.1; one
 bound only to the pod IP is not reachable through the proxy, as with other
 meshes that forward over loopback). The app connection opens as soon as the
@@ -19,6 +19,8 @@ import ssl
 from nodeagent.policy.authz import Client
 from nodeagent.proxy import mesh
 from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
+from nodeagent.proxy.errors import REASON_HEADER
+from nodeagent.proxy.h2peer import H2Peer, goaway
 from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay, splice_held
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
@@ -121,13 +123,47 @@ class _Inbound(asyncio.Protocol):
         except asyncio.TimeoutError:
             pass
         found = detect(bytes(self.buffer))
-        if found is not NEED_MORE and found.protocol is Protocol.HTTP1:
+        protocol = None if found is NEED_MORE else found.protocol
+        self.stats.read += len(self.buffer)
+        self._closed()
+        if protocol is Protocol.H2:
+            refusal = H2Refusal(lambda: self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized"))
+            transport.set_protocol(refusal)
+            refusal.connection_made(transport)
+            refusal.data_received(bytes(self.buffer))
+            return
+        if protocol is Protocol.HTTP1:
             transport.write(FORBIDDEN)
             self.stats.written += len(FORBIDDEN)
             self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized")
-        self.stats.read += len(self.buffer)
-        self._closed()
         transport.close()
+
+
+class H2Refusal(H2Peer):
+    """A refused HTTP/2 client hears 403 on each request it sent, then GOAWAY: requests it
+    sends later open a new connection, which is authorized afresh."""
+
+    def __init__(self, on_refused):
+        super().__init__()
+        self.on_refused = on_refused
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.timer = asyncio.get_running_loop().call_later(DENY_DETECT_S, goaway, self)
+
+    def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        self.on_refused()
+        body = b"unauthorized\n"
+        self.send_headers(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),
+                                      (b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))])
+        self.conn.send_data(stream_id, body, end_stream=True)
+        goaway(self)
+
+    def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+        super().connection_lost(exc)
 
 
 class InboundAccept(_Inbound):

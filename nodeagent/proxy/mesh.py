@@ -3,7 +3,7 @@ then an 8-byte header naming the original destination port.
 
     magic "NAGT" | version (1) | protocol hint (1) | port (2, big-endian)
 
-The hint is what the source detected (0 opaque, 1 HTTP/1): the destination
+The hint is what the source detected (0 opaque, 1 HTTP/1, 2 HTTP/2): the destination
 uses it to answer a refusal in the client's language (403 for HTTP). The
 source checks that the server proved the identity it expected for the
 destination pod; the destination checks the client's chain (ssl does) and
@@ -20,7 +20,7 @@ from nodeagent.proxy.tls import handshake
 MAGIC = b"NAGT"
 VERSION = 1
 HEADER = struct.Struct("!4sBBH")
-HINT_OPAQUE, HINT_HTTP1 = 0, 1
+HINT_OPAQUE, HINT_HTTP1, HINT_H2 = 0, 1, 2
 MESH_PORT = 4143
 
 

@@ -8,7 +8,8 @@ Labels and their cardinality (bounded by the cluster, never by traffic):
   (never an address: external destinations collapse into one value);
   inbound, the client's mesh identity (a ServiceAccount) or `unauthenticated`
 - tls: true | false (mutual TLS between proxies on the hop)
-- status_code (HTTP status), classification (success | failure: 5xx and errors)
+- status_code (HTTP status), classification (success | failure: 5xx, errors, and gRPC's
+  server-error statuses: see classify.py)
 - reason: from a fixed set in the code (errors, refusals)
 Every series of a pod is removed when the pod leaves the node or the mesh.
 """
@@ -59,19 +60,24 @@ class RequestStats:
         self.metrics, self.labels = metrics, labels
         self.requests = metrics.child(metrics.request_total, labels)
         self.latency = metrics.child(metrics.response_latency_ms, labels)
-        self._responses: dict[int, object] = {}
+        self._responses: dict[tuple, object] = {}
 
     def request(self) -> None:
         self.requests.inc()
 
-    def response(self, status: int, started: float) -> None:
-        child = self._responses.get(status)
+    def response(self, status: int, started: float, failure: bool | None = None, head_at: float | None = None
+                 ) -> None:
+        """A response, counted when it is classified: at its head for HTTP/1, at its end for
+        HTTP/2 (gRPC's status is in the trailers). `failure` None: a 5xx is one. Latency is
+        to the head (`head_at`, now if not given)."""
+        key = (status, status >= 500 if failure is None else failure)
+        child = self._responses.get(key)
         if child is None:
-            classification = "failure" if status >= 500 else "success"
+            classification = "failure" if key[1] else "success"
             child = self.metrics.child(self.metrics.response_total, (*self.labels, str(status), classification))
-            self._responses[status] = child
+            self._responses[key] = child
         child.inc()
-        self.latency.observe((time.monotonic() - started) * 1000)
+        self.latency.observe(((head_at or time.monotonic()) - started) * 1000)
 
 
 class Metrics:

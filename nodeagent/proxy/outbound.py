@@ -18,7 +18,9 @@ import asyncio
 import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
+from nodeagent.proxy.classify import failed
 from nodeagent.proxy.http1 import Http1Server
+from nodeagent.proxy.http2 import Http2Server
 from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, close_when_idle, nodelay, splice_held
 from nodeagent.proxy.routing import ToPod, ToService, route
 from nodeagent.proxy.service_config import DEFAULT
@@ -192,8 +194,8 @@ class OutboundAccept(asyncio.Protocol):
         self.proxy.metrics.detected("outbound", self.pod, protocol.value)
         if self._timer:
             self._timer.cancel()
-        if protocol is Protocol.HTTP1:
-            asyncio.get_running_loop().create_task(self._as_http1())
+        if protocol in (Protocol.HTTP1, Protocol.H2):
+            asyncio.get_running_loop().create_task(self._as_http(protocol))
         else:
             self.opaque = True
             self._start_connect()
@@ -258,27 +260,30 @@ class OutboundAccept(asyncio.Protocol):
             state.connections -= 1
             self.endpoint = None
 
-    async def _as_http1(self):
+    async def _as_http(self, protocol: Protocol):
         # An early upstream still being set up must not hold the first request back (a burst
         # of new connections would queue behind each other's handshakes): it joins the pool
         # when it is ready, and requests use whatever the pool has meanwhile.
         self.adopting = self.upstream is not None  # from here the early upstream belongs to the pool
+        h2 = protocol is Protocol.H2
         if self.adopting:
+            adopt = lambda task: self._adopt(task, h2)  # noqa: E731
             if self.upstream.done():
-                self._adopt(self.upstream)
+                adopt(self.upstream)
             else:
-                self.upstream.add_done_callback(self._adopt)
+                self.upstream.add_done_callback(adopt)
         if self.transport.is_closing():
             self._done()
             return
         self._count_open()
         target = HttpTarget(self.proxy, self.pod, self.decision, self.config, self.peer)
-        server = Http1Server(target, bytes(self.buffer), self.stats, on_close=self._done)
+        server = (Http2Server if h2 else Http1Server)(target, bytes(self.buffer), self.stats, on_close=self._done)
         self.transport.set_protocol(server)
         server.connection_made(self.transport)
 
-    def _adopt(self, task: asyncio.Task) -> None:
-        """The early upstream becomes a pooled connection, if it is a clean HTTP/1 one."""
+    def _adopt(self, task: asyncio.Task, h2: bool) -> None:
+        """The early upstream becomes a pooled connection, if it is a clean one (an HTTP/2
+        server may have sent its SETTINGS already: those are the pooled connection's)."""
         upstream = None if task.cancelled() or task.exception() else task.result()
         if upstream is None or self.endpoint is None:
             return
@@ -289,8 +294,10 @@ class OutboundAccept(asyncio.Protocol):
         if self.on_node is not None:
             self.on_node.close(0, 0)
             upstream.close()  # requests go over the mesh's pooled connections, with their metrics
-        elif self.early.buffer or self.early.eof or self.early.lost:
+        elif self.early.eof or self.early.lost or (self.early.buffer and not h2):
             upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
+        elif h2:
+            self.proxy.h2pool.adopt(self.pod.cookie, address, upstream, bytes(self.early.buffer))
         else:
             self.proxy.pool.adopt(self.pod.cookie, address, upstream)
 
@@ -365,12 +372,18 @@ class HttpTarget:
         state.accrual.on_send()
         return state, state.address
 
-    def _tunnel(self, address):
-        return self.proxy.tunnel_to(self.pod, self._pod_at(address), address[1], mesh.HINT_HTTP1)
+    def _tunnel(self, address, hint: int):
+        return self.proxy.tunnel_to(self.pod, self._pod_at(address), address[1], hint)
 
     async def acquire(self, address):
+        """An HTTP/1 connection to `address` of its own, (connection, reused)."""
         return await self.proxy.pool.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                             self.config.connect_timeout_s, self._tunnel(address))
+                                             self.config.connect_timeout_s, self._tunnel(address, mesh.HINT_HTTP1))
+
+    async def acquire_h2(self, address):
+        """An HTTP/2 connection to `address` with room for one more stream."""
+        return await self.proxy.h2pool.acquire(self.pod.netns_path, self.pod.cookie, address,
+                                               self.config.connect_timeout_s, self._tunnel(address, mesh.HINT_H2))
 
     def _pod_at(self, address):
         if isinstance(self.decision, ToService):
@@ -424,18 +437,25 @@ class HttpTarget:
         self._requests(self._meshed(address)).request()
         return state.ewma.start() if state is not None else time.monotonic()
 
-    def request_finished(self, state, token, status):
+    def request_finished(self, state, token, status, grpc_status=None):
         if state is None:
             return
         state.ewma.finish(token)
-        if status is None or status >= 500:
+        if failed(status, grpc_status):
             self._failed(state)
         else:
             state.accrual.on_success()
 
-    def response_started(self, request, status, address=None):
+    def request_abandoned(self, state, token):
+        """The client went away mid-request: the latency so far counts, the outcome does not."""
+        if state is not None:
+            state.ewma.finish(token)
+
+    def response_started(self, request, status, address=None, failure=None):
+        """A response to count (and tap). HTTP/2 reports it at its end, with `failure` from
+        the gRPC status and the head's arrival in `request.head_at`."""
         tls = address is not None and self._meshed(address)
-        self._requests(tls).response(status, request.started)
+        self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
         self.proxy.tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
 
     def count_error(self, status, reason):

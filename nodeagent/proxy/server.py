@@ -22,6 +22,7 @@ from nodeagent.policy import authz
 from nodeagent.proxy import fastpath, mesh, service_config
 from nodeagent.proxy.budget import RetryBudget
 from nodeagent.proxy.endpoints import EndpointSet
+from nodeagent.proxy.h2upstream import H2Pool
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
@@ -108,6 +109,7 @@ class Proxy:
         self.max_connections = max_connections
         self.view = ClusterView()
         self.pool = Pool()
+        self.h2pool = H2Pool()
         self.pods: dict[int, PodContext] = {}
         self._endpoint_sets: dict[tuple, tuple[int, EndpointSet]] = {}
         self._budgets: dict[str, RetryBudget] = {}
@@ -273,6 +275,7 @@ class Proxy:
         for server in pod.servers:
             server.close()
         self.pool.forget_pod(cookie)
+        self.h2pool.forget_pod(cookie)
         self.inbound_live.pop(pod.key, None)
         if deleted and self.owns_datapath:
             self.datapath.detach_inbound(cookie)

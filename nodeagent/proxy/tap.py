@@ -71,7 +71,7 @@ def request_event(direction: str, pod, destination: str, request, status: int, t
         "namespace": pod.info.namespace,
         "pod": pod.info.name,
         "destination": destination,
-        "authority": headers.get(b"host", b"").decode("latin-1"),
+        "authority": (headers.get(b"host") or headers.get(b":authority", b"")).decode("latin-1"),
         "method": request.method,
         "path": bytes(request.url).decode("latin-1"),
         "status": status,

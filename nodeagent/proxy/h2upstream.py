@@ -1,0 +1,142 @@
+"""HTTP/2 connections from a pod to an endpoint, shared by all the pod's requests to it.
+
+One connection per (pod, endpoint) carries as many concurrent streams as the endpoint
+allows (its SETTINGS_MAX_CONCURRENT_STREAMS); another opens only when it is full or going
+away. Requests arriving while the first connection is being set up wait for it, so a burst
+costs one handshake, not one per request. A connection with no streams for POOL_IDLE_S
+closes; one the endpoint sent GOAWAY on takes no new streams and closes when its last
+stream ends.
+"""
+
+import asyncio
+from collections import defaultdict
+
+from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
+from nodeagent.proxy.upstream import POOL_IDLE_S, connect
+
+
+class H2Upstream(H2Peer):
+    client_side = True
+
+    def __init__(self):
+        super().__init__()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        # Through a mesh tunnel this is the raw socket, before TLS: the pool calls start()
+        # once the connection is ready (for h2, with the tunnel's transport).
+        self.transport = transport
+
+    def start(self) -> None:
+        super().start()
+        self._arm_idle()
+
+    def usable(self) -> bool:
+        return not self.closed and not self.going_away and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def has_room(self) -> bool:
+        return self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams
+
+    def open_stream(self, owner, headers: list, end_stream: bool, keep_for_replay: bool = False) -> StreamEnd:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        end = StreamEnd(self, stream_id, owner, keep_for_replay)
+        self.register(end)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.flush_soon()
+        return end
+
+    def stream_closed(self) -> None:
+        if not self.ends:
+            if self.going_away:
+                goaway(self)
+            else:
+                self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(POOL_IDLE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        if not self.ends:
+            goaway(self)
+
+    def on_goaway(self, last_stream_id: int | None) -> None:
+        """Streams above `last_stream_id` were never processed: they hear REFUSED_STREAM,
+        which the exchange may always retry."""
+        for end in [e for e in self.ends.values() if last_stream_id is not None and e.id > last_stream_id]:
+            self.forget(end.id)
+            end.incoming.abandon()
+            end.owner.on_reset(end, REFUSED_STREAM)
+        if not self.ends:
+            goaway(self)
+
+    def connection_lost(self, exc):
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        super().connection_lost(exc)
+
+
+REFUSED_STREAM = 7  # h2.errors.ErrorCodes.REFUSED_STREAM
+
+
+class H2Pool:
+    """Shared HTTP/2 connections per (pod netns cookie, endpoint address)."""
+
+    def __init__(self):
+        self._conns: dict[tuple, list[H2Upstream]] = defaultdict(list)
+        self._opening: dict[tuple, asyncio.Future] = {}
+
+    def _ready(self, key) -> H2Upstream | None:
+        conns = self._conns.get(key)
+        if not conns:
+            return None
+        conns[:] = [c for c in conns if c.usable()]
+        return next((c for c in conns if c.has_room()), None)
+
+    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
+                      tunnel=None) -> H2Upstream:
+        key = (cookie, address)
+        while True:
+            conn = self._ready(key)
+            if conn is not None:
+                return conn
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            await asyncio.shield(opening)  # raises what the connect raised: this request fails alike
+        opening = self._opening[key] = asyncio.get_running_loop().create_future()
+        try:
+            transport, conn = await connect(netns_path, address, timeout_s, H2Upstream, tunnel)
+            conn.transport = transport
+            conn.start()
+        except BaseException as e:
+            opening.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
+            opening.exception()  # retrieved: waiters get it, nobody else need
+            raise
+        finally:
+            del self._opening[key]
+        self._conns[key].append(conn)
+        opening.set_result(None)
+        return conn
+
+    def adopt(self, cookie: int, address: tuple[str, int], transport: asyncio.Transport, received: bytes) -> None:
+        """A fresh connection opened for another purpose (the eager connect) joins the pool,
+        with what the server sent on it so far (its SETTINGS)."""
+        conn = H2Upstream()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        conn.start()
+        if received:
+            conn.data_received(received)
+        self._conns[(cookie, address)].append(conn)
+
+    def forget_pod(self, cookie: int) -> None:
+        for key in [k for k in self._conns if k[0] == cookie]:
+            for conn in self._conns.pop(key):
+                goaway(conn)

@@ -1,0 +1,331 @@
+"""HTTP/2 between a pod and its destination, per request (h2c prior knowledge, gRPC).
+
+The client's connection is served by the proxy (h2, sans-IO); each of its streams is
+one `Exchange`: an endpoint is chosen per request (the Service's balancer), the request
+goes out as a stream on a pooled HTTP/2 connection to that endpoint (h2upstream.py), and
+the response (headers, body, trailers) comes back on the client's stream. Bodies are
+forwarded under both connections' flow control (h2peer.py), never gathered.
+
+Retries, within the Service's retry limit and retry budget like HTTP/1's:
+- the connection to an endpoint could not be opened, or the endpoint refused the stream
+  (REFUSED_STREAM, or above a GOAWAY's last stream): it was not processed, so any request
+  is retried, its body replayed, if it was at most REPLAY_MAX;
+- a configured status, or a stream lost before its response, for requests safe to repeat
+  (retryable_method: idempotent, no body).
+Errors the proxy answers itself carry `nodeagent-proxy-error`, as HTTP/1's; a response
+cut short after its headers resets the client's stream (HTTP/2 has no other way to say it).
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import h2.errors
+import h2.exceptions
+
+from nodeagent.proxy.classify import failed, grpc_status
+from nodeagent.proxy.errors import REASON_HEADER
+from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
+from nodeagent.proxy.h2upstream import REFUSED_STREAM
+from nodeagent.proxy.service_config import retryable_method
+
+MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
+IDLE_S = 60.0  # a client connection with no stream for this long is closed (GOAWAY)
+
+
+@dataclass
+class Request:
+    """A request's metadata, as the tap and the metrics see it (HTTP/1's Request has the same fields)."""
+
+    method: str
+    url: bytes
+    headers: list
+    started: float = field(default_factory=time.monotonic)
+    head_at: float | None = None  # when the response's headers arrived
+
+
+class StreamFailed(Exception):
+    def __init__(self, code: int | None):
+        super().__init__(f"stream reset ({code})" if code is not None else "connection lost")
+        self.refused = code == REFUSED_STREAM
+
+
+class Http2Server(H2Peer):
+    """The client side of an HTTP/2 connection; `target` decides where each request goes
+    (outbound.HttpTarget); `initial` are the bytes read during detection (the preface)."""
+
+    def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
+        super().__init__(MAX_CONCURRENT_STREAMS)
+        self.target, self.initial, self.stats, self.on_close = target, initial, stats, on_close
+        self.exchanges: dict[int, Exchange] = {}
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_idle()
+        if self.initial:
+            self.data_received(self.initial)
+
+    def data_received(self, data):
+        if self.stats is not None:
+            self.stats.read += len(data)
+        super().data_received(data)
+
+    def flush(self) -> None:
+        before = self.bytes_written
+        super().flush()
+        if self.stats is not None:
+            self.stats.written += self.bytes_written - before
+
+    def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        exchange = Exchange(self, stream_id, headers, ended)
+        self.exchanges[stream_id] = exchange
+        self.register(exchange.client)
+        exchange.task = asyncio.get_running_loop().create_task(exchange.serve())
+
+    def exchange_done(self, exchange: "Exchange") -> None:
+        if self.exchanges.pop(exchange.client.id, None) is not None:
+            self.forget(exchange.client.id)
+        if not self.exchanges:
+            if self.going_away:
+                goaway(self)
+            else:
+                self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(IDLE_S, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._idle = None
+        if not self.exchanges:
+            goaway(self)
+
+    def on_goaway(self, last_stream_id) -> None:
+        if not self.exchanges:
+            goaway(self)  # the client is done; in-flight exchanges finish first otherwise
+
+    def protocol_error(self, error: Exception) -> None:
+        self.target.count_error(400, f"malformed HTTP/2: {type(error).__name__}")
+
+    def connection_lost(self, exc):
+        if self._idle is not None:
+            self._idle.cancel()
+        super().connection_lost(exc)
+        for exchange in list(self.exchanges.values()):
+            exchange.cancel()
+        if self.on_close:
+            self.on_close()
+
+
+class Exchange:
+    """One request and its response: the client's stream, and the endpoint's stream of
+    the current attempt."""
+
+    def __init__(self, server: Http2Server, stream_id: int, headers: list, ended: bool):
+        self.server, self.target = server, server.target
+        pseudo = {name: value for name, value in headers if name[:1] == b":"}
+        self.method = pseudo.get(b":method", b"").decode("latin-1")
+        self.request = Request(self.method, pseudo.get(b":path", b""), headers)
+        self.headers = headers
+        self.has_body = not ended
+        self.retryable = retryable_method(self.method, self.has_body)
+        self.client = StreamEnd(server, stream_id, self, keep_for_replay=True)
+        if ended:
+            self.client.incoming.ended = True
+        self.upstream: StreamEnd | None = None
+        self.head: asyncio.Future | None = None  # the current attempt's response headers
+        self.response_ended = False
+        self.done: asyncio.Future | None = None  # the response is through (or failed)
+        self.task: asyncio.Task | None = None
+        self.status = 0
+        self.inflight = None  # (endpoint, balancer token) of the attempt in flight
+
+    # --- events from either connection ---
+
+    def on_response(self, end: StreamEnd, headers: list, ended: bool) -> None:
+        if end is self.upstream and not self.head.done():
+            self.response_ended = ended
+            self.head.set_result(headers)
+
+    def on_informational(self, end: StreamEnd, headers: list) -> None:
+        if end is self.upstream:
+            self.server.send_headers(self.client.id, headers)  # 100-continue and friends pass through
+
+    def on_reset(self, end: StreamEnd, code: int | None) -> None:
+        if end is self.client:  # the client gave up (or its connection is gone)
+            self.cancel()
+            return
+        if end is not self.upstream:
+            return  # an earlier attempt's
+        if self.client.incoming.dst is end.peer and self.client.incoming.dst_id == end.id:
+            self.client.incoming.detach()  # the request's body waits (for a retry, or to be dropped)
+        failure = StreamFailed(code)
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(failure)
+        elif self.done is not None and not self.done.done():
+            self.done.set_exception(failure)
+
+    def cancel(self) -> None:
+        if self.upstream is not None:
+            self.upstream.reset()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # --- the request's life ---
+
+    async def serve(self) -> None:
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            if self.inflight is not None:  # the client gave up: not the endpoint's failure
+                self.target.request_abandoned(*self.inflight)
+        except Exception as e:  # never let one stream's bug take the connection down
+            self.target.count_error(502, f"proxy error: {type(e).__name__}")
+            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self.server.exchange_done(self)
+
+    async def _serve(self) -> None:
+        target = self.target
+        target.new_request()
+        tried: set = set()
+        attempt = 0
+        while True:
+            choice = target.choose(tried)
+            if isinstance(choice, str):  # no endpoint to send to: the reason
+                self._answer_error(503, choice, None)
+                return
+            endpoint, address = choice
+            tried.add(address)
+            try:
+                conn = await target.acquire_h2(address)
+                self.upstream = conn.open_stream(self, self.headers, self._request_complete())
+            except (OSError, asyncio.TimeoutError, h2.exceptions.ProtocolError) as e:
+                target.connect_failed(endpoint, e)
+                if attempt < target.retry_limit and self.client.incoming.replayable() and target.may_retry():
+                    attempt += 1
+                    continue
+                self._answer_error(502, "connect failed", address)
+                return
+            outcome = await self._attempt(endpoint, address, attempt)
+            if outcome != "retry":
+                return
+            attempt += 1
+            self.client.incoming.rewind()
+
+    def _request_complete(self) -> bool:
+        """Whether the request is already all here and bodiless: its headers end the stream."""
+        incoming = self.client.incoming
+        if incoming.ended and not incoming.pending and not incoming.trailers:
+            incoming.done = True
+            return True
+        return False
+
+    async def _attempt(self, endpoint, address, attempt: int) -> str:
+        """Send on `self.upstream` and relay the response: 'retry' or 'done'."""
+        target, upstream = self.target, self.upstream
+        loop = asyncio.get_running_loop()
+        self.head, self.done, self.response_ended = loop.create_future(), loop.create_future(), False
+        self.inflight = (endpoint, target.request_started(endpoint, address))
+        self.client.outgoing = None
+        upstream.outgoing = self.client.incoming
+        self.client.incoming.attach(upstream.peer, upstream.id)
+        deadline = target.request_timeout_s
+        try:
+            if deadline is None:
+                headers = await self.head
+            else:
+                remaining = max(deadline - (time.monotonic() - self.request.started), 0.001)
+                headers = await asyncio.wait_for(asyncio.shield(self.head), remaining)
+        except asyncio.TimeoutError:
+            upstream.reset()
+            self._finished(None)
+            self._answer_error(504, "request timeout", address)
+            return "done"
+        except StreamFailed as e:
+            self._finished(None)
+            replayable = self.client.incoming.replayable()
+            if ((e.refused and replayable or self.retryable) and attempt < target.retry_limit
+                    and target.may_retry()):
+                return "retry"
+            self._answer_error(502, "upstream failed", address)
+            return "done"
+        status = self.status = _status(headers)
+        self.request.head_at = time.monotonic()
+        if (self.retryable and target.retries_status(status) and attempt < target.retry_limit
+                and target.may_retry()):
+            self._finished(status)
+            upstream.reset()  # the discarded response's body is not read
+            return "retry"
+        if not self.server.send_headers(self.client.id, headers, end_stream=self.response_ended):
+            upstream.reset()  # the client's stream is gone
+            target.response_started(self.request, status, address)
+            self._finished(status)
+            return "done"
+        if self.response_ended:  # headers only (a gRPC error is often just that)
+            self._finish_upstream()
+            self._counted(status, grpc_status(headers), address)
+            return "done"
+        response = upstream.incoming
+        self.client.outgoing = response
+        response.on_done = lambda: self.done.done() or self.done.set_result(None)
+        response.attach(self.server, self.client.id)
+        try:
+            await self.done
+        except StreamFailed:
+            target.response_started(self.request, status, address, failure=True)
+            self._finished(None)
+            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
+            return "done"
+        self._finish_upstream()
+        self._counted(status, grpc_status(response.trailers), address)
+        return "done"
+
+    def _counted(self, status: int, grpc: int | None, address) -> None:
+        """The response is through: classified (gRPC's status included), counted, tapped."""
+        self.target.response_started(self.request, status, address, failure=failed(status, grpc))
+        self._finished(status, grpc)
+
+    def _finished(self, status: int | None, grpc: int | None = None) -> None:
+        endpoint, token = self.inflight
+        self.inflight = None
+        self.target.request_finished(endpoint, token, status, grpc)
+
+    def _finish_upstream(self) -> None:
+        upstream = self.upstream
+        if self.client.incoming.done:
+            upstream.peer.forget(upstream.id)
+        else:
+            # The response is complete but the client still sends: the endpoint said all it will.
+            upstream.reset(h2.errors.ErrorCodes.NO_ERROR)
+        self.upstream = None
+
+    def _answer_error(self, status: int, reason: str, address) -> None:
+        self.target.count_error(status, reason)
+        self.target.response_started(self.request, status, address)
+        body = f"{reason}\n".encode()
+        headers = [(b":status", str(status).encode()), (REASON_HEADER.encode(), reason.encode()),
+                   (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        server, stream_id = self.server, self.client.id
+        if server.send_headers(stream_id, headers):
+            try:
+                server.conn.send_data(stream_id, body, end_stream=True)  # fits any window: a short line
+            except h2.exceptions.ProtocolError:
+                pass
+        if not self.client.incoming.ended:
+            self.client.reset(h2.errors.ErrorCodes.NO_ERROR)  # we will not read the rest of the request
+        else:
+            self.client.incoming.abandon()
+
+
+def _status(headers: list) -> int:
+    for name, value in headers:
+        if name == b":status":
+            return int(value)
+    return 502
+

@@ -1,0 +1,396 @@
+"""The HTTP/2 proxy layer on loopback: real sockets, the real sample h2c server, fixed
+endpoints in place of the mesh's routing (the lab tests are in test_proxy.py and
+test_protocols_lab.py)."""
+
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import h2.errors
+import h2.events
+import pytest
+
+from h2_client import H2Client
+from nodeagent.lab import workloads
+from nodeagent.lab.workloads import SERVERS
+from nodeagent.proxy import h2peer, http2
+from nodeagent.proxy.budget import RetryBudget
+from nodeagent.proxy.h2upstream import H2Pool
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class FixedTargets:
+    """Requests go to the given addresses in turn (the untried first); records what the proxy reports."""
+
+    def __init__(self, addresses, retry_statuses=(), retry_limit=1, request_timeout_s=None):
+        self.addresses, self.pool = list(addresses), H2Pool()
+        self.retry_limit, self.request_timeout_s = retry_limit, request_timeout_s
+        self.budget = RetryBudget(time.monotonic)
+        self.retry_statuses = set(retry_statuses)
+        self.errors, self.statuses, self.finished, self.chosen, self.failures = [], [], [], [], []
+        self.abandoned = self.connect_failures = self.retries = 0
+
+    def new_request(self):
+        self.budget.deposit()
+
+    def choose(self, tried):
+        if not self.addresses:
+            return "no endpoints"
+        address = next((a for a in self.addresses if a not in tried), self.addresses[0])
+        self.chosen.append(address)
+        return "state", address
+
+    async def acquire_h2(self, address):
+        return await self.pool.acquire(None, 0, address, 1.0)
+
+    def connect_failed(self, state, exc):
+        self.connect_failures += 1
+
+    def may_retry(self):
+        allowed = self.budget.withdraw()
+        self.retries += allowed
+        return allowed
+
+    def retries_status(self, status):
+        return status in self.retry_statuses
+
+    def request_started(self, state, address):
+        return time.monotonic()
+
+    def request_finished(self, state, token, status, grpc_status=None):
+        self.finished.append((status, grpc_status))
+
+    def request_abandoned(self, state, token):
+        self.abandoned += 1
+
+    def response_started(self, request, status, address=None, failure=None):
+        self.statuses.append(status)
+        self.failures.append(failure)
+
+    def count_error(self, status, reason):
+        self.errors.append((status, reason))
+
+
+class LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers = []
+
+    def run(self, coroutine, timeout=5):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self):
+        async def shut():
+            for server in self.servers:
+                server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.run(shut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def lt():
+    loop_thread = LoopThread()
+    yield loop_thread
+    loop_thread.stop()
+
+
+def start_app(lt, pod="pod-a", factory=None):
+    """A sample h2c server, or one made by `factory` (a subclass that misbehaves)."""
+    async def listen():
+        app = await lt.loop.create_server(lambda: (factory or SERVERS["h2c"])(pod), "127.0.0.1", 0)
+        lt.servers.append(app)
+        return app.sockets[0].getsockname()
+    return lt.run(listen())
+
+
+def start_proxy(lt, addresses, **options):
+    """(port, target, the Http2Server of each connection accepted)."""
+    target = FixedTargets(addresses, **options)
+    accepted = []
+
+    def make():
+        accepted.append(http2.Http2Server(target))
+        return accepted[-1]
+
+    async def listen():
+        proxy = await lt.loop.create_server(make, "127.0.0.1", 0)
+        lt.servers.append(proxy)
+        return proxy.sockets[0].getsockname()[1]
+    return lt.run(listen()), target, accepted
+
+
+def frames(data: bytes):
+    """(type, stream id, payload) of each HTTP/2 frame in `data`."""
+    at = 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at:at + 3], "big")
+        yield data[at + 3], int.from_bytes(data[at + 5:at + 9], "big") & 0x7FFFFFFF, data[at + 9:at + 9 + length]
+        at += 9 + length
+
+
+@pytest.fixture
+def behave(monkeypatch):
+    """Make the sample servers (one BEHAVIOUR per process) answer differently for a test."""
+    behaviour = workloads.Behaviour()
+    monkeypatch.setattr(workloads, "BEHAVIOUR", behaviour)
+    return behaviour
+
+
+def test_many_concurrent_requests_on_one_connection(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    streams = [client.request("GET", f"/bytes/{n}") for n in range(1, 101)]
+    responses = client.wait(*streams)
+    assert [len(r.body) for r in responses] == list(range(1, 101))
+    assert {r.status for r in responses} == {200} and target.statuses == [200] * 100
+    assert target.finished == [(200, None)] * 100
+    client.close()
+
+
+def test_large_bodies_both_ways_under_flow_control(lt):
+    """Bodies far beyond every window, both ways, on concurrent streams: byte-exact."""
+    port, _, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port, timeout=30)
+    upload = os.urandom(8 * 1024 * 1024)
+    echo = client.request("POST", "/", body=upload)
+    downloads = [client.request("GET", f"/bytes/{20 * 1024 * 1024}") for _ in range(2)]
+    responses = client.wait(echo, *downloads)
+    assert hashlib.sha256(responses[0].body).digest() == hashlib.sha256(upload).digest()
+    assert [len(r.body) for r in responses[1:]] == [20 * 1024 * 1024] * 2
+    client.close()
+
+
+def test_a_receiver_that_stops_reading_holds_the_proxy_to_its_windows(lt):
+    """The client reads nothing of a 64 MiB response: the proxy must not gather it."""
+    port, _, accepted = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    client.request("GET", f"/bytes/{64 * 1024 * 1024}")
+    client.wait(1, headers_only=True)
+    time.sleep(1.0)
+
+    async def held() -> int:
+        """Bytes the proxy holds for this response: waiting in its Forwards and its transports."""
+        total = 0
+        for exchange in accepted[0].exchanges.values():
+            for end in (exchange.client, exchange.upstream):
+                total += sum(len(entry[0]) for entry in end.incoming.pending)
+                total += end.peer.transport.get_write_buffer_size()
+        return total
+    # The client's stream window is 64 KiB and the proxy's toward the server 256 KiB: the
+    # server is acknowledged only what was passed on, so the rest of the 64 MiB stays with it.
+    assert lt.run(held()) < 1024 * 1024
+    client.close()
+
+
+def test_trailers_pass_through(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/bytes/5", headers=[("te", "trailers")]))
+    assert response.body == b"xxxxx" and response.trailers == {b"x-body-bytes": b"5"}
+    client.close()
+
+
+def test_each_request_is_balanced_on_its_own(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt, "pod-a"), start_app(lt, "pod-b")])
+    # FixedTargets picks the first untried address; alternate by making the list rotate.
+    seen = set()
+    client = H2Client("127.0.0.1", port)
+    for _ in range(4):
+        target.addresses.reverse()
+        (response,) = client.wait(client.request("GET", "/"))
+        seen.add(response.headers[b"x-pod"])
+    assert seen == {b"pod-a", b"pod-b"}
+    assert len(target.pool._conns) == 2  # one pooled connection per endpoint, reused
+    client.close()
+
+
+def test_statuses_configured_for_retry_are_retried_within_the_limit(lt, behave):
+    port, target, _ = start_proxy(lt, [start_app(lt, "pod-a"), start_app(lt, "pod-b")], retry_statuses={503})
+    behave.status = 503
+    client = H2Client("127.0.0.1", port)
+    (get,) = client.wait(client.request("GET", "/"))
+    (post,) = client.wait(client.request("POST", "/", body=b"not safe to repeat"))
+    assert get.status == 503 and post.status == 503
+    assert target.retries == 1 and len(target.chosen) == 3  # the GET twice, the POST once
+    client.close()
+
+
+def test_a_refused_connection_is_retried_then_a_502_with_the_reason(lt):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = closed.getsockname()
+    closed.close()
+    port, target, _ = start_proxy(lt, [dead, start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("POST", "/", body=b"replayed"))
+    assert response.status == 200 and response.body == b"replayed"
+    assert target.connect_failures == 1 and target.retries == 1
+    target.addresses = [dead]
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 502
+    assert response.headers[b"nodeagent-proxy-error"] == b"connect failed"
+    target.addresses = []
+    (response,) = client.wait(client.request("GET", "/"))
+    assert (response.status, response.headers[b"nodeagent-proxy-error"]) == (503, b"no endpoints")
+    client.close()
+
+
+def test_a_request_timeout_is_a_504_and_the_connection_serves_on(lt, behave):
+    port, target, _ = start_proxy(lt, [start_app(lt)], request_timeout_s=0.2)
+    client = H2Client("127.0.0.1", port)
+    slow = client.request("GET", "/delay/2000")
+    (response,) = client.wait(slow)
+    assert (response.status, response.headers[b"nodeagent-proxy-error"]) == (504, b"request timeout")
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200
+    client.close()
+
+
+def test_a_client_reset_cancels_the_upstream_stream_and_not_the_connection(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    big = client.request("GET", f"/bytes/{32 * 1024 * 1024}")
+    client.wait(big, headers_only=True)
+    client.reset(big)
+    (response,) = client.wait(client.request("GET", "/bytes/10"))
+    assert response.status == 200 and len(response.body) == 10
+    client.close()
+
+
+def test_malformed_http2_is_a_goaway_counted_and_the_next_connection_works(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        # A HEADERS frame on stream 0 is a connection error (PROTOCOL_ERROR).
+        sock.sendall(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + b"\x00\x00\x05\x01\x05\x00\x00\x00\x00hello")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    goaways = [payload for kind, _, payload in frames(reply) if kind == 7]
+    assert [int.from_bytes(g[4:8], "big") for g in goaways] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+    assert target.errors and target.errors[0][0] == 400
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200
+    client.close()
+
+
+def test_an_upstream_lost_mid_response_resets_the_clients_stream(lt):
+    class Dies(workloads.H2cServer):
+        """Sends its headers and part of the body, then the connection drops."""
+
+        async def _respond(self, stream_id):
+            self.streams.pop(stream_id)
+            self.conn.send_headers(stream_id, [(":status", "200"), ("x-pod", self.pod)])
+            self.conn.send_data(stream_id, b"partial")
+            self.transport.write(self.conn.data_to_send())
+            await asyncio.sleep(0.05)
+            self.transport.abort()
+
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=Dies)])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200 and response.reset == h2.errors.ErrorCodes.INTERNAL_ERROR
+    assert target.finished == [(None, None)]
+    client.close()
+
+
+def test_a_refused_stream_is_retried_even_for_a_post(lt):
+    class Refuses(workloads.H2cServer):
+        def data_received(self, data):
+            events = self.conn.receive_data(data)
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    self.conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.transport.write(self.conn.data_to_send())
+
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=Refuses), start_app(lt, "pod-b")])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("POST", "/", body=b"x" * 1000))
+    assert response.status == 200 and response.body == b"x" * 1000
+    assert target.retries == 1
+    client.close()
+
+
+def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledging_twice():
+    """Forward with plain values: a recording source and a destination with a fixed window."""
+    class Source:
+        def __init__(self):
+            self.acknowledged = 0
+
+        def acknowledge(self, size, stream_id):
+            self.acknowledged += size
+
+    class Destination:
+        closed = False
+
+        def __init__(self, window):
+            self.sent, self.window = [], window
+            self.conn = self
+
+        max_outbound_frame_size = 16384
+
+        def local_flow_control_window(self, stream_id):
+            return self.window
+
+        def send_data(self, stream_id, data):
+            self.sent.append(bytes(data))
+            self.window -= len(data)
+
+        def end_stream(self, stream_id):
+            self.sent.append(None)
+
+        def flush_soon(self):
+            pass
+
+    source = Source()
+    forward = h2peer.Forward(source, 1, keep_for_replay=True)
+    forward.push(b"a" * 10000, 10010)  # 10 bytes of padding
+    first = Destination(4000)
+    forward.attach(first, 3)
+    assert b"".join(first.sent) == b"a" * 4000 and source.acknowledged == 4000
+    first.window = 100000
+    forward.finish()
+    forward.pump()
+    assert first.sent[-1] is None and source.acknowledged == 10010
+    forward.rewind()
+    second = Destination(100000)
+    forward.attach(second, 5)
+    assert b"".join(second.sent[:-1]) == b"a" * 10000 and source.acknowledged == 10010
+
+
+class GrpcLike(workloads.H2cServer):
+    """Answers like a gRPC server: /ok with grpc-status 0 in trailers, /down trailers-only 14."""
+
+    async def _respond(self, stream_id):
+        headers, _ = self.streams.pop(stream_id)
+        if headers[b":path"] == b"/down":
+            self.conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"),
+                                               ("grpc-status", "14")], end_stream=True)
+        else:
+            self.conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            self.conn.send_data(stream_id, b"\x00\x00\x00\x00\x02hi")
+            self.conn.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+def test_grpc_statuses_classify_responses_in_trailers_and_trailers_only(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=GrpcLike)])
+    client = H2Client("127.0.0.1", port)
+    grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+    ok, down = client.wait(client.request("POST", "/ok", b"\x00\x00\x00\x00\x00", grpc),
+                           client.request("POST", "/down", b"\x00\x00\x00\x00\x00", grpc))
+    assert ok.trailers == {b"grpc-status": b"0"} and down.headers[b"grpc-status"] == b"14"
+    assert sorted(zip(target.finished, target.failures)) == [((200, 0), False), ((200, 14), True)]
+    client.close()
