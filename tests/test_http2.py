@@ -344,9 +344,11 @@ def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledgin
         def local_flow_control_window(self, stream_id):
             return self.window
 
-        def send_data(self, stream_id, data):
+        def send_data(self, stream_id, data, end_stream=False):
             self.sent.append(bytes(data))
             self.window -= len(data)
+            if end_stream:
+                self.sent.append(None)
 
         def end_stream(self, stream_id):
             self.sent.append(None)

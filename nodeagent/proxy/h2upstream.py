@@ -17,6 +17,7 @@ from nodeagent.proxy.upstream import POOL_IDLE_S, connect
 
 class H2Upstream(H2Peer):
     client_side = True
+    validate_inbound = False
 
     def __init__(self):
         super().__init__()
@@ -36,7 +37,8 @@ class H2Upstream(H2Peer):
             and not self.transport.is_closing()
 
     def has_room(self) -> bool:
-        return self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams
+        # Our own count: h2's open_outbound_streams walks every stream on each call.
+        return len(self.ends) < self.conn.remote_settings.max_concurrent_streams
 
     def open_stream(self, owner, headers: list, end_stream: bool, keep_for_replay: bool = False) -> StreamEnd:
         stream_id = self.conn.get_next_available_stream_id()
