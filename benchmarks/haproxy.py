@@ -13,7 +13,9 @@ HTTP_MESH, H2_MESH, BULK_MESH, DOWNLOAD_MESH = 7441, 7442, 7443, 7444  # server 
 APP_PORTS = {"http": 8090, "h2": 8091, "bulk": 9100, "download": 9101}
 LOCAL_PORTS = {"http": HTTP_LOCAL, "h2": H2_LOCAL, "bulk": BULK_LOCAL, "download": DOWNLOAD_LOCAL}
 MESH_PORTS = {"http": HTTP_MESH, "h2": H2_MESH, "bulk": BULK_MESH, "download": DOWNLOAD_MESH}
-TCP_NAMES = ("h2", "bulk", "download")  # passed through as TCP (h2 too: HAProxy's chain as a sidecar's)
+TCP_NAMES = ("bulk", "download")  # passed through as TCP
+# HTTP/2 per request at both hops (h2c from the app, h2 over mutual TLS with ALPN between the
+# sidecars, h2c to the app), as the mesh handles it per request: a like-for-like reference.
 
 
 def _tcp_listen(name: str, bind: str, server: str) -> str:
@@ -55,6 +57,14 @@ backend http_mesh
     mode http
     http-reuse always
     server s {server_ip}:{HTTP_MESH} {tls} alpn http/1.1
+frontend h2_local
+    mode http
+    bind 127.0.0.1:{H2_LOCAL} proto h2
+    default_backend h2_mesh
+backend h2_mesh
+    mode http
+    http-reuse always
+    server s {server_ip}:{H2_MESH} {tls} alpn h2
 """ + "".join(_tcp_listen(f"{name}_local", f"127.0.0.1:{LOCAL_PORTS[name]}", f"{server_ip}:{MESH_PORTS[name]} {tls}")
               for name in TCP_NAMES)
 
@@ -75,5 +85,13 @@ backend app
     mode http
     http-reuse always
     server app 127.0.0.1:{APP_PORTS['http']}
+frontend h2_mesh
+    mode http
+    bind {server_ip}:{H2_MESH} {tls} alpn h2
+    default_backend h2_app
+backend h2_app
+    mode http
+    http-reuse always
+    server app 127.0.0.1:{APP_PORTS['h2']} proto h2
 """ + "".join(_tcp_listen(f"{name}_mesh", f"{server_ip}:{MESH_PORTS[name]} {tls}", f"127.0.0.1:{APP_PORTS[name]}")
               for name in TCP_NAMES)

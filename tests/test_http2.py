@@ -396,3 +396,41 @@ def test_grpc_statuses_classify_responses_in_trailers_and_trailers_only(lt):
     assert ok.trailers == {b"grpc-status": b"0"} and down.headers[b"grpc-status"] == b"14"
     assert sorted(zip(target.finished, target.failures)) == [((200, 0), False), ((200, 14), True)]
     client.close()
+
+
+def test_an_endpoints_malformed_status_is_a_502_and_the_connection_serves_on(lt):
+    class BadStatus(workloads.H2cServer):
+        """Answers /bad with a :status that is not a number."""
+
+        async def _respond(self, stream_id):
+            headers = self.streams[stream_id][0]
+            if headers[b":path"] == b"/bad":
+                self.streams.pop(stream_id)
+                self.conn.config.validate_outbound_headers = False
+                self.conn.send_headers(stream_id, [(":status", "2xx")], end_stream=True)
+                self.transport.write(self.conn.data_to_send())
+            else:
+                await workloads.H2cServer._respond(self, stream_id)
+
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=BadStatus)])
+    client = H2Client("127.0.0.1", port)
+    (bad,) = client.wait(client.request("GET", "/bad"))
+    assert (bad.status, bad.headers[b"nodeagent-proxy-error"]) == (502, b"malformed response")
+    (good,) = client.wait(client.request("GET", "/"))
+    assert good.status == 200
+    client.close()
+
+
+def test_a_header_list_over_the_limit_ends_the_connection_and_is_counted(lt):
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    client.request("GET", "/", headers=[("x-big", "a" * (h2peer.MAX_HEADER_LIST + 1))])
+    with pytest.raises(ConnectionError):
+        client.wait(1)
+    assert client.goaway is not None and client.goaway.error_code != 0
+    assert [status for status, _ in target.errors] == [400]
+    client.close()
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/", headers=[("x-fine", "a" * 1000)]))
+    assert response.status == 200
+    client.close()

@@ -11,6 +11,8 @@ stream ends.
 import asyncio
 from collections import defaultdict
 
+from h2.errors import ErrorCodes
+
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
 from nodeagent.proxy.upstream import POOL_IDLE_S, connect
 
@@ -52,7 +54,7 @@ class H2Upstream(H2Peer):
         return end
 
     def stream_closed(self) -> None:
-        if not self.ends:
+        if not self.ends and not self.closed:
             if self.going_away:
                 goaway(self)
             else:
@@ -74,7 +76,7 @@ class H2Upstream(H2Peer):
         for end in [e for e in self.ends.values() if last_stream_id is not None and e.id > last_stream_id]:
             self.forget(end.id)
             end.incoming.abandon()
-            end.owner.on_reset(end, REFUSED_STREAM)
+            end.owner.on_reset(end, ErrorCodes.REFUSED_STREAM)
         if not self.ends:
             goaway(self)
 
@@ -82,9 +84,6 @@ class H2Upstream(H2Peer):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         super().connection_lost(exc)
-
-
-REFUSED_STREAM = 7  # h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 class H2Pool:

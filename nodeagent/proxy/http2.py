@@ -26,7 +26,6 @@ import h2.exceptions
 from nodeagent.proxy.classify import failed, grpc_status
 from nodeagent.proxy.errors import REASON_HEADER
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
-from nodeagent.proxy.h2upstream import REFUSED_STREAM
 from nodeagent.proxy.service_config import retryable_method
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
@@ -47,7 +46,7 @@ class Request:
 class StreamFailed(Exception):
     def __init__(self, code: int | None):
         super().__init__(f"stream reset ({code})" if code is not None else "connection lost")
-        self.refused = code == REFUSED_STREAM
+        self.refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
 
 
 class Http2Server(H2Peer):
@@ -135,8 +134,6 @@ class Exchange:
         self.has_body = not ended
         self.retryable = retryable_method(self.method, self.has_body)
         self.client = StreamEnd(server, stream_id, self, keep_for_replay=True)
-        if ended:
-            self.client.incoming.ended = True
         self.upstream: StreamEnd | None = None
         self.head: asyncio.Future | None = None  # the current attempt's response headers
         self.response_ended = False
@@ -256,6 +253,11 @@ class Exchange:
             self._answer_error(502, "upstream failed", address)
             return "done"
         status = self.status = _status(headers)
+        if status is None:  # endpoints' headers are not validated: this one check is ours
+            upstream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._finished(None)
+            self._answer_error(502, "malformed response", address)
+            return "done"
         self.request.head_at = time.monotonic()
         if (self.retryable and target.retries_status(status) and attempt < target.retry_limit
                 and target.may_retry()):
@@ -323,9 +325,10 @@ class Exchange:
             self.client.incoming.abandon()
 
 
-def _status(headers: list) -> int:
+def _status(headers: list) -> int | None:
+    """The response's :status, if it is a valid final status."""
     for name, value in headers:
         if name == b":status":
-            return int(value)
-    return 502
+            return int(value) if len(value) == 3 and value.isdigit() and value[:1] != b"1" else None
+    return None
 
