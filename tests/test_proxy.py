@@ -221,6 +221,27 @@ def test_http2_requests_on_one_connection_are_balanced_each_on_its_own(mesh):
     assert counter(proxy_stats(mesh), "request_total", peer="svc/default/h2c") >= 60
 
 
+H2_LARGE = """
+import hashlib, os, sys, json
+sys.path.insert(0, {tests!r})
+from h2_client import H2Client
+client = H2Client({host!r}, 80, timeout=30)
+upload = os.urandom(4 * 1024 * 1024)
+echo = client.request("POST", "/", body=upload)
+download = client.request("GET", "/bytes/{size}")
+echoed, downloaded = client.wait(echo, download)
+print(json.dumps([echoed.status, hashlib.sha256(echoed.body).digest() == hashlib.sha256(upload).digest(),
+                  downloaded.status, len(downloaded.body)]))
+"""
+
+
+def test_http2_large_bodies_both_ways_through_the_mesh(mesh):
+    """Flow control across the client's connection, the mTLS tunnel and the endpoint's."""
+    size = 20 * 1024 * 1024
+    result = json.loads(py_in(mesh, "client-n0-0", H2_LARGE.format(tests=TESTS, host=H2C_VIP, size=size)))
+    assert result == [200, True, 200, size]
+
+
 def test_http2_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
     add_service(mesh, "h2c-retry", "10.96.0.53", {"app": "h2c"}, {"retry.nodeagent.io/http": "5xx"}, 8081)
     wait_until(lambda: curl(mesh, "client-n0-0", "http://10.96.0.53/", "--http2-prior-knowledge", "-o",
