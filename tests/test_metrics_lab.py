@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,36 @@ for path in ("/one", "/two", "/three", "/status/418", "/five"):
     lines = out.splitlines()
     assert [l.split(":path=")[1].split()[0] for l in lines] == ["/one", "/two", "/three", "/status/418", "/five"]
     assert ":status=418" in lines[3] and "tls=true" in lines[0] and "src=default/client-n0-0" in lines[0]
+
+
+H2_REQUESTS = """
+import sys
+sys.path.insert(0, {tests!r})
+from h2_client import H2Client
+client = H2Client("10.96.0.11", 80)
+streams = [client.request("GET", "/status/503" if i % 4 == 0 else f"/h2/{{i}}", authority="h2c.default") for i in range(20)]
+print(sorted(r.status for r in client.wait(*streams)))
+"""
+
+
+def test_http2_streams_are_counted_and_tapped_one_by_one(mesh):
+    tap = subprocess.Popen([sys.executable, "-m", "nodeagent", "tap", "--pod", "client-n0-0", "--to", "svc/default/h2c",
+                            "--max", "20", "--duration", "20"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # subscribed
+    before = admin_client.scrape(ADMIN0)
+    statuses = py_in(mesh, "client-n0-0", H2_REQUESTS.format(tests=str(Path(__file__).parent))).strip()
+    assert statuses == str(sorted([503] * 5 + [404] * 15))  # the sample server has no /h2/<i>
+    out, _ = tap.communicate(timeout=30)
+    after = admin_client.scrape(ADMIN0)
+    mine = {"direction": "outbound", "pod": "client-n0-0", "peer": "svc/default/h2c"}
+    def grew(name, **labels):
+        return value(after, name, **mine, **labels) - value(before, name, **mine, **labels)
+    assert grew("request_total") == 20
+    assert grew("response_total", status_code=503, classification="failure") == 5
+    assert grew("response_total", status_code=404, classification="success") == 15
+    lines = out.splitlines()
+    assert len(lines) == 20 and all(":authority=h2c.default" in l for l in lines), out
+    assert sum(":status=503" in l for l in lines) == 5
 
 
 def test_top_shows_the_busiest_routes(mesh):
