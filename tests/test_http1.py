@@ -54,7 +54,7 @@ class FixedTarget:
     def request_finished(self, state, token, status):
         pass
 
-    def response_started(self, request, status, address=None):
+    def count_response(self, request, status, address=None):
         self.statuses.append(status)
 
     def count_error(self, status, reason):

@@ -67,7 +67,7 @@ class FixedTargets:
     def request_abandoned(self, state, token):
         self.abandoned += 1
 
-    def response_started(self, request, status, address=None, failure=None):
+    def count_response(self, request, status, address=None, failure=None):
         self.statuses.append(status)
         self.failures.append(failure)
 

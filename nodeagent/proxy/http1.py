@@ -275,7 +275,7 @@ class Http1Server(asyncio.Protocol):
             self.target.request_finished(endpoint, token, status)
             conn.transport.close()  # the discarded response's body is not read
             return "retry"
-        self.target.response_started(request, status, address)
+        self.target.count_response(request, status, address)
         if status == 101 and request.upgrade:
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
@@ -323,6 +323,6 @@ class Http1Server(asyncio.Protocol):
 
     def _write_error(self, status: int, reason: str, request: Request, address) -> None:
         self.target.count_error(status, reason)
-        self.target.response_started(request, status, address)
+        self.target.count_response(request, status, address)
         if not self.transport.is_closing():
             self._write(error_response(status, reason, close=not request.keep_alive))

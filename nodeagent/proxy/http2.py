@@ -266,7 +266,7 @@ class Exchange:
             return "retry"
         if not self.server.send_headers(self.client.id, headers, end_stream=self.response_ended):
             upstream.reset()  # the client's stream is gone
-            target.response_started(self.request, status, address)
+            target.count_response(self.request, status, address)
             self._finished(status)
             return "done"
         if self.response_ended:  # headers only (a gRPC error is often just that)
@@ -280,7 +280,7 @@ class Exchange:
         try:
             await self.done
         except StreamFailed:
-            target.response_started(self.request, status, address, failure=True)
+            target.count_response(self.request, status, address, failure=True)
             self._finished(None)
             self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
             return "done"
@@ -290,7 +290,7 @@ class Exchange:
 
     def _counted(self, status: int, grpc: int | None, address) -> None:
         """The response is through: classified (gRPC's status included), counted, tapped."""
-        self.target.response_started(self.request, status, address, failure=failed(status, grpc))
+        self.target.count_response(self.request, status, address, failure=failed(status, grpc))
         self._finished(status, grpc)
 
     def _finished(self, status: int | None, grpc: int | None = None) -> None:
@@ -309,7 +309,7 @@ class Exchange:
 
     def _answer_error(self, status: int, reason: str, address) -> None:
         self.target.count_error(status, reason)
-        self.target.response_started(self.request, status, address)
+        self.target.count_response(self.request, status, address)
         body = f"{reason}\n".encode()
         headers = [(b":status", str(status).encode()), (REASON_HEADER.encode(), reason.encode()),
                    (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]

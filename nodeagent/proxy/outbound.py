@@ -15,6 +15,7 @@ If it spoke later, the early connection becomes a pooled connection.
 """
 
 import asyncio
+import functools
 import time
 
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
@@ -267,7 +268,7 @@ class OutboundAccept(asyncio.Protocol):
         self.adopting = self.upstream is not None  # from here the early upstream belongs to the pool
         h2 = protocol is Protocol.H2
         if self.adopting:
-            adopt = lambda task: self._adopt(task, h2)  # noqa: E731
+            adopt = functools.partial(self._adopt, h2=h2)
             if self.upstream.done():
                 adopt(self.upstream)
             else:
@@ -451,9 +452,9 @@ class HttpTarget:
         if state is not None:
             state.ewma.finish(token)
 
-    def response_started(self, request, status, address=None, failure=None):
-        """A response to count (and tap). HTTP/2 reports it at its end, with `failure` from
-        the gRPC status and the head's arrival in `request.head_at`."""
+    def count_response(self, request, status, address=None, failure=None):
+        """A response to count (and tap): HTTP/1 at its head; HTTP/2 at its end, with
+        `failure` from the gRPC status and the head's arrival in `request.head_at`."""
         tls = address is not None and self._meshed(address)
         self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
         self.proxy.tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
