@@ -59,16 +59,20 @@ class H2Client:
 
     def _send_uploads(self) -> None:
         for stream_id, left in list(self.uploads.items()):
-            while left:
-                window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                self.conn.send_data(stream_id, bytes(left[:window]))
-                left = left[window:]
+            try:
+                while left:
+                    window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+                    if window <= 0:
+                        break
+                    self.conn.send_data(stream_id, bytes(left[:window]))
+                    left = left[window:]
+                if not left:
+                    self.conn.end_stream(stream_id)
+            except h2.exceptions.StreamClosedError:
+                left = b""  # the server reset it, or answered and stopped reading: nothing more to send
             self.uploads[stream_id] = left
             if not left:
                 del self.uploads[stream_id]
-                self.conn.end_stream(stream_id)
 
     def reset(self, stream_id: int) -> None:
         self.conn.reset_stream(stream_id, 8)  # CANCEL
@@ -104,6 +108,7 @@ class H2Client:
                 response.ended = True
             elif isinstance(event, h2.events.StreamReset):
                 response.reset = event.error_code
+                self.uploads.pop(event.stream_id, None)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = event
         self._send_uploads()

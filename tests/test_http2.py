@@ -434,3 +434,40 @@ def test_a_header_list_over_the_limit_ends_the_connection_and_is_counted(lt):
     (response,) = client.wait(client.request("GET", "/", headers=[("x-fine", "a" * 1000)]))
     assert response.status == 200
     client.close()
+
+
+def test_streams_reset_at_random_moments_leave_no_error_behind(lt):
+    """Bounded churn: 8 connections x 40 streams of mixed sizes, a third reset by the client at
+    once, after the headers, or mid-body; then every stream of a fresh connection is served
+    and the event loop saw no exception escape."""
+    import random
+
+    errors = []
+    lt.loop.call_soon_threadsafe(lt.loop.set_exception_handler, lambda loop, context: errors.append(context))
+    port, target, accepted = start_proxy(lt, [start_app(lt)])
+    rng = random.Random(7)
+    for _ in range(8):
+        client = H2Client("127.0.0.1", port, timeout=30)
+        streams = []
+        for _ in range(40):
+            size = rng.choice([0, 10, 70000, 3 * 1024 * 1024])
+            body = os.urandom(rng.choice([0, 0, 100, 300000]))
+            streams.append(client.request("POST" if body else "GET", f"/bytes/{size}" if not body else "/", body))
+        for stream in streams:
+            if rng.random() < 0.33:
+                moment = rng.choice(["now", "headers", "body"])
+                if moment != "now":
+                    client.wait(stream, headers_only=True)
+                if moment == "body" and not client.responses[stream].ended:
+                    client._read()
+                if not client.responses[stream].ended:
+                    client.reset(stream)
+        client.wait(*streams)
+        client.close()
+    client = H2Client("127.0.0.1", port)
+    responses = client.wait(*[client.request("GET", "/bytes/1000") for _ in range(20)])
+    assert [(r.status, len(r.body)) for r in responses] == [(200, 1000)] * 20
+    client.close()
+    time.sleep(0.2)
+    assert errors == []
+    assert all(not server.exchanges for server in accepted[:-1])  # nothing left in flight

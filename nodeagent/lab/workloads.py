@@ -174,16 +174,22 @@ class H2cServer(asyncio.Protocol):
         self.transport.write(self.conn.data_to_send())
 
     async def _respond(self, stream_id: int):
-        headers, body = self.streams.pop(stream_id)
+        request = self.streams.pop(stream_id, None)
+        if request is None:
+            return  # reset by the client in the same read that ended it
+        headers, body = request
         status, payload, delay = route(self.pod, headers[b":method"].decode(), headers[b":path"].decode(),
                                        bytes(body), BEHAVIOUR)
         if delay:
             await asyncio.sleep(delay)
-        if self.transport.is_closing() or self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+        if self.transport.is_closing():
             return
         trailers = [("x-body-bytes", str(len(payload)))] if headers.get(b"te") == b"trailers" else None
-        self.conn.send_headers(stream_id, [(":status", str(status)), ("content-type", "text/plain"),
-                                           ("x-pod", self.pod)])
+        try:
+            self.conn.send_headers(stream_id, [(":status", str(status)), ("content-type", "text/plain"),
+                                               ("x-pod", self.pod)])
+        except h2.exceptions.ProtocolError:
+            return  # the client reset the stream, or ended the connection, while we waited
         self.sending[stream_id] = [memoryview(payload), trailers]
         self._send_more(stream_id)
         self.transport.write(self.conn.data_to_send())
@@ -194,18 +200,21 @@ class H2cServer(asyncio.Protocol):
         if entry is None:
             return
         body, trailers = entry
-        while body:
-            window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-            if window <= 0:
-                entry[0] = body
-                return
-            self.conn.send_data(stream_id, bytes(body[:window]))
-            body = body[window:]
+        try:
+            while body:
+                window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+                if window <= 0:
+                    entry[0] = body
+                    return
+                self.conn.send_data(stream_id, bytes(body[:window]))
+                body = body[window:]
+            if trailers:
+                self.conn.send_headers(stream_id, trailers, end_stream=True)
+            else:
+                self.conn.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass  # reset by the client in the same read as the window update that woke us
         del self.sending[stream_id]
-        if trailers:
-            self.conn.send_headers(stream_id, trailers, end_stream=True)
-        else:
-            self.conn.end_stream(stream_id)
 
 
 class EchoServer(asyncio.Protocol):

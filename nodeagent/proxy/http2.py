@@ -84,6 +84,9 @@ class Http2Server(H2Peer):
         self.exchanges[stream_id] = exchange
         self.register(exchange.client)
         exchange.task = asyncio.get_running_loop().create_task(exchange.serve())
+        # A callback, not a `finally` in serve(): a task cancelled before its first step (the
+        # client reset the stream in the same read that opened it) never runs its body.
+        exchange.task.add_done_callback(lambda _: self.exchange_done(exchange))
 
     def exchange_done(self, exchange: "Exchange") -> None:
         if self.exchanges.pop(exchange.client.id, None) is not None:
@@ -184,8 +187,6 @@ class Exchange:
         except Exception as e:  # never let one stream's bug take the connection down
             self.target.count_error(502, f"proxy error: {type(e).__name__}")
             self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        finally:
-            self.server.exchange_done(self)
 
     async def _serve(self) -> None:
         target = self.target
