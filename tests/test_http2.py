@@ -471,3 +471,35 @@ def test_streams_reset_at_random_moments_leave_no_error_behind(lt):
     time.sleep(0.2)
     assert errors == []
     assert all(not server.exchanges for server in accepted[:-1])  # nothing left in flight
+
+
+def test_an_endpoint_that_stops_reading_holds_the_client_to_the_windows(lt):
+    """The upload direction: the endpoint never acknowledges a 16 MiB request body."""
+    class Deaf(workloads.H2cServer):
+        def data_received(self, data):
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    self.streams[event.stream_id] = (dict(event.headers), bytearray())
+            self.transport.write(self.conn.data_to_send())  # settings acks; never a WINDOW_UPDATE
+
+    port, _, accepted = start_proxy(lt, [start_app(lt, factory=Deaf)])
+    client = H2Client("127.0.0.1", port)
+    upload = 16 * 1024 * 1024
+    stream = client.request("POST", "/", body=b"u" * upload)
+    deadline = time.monotonic() + 1.0
+    client.sock.settimeout(0.1)
+    while time.monotonic() < deadline:
+        try:
+            client._read()  # window updates, if the proxy sent any
+        except TimeoutError:
+            pass
+
+    async def held() -> int:
+        exchange = accepted[0].exchanges[stream]
+        return sum(len(entry[0]) for entry in exchange.client.incoming.pending)
+    sent = upload - len(client.uploads.get(stream, b""))
+    # The endpoint took its default 64 KiB stream window; the proxy holds what its own window
+    # toward the client let in, and no more arrives: the client is stopped at the windows.
+    assert sent <= 65535 + h2peer.STREAM_WINDOW, sent
+    assert lt.run(held()) <= h2peer.STREAM_WINDOW
+    client.close()
