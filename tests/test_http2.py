@@ -503,3 +503,25 @@ def test_an_endpoint_that_stops_reading_holds_the_client_to_the_windows(lt):
     assert sent <= 65535 + h2peer.STREAM_WINDOW, sent
     assert lt.run(held()) <= h2peer.STREAM_WINDOW
     client.close()
+
+
+def test_idle_connections_are_closed_both_sides(lt, monkeypatch):
+    """The client's connection after idle_s with no stream (GOAWAY), and the pooled one to the
+    endpoint after its own idle time (the next request opens a new one)."""
+    from nodeagent.proxy.h2upstream import H2Upstream
+    monkeypatch.setattr(http2.Http2Server, "idle_s", 0.5)
+    monkeypatch.setattr(H2Upstream, "idle_s", 0.2)
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200
+    (pooled,) = target.pool._conns[(0, target.addresses[0])]
+    time.sleep(0.3)
+    assert pooled.closed  # idle 0.2 s: closed, while the client's connection lives on
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200
+    assert [c for c in target.pool._conns[(0, target.addresses[0])] if not c.closed] != [pooled]
+    while not client.closed:
+        client._read()  # nothing more comes but the GOAWAY after 0.5 s, then the close (or a timeout)
+    assert client.goaway is not None and client.goaway.error_code == 0
+    client.close()

@@ -99,10 +99,10 @@ def wait_until(predicate, what: str, timeout_s: float = 10.0):
     return result
 
 
-def wait_for_service(lab, vip: str) -> None:
+def wait_for_service(lab, vip: str, *curl_options: str) -> None:
     """Until the agent has read the new Service's manifest (a new connection routes to it)."""
-    wait_until(lambda: curl(lab, "client-n0-0", f"http://{vip}/", "-o", "/dev/null", "-w", "%{http_code}") == "200",
-               f"the Service at {vip}")
+    wait_until(lambda: curl(lab, "client-n0-0", f"http://{vip}/", *curl_options, "-o", "/dev/null", "-w",
+                            "%{http_code}") == "200", f"the Service at {vip}")
 
 
 def served_by(lab, client: str, url: str, count: int) -> dict[str, int]:
@@ -186,39 +186,35 @@ def test_a_server_that_speaks_first_is_heard_without_the_client_speaking(mesh):
         assert "220 banner-n" in py_in(mesh, "client-n0-0", code)
 
 
-def test_balancing_shifts_load_away_from_a_slow_endpoint(mesh):
-    behave(mesh, "http-n0-0", "set-delay/150")  # the endpoint on the client's own node
+@pytest.mark.parametrize("kind", ["http", "h2c"])
+def test_balancing_shifts_load_away_from_a_slow_endpoint(mesh, kind):
+    """Per request, on one client connection: HTTP/1 keep-alive, or HTTP/2 streams."""
+    h2 = kind == "h2c"
+    behave(mesh, f"{kind}-n0-0", "set-delay/150")  # the endpoint on the client's own node
     try:
-        seen = served_by(mesh, "client-n0-0", f"http://{HTTP_VIP}/", 60)
+        seen = (h2_served_by if h2 else served_by)(mesh, "client-n0-0", f"http://{H2C_VIP if h2 else HTTP_VIP}/", 60)
     finally:
-        behave(mesh, "http-n0-0", "set-delay/0")
-    assert seen.get("http-n1-0 200", 0) >= 48, seen
+        behave(mesh, f"{kind}-n0-0", "set-delay/0")
+    assert seen.get(f"{kind}-n1-0 200", 0) >= 48, seen
+    assert counter(proxy_stats(mesh), "request_total", peer=f"svc/default/{kind}") >= 60
 
 
-def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
-    add_service(mesh, "http-retry", "10.96.0.50", {"app": "http"}, {"retry.nodeagent.io/http": "5xx"})
-    wait_for_service(mesh, "10.96.0.50")
-    behave(mesh, "http-n1-0", "set-status/503")
-    behave(mesh, "http-n0-0", "set-delay/20")  # so that the failing one, being faster, is chosen
+@pytest.mark.parametrize("kind", ["http", "h2c"])
+def test_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh, kind):
+    vip, port, h2 = {"http": ("10.96.0.50", 8080, False), "h2c": ("10.96.0.53", 8081, True)}[kind]
+    add_service(mesh, f"{kind}-retry", vip, {"app": kind}, {"retry.nodeagent.io/http": "5xx"}, port)
+    wait_for_service(mesh, vip, *(["--http2-prior-knowledge"] if h2 else []))
+    behave(mesh, f"{kind}-n1-0", "set-status/503")
+    behave(mesh, f"{kind}-n0-0", "set-delay/20")  # so that the failing one, being faster, is chosen
     try:
-        seen = served_by(mesh, "client-n0-0", "http://10.96.0.50/", 40)
+        seen = (h2_served_by if h2 else served_by)(mesh, "client-n0-0", f"http://{vip}/", 40)
     finally:
-        behave(mesh, "http-n1-0", "set-status/0")
-        behave(mesh, "http-n0-0", "set-delay/0")
-    assert seen == {"http-n0-0 200": 40}, seen
+        behave(mesh, f"{kind}-n1-0", "set-status/0")
+        behave(mesh, f"{kind}-n0-0", "set-delay/0")
+    assert seen == {f"{kind}-n0-0 200": 40}, seen
     stats = proxy_stats(mesh)
-    assert counter(stats, "endpoint_ejections_total", peer="svc/default/http-retry") >= 1
-    assert counter(stats, "retries_total", peer="svc/default/http-retry") >= 1
-
-
-def test_http2_requests_on_one_connection_are_balanced_each_on_its_own(mesh):
-    behave(mesh, "h2c-n0-0", "set-delay/150")
-    try:
-        seen = h2_served_by(mesh, "client-n0-0", f"http://{H2C_VIP}/", 60)
-    finally:
-        behave(mesh, "h2c-n0-0", "set-delay/0")
-    assert seen.get("h2c-n1-0 200", 0) >= 48, seen
-    assert counter(proxy_stats(mesh), "request_total", peer="svc/default/h2c") >= 60
+    assert counter(stats, "endpoint_ejections_total", peer=f"svc/default/{kind}-retry") >= 1
+    assert counter(stats, "retries_total", peer=f"svc/default/{kind}-retry") >= 1
 
 
 H2_LARGE = """
@@ -240,23 +236,6 @@ def test_http2_large_bodies_both_ways_through_the_mesh(mesh):
     size = 20 * 1024 * 1024
     result = json.loads(py_in(mesh, "client-n0-0", H2_LARGE.format(tests=TESTS, host=H2C_VIP, size=size)))
     assert result == [200, True, 200, size]
-
-
-def test_http2_a_failing_endpoint_is_ejected_and_retried_requests_still_succeed(mesh):
-    add_service(mesh, "h2c-retry", "10.96.0.53", {"app": "h2c"}, {"retry.nodeagent.io/http": "5xx"}, 8081)
-    wait_until(lambda: curl(mesh, "client-n0-0", "http://10.96.0.53/", "--http2-prior-knowledge", "-o",
-                            "/dev/null", "-w", "%{http_code}") == "200", "the Service at 10.96.0.53")
-    behave(mesh, "h2c-n1-0", "set-status/503")
-    behave(mesh, "h2c-n0-0", "set-delay/20")  # so that the failing one, being faster, is chosen
-    try:
-        seen = h2_served_by(mesh, "client-n0-0", "http://10.96.0.53/", 40)
-    finally:
-        behave(mesh, "h2c-n1-0", "set-status/0")
-        behave(mesh, "h2c-n0-0", "set-delay/0")
-    assert seen == {"h2c-n0-0 200": 40}, seen
-    stats = proxy_stats(mesh)
-    assert counter(stats, "endpoint_ejections_total", peer="svc/default/h2c-retry") >= 1
-    assert counter(stats, "retries_total", peer="svc/default/h2c-retry") >= 1
 
 
 def test_the_retry_budget_stops_a_retry_storm(mesh):

@@ -164,6 +164,7 @@ class H2Peer(asyncio.Protocol):
     # forwarded); what endpoints answer passes as it came, for the client's own HTTP/2 stack
     # to judge (checking it again cost 5-10% of the proxy's time per request).
     validate_inbound = True
+    idle_s = 60.0  # a connection with no stream for this long is closed (GOAWAY)
 
     def __init__(self, max_concurrent_streams: int | None = None):
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
@@ -183,6 +184,7 @@ class H2Peer(asyncio.Protocol):
         self.closed = False
         self.going_away = False  # GOAWAY received: no new streams here
         self._flush_pending = False
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.bytes_read = self.bytes_written = 0
 
     def connection_made(self, transport):
@@ -266,6 +268,31 @@ class H2Peer(asyncio.Protocol):
     def stream_closed(self) -> None:
         """A stream left `ends`."""
 
+    def busy(self) -> bool:
+        return bool(self.ends)
+
+    # --- idleness ---
+
+    def went_idle(self) -> None:
+        """No stream is left: close now if the peer is going away, else after idle_s."""
+        if self.closed:
+            return
+        if self.going_away:
+            goaway(self)
+            return
+        self.not_idle()
+        self._idle_timer = asyncio.get_running_loop().call_later(self.idle_s, self._close_if_idle)
+
+    def not_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        if not self.busy():
+            goaway(self)
+
     # --- used by owners ---
 
     def register(self, end: StreamEnd) -> None:
@@ -319,6 +346,7 @@ class H2Peer(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        self.not_idle()
         for end in list(self.ends.values()):
             self.forget(end.id)
             end.incoming.abandon()

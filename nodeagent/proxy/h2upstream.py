@@ -20,10 +20,7 @@ from nodeagent.proxy.upstream import POOL_IDLE_S, connect
 class H2Upstream(H2Peer):
     client_side = True
     validate_inbound = False
-
-    def __init__(self):
-        super().__init__()
-        self._idle_timer: asyncio.TimerHandle | None = None
+    idle_s = POOL_IDLE_S
 
     def connection_made(self, transport):
         # Through a mesh tunnel this is the raw socket, before TLS: the pool calls start()
@@ -32,7 +29,7 @@ class H2Upstream(H2Peer):
 
     def start(self) -> None:
         super().start()
-        self._arm_idle()
+        self.went_idle()
 
     def usable(self) -> bool:
         return not self.closed and not self.going_away and self.transport is not None \
@@ -47,28 +44,13 @@ class H2Upstream(H2Peer):
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
         end = StreamEnd(self, stream_id, owner, keep_for_replay)
         self.register(end)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self.not_idle()
         self.flush_soon()
         return end
 
     def stream_closed(self) -> None:
-        if not self.ends and not self.closed:
-            if self.going_away:
-                goaway(self)
-            else:
-                self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._idle_timer = asyncio.get_running_loop().call_later(POOL_IDLE_S, self._close_if_idle)
-
-    def _close_if_idle(self) -> None:
-        self._idle_timer = None
         if not self.ends:
-            goaway(self)
+            self.went_idle()
 
     def on_goaway(self, last_stream_id: int | None) -> None:
         """Streams above `last_stream_id` were never processed: they hear REFUSED_STREAM,
@@ -79,11 +61,6 @@ class H2Upstream(H2Peer):
             end.owner.on_reset(end, ErrorCodes.REFUSED_STREAM)
         if not self.ends:
             goaway(self)
-
-    def connection_lost(self, exc):
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        super().connection_lost(exc)
 
 
 class H2Pool:

@@ -29,7 +29,6 @@ from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
 from nodeagent.proxy.service_config import retryable_method
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
-IDLE_S = 60.0  # a client connection with no stream for this long is closed (GOAWAY)
 
 
 @dataclass
@@ -57,11 +56,10 @@ class Http2Server(H2Peer):
         super().__init__(MAX_CONCURRENT_STREAMS)
         self.target, self.initial, self.stats, self.on_close = target, initial, stats, on_close
         self.exchanges: dict[int, Exchange] = {}
-        self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self._arm_idle()
+        self.went_idle()
         if self.initial:
             self.data_received(self.initial)
 
@@ -77,9 +75,7 @@ class Http2Server(H2Peer):
             self.stats.written += self.bytes_written - before
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self.not_idle()
         exchange = Exchange(self, stream_id, headers, ended)
         self.exchanges[stream_id] = exchange
         self.register(exchange.client)
@@ -92,20 +88,10 @@ class Http2Server(H2Peer):
         if self.exchanges.pop(exchange.client.id, None) is not None:
             self.forget(exchange.client.id)
         if not self.exchanges:
-            if self.going_away:
-                goaway(self)
-            else:
-                self._arm_idle()
+            self.went_idle()
 
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(IDLE_S, self._close_idle)
-
-    def _close_idle(self) -> None:
-        self._idle = None
-        if not self.exchanges:
-            goaway(self)
+    def busy(self) -> bool:
+        return bool(self.exchanges)
 
     def on_goaway(self, last_stream_id) -> None:
         if not self.exchanges:
@@ -115,8 +101,6 @@ class Http2Server(H2Peer):
         self.target.count_error(400, f"malformed HTTP/2: {type(error).__name__}")
 
     def connection_lost(self, exc):
-        if self._idle is not None:
-            self._idle.cancel()
         super().connection_lost(exc)
         for exchange in list(self.exchanges.values()):
             exchange.cancel()
