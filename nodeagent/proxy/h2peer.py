@@ -34,7 +34,7 @@ class Forward:
     waits here, unacknowledged (so at most a stream window of it)."""
 
     __slots__ = ("src", "src_id", "pending", "ended", "trailers", "dst", "dst_id", "done", "sent", "sent_size",
-                 "on_done", "received")
+                 "on_done")
 
     def __init__(self, src: "H2Peer", src_id: int, keep_for_replay: bool = False):
         self.src, self.src_id = src, src_id
@@ -47,10 +47,8 @@ class Forward:
         self.sent: list | None = [] if keep_for_replay else None  # what was sent, for a retry
         self.sent_size = 0
         self.on_done = None
-        self.received = 0  # body bytes that arrived
 
     def push(self, data: bytes, flow_controlled: int) -> None:
-        self.received += len(data)
         if self.done:  # abandoned: nothing goes anywhere
             if flow_controlled:
                 self.src.acknowledge(flow_controlled, self.src_id)
@@ -185,7 +183,7 @@ class H2Peer(asyncio.Protocol):
         self.going_away = False  # GOAWAY received: no new streams here
         self._flush_pending = False
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.bytes_read = self.bytes_written = 0
+        self.bytes_written = 0  # for the client connection's byte counters (Http2Server)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -198,7 +196,6 @@ class H2Peer(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data):
-        self.bytes_read += len(data)
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:

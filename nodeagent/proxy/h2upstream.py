@@ -39,10 +39,10 @@ class H2Upstream(H2Peer):
         # Our own count: h2's open_outbound_streams walks every stream on each call.
         return len(self.ends) < self.conn.remote_settings.max_concurrent_streams
 
-    def open_stream(self, owner, headers: list, end_stream: bool, keep_for_replay: bool = False) -> StreamEnd:
+    def open_stream(self, owner, headers: list, end_stream: bool) -> StreamEnd:
         stream_id = self.conn.get_next_available_stream_id()
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
-        end = StreamEnd(self, stream_id, owner, keep_for_replay)
+        end = StreamEnd(self, stream_id, owner)
         self.register(end)
         self.not_idle()
         self.flush_soon()

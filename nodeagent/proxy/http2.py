@@ -115,18 +115,16 @@ class Exchange:
     def __init__(self, server: Http2Server, stream_id: int, headers: list, ended: bool):
         self.server, self.target = server, server.target
         pseudo = {name: value for name, value in headers if name[:1] == b":"}
-        self.method = pseudo.get(b":method", b"").decode("latin-1")
-        self.request = Request(self.method, pseudo.get(b":path", b""), headers)
+        method = pseudo.get(b":method", b"").decode("latin-1")
+        self.request = Request(method, pseudo.get(b":path", b""), headers)
         self.headers = headers
-        self.has_body = not ended
-        self.retryable = retryable_method(self.method, self.has_body)
+        self.retryable = retryable_method(method, has_body=not ended)
         self.client = StreamEnd(server, stream_id, self, keep_for_replay=True)
         self.upstream: StreamEnd | None = None
         self.head: asyncio.Future | None = None  # the current attempt's response headers
         self.response_ended = False
         self.done: asyncio.Future | None = None  # the response is through (or failed)
         self.task: asyncio.Task | None = None
-        self.status = 0
         self.inflight = None  # (endpoint, balancer token) of the attempt in flight
 
     # --- events from either connection ---
@@ -237,7 +235,7 @@ class Exchange:
                 return "retry"
             self._answer_error(502, "upstream failed", address)
             return "done"
-        status = self.status = _status(headers)
+        status = _status(headers)
         if status is None:  # endpoints' headers are not validated: this one check is ours
             upstream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             self._finished(None)
