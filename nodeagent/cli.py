@@ -10,6 +10,7 @@ from rich.console import Console
 from nodeagent.datapath import libbpf
 from nodeagent.datapath.loader import LoadError
 from nodeagent.datapath.pins import DEFAULT_ROOT
+from nodeagent.identity.naming import DEFAULT_TRUST_DOMAIN
 from nodeagent.lab import lab as lab_ops
 from nodeagent.lab.plan import MAX_NODES, MAX_PODS_PER_NODE
 
@@ -172,86 +173,74 @@ def _default_pods_cgroup() -> Path:
     raise click.ClickException(f"no kubepods cgroup under {root}; pass --cgroup")
 
 
-def _fast_path_bits(text: str) -> int:
-    from nodeagent.datapath import abi
+def settings_options(options):
+    """One click option per setting of the model (nodeagent/settings.py), in its order."""
+    def decorate(command):
+        for option in reversed(options):
+            default = option.show(option.default) if option.default not in (None, "", 0, False) else None
+            help_text = option.help + (f" [default: {default}]" if default else "")
+            if option.switch:
+                command = click.option(f"--{option.flag}", option.attr, is_flag=True, default=None,
+                                       help=help_text)(command)
+            else:
+                command = click.option(f"--{option.flag}", option.attr, default=None, help=help_text,
+                                       metavar=option.metavar or "TEXT")(command)
+        return command
+    return decorate
 
-    names = {"splice": abi.FAST_SPLICE, "skb": abi.FAST_SKB, "loopback": abi.FAST_LOOPBACK}
-    bits = 0
-    for name in filter(None, (part.strip() for part in text.split(","))):
-        if name not in names:
-            raise click.BadParameter(f"{name!r}: a list of splice, skb, loopback", param_hint="--fast-path")
-        bits |= names[name]
-    if bits and not bits & abi.FAST_SPLICE:
-        raise click.BadParameter("skb and loopback come on top of splice", param_hint="--fast-path")
-    return bits
+
+def settings_from(options, given: dict):
+    """The validated settings from the options given; a bad value exits 2 naming its flag."""
+    from nodeagent import settings
+
+    texts = {o.flag: "true" if o.switch else given[o.attr] for o in options if given.get(o.attr) is not None}
+    try:
+        return settings.parse(texts)
+    except settings.SettingsError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1], param_hint=f"--{e.flag}") from None
+
+
+def _run_options():
+    from nodeagent.settings import OPTIONS
+
+    return OPTIONS
 
 
 @main.command()
-@click.option("--node-name", required=True, help="This node's name (Pods' spec.nodeName).")
-@click.option("--cluster-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Follow a directory of Kubernetes manifests (the lab's cluster).")
-@click.option("--kube", is_flag=True, help="Follow the Kubernetes API (in-cluster config, or --kubeconfig).")
-@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--mesh-label", default="nodeagent.io/mesh=enabled", show_default=True,
-              help="The opt-in label KEY=VALUE on pods or namespaces (VALUE 'disabled' on a pod opts out).")
-@click.option("--cgroup", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The cgroup v2 directory of this node's pods (default: kubepods under the cgroup2 mount).")
-@pin_root_option
-@click.option("--identity-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The issuer Secret's files: ca.crt, issuer.crt, issuer.key (see `identity init`).")
-@click.option("--trust-domain", default="cluster.local", show_default=True)
-@click.option("--cert-lifetime", default="24h", show_default=True, help="Workload certificate lifetime.")
-@click.option("--default-policy", default="all-unauthenticated", show_default=True,
-              type=click.Choice([m.value for m in __import__("nodeagent.policy.authz", fromlist=["Mode"]).Mode]),
-              help="Inbound policy of pods that set none.")
-@click.option("--admin", default="127.0.0.1:4191", show_default=True, help="Admin and metrics address.")
-@click.option("--sidecar-pod", metavar="NAMESPACE/NAME",
-              help="Sidecar mode: serve only this pod; --cgroup is then the pod's own cgroup.")
-@click.option("--fast-path", "fast_path", default="", show_default="off", metavar="splice[,skb][,loopback]",
-              help="Kernel fast paths: 'splice' (sk_msg) carries apps' sends on opaque plaintext connections "
-                   "past the proxy; 'skb' (sk_skb) also what arrives from remote peers, and 'loopback' apps' "
-                   "loopback sends; these two without backpressure (README, Kernel fast paths).")
-@click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
-              help="Opaque TCP between meshed pods of this node skips the mTLS hop (it never leaves the kernel).")
-@click.option("--workers", default=0, type=click.IntRange(0, 256), show_default="0: one per core",
-              help="Proxy processes, this one included (0: one per core the agent may use); sidecar mode "
-                   "always runs one.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(node_name, cluster_dir, kube, kubeconfig, mesh_label, cgroup, pin_root, identity_dir, trust_domain,
-        cert_lifetime, default_policy, admin, sidecar_pod, fast_path, on_node_plaintext, workers, log_level):
+@settings_options(_run_options())
+def run(**given):
     """Run the agent for one node: data path, proxy, identities, admin port."""
-    import datetime
+    import dataclasses
     import logging
 
-    from nodeagent.agent.agent import AgentConfig, AgentError, run_agent
+    from nodeagent import settings as settings_model
+    from nodeagent.agent.agent import AgentError, run_agent
     from nodeagent.cluster.files import ManifestDirSource
-    from nodeagent.policy.authz import Mode
-    from nodeagent.proxy.service_config import parse_duration
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, _, port = admin.rpartition(":")
-    fast_paths = _fast_path_bits(fast_path)
-    config = AgentConfig(node_name, cluster_dir, cgroup or _default_pods_cgroup(), pin_root, identity_dir,
-                         host or "127.0.0.1", int(port), trust_domain,
-                         datetime.timedelta(seconds=parse_duration(cert_lifetime)), Mode(default_policy), sidecar_pod,
-                         fast_paths, on_node_plaintext,
-                         1 if sidecar_pod else (workers or len(os.sched_getaffinity(0))), log_level.upper())
-    if sidecar_pod and not cgroup:
-        raise click.UsageError("--sidecar-pod needs --cgroup: the pod's own cgroup directory")
-    if bool(cluster_dir) == bool(kube or kubeconfig):
-        raise click.UsageError("give either --cluster-dir or --kube/--kubeconfig")
-    if cluster_dir:
-        source = ManifestDirSource(cluster_dir, mesh_label)
+    agent_settings = settings_from(_run_options(), given)
+    try:
+        agent_settings.check_runnable()
+    except settings_model.SettingsError as e:
+        raise click.UsageError(str(e)) from None
+    if agent_settings.cgroup is None:
+        agent_settings = dataclasses.replace(agent_settings, cgroup=_default_pods_cgroup())
+    elif not agent_settings.cgroup.is_dir():
+        raise click.BadParameter(f"{agent_settings.cgroup} is not a directory", param_hint="--cgroup")
+    logging.basicConfig(level=agent_settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if agent_settings.cluster_dir:
+        source = ManifestDirSource(agent_settings.cluster_dir, agent_settings.mesh_label)
     else:
         from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig, KubeSource
 
         try:
-            config_source = KubeConfig.from_kubeconfig(kubeconfig) if kubeconfig else KubeConfig.in_cluster()
+            config_source = (KubeConfig.from_kubeconfig(agent_settings.kubeconfig) if agent_settings.kubeconfig
+                             else KubeConfig.in_cluster())
         except (ApiError, OSError, KeyError, StopIteration) as e:
             raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
-        source = KubeSource(ApiClient(config_source), mesh_label)
+        source = KubeSource(ApiClient(config_source), agent_settings.mesh_label)
     try:
-        run_agent(config, source)
+        run_agent(agent_settings, source)
     except AgentError as e:
         raise click.ClickException(f"agent refused to start: {e}") from e
 
@@ -264,7 +253,7 @@ def identity():
 @identity.command("init")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where to write ca.crt, ca.key, issuer.crt, issuer.key and issuer-secret.yaml.")
-@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
 @click.option("--anchor-lifetime", default="8760h", show_default=True)
 @click.option("--issuer-lifetime", default="8760h", show_default=True)
 @click.option("--namespace", default="nodeagent", show_default=True, help="Namespace of the Secret manifest.")
@@ -289,20 +278,22 @@ def identity_init(directory, trust_domain, anchor_lifetime, issuer_lifetime, nam
     click.echo("keep ca.key offline: agents need only the Secret (ca.crt, issuer.crt, issuer.key)")
 
 
+def _cluster_options():
+    from nodeagent.settings import cluster_options
+
+    return cluster_options()
+
+
 @main.command()
 @click.option("--namespace", default="nodeagent", show_default=True)
 @click.option("--image", default="ghcr.io/nodeagent/nodeagent:0.1.0", show_default=True)
-@click.option("--label", default="nodeagent.io/mesh=enabled", show_default=True,
-              help="The opt-in label (KEY=VALUE) on pods or namespaces.")
 @click.option("--identity-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="From `identity init` (ca.crt, issuer.crt, issuer.key). Default: make a new one in "
                    "./nodeagent-identity (keep its ca.key).")
-@click.option("--fast-path", default="", show_default="off", metavar="splice[,skb][,loopback]",
-              help="The agents' kernel fast paths (as `run --fast-path`).")
-@click.option("--on-node-plaintext", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
-              help="As `run --on-node-plaintext`.")
-def install(namespace, image, label, identity_dir, fast_path, on_node_plaintext):
-    """Print the manifests to install nodeagent: `nodeagent install | kubectl apply -f -`."""
+@settings_options(_cluster_options())
+def install(namespace, image, identity_dir, **given):
+    """Print the manifests to install nodeagent: `nodeagent install | kubectl apply -f -`.
+    The agents' settings (the ConfigMap) are `nodeagent run`'s cluster-wide options."""
     import datetime
 
     import yaml
@@ -310,15 +301,14 @@ def install(namespace, image, label, identity_dir, fast_path, on_node_plaintext)
     from nodeagent.deploy.render import Values, render
     from nodeagent.identity import ca
 
+    agent_settings = settings_from(_cluster_options(), given)  # a typo is refused here, not in every agent
     if identity_dir is None:
         identity_dir = Path("nodeagent-identity")
         if not (identity_dir / "issuer.key").exists():
-            anchor = ca.Authority.new_anchor("cluster.local", datetime.timedelta(days=365))
-            ca.write_identity_files(identity_dir, anchor, anchor.new_issuer("cluster.local"))
+            anchor = ca.Authority.new_anchor(agent_settings.trust_domain, datetime.timedelta(days=365))
+            ca.write_identity_files(identity_dir, anchor, anchor.new_issuer(agent_settings.trust_domain))
             click.echo(f"# made a new trust anchor and issuer in {identity_dir}/: keep ca.key safe", err=True)
-    _fast_path_bits(fast_path)  # refuse a typo here rather than in every agent
-    values = Values(namespace=namespace, image=image, mesh_label=label, fast_path=fast_path,
-                    on_node_plaintext=on_node_plaintext,
+    values = Values(namespace=namespace, image=image, settings=agent_settings,
                     anchors_pem=(identity_dir / "ca.crt").read_text(),
                     issuer_crt_pem=(identity_dir / "issuer.crt").read_text(),
                     issuer_key_pem=(identity_dir / "issuer.key").read_text())

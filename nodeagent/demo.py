@@ -97,6 +97,13 @@ def _traffic_table(lab: lab_ops.Lab) -> tuple[Table, int]:
     return table, failures
 
 
+# What the demo does not show, and where to find it: every command and flag named here exists.
+MORE = ("More: `nodeagent stat`, `nodeagent top`, `nodeagent tap` and /metrics on each agent's admin port while a "
+        "lab runs; HTTP/2 and gRPC are balanced per request like HTTP/1; `nodeagent run --workers N` spreads a "
+        "node's pods over N processes, `--fast-path splice` lets the kernel carry opaque bytes past the proxy "
+        "(README, Kernel fast paths).")
+
+
 def run_demo(console: Console) -> None:
     console.print("[bold]nodeagent demo[/bold]: a lab of 2 simulated nodes, 5 pods each, one agent per node...")
     lab_ops.down()  # a crashed earlier run must not stop this one
@@ -145,9 +152,7 @@ def run_demo(console: Console) -> None:
         outside = _outside_blocked(lab, "client-n0-0")
         console.print(f"GET http://{OUTSIDE}/ (outside the lab) from client-n0-0: {outside} "
                       "(the lab has no way out).")
-        console.print("More: `nodeagent stat`, `nodeagent top`, `nodeagent tap` and /metrics on each agent's admin "
-                      "port while a lab runs. [yellow]Not yet:[/yellow] HTTP/2 per-request balancing, several "
-                      "cores per agent, the kernel fast paths.")
+        console.print(MORE)
         if failures or result["ok"] != BALANCED_REQUESTS or "connect failed" not in outside:
             raise lab_ops.LabError(f"{failures} probes failed, or a pod reached outside the lab: {outside}")
     finally:

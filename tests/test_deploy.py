@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from nodeagent import settings
 from nodeagent.deploy.render import Values, render
 from nodeagent.identity.ca import Authority
 
@@ -29,9 +30,11 @@ def identity(tmp_path_factory):
     return directory
 
 
-def values_for(identity: Path, **overrides) -> Values:
+def values_for(identity: Path, agent: dict | None = None, **overrides) -> Values:
+    """`agent`: settings by flag name, as `nodeagent install --FLAG VALUE` takes them."""
     return Values(anchors_pem=(identity / "ca.crt").read_text(), issuer_crt_pem=(identity / "issuer.crt").read_text(),
-                  issuer_key_pem=(identity / "issuer.key").read_text(), **overrides)
+                  issuer_key_pem=(identity / "issuer.key").read_text(), settings=settings.parse(agent or {}),
+                  **overrides)
 
 
 def by_kind(docs: list[dict]) -> dict:
@@ -48,7 +51,7 @@ def helm_template(identity: Path, *settings: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"namespace": "mesh-system", "image": "registry.test/na:1",
-                                             "mesh_label": "example.com/meshed=yes"}])
+                                             "agent": {"mesh-label": "example.com/meshed=yes"}}])
 def test_every_rendered_manifest_validates_against_the_kubernetes_schemas(identity, overrides):
     for manifest in render(values_for(identity, **overrides)):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
@@ -60,14 +63,28 @@ needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is install
 @needs_helm
 def test_the_helm_chart_validates_and_equals_install_for_the_same_values(identity):
     chart = helm_template(identity, "--set", "namespace=mesh-system", "--set", "image=registry.test/na:1",
-                          "--set", "meshLabel=example.com/meshed=yes", "--set", "fastPath=splice",
-                          "--set", "onNodePlaintext=true", "--set", "workers=4")
+                          "--set", "config.mesh-label=example.com/meshed=yes", "--set", "config.fast-path=splice",
+                          "--set-string", "config.on-node-plaintext=true", "--set-string", "config.workers=4")
     for manifest in chart:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     expected = render(values_for(identity, namespace="mesh-system", image="registry.test/na:1",
-                                 mesh_label="example.com/meshed=yes", fast_path="splice", on_node_plaintext=True,
-                                 workers=4))
+                                 agent={"mesh-label": "example.com/meshed=yes", "fast-path": "splice",
+                                        "on-node-plaintext": "true", "workers": "4"}))
     assert by_kind(chart) == by_kind(expected)
+
+
+def test_the_charts_settings_are_the_settings_models_with_its_defaults():
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert chart_values["config"] == settings.config_map(settings.DEFAULT)
+
+
+def test_every_cluster_setting_reaches_the_agents_command_line(identity):
+    daemonset = by_kind(render(values_for(identity, agent={"workers": "3"})))[("DaemonSet", "nodeagent")]
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"].get("configMapKeyRef", {}).get("key") for e in container["env"]}
+    for option in settings.cluster_options():
+        assert f"--{option.flag}=$({settings.env_name(option)})" in container["args"]
+        assert env[settings.env_name(option)] == option.flag
 
 
 @needs_helm
@@ -96,8 +113,8 @@ def test_the_daemonset_asks_only_for_what_the_agent_needs(identity):
 
 
 def test_a_bad_label_is_refused():
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        Values(mesh_label="nodeagent.io/mesh")
+    with pytest.raises(settings.SettingsError, match="--mesh-label: must be KEY=VALUE"):
+        settings.parse({"mesh-label": "nodeagent.io/mesh"})
 
 
 def test_an_unknown_fast_path_is_refused_with_the_choices(identity):

@@ -14,23 +14,17 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import datetime
-
 from nodeagent import cgroups, preflight
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admin import serve_admin
 from nodeagent.agent.merge import Merged, families_of, merge
-from nodeagent.agent.worker import Settings
 from nodeagent.agent.workers import Workers
 from nodeagent.agent.node_metrics import NodeCollector
 from nodeagent.identity import naming
+from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.workload import WorkloadIdentities
-from nodeagent.policy import authz
 from nodeagent.agent.reconcile import SlotAllocator, plan_changes
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
@@ -47,35 +41,9 @@ class AgentError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    node: str
-    cluster_dir: Path
-    pods_cgroup: Path  # the cgroup v2 directory holding this node's pods
-    pin_root: Path
-    identity_dir: Path  # the mounted issuer Secret: ca.crt, issuer.crt, issuer.key
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 4191
-    trust_domain: str = naming.DEFAULT_TRUST_DOMAIN
-    cert_lifetime: datetime.timedelta = datetime.timedelta(hours=24)
-    default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED
-    # Sidecar mode: serve only this pod ("namespace/name"), with `pods_cgroup` its own cgroup.
-    only_pod: str | None = None
-    fast_paths: int = 0  # abi.FAST_* bits: kernel splices, loopback legs (benchmarks/README.md)
-    on_node_plaintext: bool = False  # same-node meshed pods: no mTLS hop (README, "On-node plaintext")
-    workers: int = 1  # proxy processes, this one included (agent/workers.py)
-    log_level: str = "INFO"
-
-    @property
-    def pin_name(self) -> str:
-        """Each agent's data path has a pin directory of its own."""
-        if self.only_pod:
-            return f"sidecar-{self.only_pod.replace('/', '-')}"
-        return self.node
-
 class Agent:
-    def __init__(self, config: AgentConfig, source):
-        self.config = config
+    def __init__(self, settings: AgentSettings, source):
+        self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
         self.source = source
         self.ready = False
         self.proxy: Proxy | None = None
@@ -92,8 +60,8 @@ class Agent:
                               preflight.check_bpffs(self.config.pin_root)) if not c.ok]
         if failed:
             raise AgentError("; ".join(f"{c.name}: {c.detail} (hint: {c.hint})" for c in failed))
-        if not self.config.pods_cgroup.is_dir():
-            raise AgentError(f"the pods' cgroup {self.config.pods_cgroup} does not exist")
+        if not self.config.cgroup.is_dir():
+            raise AgentError(f"the pods' cgroup {self.config.cgroup} does not exist")
         try:
             self.issuer, self.anchors = load_issuer(self.config.identity_dir)
         except (OSError, ValueError) as e:
@@ -103,7 +71,7 @@ class Agent:
         self.preflight()
         try:
             self.load_report = await asyncio.to_thread(
-                load_in_subprocess, self.config.pin_name, self.config.pods_cgroup, self.config.pin_root,
+                load_in_subprocess, self.config.pin_name, self.config.cgroup, self.config.pin_root,
                 # Only the fast path needs the proxy's own sockets seen by sockops.
                 proxy_cgroup=cgroups.own_cgroup() if self.config.fast_paths else None,
                 fast_paths=self.config.fast_paths)
@@ -112,15 +80,14 @@ class Agent:
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
-        self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime)
-        self.proxy = Proxy(datapath, self.identities, self.config.trust_domain, self.config.default_policy,
-                           on_node_plaintext=self.config.on_node_plaintext, fast_paths=self.config.fast_paths,
-                           reuse_port=self.config.workers > 1)
+        self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
+        processes = self.config.processes(len(os.sched_getaffinity(0)))
+        self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1)
         self.proxy.metrics.registry.register(NodeCollector(self))
-        if self.config.workers > 1:
-            self.workers = Workers(self.config.workers - 1, self._worker_settings(), self.proxy.tap)
+        if processes > 1:
+            self.workers = Workers(processes - 1, self.config, self.proxy.tap)
             self.workers.start()
-        admin = await serve_admin(self, self.config.admin_host, self.config.admin_port)
+        admin = await serve_admin(self, *self.config.admin)
         try:
             while not stop.is_set():
                 view = self.source.poll()
@@ -154,8 +121,8 @@ class Agent:
 
     async def reconcile(self) -> None:
         view = self.proxy.view
-        on_node = {p.uid: p for p in view.pods_on(self.config.node)
-                   if self.config.only_pod is None or p.key == self.config.only_pod}
+        on_node = {p.uid: p for p in view.pods_on(self.config.node_name)
+                   if self.config.sidecar_pod is None or p.key == self.config.sidecar_pod}
         wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
@@ -170,7 +137,7 @@ class Agent:
         self._waiting = False
         for uid in changes.enrol:
             pod = on_node[uid]
-            cgroup = podfs.find_pod_cgroup(self.config.pods_cgroup, uid)
+            cgroup = podfs.find_pod_cgroup(self.config.cgroup, uid)
             fd = podfs.open_pod_netns(cgroup) if cgroup else None
             if fd is None:
                 self._waiting = True  # not started yet: try again next round
@@ -208,11 +175,6 @@ class Agent:
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
 
-    def _worker_settings(self) -> Settings:
-        c = self.config
-        return Settings(0, c.pin_root, c.pin_name, c.identity_dir, c.trust_domain, c.cert_lifetime.total_seconds(),
-                        c.default_policy.value, c.on_node_plaintext, c.fast_paths, c.log_level)
-
     async def _families(self) -> tuple[list, int]:
         """Every process's metrics, merged, and their open connections."""
         reports = await self.workers.scrape() if self.workers else []
@@ -229,7 +191,7 @@ class Agent:
                 for p in self.proxy.pods.values()] if self.proxy else []
         identities = self.identities.expirations() if self.proxy else {}
         families, open_connections = await self._families() if self.proxy else ([], 0)
-        return {"node": self.config.node, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
+        return {"node": self.config.node_name, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
                 "datapath": self.load_report, "pods": pods, "identities": identities,
                 "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
@@ -240,7 +202,7 @@ class Agent:
                              if not name.endswith("_created")]}
 
 
-def run_agent(config: AgentConfig, source) -> None:
+def run_agent(settings: AgentSettings, source) -> None:
     """Run until SIGTERM or SIGINT."""
     import uvloop
 
@@ -249,6 +211,6 @@ def run_agent(config: AgentConfig, source) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config, source).run(stop)
+        await Agent(settings, source).run(stop)
 
     uvloop.run(main())

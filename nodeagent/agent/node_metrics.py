@@ -30,12 +30,12 @@ class NodeCollector:
     def collect(self):
         proxy = self.agent.proxy
         pods = GaugeMetricFamily("enrolled_pods", "Pods this agent serves", labels=["node"])
-        pods.add_metric([self.agent.config.node], len(proxy.pods) if proxy else 0)
+        pods.add_metric([self.agent.config.node_name], len(proxy.pods) if proxy else 0)
         yield pods
         programs = GaugeMetricFamily("bpf_programs_attached", "Our BPF programs attached to the node's pod cgroup",
                                      labels=["node", "program"])
         for name, count in self.attached().items():
-            programs.add_metric([self.agent.config.node, name], count)
+            programs.add_metric([self.agent.config.node_name, name], count)
         yield programs
         if proxy is None:
             return
@@ -49,7 +49,7 @@ class NodeCollector:
 
     def attached(self) -> dict[str, int]:
         try:
-            fd = os.open(self.agent.config.pods_cgroup, os.O_RDONLY)
+            fd = os.open(self.agent.config.cgroup, os.O_RDONLY)
         except OSError:
             return {}
         try:

@@ -17,31 +17,14 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from nodeagent.agent import channel
 from nodeagent.agent.merge import families_of
+from nodeagent.settings import AgentSettings
 
 log = logging.getLogger("nodeagent.worker")
 PR_SET_PDEATHSIG = 1
 RENEW_EVERY_S = 1.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a worker needs of the agent's configuration."""
-
-    index: int
-    pin_root: Path
-    pin_name: str
-    identity_dir: Path
-    trust_domain: str
-    cert_lifetime_s: float
-    default_policy: str
-    on_node_plaintext: bool
-    fast_paths: int
-    log_level: str = "INFO"
 
 
 class TapForward:
@@ -60,7 +43,8 @@ class TapForward:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, settings: Settings):
+    def __init__(self, sock: socket.socket, index: int, settings: AgentSettings):
+        self.index = index
         self.settings = settings
         self.sock = sock
         self.stop = asyncio.Event()
@@ -75,28 +59,23 @@ class Worker:
         self.loop.call_soon_threadsafe(self.stop.set)  # the agent is gone
 
     async def run(self) -> None:
-        import datetime
-
         from nodeagent.datapath.control import Datapath
         from nodeagent.datapath.pins import PinLayout
         from nodeagent.identity.ca import load_issuer
         from nodeagent.identity.workload import WorkloadIdentities
-        from nodeagent.policy import authz
         from nodeagent.proxy.server import Proxy
 
         s = self.settings
         issuer, anchors = load_issuer(s.identity_dir)
-        self.identities = WorkloadIdentities(issuer, anchors, datetime.timedelta(seconds=s.cert_lifetime_s))
+        self.identities = WorkloadIdentities(issuer, anchors, s.cert_lifetime_delta)
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
-        self.proxy = Proxy(datapath, self.identities, s.trust_domain, authz.Mode(s.default_policy),
-                           on_node_plaintext=s.on_node_plaintext, fast_paths=s.fast_paths, owns_datapath=False,
-                           reuse_port=True)
-        self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{s.index}")
-        self.endpoint.post(("ready", s.index))
+        self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False, reuse_port=True)
+        self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{self.index}")
+        self.endpoint.post(("ready", self.index))
         try:
             while not self.stop.is_set():
                 for identity in self.identities.renew_due():
-                    log.info("worker %d: certificate for %s renewed", s.index, identity)
+                    log.info("worker %d: certificate for %s renewed", self.index, identity)
                 try:
                     await asyncio.wait_for(self.stop.wait(), RENEW_EVERY_S)
                 except asyncio.TimeoutError:
@@ -133,7 +112,7 @@ class Worker:
         try:
             await self.proxy.add_pod(info, netns_fd, slot)
         except OSError as e:
-            log.error("worker %d: pod %s: cannot serve: %s", self.settings.index, info.key, e)
+            log.error("worker %d: pod %s: cannot serve: %s", self.index, info.key, e)
             os.close(netns_fd)
 
     async def _remove(self, cookie: int, deleted: bool) -> None:
@@ -161,14 +140,14 @@ def main() -> None:
     _die_with_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
     message, _ = channel.receive(sock)
-    settings: Settings = message[1]
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _, index, settings = message
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
 
     import uvloop
 
     async def run():
-        await Worker(sock, settings).run()
+        await Worker(sock, index, settings).run()
 
     uvloop.run(run())
 

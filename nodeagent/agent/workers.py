@@ -15,7 +15,6 @@ workers' metrics and events into the agent's.
 """
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import socket
@@ -23,14 +22,14 @@ import subprocess
 import sys
 
 from nodeagent.agent import channel
-from nodeagent.agent.worker import Settings
+from nodeagent.settings import AgentSettings
 
 log = logging.getLogger("nodeagent.agent")
 SCRAPE_TIMEOUT_S = 2.0
 
 
 class _Process:
-    def __init__(self, index: int, settings: Settings, on_message):
+    def __init__(self, index: int, settings: AgentSettings, on_message):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with child:
             self.popen = subprocess.Popen([sys.executable, "-m", "nodeagent.agent.worker", str(child.fileno())],
@@ -38,11 +37,11 @@ class _Process:
         self.index = index
         self.endpoint = channel.Endpoint(parent, lambda message, fds: on_message(self, message, fds),
                                          name=f"agent-worker{index}")
-        self.endpoint.post(("settings", dataclasses.replace(settings, index=index)))
+        self.endpoint.post(("settings", index, settings))
 
 
 class Workers:
-    def __init__(self, count: int, settings: Settings, tap_hub):
+    def __init__(self, count: int, settings: AgentSettings, tap_hub):
         self.count = count
         self.settings = settings
         self.tap_hub = tap_hub

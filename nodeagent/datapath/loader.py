@@ -20,12 +20,13 @@ from pathlib import Path
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.cleanup import detach_link
 from nodeagent.datapath.pins import DEFAULT_ROOT, PinLayout
+from nodeagent.ports import MESH_PORT
 from nodeagent.datapath.programs import (CGROUP_PROGRAMS, PROGRAMS, SK_LOOKUP, SOCKHASH_OF, SOCKHASH_PROGRAMS,
                                         SOCKOPS_PROXY, Program)
 
 BPF_SRC_DIR = Path(os.environ.get("NODEAGENT_BPF_SRC", Path(__file__).resolve().parents[2] / "bpf"))
 DEFAULT_PROXY_MARK = 0x4E41  # "NA"
-DEFAULT_MESH_PORT = 4143  # as Linkerd's inbound mesh port
+DEFAULT_MESH_PORT = MESH_PORT
 DEFAULT_FAST_PATHS = 0  # off: see benchmarks/README.md, "Kernel fast paths"
 
 

@@ -10,7 +10,10 @@ maps on older kernels), PERFMON (helpers bcc's compiled programs may use).
 """
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nodeagent import settings as settings_model
+from nodeagent.settings import AgentSettings
 
 NAME = "nodeagent"
 APP_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": NAME}
@@ -18,24 +21,21 @@ APP_LABELS = {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": NAME}
 
 @dataclass(frozen=True)
 class Values:
+    """What the manifests are made of: where they go, and the agents' cluster-wide settings
+    (validated by the settings model; they become the ConfigMap and the DaemonSet's arguments)."""
+
     namespace: str = "nodeagent"
     image: str = "ghcr.io/nodeagent/nodeagent:0.1.0"
-    mesh_label: str = "nodeagent.io/mesh=enabled"
-    trust_domain: str = "cluster.local"
-    default_policy: str = "all-unauthenticated"
-    log_level: str = "info"
-    fast_path: str = ""  # off; "splice" or "splice,loopback" (README, Fast paths)
-    on_node_plaintext: bool = False
-    workers: int = 0  # proxy processes per node; 0: one per core the agent's container may use
+    settings: AgentSettings = field(default_factory=AgentSettings)
     admin_port: int = 4191
     anchors_pem: str = ""
     issuer_crt_pem: str = ""
     issuer_key_pem: str = ""
 
-    def __post_init__(self):
-        key, sep, value = self.mesh_label.partition("=")
-        if not key or not sep or not value:
-            raise ValueError(f"--label must be KEY=VALUE, not {self.mesh_label!r}")
+
+def _cluster_options() -> list:
+    """The ConfigMap's settings in key order: the order Helm's `range` walks them."""
+    return sorted(settings_model.cluster_options(), key=lambda option: option.flag)
 
 
 def _meta(name: str, values: Values, namespaced: bool = True) -> dict:
@@ -64,10 +64,7 @@ def render(values: Values) -> list[dict]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NAME}-config", values),
-         "data": {"mesh-label": values.mesh_label, "trust-domain": values.trust_domain,
-                  "default-policy": values.default_policy, "log-level": values.log_level,
-                  "fast-path": values.fast_path, "on-node-plaintext": str(values.on_node_plaintext).lower(),
-                  "workers": str(values.workers)}},
+         "data": dict(sorted(settings_model.config_map(values.settings).items()))},
         {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(f"{NAME}-identity-issuer", values),
          "data": {"ca.crt": _b64(values.anchors_pem), "issuer.crt": _b64(values.issuer_crt_pem),
                   "issuer.key": _b64(values.issuer_key_pem)}},
@@ -104,16 +101,10 @@ def daemonset(values: Values) -> dict:
                         "args": ["run", "--kube", "--node-name=$(NODE_NAME)",
                                  "--identity-dir=/var/run/nodeagent/identity",
                                  f"--admin=0.0.0.0:{values.admin_port}", "--pin-root=/sys/fs/bpf/nodeagent",
-                                 "--mesh-label=$(MESH_LABEL)", "--trust-domain=$(TRUST_DOMAIN)",
-                                 "--default-policy=$(DEFAULT_POLICY)", "--log-level=$(LOG_LEVEL)",
-                                 "--fast-path=$(FAST_PATH)", "--on-node-plaintext=$(ON_NODE_PLAINTEXT)",
-                                 "--workers=$(WORKERS)"],
+                                 *(f"--{o.flag}=$({settings_model.env_name(o)})" for o in _cluster_options())],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                            _config_env("MESH_LABEL", "mesh-label"), _config_env("TRUST_DOMAIN", "trust-domain"),
-                            _config_env("DEFAULT_POLICY", "default-policy"), _config_env("LOG_LEVEL", "log-level"),
-                            _config_env("FAST_PATH", "fast-path"),
-                            _config_env("ON_NODE_PLAINTEXT", "on-node-plaintext"), _config_env("WORKERS", "workers"),
+                            *(_config_env(settings_model.env_name(o), o.flag) for o in _cluster_options()),
                         ],
                         "ports": [{"name": "admin", "containerPort": values.admin_port, "protocol": "TCP"}],
                         "readinessProbe": probe("/ready"),

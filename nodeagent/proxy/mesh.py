@@ -21,7 +21,6 @@ MAGIC = b"NAGT"
 VERSION = 1
 HEADER = struct.Struct("!4sBBH")
 HINT_OPAQUE, HINT_HTTP1, HINT_H2 = 0, 1, 2
-MESH_PORT = 4143
 
 
 class TunnelError(ConnectionError):

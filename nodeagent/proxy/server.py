@@ -10,9 +10,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-import ipaddress
-
 from nodeagent import netns
+from nodeagent.ports import INBOUND_PORT, MESH_PORT, OUTBOUND_PORT
 from nodeagent.cluster.model import ClusterView, PodInfo
 from nodeagent.datapath.abi import FAST_SKB, FAST_SPLICE
 from nodeagent.datapath.control import Datapath, PodEntry
@@ -29,15 +28,11 @@ from nodeagent.proxy.routing import ToService
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.upstream import PROXY_MARK, Pool
+from nodeagent.settings import DEFAULT, AgentSettings
 
 log = logging.getLogger("nodeagent.proxy")
 
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
 MAX_CONNECTIONS = 20000
-# Linkerd's default clusterNetworks.
-DEFAULT_CLUSTER_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"))
 LOGGED_REJECTIONS_MAX = 1024
 
 
@@ -89,16 +84,14 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: b
 
 
 class Proxy:
-    def __init__(self, datapath: Datapath, identities: WorkloadIdentities, trust_domain: str = naming.DEFAULT_TRUST_DOMAIN,
-                 default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED,
-                 cluster_networks: tuple = DEFAULT_CLUSTER_NETWORKS, max_connections: int = MAX_CONNECTIONS,
-                 on_node_plaintext: bool = False, fast_paths: int = 0, owns_datapath: bool = True,
-                 reuse_port: bool = False):
+    def __init__(self, datapath: Datapath, identities: WorkloadIdentities, settings: AgentSettings = DEFAULT,
+                 max_connections: int = MAX_CONNECTIONS, owns_datapath: bool = True, reuse_port: bool = False):
         self.datapath = datapath
         self.identities = identities
-        self.trust_domain = trust_domain
-        self.default_policy = default_policy
-        self.cluster_networks = cluster_networks
+        self.trust_domain = settings.trust_domain
+        self.default_policy = settings.default_policy
+        self.cluster_networks = settings.networks
+        on_node_plaintext, fast_paths = settings.on_node_plaintext, settings.fast_paths
         self._policies: dict[str, tuple[dict, authz.PodPolicy]] = {}
         self.inbound_live: dict[str, set] = {}  # pod key -> admitted inbound connections
         self._logged_rejections: set = set()
@@ -246,7 +239,7 @@ class Proxy:
         path = f"/proc/self/fd/{netns_fd}"
         outbound_sock = _listener(path, OUTBOUND_PORT, reuse_port=self.reuse_port)
         inbound_sock = _listener(path, INBOUND_PORT, reuse_port=self.reuse_port)
-        mesh_sock = _listener(path, mesh.MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
+        mesh_sock = _listener(path, MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot)
         pod.identity = self.identity_of(info)

@@ -11,6 +11,7 @@ from collections import defaultdict
 import httptools
 
 from nodeagent import netns
+from nodeagent.ports import MESH_PORT
 
 PROXY_MARK = 0x4E41  # matches nodeagent.datapath.loader.DEFAULT_PROXY_MARK
 POOL_IDLE_S = 90.0
@@ -46,7 +47,7 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
     if tunnel is None:
         sock = await open_socket(netns_path, address, timeout_s)
         return await loop.create_connection(factory, sock=sock)
-    sock = await open_socket(netns_path, (tunnel.pod_ip, mesh.MESH_PORT), timeout_s)
+    sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
     transport, protocol = await loop.create_connection(factory, sock=sock)
     tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port, tunnel.hint,
                                       timeout_s, tunnel.sessions, tunnel.pod_ip)
