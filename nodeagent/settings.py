@@ -23,6 +23,8 @@ from nodeagent.datapath import abi
 from nodeagent.datapath.pins import DEFAULT_ROOT
 from nodeagent.identity import naming
 from nodeagent.policy import authz
+from nodeagent.proxy import limits
+from nodeagent.proxy.limits import PodLimits
 
 DEFAULT_PIN_ROOT = DEFAULT_ROOT  # NODEAGENT_BPF_ROOT overrides it (pins.py)
 DEFAULT_ADMIN = ("127.0.0.1", 4191)
@@ -158,6 +160,10 @@ def _print_fast_paths(bits: int) -> str:
     return ",".join(name for name, bit in FAST_PATH_NAMES.items() if bits & bit)
 
 
+def _pod_limits(value: str) -> PodLimits:
+    return limits.parse(value)
+
+
 def _networks(value: str) -> tuple[str, ...]:
     parts = tuple(filter(None, (part.strip() for part in value.split(","))))
     for part in parts:
@@ -231,6 +237,13 @@ OPTIONS: tuple[Option, ...] = (
     _option("workers", _int_range(0, 256), 0, Scope.CLUSTER,
             "Proxy processes, this one included (0: one per core the agent may use); sidecar mode runs one."),
     _option("log_level", _log_level, "info", Scope.CLUSTER, "Log level: " + ", ".join(LOG_LEVELS) + "."),
+    _option("pod_limits", _pod_limits, PodLimits(), Scope.CLUSTER,
+            "Each pod's share of the node's proxy, NAME=N,... (pods may set their own with "
+            "limits.nodeagent.io/NAME annotations; README, Per-pod limits): " + PodLimits().show() + ".",
+            lambda limits: limits.show(), metavar="NAME=N,..."),
+    _option("max_connections", _int_range(1, 1_000_000), 20000, Scope.CLUSTER,
+            "Client connections the node's proxy holds at once, all pods together (each pod also has its own "
+            "limit)."),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -258,6 +271,8 @@ class AgentSettings:
     on_node_plaintext: bool = False
     workers: int = 0
     log_level: str = "info"
+    pod_limits: PodLimits = PodLimits()
+    max_connections: int = 20000
 
     # --- derived ---
 

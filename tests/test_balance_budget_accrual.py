@@ -177,3 +177,32 @@ def test_jitter_stretches_the_backoff():
 def test_accrual_configuration_is_validated():
     with pytest.raises(ValueError):
         FailureAccrual(Clock(), min_backoff_s=5, max_backoff_s=1)
+
+
+def test_budget_memory_is_constant_whatever_the_traffic():
+    import sys
+
+    clock = Clock()
+    budget = RetryBudget(clock)
+    sizes = set()
+    for second in range(100):
+        for _ in range(10_000):
+            budget.deposit()
+        clock.t += 1.0
+        sizes.add(sum(sys.getsizeof(getattr(budget, name)) for name in ("_requests", "_retries")))
+    assert len(sizes) == 1  # a million requests later, the same two lists of SLICES counts
+    assert budget.balance() == pytest.approx(0.2 * 90_000 + 100)  # the last 9 full slices (the 10th is now)
+
+
+def test_budget_window_slides_slice_by_slice():
+    clock = Clock()
+    budget = RetryBudget(clock, min_per_s=0)
+    for _ in range(10):  # 10 requests in each of the first 10 seconds
+        for _ in range(10):
+            budget.deposit()
+        clock.t += 1.0
+    assert budget.balance() == pytest.approx(0.2 * 90)  # at t=10 the first second has left the window
+    clock.t += 5.0
+    assert budget.balance() == pytest.approx(0.2 * 40)
+    clock.t += 100.0
+    assert budget.balance() == 0

@@ -108,10 +108,3 @@ def test_bad_annotations_fall_back_to_defaults_with_a_message(key, value):
     config, errors = sc.from_annotations({key: value})
     assert config == sc.DEFAULT
     assert len(errors) == 1 and errors[0].startswith(key)
-
-
-@pytest.mark.parametrize("method,has_body,ok", [
-    ("GET", False, True), ("PUT", False, True), ("DELETE", False, True), ("POST", False, False),
-    ("PATCH", False, False), ("GET", True, False)])
-def test_retryable_methods(method, has_body, ok):
-    assert sc.retryable_method(method, has_body) is ok

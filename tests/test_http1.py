@@ -3,6 +3,7 @@ fixed destination in place of the mesh's routing (tested in test_proxy.py)."""
 
 import asyncio
 import http.client
+import logging
 import re
 import socket
 import threading
@@ -12,6 +13,11 @@ import pytest
 
 from nodeagent.lab.workloads import SERVERS
 from nodeagent.proxy.budget import RetryBudget
+from nodeagent.proxy.context import Observers
+from nodeagent.proxy.metrics import Metrics
+from nodeagent.proxy.problems import ProblemLog
+from nodeagent.proxy.retry import Retries
+from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.upstream import Pool
 
@@ -25,9 +31,11 @@ class FixedTarget:
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.attempts = [], [], 0
+        self.observers = Observers(Metrics(), TapHub(), ProblemLog(logging.getLogger("test")))
 
-    def new_request(self):
+    def retries(self, facts):
         self.budget.deposit()
+        return Retries(facts, self.retry_limit, frozenset(self.retry_statuses), self.budget)
 
     def choose(self, tried):
         return None, self.address
@@ -41,11 +49,12 @@ class FixedTarget:
     def connect_failed(self, state, exc):
         pass
 
-    def may_retry(self):
-        return self.budget.withdraw()
+    @staticmethod
+    def connect_failure_reason(exc):
+        return "connect failed"
 
-    def retries_status(self, status):
-        return status in self.retry_statuses
+    def count_cut(self, reason):
+        self.errors.append((None, reason))
 
     def request_started(self, state, address):
         self.attempts += 1

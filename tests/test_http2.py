@@ -4,6 +4,7 @@ test_protocols_lab.py)."""
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -18,6 +19,11 @@ from nodeagent.lab import workloads
 from nodeagent.lab.workloads import SERVERS
 from nodeagent.proxy import h2peer, http2
 from nodeagent.proxy.budget import RetryBudget
+from nodeagent.proxy.context import Observers
+from nodeagent.proxy.metrics import Metrics
+from nodeagent.proxy.problems import ProblemLog
+from nodeagent.proxy.retry import Retries, Verdict
+from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.h2upstream import H2Pool
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -32,10 +38,15 @@ class FixedTargets:
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.finished, self.chosen, self.failures = [], [], [], [], []
-        self.abandoned = self.connect_failures = self.retries = 0
+        self.abandoned = self.connect_failures = self.retried = self.streams = 0
+        self.observers = Observers(Metrics(), TapHub(), ProblemLog(logging.getLogger("test")))
 
-    def new_request(self):
+    def retries(self, facts):
         self.budget.deposit()
+        return Retries(facts, self.retry_limit, frozenset(self.retry_statuses), self.budget, self._verdict)
+
+    def _verdict(self, verdict):
+        self.retried += verdict is Verdict.RETRY
 
     def choose(self, tried):
         if not self.addresses:
@@ -50,13 +61,22 @@ class FixedTargets:
     def connect_failed(self, state, exc):
         self.connect_failures += 1
 
-    def may_retry(self):
-        allowed = self.budget.withdraw()
-        self.retries += allowed
-        return allowed
+    @staticmethod
+    def connect_failure_reason(exc):
+        return "connect failed"
 
-    def retries_status(self, status):
-        return status in self.retry_statuses
+    def take_stream(self):
+        self.streams += 1
+        return True
+
+    def give_stream(self):
+        self.streams -= 1
+
+    def count_limit(self, limit):
+        self.errors.append((None, limit))
+
+    def count_cut(self, reason):
+        self.errors.append((None, reason))
 
     def request_started(self, state, address):
         return time.monotonic()
@@ -223,7 +243,7 @@ def test_statuses_configured_for_retry_are_retried_within_the_limit(lt, behave):
     (get,) = client.wait(client.request("GET", "/"))
     (post,) = client.wait(client.request("POST", "/", body=b"not safe to repeat"))
     assert get.status == 503 and post.status == 503
-    assert target.retries == 1 and len(target.chosen) == 3  # the GET twice, the POST once
+    assert target.retried == 1 and len(target.chosen) == 3  # the GET twice, the POST once
     client.close()
 
 
@@ -236,7 +256,7 @@ def test_a_refused_connection_is_retried_then_a_502_with_the_reason(lt):
     client = H2Client("127.0.0.1", port)
     (response,) = client.wait(client.request("POST", "/", body=b"replayed"))
     assert response.status == 200 and response.body == b"replayed"
-    assert target.connect_failures == 1 and target.retries == 1
+    assert target.connect_failures == 1 and target.retried == 1
     target.addresses = [dead]
     (response,) = client.wait(client.request("GET", "/"))
     assert response.status == 502
@@ -319,7 +339,7 @@ def test_a_refused_stream_is_retried_even_for_a_post(lt):
     client = H2Client("127.0.0.1", port)
     (response,) = client.wait(client.request("POST", "/", body=b"x" * 1000))
     assert response.status == 200 and response.body == b"x" * 1000
-    assert target.retries == 1
+    assert target.retried == 1
     client.close()
 
 

@@ -10,6 +10,7 @@ from nodeagent.policy.authz import Client, Mode, PodPolicy, authorize, pod_polic
 CLUSTER = (ipaddress.ip_network("10.244.0.0/16"),)
 ALICE = "spiffe://cluster.local/ns/default/sa/alice"
 BOB = "spiffe://cluster.local/ns/default/sa/bob"
+OTHER_DOMAIN = "spiffe://partner.example/ns/default/sa/alice"
 
 
 # --- naming ---
@@ -52,15 +53,27 @@ def test_issued_certificates_carry_only_the_spiffe_id_and_chain_to_the_anchor():
     (Mode.ALL_UNAUTHENTICATED, Client("192.0.2.9", None), True),
     (Mode.ALL_AUTHENTICATED, Client("10.244.0.5", None), False),
     (Mode.ALL_AUTHENTICATED, Client("10.244.0.5", ALICE), True),
-    (Mode.CLUSTER_AUTHENTICATED, Client("10.244.0.5", None), True),
+    # Linkerd's meaning: authenticated AND from the cluster (plaintext from the cluster used to pass)
+    (Mode.CLUSTER_AUTHENTICATED, Client("10.244.0.5", None), False),
+    (Mode.CLUSTER_AUTHENTICATED, Client("10.244.0.5", ALICE), True),
     (Mode.CLUSTER_AUTHENTICATED, Client("192.0.2.9", None), False),
-    (Mode.CLUSTER_AUTHENTICATED, Client("192.0.2.9", ALICE), True),
+    (Mode.CLUSTER_AUTHENTICATED, Client("192.0.2.9", ALICE), False),
+    # a trusted issuer's certificate for another trust domain is not this mesh's member
+    (Mode.ALL_AUTHENTICATED, Client("10.244.0.5", OTHER_DOMAIN), False),
+    (Mode.CLUSTER_AUTHENTICATED, Client("10.244.0.5", OTHER_DOMAIN), False),
     (Mode.CLUSTER_UNAUTHENTICATED, Client("10.244.1.5", None), True),
     (Mode.CLUSTER_UNAUTHENTICATED, Client("192.0.2.9", ALICE), False),
     (Mode.DENY, Client("10.244.0.5", ALICE), False),
 ])
 def test_modes(mode, client, allowed):
     assert authorize(PodPolicy(mode), 8080, client, CLUSTER).allowed is allowed
+
+
+def test_another_trust_domain_passes_a_port_list_only_by_name():
+    policy = PodPolicy(Mode.DENY, {8080: frozenset({"*"}), 9000: frozenset({OTHER_DOMAIN})})
+    assert not authorize(policy, 8080, Client("10.244.0.5", OTHER_DOMAIN), CLUSTER).allowed
+    assert authorize(policy, 8080, Client("10.244.0.5", ALICE), CLUSTER).allowed
+    assert authorize(policy, 9000, Client("10.244.0.5", OTHER_DOMAIN), CLUSTER).allowed
 
 
 def test_a_port_allow_list_admits_only_its_identities_whatever_the_mode():

@@ -9,6 +9,7 @@ from nodeagent.identity import naming
 from nodeagent.identity.ca import Authority, certificate_pem, key_pem, new_key
 from nodeagent.identity.workload import NotOnThisNode, WorkloadIdentities, _contexts
 from nodeagent.proxy import mesh
+from nodeagent.proxy.hop import Hint
 from nodeagent.proxy.relay import Holding
 from nodeagent.proxy.tls import handshake
 
@@ -78,7 +79,7 @@ async def exchange(server_context, client_context, expected=SERVER, payload=b"he
     try:
         transport, holding = await loop.create_connection(Holding, *server.sockets[0].getsockname())
         try:
-            tls = await mesh.client_handshake(transport, holding, client_context, expected, 9000, mesh.HINT_OPAQUE, 5)
+            tls = await mesh.client_handshake(transport, holding, client_context, expected, 9000, Hint.OPAQUE, 5)
         except mesh.TunnelError as e:
             await asyncio.sleep(0.1)
             return results, e
@@ -215,7 +216,7 @@ def test_trust_anchor_rollover_trusts_both_anchors_at_once(pki):
 
 
 def test_tunnel_header_round_trip_and_garbage():
-    assert mesh.decode_header(mesh.encode_header(8080, mesh.HINT_HTTP1) + b"rest") == (8080, mesh.HINT_HTTP1)
+    assert mesh.decode_header(mesh.encode_header(8080, Hint.HTTP1) + b"rest") == (8080, Hint.HTTP1)
     with pytest.raises(mesh.TunnelError):
         mesh.decode_header(b"GET / HTTP/1.1\r\n")
     with pytest.raises(ValueError):

@@ -3,6 +3,7 @@
     spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class Identity:
         if not _DNS_SUBDOMAIN.match(self.service_account):
             raise IdentityError(f"invalid service account {self.service_account!r}")
 
-    @property
+    @functools.cached_property
     def uri(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
@@ -50,5 +51,6 @@ def parse(uri: str) -> Identity:
     return Identity(*match.groups())
 
 
+@functools.lru_cache(maxsize=4096)  # built per connection and per request: validated once per name
 def of_pod(namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Identity:
     return Identity(trust_domain, namespace, service_account or "default")

@@ -18,6 +18,7 @@ got spliced in the benchmark). EOFs and
 resets still pass through the proxy's ends, which stay open.
 """
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
@@ -296,3 +297,24 @@ def request(datapath, client: asyncio.Transport, client_cookie: int, upstream: a
             datapath.end_splice(d.source)
             d.target_socket.close()
         raise
+
+
+class Splicer:
+    """The proxy's handle on the kernel splices: `request` a pair's splice before the relays
+    start (KernelSplice.attach follows them); None when the fast path is off or the kernel refused."""
+
+    def __init__(self, datapath, fast_paths: int, problems):
+        self.datapath, self.problems = datapath, problems
+        self.on = bool(fast_paths & abi.FAST_SPLICE)  # sk_msg splices
+        self.skb = bool(fast_paths & abi.FAST_SKB)  # sk_skb: bytes from remote peers
+
+    def request(self, client: asyncio.Transport, client_cookie: int, upstream: asyncio.Transport,
+                upstream_cookie: int) -> KernelSplice | None:
+        if not self.on:
+            return None
+        try:
+            return request(self.datapath, client, client_cookie, upstream, upstream_cookie, self.skb)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTCONN):  # a side half-closed or closed meanwhile
+                self.problems.warning("splice", "kernel splice not used: %s", e)
+            return None

@@ -2,28 +2,49 @@
 
 Requests are parsed (httptools, in C) and re-sent to an endpoint chosen per
 request; responses pass through as raw bytes once their head is seen, so a
-body is never copied into Python objects beyond the kernel's reads. Retries:
-connect failures always (to another endpoint when there is one); configured
-statuses only for requests safe to repeat; both bounded by the retry limit
-and the Service's retry budget. Errors the proxy writes carry a
-`nodeagent-proxy-error` header with the reason.
+body is never copied into Python objects beyond the kernel's reads. Retries
+follow proxy/retry.py (connect failures always, when the body is still whole;
+configured statuses and lost connections only for safe requests), bounded by
+the retry limit and the Service's retry budget. Errors the proxy writes carry
+a `nodeagent-proxy-error` header with the reason.
+
+Memory is bounded both ways (backpressure):
+- request bodies: at most BODY_HIGH_WATER bytes wait in the proxy; past it the
+  client is not read until the endpoint has taken them (and the endpoint's
+  connection is written only while its own buffer is below the high-water mark);
+- responses: while the client's write buffer is above its high-water mark, the
+  endpoint's connection is not read;
+- pipelined requests: at most MAX_QUEUED_REQUESTS read ahead.
+A request timeout (timeout.nodeagent.io/request) bounds the whole exchange:
+before the response's head it is a 504; after it, both connections are cut.
 """
 
 import asyncio
+import enum
 import time
 from dataclasses import dataclass, field
 
 import httptools
 
+from nodeagent.proxy.attempts import Outcome, run_attempts
 from nodeagent.proxy.errors import error_response
 from nodeagent.proxy.relay import splice
-from nodeagent.proxy.service_config import retryable_method
+from nodeagent.proxy.retry import Failure, RequestFacts, Retries, Verdict
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_READ_TIMEOUT_S = 10.0  # slowloris: a request head must arrive within this
 KEEPALIVE_IDLE_S = 60.0
 MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being served
+BODY_HIGH_WATER = 256 * 1024  # request body bytes held before the client is paused
+BODY_LOW_WATER = 64 * 1024
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+
+class Pause(enum.Enum):
+    """Why the client is not being read (reading resumes when no reason is left)."""
+
+    PIPELINE = "pipelined requests queued"
+    BODY = "request body queued"
 
 
 @dataclass
@@ -36,7 +57,7 @@ class Request:
     upgrade: bool = False
     chunked: bool = False
     has_body: bool = False
-    body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None
+    body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None (bounded by bytes)
     started: float = 0.0
 
     def head(self) -> bytes:
@@ -48,10 +69,13 @@ class Request:
                   if self.upgrade or self.version != "1.1" or name.lower() not in HOP_BY_HOP]
         return b"".join(lines) + b"\r\n"
 
+    def facts(self) -> RequestFacts:
+        return RequestFacts(self.method, self.has_body, self.upgrade)
+
 
 class Http1Server(asyncio.Protocol):
     """The client side of an HTTP/1 connection. `target` decides where each
-    request goes (see outbound.HttpTarget); `initial` are bytes read during
+    request goes (see target.HttpTarget); `initial` are bytes read during
     detection."""
 
     def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
@@ -71,6 +95,10 @@ class Http1Server(asyncio.Protocol):
         self.upgrade_bytes: bytearray | None = None  # client bytes after an Upgrade request's head
         self.closing = False
         self.head_timer: asyncio.TimerHandle | None = None
+        self.paused: set[Pause] = set()
+        self.body_queued = 0  # request body bytes read from the client, not yet sent on
+        self.responding = None  # the upstream connection whose response is being relayed
+        self.client_slow = False  # our write buffer toward the client is above its high-water mark
 
     # --- reading requests ---
 
@@ -90,6 +118,17 @@ class Http1Server(asyncio.Protocol):
         if self.reading_head and self.head_bytes:
             self._reject(408, "request head not received in time")
 
+    def _pause(self, reason: Pause) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def _resume(self, reason: Pause) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+
     def data_received(self, data):
         if self.stats is not None:
             self.stats.read += len(data)
@@ -97,6 +136,8 @@ class Http1Server(asyncio.Protocol):
             return
         if self.upgrade_bytes is not None:
             self.upgrade_bytes += data  # for the upgraded protocol, once the upstream agrees
+            if len(self.upgrade_bytes) > BODY_HIGH_WATER:
+                self._pause(Pause.BODY)  # the splice resumes it
             return
         if self.reading_head:
             # Count only the head: up to the blank line, which may straddle two reads.
@@ -115,7 +156,7 @@ class Http1Server(asyncio.Protocol):
             self._reject(400, f"malformed request: {e}")
             return
         if self.requests.qsize() >= MAX_QUEUED_REQUESTS:
-            self.transport.pause_reading()
+            self._pause(Pause.PIPELINE)
 
     def on_message_begin(self):
         self.current = Request()
@@ -146,6 +187,9 @@ class Http1Server(asyncio.Protocol):
 
     def on_body(self, body):
         self.current.body.put_nowait(bytes(body))
+        self.body_queued += len(body)
+        if self.body_queued > BODY_HIGH_WATER:
+            self._pause(Pause.BODY)
 
     def on_message_complete(self):
         self.current.body.put_nowait(None)
@@ -165,6 +209,18 @@ class Http1Server(asyncio.Protocol):
             self.task.cancel()
         if self.on_close and not self.upgraded:
             self.on_close()
+
+    # --- the client's side is slow: so is our reading of the endpoint ---
+
+    def pause_writing(self):
+        self.client_slow = True
+        if self.responding is not None and not self.responding.transport.is_closing():
+            self.responding.transport.pause_reading()
+
+    def resume_writing(self):
+        self.client_slow = False
+        if self.responding is not None and not self.responding.transport.is_closing():
+            self.responding.transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         if self.stats is not None:
@@ -188,8 +244,8 @@ class Http1Server(asyncio.Protocol):
                 request = await self._next_request()
                 if request is None:
                     break  # the client is done, or the keep-alive connection sat idle
-                if self.transport.is_reading() is False and self.requests.qsize() < MAX_QUEUED_REQUESTS // 2:
-                    self.transport.resume_reading()
+                if self.requests.qsize() < MAX_QUEUED_REQUESTS // 2:
+                    self._resume(Pause.PIPELINE)
                 keep_going = await self._handle(request)
                 if not keep_going or not request.keep_alive or self.upgraded:
                     break
@@ -197,6 +253,7 @@ class Http1Server(asyncio.Protocol):
             return
         except Exception as e:  # never let one connection's bug take the proxy down
             self.target.count_error(502, f"proxy error: {type(e).__name__}")
+            self.target.observers.problems.exception("http1", e, "HTTP/1 connection")
             self.transport.abort()
             return
         if not self.upgraded and not self.transport.is_closing():
@@ -215,90 +272,93 @@ class Http1Server(asyncio.Protocol):
 
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
-        started = request.started = time.monotonic()
-        self.target.new_request()
-        retryable = retryable_method(request.method, request.has_body) and not request.upgrade
-        tried: set = set()
-        attempt = 0
-        deadline = self.target.request_timeout_s
-        while True:
-            choice = self.target.choose(tried)
-            if isinstance(choice, str):  # no endpoint to send to: the reason
-                await self._drain_body(request)
-                self._write_error(503, choice, request, None)
-                return request.keep_alive
-            endpoint, address = choice
-            tried.add(address)
-            try:
-                conn, _ = await self.target.acquire(address)
-            except (OSError, asyncio.TimeoutError) as e:
-                self.target.connect_failed(endpoint, e)
-                if attempt < self.target.retry_limit and self.target.may_retry():
-                    attempt += 1
-                    continue
-                await self._drain_body(request)
-                self._write_error(502, "connect failed", request, address)
-                return request.keep_alive
-            outcome = await self._exchange(request, conn, endpoint, address, started, deadline, retryable,
-                                           attempt)
-            if outcome == "retry":
-                attempt += 1
-                continue
-            return outcome == "keep"
+        request.started = time.monotonic()
+        retries = self.target.retries(request.facts())
 
-    async def _exchange(self, request, conn, endpoint, address, started, deadline, retryable, attempt) -> str:
-        """Send the request on `conn`, relay the response: 'keep', 'close' or 'retry'."""
+        async def acquire(address):
+            conn, _ = await self.target.acquire(address)
+            return conn
+
+        async def attempt(conn, endpoint, address) -> Outcome:
+            return await self._exchange(request, retries, conn, endpoint, address)
+
+        async def answer(status: int, reason: str, address) -> Outcome:
+            await self._drain_body(request)
+            self._write_error(status, reason, request, address)
+            return Outcome.DONE if request.keep_alive else Outcome.CLOSE
+
+        return await run_attempts(self.target, retries, acquire, attempt, answer) is Outcome.DONE
+
+    def _remaining(self, request: Request) -> float | None:
+        deadline = self.target.request_timeout_s
+        return None if deadline is None else max(deadline - (time.monotonic() - request.started), 0.001)
+
+    async def _exchange(self, request: Request, retries: Retries, conn, endpoint, address) -> Outcome:
+        """Send the request on `conn` and relay the response."""
+        target = self.target
         conn.expect(request.method)
-        token = self.target.request_started(endpoint, address)
+        token = target.request_started(endpoint, address)
         conn.transport.write(request.head())
         try:
             if request.has_body:
                 await self._stream_body(request, conn)
-            if deadline is None:
-                status = await conn.head
-            else:
-                timeout = max(deadline - (time.monotonic() - started), 0.001)
-                status = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+            remaining = self._remaining(request)
+            status = await (conn.head if remaining is None else asyncio.wait_for(asyncio.shield(conn.head), remaining))
         except asyncio.TimeoutError:
             conn.transport.abort()
-            self.target.request_finished(endpoint, token, None)
+            target.request_finished(endpoint, token, None)
             self._write_error(504, "request timeout", request, address)
-            return "close"
+            return Outcome.CLOSE
         except (ConnectionError, OSError):
-            self.target.request_finished(endpoint, token, None)
-            if not request.has_body and retryable and attempt < self.target.retry_limit and self.target.may_retry():
-                return "retry"
+            target.request_finished(endpoint, token, None)
+            if retries.decide(Failure.LOST) is Verdict.RETRY:
+                return Outcome.RETRY
             self._write_error(502, "upstream failed", request, address)
-            return "close"
-        if (retryable and self.target.retries_status(status) and attempt < self.target.retry_limit
-                and self.target.may_retry()):
-            self.target.request_finished(endpoint, token, status)
+            return Outcome.CLOSE
+        if retries.wants_status(status) and retries.decide(Failure.STATUS, status) is Verdict.RETRY:
+            target.request_finished(endpoint, token, status)
             conn.transport.close()  # the discarded response's body is not read
-            return "retry"
-        self.target.count_response(request, status, address)
+            return Outcome.RETRY
+        target.count_response(request, status, address)
         if status == 101 and request.upgrade:
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
             request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
+        self.responding = conn
         conn.attach(self.transport, self.stats, closing=not request.keep_alive)
+        if self.client_slow:
+            conn.transport.pause_reading()  # the client has not taken the last response yet
         try:
-            await conn.done
+            remaining = self._remaining(request)
+            await (conn.done if remaining is None else asyncio.wait_for(asyncio.shield(conn.done), remaining))
+        except asyncio.TimeoutError:
+            target.request_finished(endpoint, token, None)
+            target.count_cut("request timeout mid-response")
+            conn.transport.abort()
+            self.transport.abort()  # the head is out: cutting the connection is the only way to say it
+            return Outcome.CLOSE
         except (ConnectionError, OSError):
-            self.target.request_finished(endpoint, token, None)
+            target.request_finished(endpoint, token, None)
             self.transport.abort()  # the response was cut short: so is the client's
-            return "close"
-        self.target.request_finished(endpoint, token, status)
-        self.target.release(address, conn)
-        return "close" if conn.eof_delimited else "keep"
+            return Outcome.CLOSE
+        finally:
+            self.responding = None
+        target.request_finished(endpoint, token, status)
+        target.release(address, conn)
+        return Outcome.CLOSE if conn.eof_delimited else Outcome.DONE
 
-    def _upgrade(self, conn, endpoint, token, status) -> str:
+    def _upgrade(self, conn, endpoint, token, status) -> Outcome:
         """101 Switching Protocols: from here the two connections are spliced."""
         self.upgraded = True
         self.target.request_finished(endpoint, token, status)
         self._write(bytes(conn.pending))  # the 101 head and anything after it
         conn.pending.clear()
         splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""), on_close=self._relay_closed)
-        return "close"
+        self.paused.clear()
+        for transport in (self.transport, conn.transport):
+            if not transport.is_reading() and not transport.is_closing():
+                transport.resume_reading()
+        return Outcome.CLOSE
 
     def _relay_closed(self, client_side) -> None:
         if self.stats is not None:
@@ -307,8 +367,18 @@ class Http1Server(asyncio.Protocol):
         if self.on_close:
             self.on_close()
 
+    def _took(self, size: int) -> None:
+        self.body_queued -= size
+        if self.body_queued < BODY_LOW_WATER:
+            self._resume(Pause.BODY)
+
     async def _stream_body(self, request: Request, conn) -> None:
         while (chunk := await request.body.get()) is not None:
+            self._took(len(chunk))
+            if not conn.writable.is_set():
+                await conn.writable.wait()  # the endpoint is slow: the client waits (paused above)
+                if conn.transport.is_closing():
+                    raise ConnectionError("upstream closed while the request body was sent")
             if request.chunked:
                 conn.transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
             else:
@@ -318,8 +388,8 @@ class Http1Server(asyncio.Protocol):
 
     async def _drain_body(self, request: Request) -> None:
         if request.has_body:
-            while await request.body.get() is not None:
-                pass
+            while (chunk := await request.body.get()) is not None:
+                self._took(len(chunk))
 
     def _write_error(self, status: int, reason: str, request: Request, address) -> None:
         self.target.count_error(status, reason)

@@ -11,14 +11,14 @@ Retries, within the Service's retry limit and retry budget like HTTP/1's:
   (REFUSED_STREAM, or above a GOAWAY's last stream): it was not processed, so any request
   is retried, its body replayed, if it was at most REPLAY_MAX;
 - a configured status, or a stream lost before its response, for requests safe to repeat
-  (retryable_method: idempotent, no body).
+  (idempotent, no body); proxy/retry.py decides, for HTTP/1 too.
 Errors the proxy answers itself carry `nodeagent-proxy-error`, as HTTP/1's; a response
 cut short after its headers resets the client's stream (HTTP/2 has no other way to say it).
 """
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h2.errors
 import h2.exceptions
@@ -26,7 +26,8 @@ import h2.exceptions
 from nodeagent.proxy.classify import failed, grpc_status
 from nodeagent.proxy.errors import REASON_HEADER
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
-from nodeagent.proxy.service_config import retryable_method
+from nodeagent.proxy.attempts import Outcome, run_attempts
+from nodeagent.proxy.retry import Failure, RequestFacts, Retries, Verdict
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
 
@@ -75,6 +76,10 @@ class Http2Server(H2Peer):
             self.stats.written += self.bytes_written - before
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        if not self.target.take_stream():  # the pod's share of open streams is used up
+            self.target.count_limit("http2-streams")
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         self.not_idle()
         exchange = Exchange(self, stream_id, headers, ended)
         self.exchanges[stream_id] = exchange
@@ -87,6 +92,7 @@ class Http2Server(H2Peer):
     def exchange_done(self, exchange: "Exchange") -> None:
         if self.exchanges.pop(exchange.client.id, None) is not None:
             self.forget(exchange.client.id)
+            self.target.give_stream()
         if not self.exchanges:
             self.went_idle()
 
@@ -118,7 +124,8 @@ class Exchange:
         method = pseudo.get(b":method", b"").decode("latin-1")
         self.request = Request(method, pseudo.get(b":path", b""), headers)
         self.headers = headers
-        self.retryable = retryable_method(method, has_body=not ended)
+        self.bodiless = ended
+        self.retries: Retries | None = None
         self.client = StreamEnd(server, stream_id, self, keep_for_replay=True)
         self.upstream: StreamEnd | None = None
         self.head: asyncio.Future | None = None  # the current attempt's response headers
@@ -168,35 +175,29 @@ class Exchange:
                 self.target.request_abandoned(*self.inflight)
         except Exception as e:  # never let one stream's bug take the connection down
             self.target.count_error(502, f"proxy error: {type(e).__name__}")
+            self.target.observers.problems.exception("http2", e, "HTTP/2 stream")
             self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
 
     async def _serve(self) -> None:
-        target = self.target
-        target.new_request()
-        tried: set = set()
-        attempt = 0
-        while True:
-            choice = target.choose(tried)
-            if isinstance(choice, str):  # no endpoint to send to: the reason
-                self._answer_error(503, choice, None)
-                return
-            endpoint, address = choice
-            tried.add(address)
+        incoming = self.client.incoming
+        facts = RequestFacts(self.request.method, has_body=not self.bodiless, replayable=True)
+        self.retries = self.target.retries(facts)
+
+        async def acquire(address):
+            if self.retries.used:  # after a RETRY verdict: the body was kept whole (or there is none)
+                incoming.rewind()
+            conn = await self.target.acquire_h2(address)
             try:
-                conn = await target.acquire_h2(address)
                 self.upstream = conn.open_stream(self, self.headers, self._request_complete())
-            except (OSError, asyncio.TimeoutError, h2.exceptions.ProtocolError) as e:
-                target.connect_failed(endpoint, e)
-                if attempt < target.retry_limit and self.client.incoming.replayable() and target.may_retry():
-                    attempt += 1
-                    continue
-                self._answer_error(502, "connect failed", address)
-                return
-            outcome = await self._attempt(endpoint, address, attempt)
-            if outcome != "retry":
-                return
-            attempt += 1
-            self.client.incoming.rewind()
+            except h2.exceptions.ProtocolError as e:
+                raise ConnectionError(f"stream not opened: {e}") from e
+            return self.upstream
+
+        async def answer(status: int, reason: str, address) -> Outcome:
+            self._answer_error(status, reason, address)
+            return Outcome.DONE
+
+        await run_attempts(self.target, self.retries, acquire, self._attempt, answer)
 
     def _request_complete(self) -> bool:
         """Whether the request is already all here and bodiless: its headers end the stream."""
@@ -206,70 +207,77 @@ class Exchange:
             return True
         return False
 
-    async def _attempt(self, endpoint, address, attempt: int) -> str:
-        """Send on `self.upstream` and relay the response: 'retry' or 'done'."""
-        target, upstream = self.target, self.upstream
+    def _remaining(self) -> float | None:
+        deadline = self.target.request_timeout_s
+        return None if deadline is None else max(deadline - (time.monotonic() - self.request.started), 0.001)
+
+    async def _attempt(self, upstream: StreamEnd, endpoint, address) -> Outcome:
+        """Send on `upstream` and relay the response."""
+        target = self.target
         loop = asyncio.get_running_loop()
         self.head, self.done, self.response_ended = loop.create_future(), loop.create_future(), False
         self.inflight = (endpoint, target.request_started(endpoint, address))
         self.client.outgoing = None
         upstream.outgoing = self.client.incoming
         self.client.incoming.attach(upstream.peer, upstream.id)
-        deadline = target.request_timeout_s
         try:
-            if deadline is None:
-                headers = await self.head
-            else:
-                remaining = max(deadline - (time.monotonic() - self.request.started), 0.001)
-                headers = await asyncio.wait_for(asyncio.shield(self.head), remaining)
+            remaining = self._remaining()
+            headers = await (self.head if remaining is None else asyncio.wait_for(asyncio.shield(self.head), remaining))
         except asyncio.TimeoutError:
             upstream.reset()
             self._finished(None)
             self._answer_error(504, "request timeout", address)
-            return "done"
+            return Outcome.DONE
         except StreamFailed as e:
             self._finished(None)
-            replayable = self.client.incoming.replayable()
-            if ((e.refused and replayable or self.retryable) and attempt < target.retry_limit
-                    and target.may_retry()):
-                return "retry"
+            if not self.client.incoming.replayable():  # more than REPLAY_MAX of its body went out
+                self.retries.request = replace(self.retries.request, replayable=False)
+            if self.retries.decide(Failure.REFUSED if e.refused else Failure.LOST) is Verdict.RETRY:
+                return Outcome.RETRY
             self._answer_error(502, "upstream failed", address)
-            return "done"
+            return Outcome.DONE
         status = _status(headers)
         if status is None:  # endpoints' headers are not validated: this one check is ours
             upstream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             self._finished(None)
             self._answer_error(502, "malformed response", address)
-            return "done"
+            return Outcome.DONE
         self.request.head_at = time.monotonic()
-        if (self.retryable and target.retries_status(status) and attempt < target.retry_limit
-                and target.may_retry()):
+        if self.retries.wants_status(status) and self.retries.decide(Failure.STATUS, status) is Verdict.RETRY:
             self._finished(status)
             upstream.reset()  # the discarded response's body is not read
-            return "retry"
+            return Outcome.RETRY
         if not self.server.send_headers(self.client.id, headers, end_stream=self.response_ended):
             upstream.reset()  # the client's stream is gone
             target.count_response(self.request, status, address)
             self._finished(status)
-            return "done"
+            return Outcome.DONE
         if self.response_ended:  # headers only (a gRPC error is often just that)
             self._finish_upstream()
             self._counted(status, grpc_status(headers), address)
-            return "done"
+            return Outcome.DONE
         response = upstream.incoming
         self.client.outgoing = response
         response.on_done = lambda: self.done.done() or self.done.set_result(None)
         response.attach(self.server, self.client.id)
         try:
-            await self.done
+            remaining = self._remaining()
+            await (self.done if remaining is None else asyncio.wait_for(asyncio.shield(self.done), remaining))
+        except asyncio.TimeoutError:
+            target.count_response(self.request, status, address, failure=True)
+            target.count_cut("request timeout mid-response")
+            self._finished(None)
+            upstream.reset()
+            self.client.reset(h2.errors.ErrorCodes.CANCEL)  # the head is out: a reset is how HTTP/2 says it
+            return Outcome.DONE
         except StreamFailed:
             target.count_response(self.request, status, address, failure=True)
             self._finished(None)
             self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
-            return "done"
+            return Outcome.DONE
         self._finish_upstream()
         self._counted(status, grpc_status(response.trailers), address)
-        return "done"
+        return Outcome.DONE
 
     def _counted(self, status: int, grpc: int | None, address) -> None:
         """The response is through: classified (gRPC's status included), counted, tapped."""

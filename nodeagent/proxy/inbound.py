@@ -5,29 +5,30 @@
 - Mutual TLS on the pod's mesh port (other proxies): the client's identity is
   proven, and the tunnel header names the destination port.
 
-Either way the pod's policy decides (policy/authz.py); a refused HTTP client
-(HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection reaches the app on
-the pod's loopback at that port (apps listen on 0.0.0.0 or 127.0.0.1; one
-bound only to the pod IP is not reachable through the proxy, as with other
-meshes that forward over loopback). The app connection opens as soon as the
-connection is allowed, so a server that speaks first is heard at once.
+Each connection is admitted against the pod's inbound share (proxy/limits.py); a mesh
+handshake holds one of the pod's `handshakes` while it runs, and both the handshake and the
+header have a deadline. The proxy's own ports are never a destination (a connection to one
+would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
+HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection
+reaches the app at that port from inside the pod's namespace (APP_HOST) and is forwarded
+opaquely (forward.py). The app connection opens as soon as the connection is allowed, so a
+server that speaks first is heard at once.
 """
 
 import asyncio
 import ssl
 
 from nodeagent.policy.authz import Client
+from nodeagent.ports import APP_HOST, PROXY_PORTS
 from nodeagent.proxy import mesh
+from nodeagent.proxy.connection import Direction, Phase
 from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
 from nodeagent.proxy.errors import REASON_HEADER
+from nodeagent.proxy.forward import forward
 from nodeagent.proxy.h2peer import H2Peer, goaway
-from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay, splice_held
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
-
-APP_CONNECT_TIMEOUT_S = 1.0
-HANDSHAKE_TIMEOUT_S = 10.0
-DENY_DETECT_S = 1.0  # how long a refused client may take to show it speaks HTTP (for a 403)
 
 FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
              b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -36,15 +37,14 @@ FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\n
 class _Inbound(asyncio.Protocol):
     """What both ways share: buffering until the splice, the policy, the app connection."""
 
-    def __init__(self, proxy, pod):
-        self.proxy, self.pod = proxy, pod
+    def __init__(self, deps, pod):
+        self.deps, self.pod = deps, pod
         self.buffer = bytearray()
         self.eof = False
         self.transport = None
         self.task = None
+        self.conn = None  # connection.Connection, once admitted
         self._more = asyncio.Event()
-        self._open = False
-        self.kernel = None  # a KernelSplice carrying the app's replies
 
     def data_received(self, data):
         self.buffer += data  # only until the splice replaces this protocol
@@ -61,81 +61,82 @@ class _Inbound(asyncio.Protocol):
         self._more.set()
         if self.task and not self.task.done():
             self.task.cancel()
-            self._closed()
+            if self.conn is not None:
+                self.conn.close(len(self.buffer), 0)
 
-    def _opened(self):
-        nodelay(self.transport)
-        self._open = True
-        self.proxy.open_connections += 1
-        self.stats = None  # counted once the client is known (its identity labels the series)
+    def _admit_connection(self, transport, phase: Phase) -> bool:
+        self.transport = transport
+        nodelay(transport)
+        self.conn = self.deps.connections.admit(self.pod, Direction.INBOUND, phase)
+        if self.conn is None:
+            transport.abort()  # refused by a limit (counted and logged by the table)
+            return False
+        return True
 
-    def _closed(self, relay=None):
-        if not self._open:
-            return
-        self._open = False
-        self.proxy.track_inbound(self, False)
-        self.proxy.open_connections -= 1
-        carried = self.kernel.end() if self.kernel else {}
-        if self.stats is not None:
-            if relay is not None:
-                self.stats.read += relay.bytes_in + carried.get(id(relay), 0)
-                self.stats.written += relay.peer.bytes_in + carried.get(id(relay.peer), 0)
-                self.stats.spliced += sum(carried.values())
-            self.stats.close()
+    def _proxy_port(self, transport, port: int) -> bool:
+        """A connection to one of the proxy's own ports would reach the proxy again: refused."""
+        if port not in PROXY_PORTS:
+            return False
+        observers = self.deps.observers
+        observers.metrics.tcp_error("inbound", self.pod, "destination is a proxy port")
+        observers.problems.warning("proxy-port", "pod %s: refused a connection to the proxy's port %d from %s",
+                                   self.pod.key, port, transport.get_extra_info("peername"))
+        self.conn.close(len(self.buffer), 0)
+        transport.abort()
+        return True
 
     async def _admit(self, transport, port: int, identity: str | None) -> None:
+        deps, conn = self.deps, self.conn
         peer_ip = transport.get_extra_info("peername")[0]
-        self.stats = self.proxy.metrics.connection("inbound", self.pod, identity or "unauthenticated",
-                                                   identity is not None)
-        self.port, self.client = port, Client(peer_ip, identity)
-        decision = self.proxy.authorize(self.pod, port, self.client)
+        conn.label(deps.observers.metrics, identity or "unauthenticated", identity is not None)
+        client = Client(peer_ip, identity)
+        decision = deps.authorizer.authorize(self.pod, port, client)
         if not decision.allowed:
+            conn.enter(Phase.REFUSING)
             await self._refuse(transport)
             return
-        self.admitted = transport
-        self.proxy.track_inbound(self, True)
+        conn.peer, conn.revoke = client, transport.abort  # a policy change re-asks and may end it
         try:
-            sock = await open_socket(self.pod.netns_path, ("127.0.0.1", port), APP_CONNECT_TIMEOUT_S)
+            sock = await open_socket(self.pod.netns_path, (APP_HOST, port), deps.timeouts.app_connect_s)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
         except (OSError, asyncio.TimeoutError):
-            self.proxy.metrics.tcp_error("inbound", self.pod, "app connect failed")
-            self._closed()
+            deps.observers.metrics.tcp_error("inbound", self.pod, "app connect failed")
+            conn.close(len(self.buffer), 0)
             transport.abort()
             return
+        conn.enter(Phase.OPAQUE)
+        kernel = None
         if identity is None:  # plaintext both ways: the kernel may carry the app's replies
-            self.kernel = self.proxy.kernel_splice(transport, self.pod.cookie, app.transport, self.pod.cookie)
-        pair = splice_held(transport, bytes(self.buffer), self.eof, app, on_close=self._closed)
-        if not transport.is_reading() and not transport.is_closing():
-            transport.resume_reading()  # the relay's flow control takes over
-        if self.kernel is not None:
-            self.kernel.attach(pair)
-
-    def revoke(self) -> None:
-        """The pod's policy no longer admits this client: end the connection."""
-        self.admitted.abort()
+            kernel = deps.splicer.request(transport, self.pod.cookie, app.transport, self.pod.cookie)
+        forward(transport, bytes(self.buffer), self.eof, app, idle_s=deps.timeouts.inbound_idle_s, on_close=conn.close, kernel=kernel)
+        self.buffer = None
 
     async def _refuse(self, transport) -> None:
         """403 for a client that speaks HTTP/1, a close for anything else."""
+        wait_s = self.deps.timeouts.deny_detect_s
         try:
             while detect(bytes(self.buffer)) is NEED_MORE and not self.eof:
                 self._more.clear()
-                await asyncio.wait_for(self._more.wait(), DENY_DETECT_S)
+                await asyncio.wait_for(self._more.wait(), wait_s)
         except asyncio.TimeoutError:
             pass
         found = detect(bytes(self.buffer))
         protocol = None if found is NEED_MORE else found.protocol
-        self.stats.read += len(self.buffer)
-        self._closed()
+        metrics = self.deps.observers.metrics
+        read = len(self.buffer)
         if protocol is Protocol.H2:
-            refusal = H2Refusal(lambda: self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized"))
+            self.conn.close(read, 0)
+            refusal = H2Refusal(lambda: metrics.http_error("inbound", self.pod, 403, "unauthorized"), wait_s)
             transport.set_protocol(refusal)
             refusal.connection_made(transport)
             refusal.data_received(bytes(self.buffer))
             return
+        written = 0
         if protocol is Protocol.HTTP1:
             transport.write(FORBIDDEN)
-            self.stats.written += len(FORBIDDEN)
-            self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized")
+            written = len(FORBIDDEN)
+            metrics.http_error("inbound", self.pod, 403, "unauthorized")
+        self.conn.close(read, written)
         transport.close()
 
 
@@ -143,14 +144,14 @@ class H2Refusal(H2Peer):
     """A refused HTTP/2 client hears 403 on each request it sent, then GOAWAY: requests it
     sends later open a new connection, which is authorized afresh."""
 
-    def __init__(self, on_refused):
+    def __init__(self, on_refused, wait_s: float):
         super().__init__()
-        self.on_refused = on_refused
+        self.on_refused, self.wait_s = on_refused, wait_s
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self.timer = asyncio.get_running_loop().call_later(DENY_DETECT_S, goaway, self)
+        self.timer = asyncio.get_running_loop().call_later(self.wait_s, goaway, self)
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
         self.on_refused()
@@ -170,9 +171,11 @@ class InboundAccept(_Inbound):
     """Plaintext, steered here by sk_lookup."""
 
     def connection_made(self, transport):
-        self.transport = transport
-        self._opened()
+        if not self._admit_connection(transport, Phase.AUTHORIZING):
+            return
         port = transport.get_extra_info("sockname")[1]
+        if self._proxy_port(transport, port):
+            return
         self.task = asyncio.get_running_loop().create_task(self._admit(transport, port, None))
 
 
@@ -180,41 +183,51 @@ class MeshAccept(_Inbound):
     """Mutual TLS from another proxy, on the pod's mesh port."""
 
     def connection_made(self, transport):
-        self.transport = transport
         self.raw_bytes = bytearray()  # what arrives before the handshake starts: the ClientHello
         self.in_tls = False
-        self._opened()
+        if not self._admit_connection(transport, Phase.HANDSHAKING):
+            return
         self.task = asyncio.get_running_loop().create_task(self._serve(transport))
 
     def data_received(self, data):
         if self.in_tls:
             super().data_received(data)
-        else:
+        elif len(self.raw_bytes) < READ_AHEAD_MAX:
             self.raw_bytes += data
+        else:
+            self.transport.pause_reading()  # the handshake resumes it
 
     async def _serve(self, raw):
+        deps = self.deps
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
-            context = self.proxy.server_context(self.pod)
-            tls = await handshake(raw, self, context, True, HANDSHAKE_TIMEOUT_S, initial=bytes(self.raw_bytes))
+            context = deps.server_context(self.pod)
+            tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes))
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
             reason = mesh.handshake_failure_reason(e)
-            self.proxy.handshake_failed("inbound", reason, raw, f"from {raw.get_extra_info('peername')}: {reason}")
-            self._closed()
+            deps.observers.metrics.handshake_failed("inbound", reason)
+            deps.observers.problems.warning("tls", "inbound TLS handshake refused from %s: %s",
+                                            raw.get_extra_info("peername"), reason)
+            self.conn.close(len(self.raw_bytes), 0)
             raw.abort()
             return
+        self.raw_bytes = None
         self.transport = tls
         try:
+            deadline = asyncio.get_running_loop().time() + deps.timeouts.handshake_s
             while len(self.buffer) < mesh.HEADER.size:
                 if self.eof:
                     raise mesh.TunnelError("closed before the tunnel header")
                 self._more.clear()
-                await asyncio.wait_for(self._more.wait(), HANDSHAKE_TIMEOUT_S)
+                await asyncio.wait_for(self._more.wait(), max(deadline - asyncio.get_running_loop().time(), 0))
             port, _hint = mesh.decode_header(bytes(self.buffer))
+            self.conn.enter(Phase.AUTHORIZING)  # gives the handshake back to the pod's share
         except (mesh.TunnelError, asyncio.TimeoutError):
-            self.proxy.metrics.tcp_error("inbound", self.pod, "bad tunnel header")
-            self._closed()
+            deps.observers.metrics.tcp_error("inbound", self.pod, "bad tunnel header")
+            self.conn.close(len(self.buffer), 0)
             tls.abort()
             return
         del self.buffer[:mesh.HEADER.size]
+        if self._proxy_port(tls, port):
+            return
         await self._admit(tls, port, mesh.peer_identity(tls))

@@ -3,8 +3,9 @@ then an 8-byte header naming the original destination port.
 
     magic "NAGT" | version (1) | protocol hint (1) | port (2, big-endian)
 
-The hint is what the source detected (0 opaque, 1 HTTP/1, 2 HTTP/2): the destination
-uses it to answer a refusal in the client's language (403 for HTTP). The
+The hint is what the source detected (hop.Hint: 0 opaque, 1 HTTP/1, 2 HTTP/2); the
+destination learns the client's language from its own detection (a refused HTTP client
+gets a 403 either way), so it reads the hint but does not act on it yet. The
 source checks that the server proved the identity it expected for the
 destination pod; the destination checks the client's chain (ssl does) and
 authorizes its identity.
@@ -20,7 +21,6 @@ from nodeagent.proxy.tls import handshake
 MAGIC = b"NAGT"
 VERSION = 1
 HEADER = struct.Struct("!4sBBH")
-HINT_OPAQUE, HINT_HTTP1, HINT_H2 = 0, 1, 2
 
 
 class TunnelError(ConnectionError):

@@ -109,6 +109,9 @@ class Metrics:
                                                     ("namespace", "pod", "peer"), registry=r)
         self.endpoint_ejections_total = Counter("endpoint_ejections", "Endpoints ejected by failure accrual",
                                                 ("peer",), registry=r)
+        self.limit_exceeded_total = Counter("limit_exceeded", "Connections, TLS handshakes, detections and HTTP/2 "
+                                            "streams refused because the pod (or the node) reached a limit",
+                                            ("direction", "namespace", "pod", "limit"), registry=r)
         self.tls_handshake_failures_total = Counter("tls_handshake_failures", "Mutual TLS handshakes refused",
                                                     ("direction", "reason"), registry=r)
         self.tls_sni_total = Counter("tls_sni", "TLS connections passed through, by the server name asked for "
@@ -158,6 +161,12 @@ class Metrics:
 
     def http_error(self, direction: str, pod, status: int, reason: str) -> None:
         self.child(self.http_errors_total, (direction, pod.info.namespace, pod.info.name, str(status), reason)).inc()
+
+    def limit_exceeded(self, direction: str, pod, limit: str) -> None:
+        self.child(self.limit_exceeded_total, (direction, pod.info.namespace, pod.info.name, limit)).inc()
+
+    def handshake_failed(self, direction: str, reason: str) -> None:
+        self.tls_handshake_failures_total.labels(direction, reason).inc()
 
     def detected(self, direction: str, pod, protocol: str) -> None:
         self.child(self.protocol_detected_total, (direction, pod.info.namespace, pod.info.name, protocol)).inc()

@@ -99,6 +99,8 @@ class Holding(asyncio.Protocol):
 
     def data_received(self, data):
         self.buffer += data
+        if len(self.buffer) >= READ_AHEAD_MAX:
+            self.transport.pause_reading()  # until the splice, which resumes it
         if self.on_event:
             self.on_event()
 
@@ -114,28 +116,43 @@ class Holding(asyncio.Protocol):
             self.on_event()
 
 
-def close_when_idle(pair: tuple[Relay, Relay], seconds: float,
-                    kernel_moved: Callable[[], int] | None = None) -> None:
+class IdleWatch:
     """Close a spliced pair once no byte has moved either way for `seconds` (checked every
     `seconds`, so after one to two of them). It compares the relays' byte counts (and the
-    kernel's, for bytes a kernel splice carries), so the byte path pays nothing for it."""
-    left, right = pair
-    loop = asyncio.get_running_loop()
+    kernel's, for bytes a kernel splice carries), so the byte path pays nothing for it.
+    `cancel()` when the pair closes: a pending check holds the pair (and its buffers) alive
+    until it runs, which with the default hour was a leak of every closed connection."""
 
-    def moved() -> int:
-        return left.bytes_in + right.bytes_in + (kernel_moved() if kernel_moved else 0)
+    __slots__ = ("pair", "seconds", "kernel_moved", "handle", "last")
 
-    def check(moved_before: int) -> None:
+    def __init__(self, pair: tuple[Relay, Relay], seconds: float, kernel_moved: Callable[[], int] | None = None):
+        self.pair, self.seconds, self.kernel_moved = pair, seconds, kernel_moved
+        self.last = self._moved()
+        self.handle = asyncio.get_running_loop().call_later(seconds, self._check)
+
+    def _moved(self) -> int:
+        left, right = self.pair
+        return left.bytes_in + right.bytes_in + (self.kernel_moved() if self.kernel_moved else 0)
+
+    def _check(self) -> None:
+        left, right = self.pair
         if left.transport.is_closing() or right.transport.is_closing():
+            self.handle = None
             return
-        now = moved()
-        if now == moved_before:
+        now = self._moved()
+        if now == self.last:
+            self.handle = None
             left.transport.close()
             right.transport.close()
             return
-        loop.call_later(seconds, check, now)
+        self.last = now
+        self.handle = asyncio.get_running_loop().call_later(self.seconds, self._check)
 
-    loop.call_later(seconds, check, moved())
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.pair = self.kernel_moved = None
 
 
 def splice_held(a: asyncio.Transport, a_held: bytes, a_eof: bool, b: Holding,

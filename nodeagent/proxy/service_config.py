@@ -10,7 +10,7 @@
 | timeout.nodeagent.io/connect | connect timeout to an endpoint | 1s |
 
 A bad value is reported and its default used: a typo never takes a Service down.
-Retries only ever apply to requests that are safe to retry (see `retryable_method`).
+Retries only ever apply to requests that are safe to retry (proxy/retry.py decides).
 """
 
 import re
@@ -25,7 +25,6 @@ TIMEOUT_CONNECT = "timeout.nodeagent.io/connect"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,3 @@ def from_annotations(annotations: dict) -> tuple[ServiceConfig, list[str]]:
             except ValueError as e:
                 errors.append(f"{key}: {e}; using the default")
     return ServiceConfig(**values), errors
-
-
-def retryable_method(method: str, has_body: bool) -> bool:
-    """Safe to send twice: idempotent methods, and only if no body must be replayed from a stream."""
-    return method in IDEMPOTENT_METHODS and not has_body

@@ -6,16 +6,36 @@ path never captures them. HTTP/1 connections are pooled per (pod, endpoint).
 import asyncio
 import socket
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 
 import httptools
 
 from nodeagent import netns
+from nodeagent.identity import naming
 from nodeagent.ports import MESH_PORT
+from nodeagent.proxy.limits import Limit
 
 PROXY_MARK = 0x4E41  # matches nodeagent.datapath.loader.DEFAULT_PROXY_MARK
 POOL_IDLE_S = 90.0
-POOL_MAX_IDLE = 64
+POOL_MAX_IDLE = 64  # idle connections kept per (pod, endpoint)
+PENDING_MAX = 64 * 1024  # response bytes read before the client's side is attached; then the endpoint waits
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """How to reach a meshed destination pod: its mesh port, with mutual TLS."""
+
+    pod_ip: str
+    port: int
+    hint: int
+    context: object  # the source workload's client ssl.SSLContext
+    expected: naming.Identity
+    sessions: object = None  # mesh.SessionCache: resumable sessions per (context, server)
+    quota: object = None  # the source pod's limits.Quota: its handshakes in progress are bounded
+
+
+class HandshakeLimit(ConnectionRefusedError):
+    """The source pod has its limit of mutual-TLS handshakes in progress."""
 
 
 async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_s: float) -> socket.socket:
@@ -38,7 +58,7 @@ async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_
 
 
 async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: float, factory,
-                  tunnel=None) -> tuple[asyncio.Transport, asyncio.Protocol]:
+                  tunnel: Tunnel | None = None) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection from the pod to `address`: plain, or through a mutual-TLS
     tunnel to the destination pod's mesh port when `tunnel` says so."""
     from nodeagent.proxy import mesh
@@ -47,21 +67,30 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
     if tunnel is None:
         sock = await open_socket(netns_path, address, timeout_s)
         return await loop.create_connection(factory, sock=sock)
-    sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
-    transport, protocol = await loop.create_connection(factory, sock=sock)
-    tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port, tunnel.hint,
-                                      timeout_s, tunnel.sessions, tunnel.pod_ip)
+    if tunnel.quota is not None and not tunnel.quota.take(Limit.HANDSHAKES):
+        raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached")
+    try:
+        sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
+        transport, protocol = await loop.create_connection(factory, sock=sock)
+        tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port,
+                                          tunnel.hint, timeout_s, tunnel.sessions, tunnel.pod_ip)
+    finally:
+        if tunnel.quota is not None:
+            tunnel.quota.give(Limit.HANDSHAKES)
     protocol.transport = tls  # start_tls hands the protocol a new transport without calling connection_made
     return tls, protocol
 
 
 class ResponseReader(asyncio.Protocol):
     """One upstream HTTP/1 connection: parses responses (framing only) and
-    passes their raw bytes to a sink once the head has been seen."""
+    passes their raw bytes to a sink once the head has been seen. The sink's
+    owner pauses this connection's reading while the client is slow (backpressure)."""
 
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self.idle_since = time.monotonic()
+        self.writable = asyncio.Event()  # the request's body may be written (our write buffer is low)
+        self.writable.set()
         self._reset(None)
 
     def _reset(self, method: str | None):
@@ -90,6 +119,8 @@ class ResponseReader(asyncio.Protocol):
                 self.counter.written += len(data)
         else:
             self.pending += data
+            if len(self.pending) > PENDING_MAX:
+                self.transport.pause_reading()  # attach() resumes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -134,7 +165,14 @@ class ResponseReader(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc):
+        self.writable.set()  # a writer waiting for room learns of the loss from the write
         self._fail(exc or ConnectionError("upstream closed the connection"))
+
+    def pause_writing(self):
+        self.writable.clear()
+
+    def resume_writing(self):
+        self.writable.set()
 
     def attach(self, sink: asyncio.Transport, counter=None, closing: bool = False) -> None:
         """Send what was read so far, and everything after, to the client. `closing`: the
@@ -150,24 +188,30 @@ class ResponseReader(asyncio.Protocol):
                 counter.written += len(self.pending)
             self.pending.clear()
         self.sink, self.counter = sink, counter
+        if not self.transport.is_reading() and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def reusable(self) -> bool:
         return self.keep_alive and self.transport is not None and not self.transport.is_closing()
 
 
 class Pool:
-    """Idle HTTP/1 connections per (pod netns cookie, endpoint address)."""
+    """Idle HTTP/1 connections per (pod netns cookie, endpoint address). A key whose list
+    empties is dropped, so the pool's size is its idle connections, never its history."""
 
     def __init__(self):
-        self._idle: dict[tuple, list[ResponseReader]] = defaultdict(list)
+        self._idle: dict[tuple, list[ResponseReader]] = {}
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int],
-                      timeout_s: float, tunnel=None) -> tuple[ResponseReader, bool]:
+                      timeout_s: float, tunnel: Tunnel | None = None) -> tuple[ResponseReader, bool]:
         """(a connection, whether it was reused)."""
-        idle = self._idle.get((cookie, address))
+        key = (cookie, address)
+        idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            if not idle:
+                del self._idle[key]
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
                 return conn, True
             conn.transport.close()
@@ -175,13 +219,18 @@ class Pool:
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
-        idle = self._idle[(cookie, address)]
+        idle = self._idle.setdefault((cookie, address), [])
         if conn.reusable() and len(idle) < POOL_MAX_IDLE:
             conn.sink = conn.counter = None
             conn.idle_since = time.monotonic()
+            if not conn.transport.is_reading():
+                conn.transport.resume_reading()  # paused for a slow client: idle, it must see a close
             idle.append(conn)
-        elif conn.transport:
-            conn.transport.close()
+        else:
+            if not idle:
+                del self._idle[(cookie, address)]
+            if conn.transport:
+                conn.transport.close()
 
     def adopt(self, cookie: int, address: tuple[str, int], sock_transport: asyncio.Transport) -> None:
         """Give the pool a fresh connection opened for another purpose (the eager connect)."""
@@ -194,3 +243,12 @@ class Pool:
         for key in [k for k in self._idle if k[0] == cookie]:
             for conn in self._idle.pop(key):
                 conn.transport.close()
+
+    def forget_addresses(self, keep: set[tuple[str, int]]) -> None:
+        """Close idle connections to addresses that are no longer endpoints of anything."""
+        for key in [k for k in self._idle if k[1] not in keep]:
+            for conn in self._idle.pop(key):
+                conn.transport.close()
+
+    def size(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())

@@ -1,0 +1,46 @@
+"""One request's attempts, for HTTP/1 and HTTP/2 alike: choose an endpoint (the balancer),
+get a connection to it (the pools, through the hop), run the attempt, and on a failure ask
+the request's Retries (proxy/retry.py) whether to go again, preferring endpoints not tried.
+
+The protocol-specific parts are the three callables: `acquire(address)` gives a connection
+(raising OSError/TimeoutError when there is none: a CONNECT failure), `attempt(conn, endpoint,
+address)` sends the request on it and relays the response (it asks `retries` itself for the
+failures it meets, and returns RETRY only when told yes), and `answer(status, reason, address)`
+writes the proxy's own error response.
+"""
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable
+
+from nodeagent.proxy.retry import Failure, Retries, Verdict
+
+CONNECT_ERRORS = (OSError, asyncio.TimeoutError)
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # answered; the client's connection may serve on
+    CLOSE = "close"  # answered; the client's connection must end (HTTP/1)
+    RETRY = "retry"  # this attempt failed and `retries` allowed another
+
+
+async def run_attempts(target, retries: Retries, acquire: Callable[[tuple], Awaitable[object]],
+                       attempt: Callable[[object, object, tuple], Awaitable[Outcome]],
+                       answer: Callable[[int, str, tuple | None], Awaitable[Outcome]]) -> Outcome:
+    tried: set = set()
+    while True:
+        choice = target.choose(tried)
+        if isinstance(choice, str):  # no endpoint to send to: the reason
+            return await answer(503, choice, None)
+        endpoint, address = choice
+        tried.add(address)
+        try:
+            conn = await acquire(address)
+        except CONNECT_ERRORS as e:
+            target.connect_failed(endpoint, e)
+            if retries.decide(Failure.CONNECT) is Verdict.RETRY:
+                continue
+            return await answer(502, target.connect_failure_reason(e), address)
+        outcome = await attempt(conn, endpoint, address)
+        if outcome is not Outcome.RETRY:
+            return outcome

@@ -1,0 +1,153 @@
+"""Every connection the proxy holds for a pod, in one table, each in one phase.
+
+A client connection (a pod's own, outbound; or one to a pod, inbound) is admitted here or
+refused: the node's limit and the pod's own (proxy/limits.py) both count it. It then moves
+through phases, and the phase says what of the pod's share it holds (a detection, a TLS
+handshake). It is closed exactly once, from whichever side ends it, and closing gives back
+everything it held and counts it (tcp_close, bytes). Nothing else counts opens and closes.
+
+    outbound: DETECTING -> CONNECTING -> OPAQUE | HTTP1 | HTTP2 -> CLOSED
+    inbound:  HANDSHAKING (mesh) -> AUTHORIZING -> OPAQUE (or REFUSING) -> CLOSED
+
+The table also knows each pod's live connections: a pod's policy change closes the ones it no
+longer admits, and a pod's departure closes all of them.
+"""
+
+import enum
+from collections.abc import Callable
+
+from nodeagent.proxy.limits import Limit, Quota
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Phase(enum.Enum):
+    DETECTING = "detecting"  # outbound: waiting for the client's first bytes (or the server's)
+    HANDSHAKING = "handshaking"  # inbound mesh: mutual TLS with the peer proxy, then its header
+    AUTHORIZING = "authorizing"  # inbound: the policy is asked, the app connected
+    CONNECTING = "connecting"  # opaque: the upstream is being opened
+    OPAQUE = "opaque"  # bytes forwarded both ways untouched
+    HTTP1 = "http1"
+    HTTP2 = "http2"
+    REFUSING = "refusing"  # a 403 or a close on its way
+    CLOSED = "closed"
+
+
+# What a phase holds of the pod's share while the connection is in it.
+PHASE_HOLDS = {Phase.DETECTING: Limit.DETECTIONS, Phase.HANDSHAKING: Limit.HANDSHAKES}
+CONNECTION_LIMIT = {Direction.INBOUND: Limit.INBOUND_CONNECTIONS, Direction.OUTBOUND: Limit.OUTBOUND_CONNECTIONS}
+
+
+NODE_LIMIT = "node-connections"
+
+
+class Refused(Exception):
+    """A connection or phase the pod's share (or the node's) has no room for."""
+
+    def __init__(self, limit: str):
+        super().__init__(f"{limit} limit")
+        self.limit = limit  # the limit's name (limits.Limit values, or NODE_LIMIT)
+
+
+class Connection:
+    """One client connection: its pod, direction and phase, and its counters once labelled."""
+
+    __slots__ = ("table", "pod", "direction", "phase", "stats", "revoke", "peer", "port")
+
+    def __init__(self, table: "ConnectionTable", pod, direction: Direction, phase: Phase):
+        self.table, self.pod, self.direction, self.phase = table, pod, direction, phase
+        self.stats = None  # metrics.ConnectionStats, once the peer is known
+        self.revoke: Callable[[], None] | None = None  # ends it when its pod's policy stops admitting it
+        self.peer = None  # inbound: the policy's Client, for re-authorization
+        self.port = 0  # inbound: the destination port it was authorized for
+
+    def enter(self, phase: Phase) -> None:
+        """Move to `phase`, taking what it holds of the pod's share; Refused if there is no room."""
+        if self.phase is Phase.CLOSED or phase is self.phase:
+            return
+        wanted = PHASE_HOLDS.get(phase)
+        if wanted is not None and not self.pod.quota.take(wanted):
+            raise Refused(wanted.value)
+        held = PHASE_HOLDS.get(self.phase)
+        if held is not None:
+            self.pod.quota.give(held)
+        self.phase = phase
+
+    def label(self, metrics, peer: str, tls: bool):
+        """Counted as open from here on, under `peer` and `tls` (once; later calls keep the first)."""
+        if self.stats is None and self.phase is not Phase.CLOSED:
+            self.stats = metrics.connection(self.direction.value, self.pod, peer, tls)
+        return self.stats
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def close(self, read: int = 0, written: int = 0, spliced: int = 0) -> None:
+        """Give back what it holds and count it: exactly once, whoever calls first."""
+        if self.phase is Phase.CLOSED:
+            return
+        held = PHASE_HOLDS.get(self.phase)
+        if held is not None:
+            self.pod.quota.give(held)
+        self.phase = Phase.CLOSED
+        self.pod.quota.give(CONNECTION_LIMIT[self.direction])
+        self.table._closed(self)
+        if self.stats is not None:
+            self.stats.read += read
+            self.stats.written += written
+            self.stats.spliced += spliced
+            self.stats.close()
+
+
+class ConnectionTable:
+    """The node's connections: admission against the node's and the pods' limits, and each
+    pod's live set. `on_refused(pod, direction, limit)` hears every refusal (metrics, logs)."""
+
+    def __init__(self, max_connections: int, on_refused: Callable[[object, Direction, str], None]):
+        self.max_connections = max_connections
+        self.on_refused = on_refused
+        self.open_count = 0
+        self._live: dict[str, dict[Connection, None]] = {}  # pod key -> its connections, insertion-ordered
+
+    def admit(self, pod, direction: Direction, phase: Phase) -> Connection | None:
+        """A new client connection in `phase`, or None (refused, already reported)."""
+        if self.open_count >= self.max_connections:
+            self.on_refused(pod, direction, NODE_LIMIT)
+            return None
+        if not pod.quota.take(CONNECTION_LIMIT[direction]):
+            self.on_refused(pod, direction, CONNECTION_LIMIT[direction].value)
+            return None
+        wanted = PHASE_HOLDS.get(phase)
+        if wanted is not None and not pod.quota.take(wanted):
+            pod.quota.give(CONNECTION_LIMIT[direction])
+            self.on_refused(pod, direction, wanted.value)
+            return None
+        connection = Connection(self, pod, direction, phase)
+        self.open_count += 1
+        self._live.setdefault(pod.key, {})[connection] = None
+        return connection
+
+    def refused(self, connection: Connection, refused: Refused) -> None:
+        """A phase had no room: report it (the caller closes the connection)."""
+        self.on_refused(connection.pod, connection.direction, refused.limit)
+
+    def _closed(self, connection: Connection) -> None:
+        self.open_count -= 1
+        live = self._live.get(connection.pod.key)
+        if live is not None:
+            live.pop(connection, None)
+            if not live:
+                del self._live[connection.pod.key]
+
+    def live(self, pod_key: str) -> list[Connection]:
+        return list(self._live.get(pod_key, ()))
+
+    def count(self, pod_key: str) -> int:
+        return len(self._live.get(pod_key, ()))
+
+    def pods(self) -> list[str]:
+        return list(self._live)

@@ -1,0 +1,87 @@
+"""What each stage of the proxy is given: the pod it serves, and narrow, typed handles on what
+the node's pods share. Stages see only their own deps (OutboundDeps, InboundDeps), never the
+Proxy that assembles them (server.py), so what a stage reads and changes is in its imports.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nodeagent.cluster.model import PodInfo
+from nodeagent.identity import naming
+from nodeagent.proxy.limits import Quota
+from nodeagent.proxy.metrics import Metrics
+from nodeagent.proxy.problems import ProblemLog
+from nodeagent.proxy.tap import TapHub
+
+
+@dataclass(eq=False)
+class PodContext:
+    """An enrolled pod as this proxy process serves it."""
+
+    info: PodInfo
+    netns_fd: int
+    cookie: int  # its network namespace's cookie (the data path's key)
+    slot: int
+    identity: naming.Identity
+    quota: Quota  # what it holds of its limits (proxy/limits.py)
+    servers: list = field(default_factory=list)
+
+    @property
+    def netns_path(self) -> str:
+        # The fd keeps the namespace alive and names it, whatever happens to the pod's processes.
+        return f"/proc/self/fd/{self.netns_fd}"
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+
+@dataclass(frozen=True)
+class Observers:
+    """Where every stage reports: metrics, the tap, and the rate-limited problem log."""
+
+    metrics: Metrics
+    tap: TapHub
+    problems: ProblemLog
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Connections to endpoints, per (pod, endpoint): HTTP/1 idle ones, HTTP/2 shared ones."""
+
+    http1: object  # upstream.Pool
+    http2: object  # h2upstream.H2Pool
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the proxy waits on a peer at each stage (the per-Service ones are annotations)."""
+
+    detect_s: float = 10.0  # the client's first bytes (with a partial prefix too); then it is opaque
+    handshake_s: float = 10.0  # a mutual-TLS handshake and the tunnel header after it
+    app_connect_s: float = 1.0  # inbound: the pod's own app
+    deny_detect_s: float = 1.0  # a refused client, to learn whether it speaks HTTP (for a 403)
+    inbound_idle_s: float = 3600.0  # an inbound opaque connection with no byte either way (outbound: per Service)
+
+
+@dataclass(frozen=True)
+class OutboundDeps:
+    original_destination: Callable[[int, int], tuple[str, int] | None]  # (netns cookie, client port)
+    directory: object  # directory.Directory: the view, and per-Service endpoints, config, budget
+    connector: object  # connector.Connector: hops and the connections that carry them
+    connections: object  # connection.ConnectionTable
+    authorizer: object  # authorizer.Authorizer: destination policy, for on-node hops
+    splicer: object  # fastpath.Splicer: kernel splices, if on
+    pools: object  # pools.Pools: HTTP/1 and HTTP/2 connections to endpoints
+    observers: Observers
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True)
+class InboundDeps:
+    connections: object  # connection.ConnectionTable
+    authorizer: object  # authorizer.Authorizer
+    server_context: Callable  # (PodContext) -> the pod's TLS server context (its current certificate)
+    splicer: object  # fastpath.Splicer
+    observers: Observers
+    timeouts: Timeouts

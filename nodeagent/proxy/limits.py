@@ -1,0 +1,117 @@
+"""Per-pod limits: how much of the shared proxy one pod may hold at once. Pure.
+
+A pod that reaches a limit gets errors (its new connection reset, its stream refused); no
+other pod does, because each pod's share is counted apart. Defaults come from the agent's
+`--pod-limits` setting; a pod may set its own with annotations
+(`limits.nodeagent.io/<name>: "<n>"`), as operators size a busy gateway differently from a
+batch job. A bad annotation is reported and the default used.
+
+| limit | counts | default |
+|---|---|---|
+| outbound-connections | the pod's own connections through the proxy | 1000 |
+| inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
+| handshakes | mutual-TLS handshakes in progress for the pod, either side | 16 |
+| detections | outbound connections whose protocol is not known yet | 100 |
+| http2-streams | open HTTP/2 streams over all the pod's client connections | 1000 |
+"""
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+ANNOTATION_PREFIX = "limits.nodeagent.io/"
+MAX_VALUE = 1_000_000
+
+
+class Limit(enum.Enum):
+    OUTBOUND_CONNECTIONS = "outbound-connections"
+    INBOUND_CONNECTIONS = "inbound-connections"
+    HANDSHAKES = "handshakes"
+    DETECTIONS = "detections"
+    HTTP2_STREAMS = "http2-streams"
+
+
+DEFAULTS = MappingProxyType({
+    Limit.OUTBOUND_CONNECTIONS: 1000,
+    Limit.INBOUND_CONNECTIONS: 1000,
+    Limit.HANDSHAKES: 16,
+    Limit.DETECTIONS: 100,
+    Limit.HTTP2_STREAMS: 1000,
+})
+
+
+def _value(name: str, text: str) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{name}: not a number: {text!r}") from None
+    if not 1 <= value <= MAX_VALUE:
+        raise ValueError(f"{name}: {value} is not in 1..{MAX_VALUE}")
+    return value
+
+
+def _limit(name: str) -> Limit:
+    try:
+        return Limit(name)
+    except ValueError:
+        raise ValueError(f"unknown limit {name!r}; known: {', '.join(l.value for l in Limit)}") from None
+
+
+@dataclass(frozen=True)
+class PodLimits:
+    values: Mapping[Limit, int] = field(default_factory=lambda: DEFAULTS)
+
+    def __getitem__(self, limit: Limit) -> int:
+        return self.values[limit]
+
+    def show(self) -> str:
+        return ",".join(f"{limit.value}={self.values[limit]}" for limit in Limit)
+
+
+def parse(text: str, base: PodLimits = PodLimits()) -> PodLimits:
+    """`name=n,name=n`: the limits named, the others from `base`. ValueError names what is wrong."""
+    values = dict(base.values)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, number = part.partition("=")
+        if not sep:
+            raise ValueError(f"not NAME=N: {part!r}")
+        limit = _limit(name.strip())
+        values[limit] = _value(limit.value, number)
+    return PodLimits(MappingProxyType(values))
+
+
+def from_annotations(annotations: Mapping[str, str], defaults: PodLimits) -> tuple[PodLimits, list[str]]:
+    """The pod's limits, and one message per annotation that was ignored."""
+    values, errors = dict(defaults.values), []
+    for key, text in annotations.items():
+        if not key.startswith(ANNOTATION_PREFIX):
+            continue
+        try:
+            limit = _limit(key[len(ANNOTATION_PREFIX):])
+            values[limit] = _value(limit.value, text)
+        except ValueError as e:
+            errors.append(f"{key}: {e}; using the default")
+    return PodLimits(MappingProxyType(values)), errors
+
+
+class Quota:
+    """What one pod holds of each limit right now."""
+
+    __slots__ = ("limits", "held")
+
+    def __init__(self, limits: PodLimits):
+        self.limits = limits
+        self.held = dict.fromkeys(Limit, 0)
+
+    def take(self, limit: Limit) -> bool:
+        """One more of `limit`, if the pod is under it."""
+        if self.held[limit] >= self.limits[limit]:
+            return False
+        self.held[limit] += 1
+        return True
+
+    def give(self, limit: Limit) -> None:
+        if self.held[limit] <= 0:
+            raise RuntimeError(f"{limit.value}: given back more than taken")
+        self.held[limit] -= 1

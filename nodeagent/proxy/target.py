@@ -1,0 +1,171 @@
+"""Where the requests of one client connection go, and what is counted: the HttpTarget that
+HTTP/1 and HTTP/2 serve through (one per client connection, for its route).
+
+It chooses endpoints (the Service's balancer), opens or reuses connections to them through
+the hop the plan gives (proxy/hop.py, connector.py), starts each request's Retries (its
+limit, the Service's budget), and reports requests, responses, retries and errors.
+"""
+
+import time
+
+from nodeagent.proxy import mesh
+from nodeagent.proxy.classify import failed
+from nodeagent.proxy.connector import HopRefused
+from nodeagent.proxy.hop import Hint
+from nodeagent.proxy.limits import Limit
+from nodeagent.proxy.retry import RequestFacts, Retries, Verdict
+from nodeagent.proxy.routing import ToPod, ToService
+from nodeagent.proxy.service_config import DEFAULT
+from nodeagent.proxy.tap import request_event
+from nodeagent.proxy.upstream import HandshakeLimit
+
+
+def peer_label(decision) -> str:
+    if isinstance(decision, ToService):
+        return f"svc/{decision.service.key}"
+    if isinstance(decision, ToPod):
+        return f"pod/{decision.pod.key}"
+    return "external"
+
+
+class HttpTarget:
+    def __init__(self, deps, pod, decision, config, peer: str):
+        self.pod, self.decision, self.peer = pod, decision, peer
+        self.connector, self.pools, self.observers = deps.connector, deps.pools, deps.observers
+        self.directory = deps.directory
+        self.config = config if isinstance(decision, ToService) else DEFAULT
+        self.request_timeout_s = self.config.request_timeout_s
+        self.endpoints = deps.directory.endpoints_for(decision) if isinstance(decision, ToService) else None
+        self.budget = deps.directory.budget_for(decision)
+        self._stats: dict = {}  # tls -> RequestStats, made on first use
+        self._meshed_view, self._meshed_cache = None, {}
+
+    # --- each request ---
+
+    def retries(self, request: RequestFacts) -> Retries:
+        """A new request (not a retry): the budget grows by it, and its retries start."""
+        self.budget.deposit()
+        return Retries(request, self.config.retry_limit, self.config.retry_statuses, self.budget, self._count_retry)
+
+    def _count_retry(self, verdict: Verdict) -> None:
+        if verdict is Verdict.RETRY or verdict is Verdict.BUDGET:
+            self.observers.metrics.retry(self.pod, self.peer, verdict is Verdict.RETRY)
+
+    def choose(self, tried: set):
+        """(endpoint state, address) for the next attempt, preferring endpoints not tried yet
+        but retrying a tried one rather than none; or why there is none."""
+        if self.endpoints is None:
+            d = self.decision
+            return None, ((d.pod.ip, d.port) if isinstance(d, ToPod) else (d.ip, d.port))
+        state = self.endpoints.choose_for_request(tried) or self.endpoints.choose_for_request()
+        if state is None:
+            return self.endpoints.why_unavailable()
+        state.accrual.on_send()
+        return state, state.address
+
+    def _pod_at(self, address):
+        if isinstance(self.decision, ToService):
+            state = self.endpoints.states.get(address)
+            return state.endpoint.pod if state else None
+        return self.decision.pod if isinstance(self.decision, ToPod) else None
+
+    def _tunnel(self, address, hint: Hint):
+        return self.connector.tunnel(self.pod, self.connector.plan(address, self._pod_at(address), hint))
+
+    async def acquire(self, address):
+        """An HTTP/1 connection to `address` of its own, (connection, reused)."""
+        return await self.pools.http1.acquire(self.pod.netns_path, self.pod.cookie, address,
+                                              self.config.connect_timeout_s, self._tunnel(address, Hint.HTTP1))
+
+    async def acquire_h2(self, address):
+        """An HTTP/2 connection to `address` with room for one more stream."""
+        return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address,
+                                              self.config.connect_timeout_s, self._tunnel(address, Hint.H2))
+
+    def release(self, address, conn):
+        self.pools.http1.release(self.pod.cookie, address, conn)
+
+    # --- HTTP/2 streams: the pod's share ---
+
+    def take_stream(self) -> bool:
+        return self.pod.quota.take(Limit.HTTP2_STREAMS)
+
+    def give_stream(self) -> None:
+        self.pod.quota.give(Limit.HTTP2_STREAMS)
+
+    # --- what happened ---
+
+    def _failed(self, state):
+        ejections = state.accrual.ejections
+        state.accrual.on_failure()
+        if state.accrual.ejections > ejections:
+            self.observers.metrics.endpoint_ejections_total.labels(self.peer).inc()
+
+    def connect_failed(self, state, exc):
+        if state is not None and not isinstance(exc, (HopRefused, HandshakeLimit)):
+            self._failed(state)  # the endpoint's fault, not ours or the pod's
+        if isinstance(exc, mesh.TunnelError):
+            self.observers.metrics.handshake_failed("outbound", exc.reason)
+            self.observers.problems.warning("tls", "outbound TLS handshake refused: %s", exc)
+        self.observers.metrics.tcp_error("outbound", self.pod, self.connect_failure_reason(exc))
+
+    @staticmethod
+    def connect_failure_reason(exc) -> str:
+        if isinstance(exc, HopRefused):
+            return exc.reason
+        if isinstance(exc, HandshakeLimit):
+            return "handshakes limit"
+        return "connect failed"
+
+    def _meshed(self, address) -> bool:
+        """Whether requests to `address` go over mutual TLS (for labels), cached per view."""
+        view = self.directory.view
+        if self._meshed_view is not view:
+            self._meshed_view, self._meshed_cache = view, {}
+        meshed = self._meshed_cache.get(address)
+        if meshed is None:
+            meshed = self._meshed_cache[address] = self.directory.meshed(self._pod_at(address))
+        return meshed
+
+    def _requests(self, tls: bool):
+        stats = self._stats.get(tls)
+        if stats is None:
+            stats = self._stats[tls] = self.observers.metrics.requests("outbound", self.pod, self.peer, tls)
+        return stats
+
+    def request_started(self, state, address):
+        self._requests(self._meshed(address)).request()
+        return state.ewma.start() if state is not None else time.monotonic()
+
+    def request_finished(self, state, token, status, grpc_status=None):
+        if state is None:
+            return
+        state.ewma.finish(token)
+        if failed(status, grpc_status):
+            self._failed(state)
+        else:
+            state.accrual.on_success()
+
+    def request_abandoned(self, state, token):
+        """The client went away mid-request: the latency so far counts, the outcome does not."""
+        if state is not None:
+            state.ewma.finish(token)
+
+    def count_response(self, request, status, address=None, failure=None):
+        """A response to count (and tap): HTTP/1 at its head; HTTP/2 at its end, with
+        `failure` from the gRPC status and the head's arrival in `request.head_at`."""
+        tls = address is not None and self._meshed(address)
+        self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
+        tap = self.observers.tap
+        if tap.subscriptions:
+            tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
+
+    def count_error(self, status, reason):
+        self.observers.metrics.http_error("outbound", self.pod, status, reason)
+
+    def count_limit(self, limit: str) -> None:
+        self.observers.metrics.limit_exceeded("outbound", self.pod, limit)
+
+    def count_cut(self, reason: str) -> None:
+        """A response cut short after its head was sent (no error response possible)."""
+        self.observers.metrics.tcp_error("outbound", self.pod, reason)

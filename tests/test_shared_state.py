@@ -1,0 +1,205 @@
+"""What the node's pods share in the proxy, with plain values: the directory (per-Service
+state across view changes), the connection table and per-pod limits, the problem log."""
+
+import logging
+
+import pytest
+
+from nodeagent.cluster.model import ClusterView, PodInfo
+from nodeagent.proxy import limits
+from nodeagent.proxy.connection import NODE_LIMIT, ConnectionTable, Direction, Phase, Refused
+from nodeagent.proxy.directory import Directory
+from nodeagent.proxy.limits import Limit, PodLimits, Quota
+from nodeagent.proxy.problems import BURST, ProblemLog
+from nodeagent.proxy.routing import ToService
+
+
+def pod_object(name: str, ip: str, app: str = "web") -> dict:
+    return {"metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"containers": [{}]}, "status": {"podIP": ip}}
+
+
+SERVICE = {"metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"clusterIP": "10.96.7.7", "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+# --- the directory ---
+
+def test_every_view_change_refreshes_a_services_endpoints():
+    """EndpointSets were cached by id(view): CPython reuses ids, so after a change the balancer
+    could keep the old endpoints. Each round the Service leaves for a moment (an empty view, so
+    the last view it was used in is freed and its id free to be reused), then comes back with a
+    different endpoint: the old code kept the stale endpoint in 198 of these 200 rounds."""
+    directory = Directory()
+    for round_ in range(200):
+        ip = f"10.244.0.{round_ % 250 + 1}"
+        directory.update(ClusterView())
+        directory.update(ClusterView([pod_object(f"web-{round_}", ip)], [SERVICE]))
+        decision = directory.route("10.96.7.7", 80)
+        assert isinstance(decision, ToService)
+        assert set(directory.endpoints_for(decision).states) == {(ip, 8080)}, round_
+
+
+def test_an_endpoint_that_stays_keeps_its_history_and_services_that_leave_are_forgotten():
+    directory = Directory()
+    directory.update(ClusterView([pod_object("a", "10.244.0.1")], [SERVICE]))
+    decision = directory.route("10.96.7.7", 80)
+    state = directory.endpoints_for(decision).states[("10.244.0.1", 8080)]
+    directory.config_for(decision), directory.budget_for(decision)
+    directory.update(ClusterView([pod_object("a", "10.244.0.1"), pod_object("b", "10.244.0.2")], [SERVICE]))
+    assert directory.endpoints_for(directory.route("10.96.7.7", 80)).states[("10.244.0.1", 8080)] is state
+    directory.update(ClusterView([pod_object("a", "10.244.0.1")], []))
+    assert directory.sizes() == {"endpoint_sets": 0, "configs": 0, "budgets": 0}
+
+
+# --- limits ---
+
+def test_limits_parse_and_name_what_is_wrong():
+    assert limits.parse("handshakes=4, detections=10")[Limit.HANDSHAKES] == 4
+    assert limits.parse("")[Limit.OUTBOUND_CONNECTIONS] == 1000
+    for text, message in [("handshakes", "not NAME=N"), ("speed=1", "unknown limit 'speed'"),
+                          ("handshakes=0", "not in 1..1000000"), ("handshakes=x", "not a number")]:
+        with pytest.raises(ValueError, match=message):
+            limits.parse(text)
+
+
+def test_a_pods_annotations_override_the_defaults_and_bad_ones_are_reported():
+    defaults = limits.parse("handshakes=8")
+    pod_limits, errors = limits.from_annotations({"limits.nodeagent.io/handshakes": "2",
+                                                  "limits.nodeagent.io/detections": "lots",
+                                                  "limits.nodeagent.io/speed": "1", "other": "x"}, defaults)
+    assert pod_limits[Limit.HANDSHAKES] == 2 and pod_limits[Limit.DETECTIONS] == 100
+    assert len(errors) == 2 and all("using the default" in e for e in errors)
+
+
+def test_a_quota_holds_up_to_its_limit_and_refuses_to_give_more_than_it_took():
+    quota = Quota(limits.parse("handshakes=2"))
+    assert [quota.take(Limit.HANDSHAKES) for _ in range(3)] == [True, True, False]
+    quota.give(Limit.HANDSHAKES)
+    assert quota.take(Limit.HANDSHAKES)
+    with pytest.raises(RuntimeError):
+        Quota(PodLimits()).give(Limit.DETECTIONS)
+
+
+# --- the connection table ---
+
+class Pod:
+    def __init__(self, name: str, text: str = ""):
+        self.info = PodInfo("shop", name, name, "node0", "10.244.0.9", "default", {}, {})
+        self.quota = Quota(limits.parse(text))
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+
+class Stats:
+    def __init__(self):
+        self.read = self.written = self.spliced = 0
+        self.closes = 0
+
+    def close(self):
+        self.closes += 1
+
+
+class Metrics:
+    def __init__(self):
+        self.made = []
+
+    def connection(self, direction, pod, peer, tls):
+        self.made.append((direction, pod.key, peer, tls))
+        return Stats()
+
+
+def test_one_pod_at_its_limit_is_refused_and_another_is_not():
+    refusals = []
+    table = ConnectionTable(100, lambda pod, direction, limit: refusals.append((pod.key, direction, limit)))
+    greedy, quiet = Pod("greedy", "outbound-connections=3"), Pod("quiet")
+    held = [table.admit(greedy, Direction.OUTBOUND, Phase.OPAQUE) for _ in range(3)]
+    assert all(held) and table.admit(greedy, Direction.OUTBOUND, Phase.OPAQUE) is None
+    assert refusals == [("shop/greedy", Direction.OUTBOUND, "outbound-connections")]
+    assert table.admit(quiet, Direction.OUTBOUND, Phase.OPAQUE) is not None
+    assert table.admit(greedy, Direction.INBOUND, Phase.AUTHORIZING) is not None  # its inbound share is apart
+    held[0].close()
+    assert table.admit(greedy, Direction.OUTBOUND, Phase.OPAQUE) is not None
+
+
+def test_the_node_limit_holds_across_pods():
+    refusals = []
+    table = ConnectionTable(2, lambda pod, direction, limit: refusals.append(limit))
+    assert table.admit(Pod("a"), Direction.OUTBOUND, Phase.OPAQUE) and table.admit(Pod("b"), Direction.INBOUND,
+                                                                                    Phase.OPAQUE)
+    assert table.admit(Pod("c"), Direction.OUTBOUND, Phase.OPAQUE) is None and refusals == [NODE_LIMIT]
+
+
+def test_a_phase_holds_its_share_until_the_connection_leaves_it():
+    refusals = []
+    table = ConnectionTable(100, lambda pod, direction, limit: refusals.append(limit))
+    pod = Pod("p", "detections=1,handshakes=1")
+    first = table.admit(pod, Direction.OUTBOUND, Phase.DETECTING)
+    assert table.admit(pod, Direction.OUTBOUND, Phase.DETECTING) is None and refusals == ["detections"]
+    assert pod.quota.held[Limit.OUTBOUND_CONNECTIONS] == 1  # the refused one gave its connection back
+    first.enter(Phase.HTTP1)
+    assert table.admit(pod, Direction.OUTBOUND, Phase.DETECTING) is not None
+    mesh = table.admit(pod, Direction.INBOUND, Phase.HANDSHAKING)
+    other = table.admit(pod, Direction.INBOUND, Phase.AUTHORIZING)
+    with pytest.raises(Refused):
+        other.enter(Phase.HANDSHAKING)
+    mesh.close()
+    assert pod.quota.held[Limit.HANDSHAKES] == 0
+
+
+def test_a_connection_is_counted_and_closed_exactly_once():
+    table = ConnectionTable(100, lambda *a: None)
+    pod, metrics = Pod("p"), Metrics()
+    connection = table.admit(pod, Direction.INBOUND, Phase.AUTHORIZING)
+    stats = connection.label(metrics, "unauthenticated", False)
+    assert connection.label(metrics, "someone else", True) is stats and len(metrics.made) == 1
+    assert table.live("shop/p") == [connection] and table.open_count == 1
+    connection.close(10, 20, 5)
+    connection.close(99, 99, 99)
+    assert stats.closes == 1 and (stats.read, stats.written, stats.spliced) == (10, 20, 5)
+    assert table.live("shop/p") == [] and table.open_count == 0 and table.pods() == []
+    assert all(held == 0 for held in pod.quota.held.values())
+
+
+# --- the problem log ---
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_problems_are_rate_limited_per_kind_and_say_how_many_were_held_back(caplog):
+    clock = Clock()
+    problems = ProblemLog(logging.getLogger("test.problems"), clock)
+    with caplog.at_level(logging.WARNING, "test.problems"):
+        for i in range(60):  # 60 truncated ClientHellos in one instant
+            problems.warning("tls", "handshake refused from %s", i)
+        problems.warning("deny", "a different kind still gets through")
+        clock.t += 5.0
+        problems.warning("tls", "later")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([line for line in lines if "handshake refused" in line]) == BURST
+    assert "a different kind still gets through" in lines
+    assert lines[-1] == f"later ({60 - BURST} more like this not logged)"
+
+
+def test_an_exceptions_traceback_is_logged_once_per_place(caplog):
+    problems = ProblemLog(logging.getLogger("test.problems"), Clock())
+
+    def fail():
+        raise KeyError("boom")
+
+    with caplog.at_level(logging.ERROR, "test.problems"):
+        for _ in range(3):
+            try:
+                fail()
+            except KeyError as e:
+                problems.exception("http1", e, "HTTP/1 connection")
+    with_traceback = [r for r in caplog.records if r.exc_info]
+    assert len(caplog.records) == 3 and len(with_traceback) == 1
+    assert "HTTP/1 connection: KeyError: 'boom'" in caplog.records[0].getMessage()
