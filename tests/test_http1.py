@@ -242,3 +242,107 @@ def test_a_request_timeout_is_a_504_with_the_reason(proxy_to):
     target.request_timeout_s = 0.2
     reply = raw(port, b"GET /delay/2000 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 504 ") and b"nodeagent-proxy-error: request timeout" in reply
+
+
+class RawServer:
+    """A TCP server on loopback that runs `behave(conn)` in a thread for each connection."""
+
+    def __init__(self, behave):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.result = []
+        self.thread = threading.Thread(target=self._run, args=(behave,), daemon=True)
+        self.thread.start()
+
+    def _run(self, behave):
+        conn, _ = self.listener.accept()
+        with conn:
+            self.result.append(behave(conn))
+
+    def close(self):
+        self.listener.close()
+
+
+def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(proxy_to):
+    def trickle(conn):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+        try:
+            for _ in range(100):  # 10 s of one byte every 0.1 s, unless cut
+                conn.sendall(b"x")
+                time.sleep(0.1)
+        except OSError:
+            return "cut"
+        return "ran to the end"
+
+    server = RawServer(trickle)
+    port, target = proxy_to(server.address)
+    target.request_timeout_s = 0.5
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    assert received.startswith(b"HTTP/1.1 200") and len(received) < 1000000
+    assert time.monotonic() - started < 5  # cut near the deadline, not after the 10 s trickle
+    assert (None, "request timeout mid-response") in target.errors
+    server.thread.join(12)
+    assert server.result == ["cut"]
+    server.close()
+
+
+MB = 1 << 20
+
+
+def test_a_request_body_to_an_endpoint_that_does_not_read_is_held_to_the_buffers(proxy_to):
+    """It used to be read in full into the proxy (a 300 MiB POST grew it by 300 MiB)."""
+    stop = threading.Event()
+
+    def never_reads(conn):
+        stop.wait(10)
+
+    server = RawServer(never_reads)
+    port, _ = proxy_to(server.address)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % (300 * MB))
+        sock.settimeout(2)
+        chunk = b"p" * MB
+        try:
+            while sent < 300 * MB:
+                sent += sock.send(chunk)
+        except (socket.timeout, OSError):
+            pass
+    stop.set()
+    # The kernel's socket buffers on both hops, plus the proxy's bounded queue: tens of MB at most.
+    assert sent < 64 * MB, sent
+    server.close()
+
+
+def test_a_response_to_a_client_that_does_not_read_is_held_to_the_buffers(proxy_to):
+    sent = []
+
+    def floods(conn):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (300 * MB))
+        conn.settimeout(2)
+        total = 0
+        try:
+            while total < 300 * MB:
+                total += conn.send(b"r" * MB)
+        except (socket.timeout, OSError):
+            pass
+        sent.append(total)
+
+    server = RawServer(floods)
+    port, _ = proxy_to(server.address)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        server.thread.join(15)  # the client reads nothing while the server tries to send
+    assert sent and sent[0] < 64 * MB, sent
+    server.close()

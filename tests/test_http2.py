@@ -545,3 +545,31 @@ def test_idle_connections_are_closed_both_sides(lt, monkeypatch):
         client._read()  # nothing more comes but the GOAWAY after 0.5 s, then the close (or a timeout)
     assert client.goaway is not None and client.goaway.error_code == 0
     client.close()
+
+
+def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(lt):
+    class Trickles(workloads.H2cServer):
+        """Sends its headers at once, then one byte of body every 0.1 s for 10 s."""
+
+        async def _respond(self, stream_id):
+            self.streams.pop(stream_id)
+            self.conn.send_headers(stream_id, [(":status", "200"), ("x-pod", self.pod)])
+            self.transport.write(self.conn.data_to_send())
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if self.transport.is_closing() or stream_id not in self.conn.streams:
+                    return
+                try:
+                    self.conn.send_data(stream_id, b"x")
+                except h2.exceptions.StreamClosedError:
+                    return
+                self.transport.write(self.conn.data_to_send())
+
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=Trickles)], request_timeout_s=0.5)
+    client = H2Client("127.0.0.1", port)
+    started = time.monotonic()
+    (response,) = client.wait(client.request("GET", "/"))
+    assert response.status == 200 and response.reset == h2.errors.ErrorCodes.CANCEL
+    assert time.monotonic() - started < 5  # cut near the deadline, not after the 10 s trickle
+    assert (None, "request timeout mid-response") in target.errors
+    client.close()
