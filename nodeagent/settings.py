@@ -164,6 +164,28 @@ def _pod_limits(value: str) -> PodLimits:
     return limits.parse(value)
 
 
+_SIZES = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def parse_size(value: str) -> int:
+    """Bytes from "400Mi", "1Gi", "65536" (Kubernetes' binary suffixes)."""
+    text = value.strip()
+    number, unit = text.rstrip("KMGi"), text[len(text.rstrip("KMGi")):]
+    if unit not in _SIZES or not number.isdigit():
+        raise ValueError(f"not a size: {value!r} (e.g. 400Mi, 1Gi)")
+    size = int(number) * _SIZES[unit]
+    if size < 16 << 20:
+        raise ValueError(f"{value} is less than 16Mi")
+    return size
+
+
+def _print_size(size: int) -> str:
+    for unit in ("Gi", "Mi", "Ki"):
+        if size % _SIZES[unit] == 0:
+            return f"{size // _SIZES[unit]}{unit}"
+    return str(size)
+
+
 def _networks(value: str) -> tuple[str, ...]:
     parts = tuple(filter(None, (part.strip() for part in value.split(","))))
     for part in parts:
@@ -244,6 +266,10 @@ OPTIONS: tuple[Option, ...] = (
     _option("max_connections", _int_range(1, 1_000_000), 20000, Scope.CLUSTER,
             "Client connections the node's proxy holds at once, all pods together (each pod also has its own "
             "limit)."),
+    _option("memory_budget", parse_size, 400 << 20, Scope.CLUSTER,
+            "Resident memory the agent (all its processes) aims to stay under: near it, new connections are "
+            "refused and those holding the most buffered bytes are cut (keep it below the container's limit).",
+            _print_size, metavar="SIZE"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -273,6 +299,7 @@ class AgentSettings:
     log_level: str = "info"
     pod_limits: PodLimits = PodLimits()
     max_connections: int = 20000
+    memory_budget: int = 400 << 20
 
     # --- derived ---
 

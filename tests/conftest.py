@@ -1,32 +1,16 @@
-import fcntl
 import os
-import sys
 
 import pytest
 
 IS_ROOT = os.geteuid() == 0
-# One lab per machine (fixed namespace, cgroup and pin names): privileged test sessions
-# take turns. Held until the session's process exits.
-LAB_LOCK = "/run/nodeagent-lab.lock"
-_lock_fd = None
-
-
-def _take_lab_lock() -> None:
-    global _lock_fd
-    if _lock_fd is not None:
-        return
-    _lock_fd = os.open(LAB_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(_lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"waiting for {LAB_LOCK}: another privileged test session is running", file=sys.stderr)
-        fcntl.flock(_lock_fd, fcntl.LOCK_EX)
 
 
 def pytest_collection_modifyitems(config, items):
     if IS_ROOT:
         if any("privileged" in item.keywords for item in items):
-            _take_lab_lock()
+            from nodeagent.lab import lock
+
+            lock.hold()  # one lab per machine: privileged sessions take turns (lab/lock.py)
         return
     skip = pytest.mark.skip(reason="needs root: creates network namespaces, cgroups or BPF programs")
     for item in items:

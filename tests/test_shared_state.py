@@ -203,3 +203,71 @@ def test_an_exceptions_traceback_is_logged_once_per_place(caplog):
     with_traceback = [r for r in caplog.records if r.exc_info]
     assert len(caplog.records) == 3 and len(with_traceback) == 1
     assert "HTTP/1 connection: KeyError: 'boom'" in caplog.records[0].getMessage()
+
+
+# --- the memory guard ---
+
+class Buffered:
+    """A transport holding `size` bytes in its write buffer."""
+
+    def __init__(self, size: int):
+        self.size, self.aborted = size, False
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def guarded(rss_mib: list, holdings_mib: dict):
+    """A guard with a 100 MiB budget over pods holding what `holdings_mib` says (pod -> [MiB per connection])."""
+    from nodeagent.proxy.overload import MemoryGuard
+
+    cuts, trims = [], []
+    table = ConnectionTable(1000, lambda *a: None, lambda connection, reason: cuts.append(connection.pod.key))
+    for name, sizes in holdings_mib.items():
+        pod = Pod(name)
+        for size in sizes:
+            table.admit(pod, Direction.OUTBOUND, Phase.OPAQUE).hold(Buffered(size << 20))
+    guard = MemoryGuard(100 << 20, table, None, rss=lambda: rss_mib[0] << 20, trim=lambda: trims.append(1))
+    table.admitting = guard.admits
+    return guard, table, cuts, trims
+
+
+def test_below_the_soft_mark_nothing_happens():
+    from nodeagent.proxy.overload import Pressure
+
+    guard, table, cuts, trims = guarded([70], {"a": [30]})
+    assert guard.check() is Pressure.NORMAL and cuts == [] and trims == []
+
+
+def test_memory_the_allocator_kept_is_trimmed_not_refused():
+    from nodeagent.proxy.overload import Pressure
+
+    guard, table, cuts, trims = guarded([95], {"a": [1, 1]})
+    assert guard.check() is Pressure.NORMAL and trims == [1] and cuts == []
+    assert table.admit(Pod("b"), Direction.OUTBOUND, Phase.OPAQUE) is not None
+
+
+def test_near_the_budget_new_connections_are_refused_until_it_eases():
+    from nodeagent.proxy.overload import Pressure
+
+    rss = [90]
+    guard, table, cuts, trims = guarded(rss, {"hog": [20, 20]})
+    assert guard.check() is Pressure.REFUSING and cuts == []
+    assert table.admit(Pod("b"), Direction.OUTBOUND, Phase.OPAQUE) is None
+    rss[0] = 50
+    assert guard.check() is Pressure.NORMAL
+    assert table.admit(Pod("b"), Direction.OUTBOUND, Phase.OPAQUE) is not None
+
+
+def test_over_the_budget_the_connections_holding_the_most_are_cut_first():
+    from nodeagent.proxy.overload import Pressure
+
+    guard, table, cuts, trims = guarded([120], {"hog": [40, 30, 20], "quiet": [1, 1]})
+    assert guard.check() is Pressure.SHEDDING
+    assert cuts == ["shop/hog", "shop/hog", "shop/hog"] and guard.shed == 3  # the quiet pod keeps its own

@@ -82,7 +82,7 @@ class Agent:
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
         processes = self.config.processes(len(os.sched_getaffinity(0)))
-        self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1)
+        self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1, processes=processes)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if processes > 1:
             self.workers = Workers(processes - 1, self.config, self.proxy.tap)
@@ -114,9 +114,7 @@ class Agent:
                 self.workers.stop()
             self.source.close()
             self.identities.close()
-            for cookie in list(self.proxy.pods):
-                for server in self.proxy.pods[cookie].servers:
-                    server.close()
+            self.proxy.close_listeners()
             datapath.close()
 
     async def reconcile(self) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from nodeagent import PREFIX, cgroups, netns
 from nodeagent.datapath import cleanup as datapath_cleanup
 from nodeagent.identity import ca, naming
-from nodeagent.lab import manifests, network, pods
+from nodeagent.lab import lock, manifests, network, pods
 from nodeagent.lab.plan import (WORKLOAD_BY_KIND, LabPlan, NodePlan, PodPlan, plan_from_dict, plan_lab,
                                 plan_to_dict)
 
@@ -96,6 +96,7 @@ def leftovers() -> list[str]:
 
 def up(nodes: int, pods_per_node: int, enroll: bool = True, mesh: str = "none") -> Lab:
     _require_root()
+    lock.hold()
     if mesh not in MESH_MODES:
         raise LabError(f"--mesh {mesh}: choose one of {', '.join(MESH_MODES)}")
     if left := leftovers():
@@ -161,6 +162,7 @@ def sidecar_admin_port(lab: Lab, pod: PodPlan) -> int:
 
 def start_sidecar(lab: Lab, pod: PodPlan) -> subprocess.Popen:
     """Sidecar mode: the same agent, one per pod, attached to that pod's cgroup only."""
+    lock.hold()
     node = next(n for n in lab.plan.nodes if n.name == pod.node)
     pod_cgroup = lab.pod_cgroup(pod).parent
     return _start_agent_process(lab, f"sidecar-{pod.name}", [
@@ -241,6 +243,7 @@ def _wait_ready(lab: Lab) -> None:
 def down() -> list[str]:
     """Remove everything any lab made; idempotent, and needs no state file."""
     _require_root()
+    lock.hold()
     removed = leftovers()
     try:
         root = _lab_cgroup_root()

@@ -42,6 +42,7 @@ CONNECTION_LIMIT = {Direction.INBOUND: Limit.INBOUND_CONNECTIONS, Direction.OUTB
 
 
 NODE_LIMIT = "node-connections"
+MEMORY_LIMIT = "memory"  # the node's proxy is near its memory budget (overload.py)
 
 
 class Refused(Exception):
@@ -55,7 +56,7 @@ class Refused(Exception):
 class Connection:
     """One client connection: its pod, direction and phase, and its counters once labelled."""
 
-    __slots__ = ("table", "pod", "direction", "phase", "stats", "revoke", "peer", "port")
+    __slots__ = ("table", "pod", "direction", "phase", "stats", "revoke", "peer", "port", "transports")
 
     def __init__(self, table: "ConnectionTable", pod, direction: Direction, phase: Phase):
         self.table, self.pod, self.direction, self.phase = table, pod, direction, phase
@@ -63,6 +64,21 @@ class Connection:
         self.revoke: Callable[[], None] | None = None  # ends it when its pod's policy stops admitting it
         self.peer = None  # inbound: the policy's Client, for re-authorization
         self.port = 0  # inbound: the destination port it was authorized for
+        self.transports: list = []  # its client side, and its upstream (or app) side once open
+
+    def hold(self, transport) -> None:
+        """A transport of this connection: what it buffers counts as the connection's."""
+        self.transports.append(transport)
+
+    def buffered(self) -> int:
+        """Bytes the proxy holds in write buffers for this connection (what a slow peer makes it keep)."""
+        return sum(t.get_write_buffer_size() for t in self.transports if not t.is_closing())
+
+    def cut(self, reason: str) -> None:
+        """End it at once (memory pressure, a drain deadline): its stages settle it as it closes."""
+        self.table.on_cut(self, reason)
+        for transport in self.transports:
+            transport.abort()
 
     def enter(self, phase: Phase) -> None:
         """Move to `phase`, taking what it holds of the pod's share; Refused if there is no room."""
@@ -94,6 +110,7 @@ class Connection:
         if held is not None:
             self.pod.quota.give(held)
         self.phase = Phase.CLOSED
+        self.transports = []
         self.pod.quota.give(CONNECTION_LIMIT[self.direction])
         self.table._closed(self)
         if self.stats is not None:
@@ -107,9 +124,11 @@ class ConnectionTable:
     """The node's connections: admission against the node's and the pods' limits, and each
     pod's live set. `on_refused(pod, direction, limit)` hears every refusal (metrics, logs)."""
 
-    def __init__(self, max_connections: int, on_refused: Callable[[object, Direction, str], None]):
+    def __init__(self, max_connections: int, on_refused: Callable[[object, Direction, str], None],
+                 on_cut: Callable[[Connection, str], None] = lambda connection, reason: None):
         self.max_connections = max_connections
-        self.on_refused = on_refused
+        self.on_refused, self.on_cut = on_refused, on_cut
+        self.admitting: Callable[[], bool] = lambda: True  # False under memory pressure (overload.py)
         self.open_count = 0
         self._live: dict[str, dict[Connection, None]] = {}  # pod key -> its connections, insertion-ordered
 
@@ -117,6 +136,9 @@ class ConnectionTable:
         """A new client connection in `phase`, or None (refused, already reported)."""
         if self.open_count >= self.max_connections:
             self.on_refused(pod, direction, NODE_LIMIT)
+            return None
+        if not self.admitting():
+            self.on_refused(pod, direction, MEMORY_LIMIT)
             return None
         if not pod.quota.take(CONNECTION_LIMIT[direction]):
             self.on_refused(pod, direction, CONNECTION_LIMIT[direction].value)
@@ -142,6 +164,9 @@ class ConnectionTable:
             live.pop(connection, None)
             if not live:
                 del self._live[connection.pod.key]
+
+    def all(self) -> list[Connection]:
+        return [c for live in self._live.values() for c in live]
 
     def live(self, pod_key: str) -> list[Connection]:
         return list(self._live.get(pod_key, ()))

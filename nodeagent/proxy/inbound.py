@@ -71,6 +71,7 @@ class _Inbound(asyncio.Protocol):
         if self.conn is None:
             transport.abort()  # refused by a limit (counted and logged by the table)
             return False
+        self.conn.hold(transport)
         return True
 
     def _proxy_port(self, transport, port: int) -> bool:
@@ -105,6 +106,7 @@ class _Inbound(asyncio.Protocol):
             transport.abort()
             return
         conn.enter(Phase.OPAQUE)
+        conn.hold(app.transport)
         kernel = None
         if identity is None:  # plaintext both ways: the kernel may carry the app's replies
             kernel = deps.splicer.request(transport, self.pod.cookie, app.transport, self.pod.cookie)

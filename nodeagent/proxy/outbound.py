@@ -84,6 +84,7 @@ class OutboundAccept(asyncio.Protocol):
         if self.conn is None:
             transport.abort()  # refused by a limit (counted and logged by the table)
             return
+        self.conn.hold(transport)
         self.original = original
         self.decision = deps.directory.route(*original)
         self.peer = peer_label(self.decision)
@@ -250,6 +251,7 @@ class OutboundAccept(asyncio.Protocol):
             self.transport.abort()  # TCP has no error page: a reset
             return
         conn.enter(Phase.OPAQUE)
+        conn.hold(upstream)
         conn.label(self.deps.observers.metrics, self.peer, self.early_hop.tls)
         self.early_state = Early.GONE
         if self.on_node is not None:

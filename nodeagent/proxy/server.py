@@ -25,6 +25,7 @@ from nodeagent.proxy.h2upstream import H2Pool
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.outbound import OutboundAccept
+from nodeagent.proxy.overload import CHECK_S, MemoryGuard
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.upstream import PROXY_MARK, Pool
@@ -52,7 +53,7 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: b
 
 class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, settings: AgentSettings = DEFAULT,
-                 owns_datapath: bool = True, reuse_port: bool = False):
+                 owns_datapath: bool = True, reuse_port: bool = False, processes: int = 1):
         self.settings = settings
         self.datapath = datapath
         self.identities = identities
@@ -66,7 +67,11 @@ class Proxy:
         self.directory = Directory()
         self.authorizer = Authorizer(settings.default_policy, settings.networks, settings.trust_domain,
                                      lambda: self.directory.view, self.observers)
-        self.connections = ConnectionTable(settings.max_connections, self._refused)
+        self.connections = ConnectionTable(settings.max_connections, self._refused, self._cut)
+        # Each process watches its share of the agent's memory budget.
+        self.guard = MemoryGuard(settings.memory_budget // max(processes, 1), self.connections, self.observers)
+        self.connections.admitting = self.guard.admits
+        self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
         self.connector = Connector(self.directory, identities, mesh.SessionCache(), settings.trust_domain,
                                    settings.on_node_plaintext)
         self.pools = Pools(Pool(), H2Pool())
@@ -116,6 +121,15 @@ class Proxy:
         for error in errors:
             self.problems.warning("limits", "pod %s: %s", info.key, error)
         return pod_limits
+
+    def _check_memory(self) -> None:
+        self.guard.check()
+        self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
+
+    def _cut(self, connection, reason: str) -> None:
+        self.metrics.tcp_error(connection.direction.value, connection.pod, f"cut: {reason}")
+        self.problems.warning(f"cut {reason}", "pod %s: %s connection cut (%s): it held %d bytes",
+                              connection.pod.key, connection.direction.value, reason, connection.buffered())
 
     def _refused(self, pod: PodContext, direction: Direction, limit: str) -> None:
         self.metrics.limit_exceeded(direction.value, pod, limit)
@@ -175,6 +189,7 @@ class Proxy:
         log.info("pod %s %s", pod.key, "deleted" if deleted else "left the mesh")
 
     def close_listeners(self) -> None:
+        self._guard_timer.cancel()
         for pod in self.pods.values():
             for server in pod.servers:
                 server.close()

@@ -160,24 +160,51 @@ class _RawSide(asyncio.Protocol):
 
 
 class _Handshake(asyncio.Protocol):
-    def __init__(self, sslobj, incoming, outgoing, raw):
-        self.sslobj, self.incoming, self.outgoing, self.raw = sslobj, incoming, outgoing, raw
-        self.done = asyncio.get_running_loop().create_future()
+    """The handshake's steps, each run where `run_step` says (a thread, by default: a step is
+    public-key cryptography, a millisecond of CPU that must not stall every other pod's traffic
+    on the event loop). OpenSSL's memory BIOs are not thread-safe, so bytes that arrive while a
+    step runs wait in `arrived` and are fed between steps, on the loop."""
 
-    def step(self):
+    def __init__(self, sslobj, incoming, outgoing, raw, run_step):
+        self.sslobj, self.incoming, self.outgoing, self.raw = sslobj, incoming, outgoing, raw
+        self.run_step = run_step
+        self.done = asyncio.get_running_loop().create_future()
+        self.arrived = bytearray()
+        self.running = False
+        self.wanted = False  # a step is due once the running one ends
+        self.eof = False  # the peer's EOF came after the last step: the TLS transport hears of it
+
+    def _do_handshake(self) -> BaseException | None:
+        """One step; None when the handshake is complete, SSLWantReadError for more bytes."""
         try:
             self.sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
         except (ssl.SSLError, OSError) as e:
-            self._flush()  # the alert, so the peer learns why
-            if not self.done.done():
-                self.done.set_exception(e)
+            return e
+        return None
+
+    def step(self):
+        if self.done.done():
             return
-        self._flush()
-        if not self.done.done():
+        if self.running:
+            self.wanted = True
+            return
+        if self.arrived:
+            self.incoming.write(bytes(self.arrived))
+            self.arrived.clear()
+        self.running, self.wanted = True, False
+        self.run_step(self._do_handshake, self._stepped)
+
+    def _stepped(self, error: BaseException | None) -> None:
+        self.running = False
+        self._flush()  # our flight, or the alert that tells the peer why
+        if self.done.done():
+            return
+        if error is None:
             self.done.set_result(None)
+        elif not isinstance(error, ssl.SSLWantReadError):
+            self.done.set_exception(error)
+        elif self.arrived or self.wanted:
+            self.step()
 
     def _flush(self):
         pending = self.outgoing.read()
@@ -185,43 +212,90 @@ class _Handshake(asyncio.Protocol):
             self.raw.write(pending)
 
     def data_received(self, data):
-        self.incoming.write(data)
+        self.arrived += data
         if not self.done.done():
             self.step()
 
     def eof_received(self):
         if not self.done.done():
             self.done.set_exception(ConnectionResetError("the peer closed during the TLS handshake"))
-        return False
+            return False
+        self.eof = True  # it sent everything and half-closed right after its last flight
+        return True
 
     def connection_lost(self, exc):
         if not self.done.done():
             self.done.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
 
 
+def run_inline(work, then) -> None:
+    """Run a handshake step on the event loop itself (tests, and callers with no thread to spare)."""
+    then(work())
+
+
+class HandshakeThreads:
+    """Handshake steps on a few threads, off the event loop: OpenSSL releases the GIL while it
+    computes, so the loop keeps serving every other connection meanwhile. How many steps may be
+    queued is bounded by the pods' `handshakes` limits, not here."""
+
+    def __init__(self, threads: int = 2):
+        import concurrent.futures
+
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tls-handshake")
+
+    def __call__(self, work, then) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.pool, work)
+        future.add_done_callback(lambda f: then(f.exception() if f.exception() else f.result()))
+
+
+_threads: HandshakeThreads | None = None
+
+
+def handshake_threads() -> HandshakeThreads:
+    """This process's handshake threads (made on first use)."""
+    global _threads
+    if _threads is None:
+        _threads = HandshakeThreads()
+    return _threads
+
+
 async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, server_side: bool,
                     timeout_s: float, server_hostname: str | None = None, initial: bytes = b"",
-                    session: ssl.SSLSession | None = None) -> TlsTransport:
+                    session: ssl.SSLSession | None = None, run_step=None) -> TlsTransport:
     """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
     `initial`: bytes already read from `raw` (a ClientHello that arrived early);
-    `session`: a client's earlier session with the same server, to resume."""
+    `session`: a client's earlier session with the same server, to resume;
+    `run_step(work, then)`: where each step runs (default: this process's handshake threads)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
                               session=session)
-    shaking = _Handshake(sslobj, incoming, outgoing, raw)
+    shaking = _Handshake(sslobj, incoming, outgoing, raw, run_step or handshake_threads())
     raw.set_protocol(shaking)
     if initial:
-        incoming.write(initial)
+        shaking.arrived += initial
     if initial or not server_side:
         shaking.step()  # the ClientHello, or the answer to one that already came
     raw.resume_reading()
     try:
-        await asyncio.wait_for(shaking.done, timeout_s)
+        await asyncio.wait_for(asyncio.shield(shaking.done), timeout_s)
     except BaseException:
         raw.abort()
         raise
     tls = TlsTransport(raw, sslobj, incoming, outgoing)
     tls.set_protocol(protocol)
-    raw.set_protocol(_RawSide(tls))
-    tls._decrypt()  # application data that came with the handshake's last flight
+    if shaking.arrived:  # bytes that came during the last step: before any that come next
+        incoming.write(bytes(shaking.arrived))
+        shaking.arrived.clear()
+    raw_side = _RawSide(tls)
+    raw.set_protocol(raw_side)
+
+    def deliver() -> None:
+        """What came with or after the last flight, once the caller holds the transport."""
+        if not tls.is_closing():
+            tls._decrypt()
+        if shaking.eof:
+            raw_side.eof_received()
+
+    asyncio.get_running_loop().call_soon(deliver)
     return tls
