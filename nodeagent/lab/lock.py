@@ -23,3 +23,7 @@ def hold() -> None:
         print(f"waiting for {LOCK_PATH}: another lab user (a test session?) is running", file=sys.stderr)
         fcntl.flock(fd, fcntl.LOCK_EX)
     _fd = fd
+
+
+def held() -> bool:
+    return _fd is not None
