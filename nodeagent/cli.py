@@ -43,7 +43,8 @@ def lab():
 @click.option("--enroll/--no-enroll", default=True, show_default=True,
               help="Label pods nodeagent.io/mesh=enabled.")
 @click.option("--mesh", type=click.Choice(lab_ops.MESH_MODES), default="none", show_default=True,
-              help="node: one agent per simulated node; none: no mesh.")
+              help="node: one agent per simulated node; sidecar: one proxy per meshed pod (the same agent, "
+                   "for comparison); none: no mesh (Service VIPs then route nowhere: the lab has no kube-proxy).")
 def up(nodes, pods, enroll, mesh):
     """Create NODES simulated nodes with PODS pods each."""
     created = lab_ops.up(nodes, pods, enroll, mesh)

@@ -120,3 +120,15 @@ def test_the_demo_names_only_commands_and_flags_that_exist():
                               text=True).stdout
     for flag in re.findall(r"(--[\w-]+)", MORE):
         assert flag in run_help
+
+
+def test_lab_up_says_what_each_mesh_mode_is_and_the_readme_shows_it():
+    from nodeagent.lab.lab import MESH_MODES
+
+    helped = subprocess.run([sys.executable, "-m", "nodeagent", "lab", "up", "--help"], capture_output=True,
+                            text=True).stdout
+    flat = " ".join(helped.split())
+    for mode in MESH_MODES:
+        assert f"{mode}:" in flat  # sidecar used to be missing
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "nodeagent lab up [--nodes 2] [--pods 5] [--no-enroll] [--mesh none|node|sidecar]" in readme

@@ -16,7 +16,8 @@ KERNEL_COUNTERS = (
     ("denied", "kernel_policy_denials", "Connects refused by the kernel's L4 policy"),
     ("inbound_steered", "kernel_inbound_steered", "Inbound connections steered onto the proxy"),
     ("inbound_refused", "kernel_inbound_refused", "Inbound connections refused: no proxy listening"),
-    ("fast_path_bytes", "kernel_fast_path_bytes", "Bytes the pod's loopback sockets sent by sk_msg instead of TCP"),
+    ("fast_path_bytes", "kernel_fast_path_bytes", "Bytes the pod's loopback sockets sent straight into their peer's "
+     "receive queue (the loopback fast path; splices are in tcp_spliced_bytes_total)"),
 )
 
 

@@ -3,8 +3,11 @@ the node's pods share. Stages see only their own deps (OutboundDeps, InboundDeps
 Proxy that assembles them (server.py), so what a stage reads and changes is in its imports.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nodeagent.cluster.model import PodInfo
 from nodeagent.identity import naming
@@ -12,6 +15,15 @@ from nodeagent.proxy.limits import Quota
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
+
+if TYPE_CHECKING:  # the stages' deps, named for readers and checkers (importing them here would cycle)
+    from nodeagent.proxy.authorizer import Authorizer
+    from nodeagent.proxy.connection import ConnectionTable
+    from nodeagent.proxy.connector import Connector
+    from nodeagent.proxy.directory import Directory
+    from nodeagent.proxy.fastpath import Splicer
+    from nodeagent.proxy.h2upstream import H2Pool
+    from nodeagent.proxy.upstream import Pool
 
 
 @dataclass(eq=False)
@@ -49,8 +61,8 @@ class Observers:
 class Pools:
     """Connections to endpoints, per (pod, endpoint): HTTP/1 idle ones, HTTP/2 shared ones."""
 
-    http1: object  # upstream.Pool
-    http2: object  # h2upstream.H2Pool
+    http1: Pool
+    http2: H2Pool
 
 
 @dataclass(frozen=True)
@@ -67,21 +79,21 @@ class Timeouts:
 @dataclass(frozen=True)
 class OutboundDeps:
     original_destination: Callable[[int, int], tuple[str, int] | None]  # (netns cookie, client port)
-    directory: object  # directory.Directory: the view, and per-Service endpoints, config, budget
-    connector: object  # connector.Connector: hops and the connections that carry them
-    connections: object  # connection.ConnectionTable
-    authorizer: object  # authorizer.Authorizer: destination policy, for on-node hops
-    splicer: object  # fastpath.Splicer: kernel splices, if on
-    pools: object  # pools.Pools: HTTP/1 and HTTP/2 connections to endpoints
+    directory: Directory  # the view, and per-Service endpoints, config, budget
+    connector: Connector  # hops and the connections that carry them
+    connections: ConnectionTable
+    authorizer: Authorizer  # destination policy, for on-node hops
+    splicer: Splicer  # kernel splices, if on
+    pools: Pools  # HTTP/1 and HTTP/2 connections to endpoints
     observers: Observers
     timeouts: Timeouts
 
 
 @dataclass(frozen=True)
 class InboundDeps:
-    connections: object  # connection.ConnectionTable
-    authorizer: object  # authorizer.Authorizer
-    server_context: Callable  # (PodContext) -> the pod's TLS server context (its current certificate)
-    splicer: object  # fastpath.Splicer
+    connections: ConnectionTable
+    authorizer: Authorizer
+    server_context: Callable[[PodContext], object]  # the pod's TLS server context (its current certificate)
+    splicer: Splicer
     observers: Observers
     timeouts: Timeouts

@@ -64,6 +64,18 @@ class _Inbound(asyncio.Protocol):
             if self.conn is not None:
                 self.conn.close(len(self.buffer), 0)
 
+    async def _guarded(self, stage) -> None:
+        """Never let one connection's bug take the proxy down, or pass unlogged."""
+        try:
+            await stage
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.deps.observers.problems.exception("inbound", e, f"inbound connection to {self.pod.key}")
+            self.deps.observers.metrics.tcp_error("inbound", self.pod, "proxy error")
+            self.transport.abort()
+            self.conn.close()
+
     def _admit_connection(self, transport, phase: Phase) -> bool:
         self.transport = transport
         nodelay(transport)
@@ -178,7 +190,7 @@ class InboundAccept(_Inbound):
         port = transport.get_extra_info("sockname")[1]
         if self._proxy_port(transport, port):
             return
-        self.task = asyncio.get_running_loop().create_task(self._admit(transport, port, None))
+        self.task = asyncio.get_running_loop().create_task(self._guarded(self._admit(transport, port, None)))
 
 
 class MeshAccept(_Inbound):
@@ -189,7 +201,7 @@ class MeshAccept(_Inbound):
         self.in_tls = False
         if not self._admit_connection(transport, Phase.HANDSHAKING):
             return
-        self.task = asyncio.get_running_loop().create_task(self._serve(transport))
+        self.task = asyncio.get_running_loop().create_task(self._guarded(self._serve(transport)))
 
     def data_received(self, data):
         if self.in_tls:

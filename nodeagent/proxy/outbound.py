@@ -141,11 +141,26 @@ class OutboundAccept(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         if protocol in (Protocol.HTTP1, Protocol.H2):
             self.conn.enter(Phase.HTTP2 if protocol is Protocol.H2 else Phase.HTTP1)
-            loop.create_task(self._as_http(protocol))
+            loop.create_task(self._guarded(self._as_http(protocol)))
         else:
             self.conn.enter(Phase.CONNECTING)
             self._start_connect()
-            loop.create_task(self._as_opaque())
+            loop.create_task(self._guarded(self._as_opaque()))
+
+    async def _guarded(self, stage) -> None:
+        """Never let one connection's bug take the proxy down, or pass unlogged."""
+        try:
+            await stage
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.deps.observers.problems.exception("outbound", e, f"outbound connection of {self.pod.key}")
+            self.deps.observers.metrics.tcp_error("outbound", self.pod, "proxy error")
+            self.transport.abort()
+            if self.early is not None and self.early.transport is not None:
+                self.early.transport.abort()
+            if not self.conn.closed:
+                self._finish(0, 0)
 
     # --- the upstream, opened early or for opaque bytes ---
 
