@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 def no_lab_leftovers():
     """Whatever a test does or however it fails, the session leaves no lab behind."""
     yield
-    if IS_ROOT:
+    if _lock_fd is not None:  # only a session holding the lab lock may have made a lab: others leave it be
         from nodeagent.lab import lab
 
         lab.down()
