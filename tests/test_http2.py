@@ -32,6 +32,7 @@ class FixedTargets:
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.finished, self.chosen, self.failures = [], [], [], [], []
+        self.floods = []
         self.abandoned = self.connect_failures = self.retries = 0
 
     def new_request(self):
@@ -45,7 +46,10 @@ class FixedTargets:
         return "state", address
 
     async def acquire_h2(self, address):
-        return await self.pool.acquire(None, 0, address, 1.0)
+        return await self.pool.acquire(None, 0, address, 1.0, report=self.count_http2_refusal)
+
+    def count_http2_refusal(self, flood):
+        self.floods.append(flood)
 
     def connect_failed(self, state, exc):
         self.connect_failures += 1
@@ -327,13 +331,13 @@ def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledgin
     """Forward with plain values: a recording source and a destination with a fixed window."""
     class Source:
         def __init__(self):
-            self.acknowledged = 0
+            self.acknowledged = self.replay_held = 0
 
         def acknowledge(self, size, stream_id):
             self.acknowledged += size
 
     class Destination:
-        closed = False
+        closed = write_paused = False
 
         def __init__(self, window):
             self.sent, self.window = [], window
@@ -356,6 +360,9 @@ def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledgin
         def flush_soon(self):
             pass
 
+        def sent_data(self, size):
+            pass
+
     source = Source()
     forward = h2peer.Forward(source, 1, keep_for_replay=True)
     forward.push(b"a" * 10000, 10010)  # 10 bytes of padding
@@ -370,6 +377,9 @@ def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledgin
     second = Destination(100000)
     forward.attach(second, 5)
     assert b"".join(second.sent[:-1]) == b"a" * 10000 and source.acknowledged == 10010
+    assert source.replay_held == 10000
+    forward.forget_replay()
+    assert source.replay_held == 0
 
 
 class GrpcLike(workloads.H2cServer):
@@ -469,7 +479,7 @@ def test_streams_reset_at_random_moments_leave_no_error_behind(lt):
     assert [(r.status, len(r.body)) for r in responses] == [(200, 1000)] * 20
     client.close()
     time.sleep(0.2)
-    assert errors == []
+    assert errors == [], errors[0].get("exception")
     assert all(not server.exchanges for server in accepted[:-1])  # nothing left in flight
 
 

@@ -10,9 +10,17 @@ stream window (STREAM_WINDOW) per direction per stream, and one connection windo
 
 Each stream is a `StreamEnd` on its connection; the events for it go to its `owner`
 (the exchange that ties the two ends together, http2.py).
+
+Every connection is under a budget (h2budget.py has the numbers): what we owe a peer (our
+write buffer toward it) stays under WRITE_HIGH, because above it we stop reading from that
+peer (so its PINGs and SETTINGS cannot make answers pile up) and stop sending it bodies (so
+their senders are not acknowledged and wait); the frames a peer sends are counted before
+they are decoded, and a peer over a flood limit gets GOAWAY ENHANCE_YOUR_CALM and is closed.
 """
 
 import asyncio
+import logging
+import time
 from collections import deque
 
 import h2.config
@@ -22,10 +30,21 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from nodeagent.proxy.h2budget import MAX_HEADER_LIST, Flood, FrameBudget
+
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
-MAX_HEADER_LIST = 64 * 1024  # as HTTP/1's head limit
 REPLAY_MAX = 64 * 1024  # request body kept for a retry (linkerd2-proxy keeps 64 KiB too)
+REPLAY_PER_CONNECTION = 1024 * 1024  # all the replay copies of one connection's requests
+# What we owe one peer: above WRITE_HIGH in our write buffer toward it, we stop reading it
+# and stop sending it bodies, until the buffer is down to WRITE_LOW.
+WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
+FLUSH_AT = 64 * 1024  # body bytes encoded before they are written out (so the pause can act)
+CLOSE_GRACE_S = 5.0  # a closed connection whose peer does not read what is left is aborted
+ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+LOG_EVERY_S = 10.0  # one line per flood kind per interval; the metric counts every one
+
+log = logging.getLogger(__name__)
 
 
 class Forward:
@@ -72,10 +91,16 @@ class Forward:
     def replayable(self) -> bool:
         return self.sent is not None
 
+    def forget_replay(self) -> None:
+        if self.sent is not None:
+            self.src.replay_held -= self.sent_size
+            self.sent = None
+
     def rewind(self) -> None:
         """Send everything again, to another stream (a retry): what was already sent
         comes first, and is not acknowledged twice."""
         self.pending.extendleft([piece, 0] for piece in reversed(self.sent))
+        self.src.replay_held -= self.sent_size
         self.sent, self.sent_size = [], 0
         self.dst, self.done = None, False
 
@@ -88,6 +113,8 @@ class Forward:
         acknowledged = 0
         try:
             while self.pending:
+                if dst.write_paused:
+                    break  # resumed when the peer has read what we owe it (resume_writing)
                 entry = self.pending[0]
                 window = min(conn.local_flow_control_window(self.dst_id), conn.max_outbound_frame_size)
                 if window <= 0:
@@ -98,11 +125,13 @@ class Forward:
                 # The body's last bytes carry the end themselves: one frame less per message.
                 ends = last and self.ended and not self.trailers and len(self.pending) == 1
                 conn.send_data(self.dst_id, piece, end_stream=ends)
+                dst.sent_data(len(piece))
                 self.done = ends
                 if self.sent is not None:
                     self.sent_size += len(piece)
-                    if self.sent_size > REPLAY_MAX:
-                        self.sent = None  # too much to keep: this request cannot be retried
+                    self.src.replay_held += len(piece)
+                    if self.sent_size > REPLAY_MAX or self.src.replay_held > REPLAY_PER_CONNECTION:
+                        self.forget_replay()  # too much to keep: this request cannot be retried
                     else:
                         self.sent.append(piece)
                 if last:
@@ -133,7 +162,8 @@ class Forward:
         """Nothing more goes anywhere: give the sender its window back."""
         owed = sum(entry[1] for entry in self.pending)
         self.pending.clear()
-        self.done, self.sent = True, None
+        self.done = True
+        self.forget_replay()
         if owed:
             self.src.acknowledge(owed, self.src_id)
 
@@ -164,7 +194,7 @@ class H2Peer(asyncio.Protocol):
     validate_inbound = True
     idle_s = 60.0  # a connection with no stream for this long is closed (GOAWAY)
 
-    def __init__(self, max_concurrent_streams: int | None = None):
+    def __init__(self, max_concurrent_streams: int | None = None, report=None):
         config = h2.config.H2Configuration(client_side=self.client_side, header_encoding=None,
                                            validate_inbound_headers=self.validate_inbound,
                                            normalize_inbound_headers=self.validate_inbound,
@@ -184,6 +214,11 @@ class H2Peer(asyncio.Protocol):
         self._flush_pending = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.bytes_written = 0  # for the client connection's byte counters (Http2Server)
+        self.budget = FrameBudget(time.monotonic, preface=not self.client_side)
+        self.report = report  # report(Flood): counts a refusal against the pod
+        self.write_paused = False
+        self.unflushed = 0  # body bytes encoded since the last write
+        self.replay_held = 0  # bytes of this connection's request bodies kept for retries
 
     def connection_made(self, transport):
         self.transport = transport
@@ -191,11 +226,20 @@ class H2Peer(asyncio.Protocol):
 
     def start(self) -> None:
         """Send our preface and SETTINGS."""
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
     def data_received(self, data):
+        if self.closed:
+            return
+        if not self.transport.get_write_buffer_size():
+            self.budget.drained()
+        flood = self.budget.scan(data)
+        if flood is not None:
+            self.calm(flood)
+            return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -204,6 +248,8 @@ class H2Peer(asyncio.Protocol):
             self.transport.close()
             return
         for event in events:
+            if self.closed:
+                break  # a GOAWAY of ours: nothing more is served
             self._dispatch(event)
         self.flush()
 
@@ -268,6 +314,34 @@ class H2Peer(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self.ends)
 
+    # --- the budget ---
+
+    def pause_writing(self) -> None:
+        """We owe the peer more than WRITE_HIGH: read nothing more from it, send it no body."""
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.closed:
+            self.transport.resume_reading()
+            self._wake_all()
+
+    def sent_data(self, size: int) -> None:
+        """A DATA frame was encoded (a body's bytes leave by this connection)."""
+        self.budget.data_sent += 1
+        self.unflushed += size
+        if self.unflushed >= FLUSH_AT:
+            self.flush()  # into the transport now: it says when to pause
+
+    def calm(self, flood: Flood) -> None:
+        """The peer went over a flood limit: GOAWAY ENHANCE_YOUR_CALM, close, and drop every
+        stream at once (their other ends are cancelled: nothing more is done for this peer)."""
+        log_flood(self, flood)
+        if self.report is not None:
+            self.report(flood)
+        goaway(self, ENHANCE_YOUR_CALM)
+
     # --- idleness ---
 
     def went_idle(self) -> None:
@@ -294,6 +368,7 @@ class H2Peer(asyncio.Protocol):
 
     def register(self, end: StreamEnd) -> None:
         self.ends[end.id] = end
+        self.budget.streams += 1
 
     def forget(self, stream_id: int) -> None:
         if self.ends.pop(stream_id, None) is not None:
@@ -336,6 +411,7 @@ class H2Peer(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_pending = False
+        self.unflushed = 0
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.bytes_written += len(data)
@@ -343,6 +419,9 @@ class H2Peer(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        self.drop_streams()
+
+    def drop_streams(self) -> None:
         self.not_idle()
         for end in list(self.ends.values()):
             self.forget(end.id)
@@ -351,7 +430,7 @@ class H2Peer(asyncio.Protocol):
 
 
 def goaway(peer: H2Peer, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
-    """Tell the peer no new streams will be served, then close once the write is out."""
+    """Tell the peer nothing more will be served (its streams end here), and close."""
     if peer.closed:
         return
     try:
@@ -359,4 +438,36 @@ def goaway(peer: H2Peer, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
     except h2.exceptions.ProtocolError:
         pass
     peer.flush()
-    peer.transport.close()
+    peer.closed = True
+    peer.drop_streams()
+    linger(peer.transport)
+
+
+def linger(transport: asyncio.Transport) -> None:
+    """Close after the peer has had what we wrote: our FIN follows it, and what the peer still
+    sends is read and dropped until its own FIN (closing with unread bytes would make the kernel
+    reset the connection and drop our GOAWAY). A peer that neither reads nor ends is aborted
+    after CLOSE_GRACE_S."""
+    if transport is None or transport.is_closing():
+        return
+    try:
+        transport.resume_reading()
+        transport.write_eof()
+    except (OSError, NotImplementedError, RuntimeError):  # the peer is gone already, or no half-close
+        transport.close()
+    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
+
+
+_last_logged: dict[Flood, list] = {}  # flood -> [when last logged, how many since]
+
+
+def log_flood(peer: H2Peer, flood: Flood) -> None:
+    """Rate-limited: a flood is someone's attack or bug, and must not flood the log too."""
+    now = time.monotonic()
+    entry = _last_logged.setdefault(flood, [float("-inf"), 0])
+    entry[1] += 1
+    if now - entry[0] >= LOG_EVERY_S:
+        where = peer.transport.get_extra_info("peername") if peer.transport is not None else None
+        log.warning("HTTP/2 %s %s over its budget (%s): GOAWAY ENHANCE_YOUR_CALM (%d such in %.0f s)",
+                    "endpoint" if peer.client_side else "client", where, flood.value, entry[1], LOG_EVERY_S)
+        entry[0], entry[1] = now, 0

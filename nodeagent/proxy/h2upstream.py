@@ -78,7 +78,9 @@ class H2Pool:
         return next((c for c in conns if c.has_room()), None)
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
-                      tunnel=None) -> H2Upstream:
+                      tunnel=None, report=None) -> H2Upstream:
+        """A connection with room for one more stream; `report(Flood)` counts a flood of the
+        endpoint's against the pod (on the connection this call opens, if it opens one)."""
         key = (cookie, address)
         while True:
             conn = self._ready(key)
@@ -91,7 +93,7 @@ class H2Pool:
         opening = self._opening[key] = asyncio.get_running_loop().create_future()
         try:
             transport, conn = await connect(netns_path, address, timeout_s, H2Upstream, tunnel)
-            conn.transport = transport
+            conn.transport, conn.report = transport, report
             conn.start()
         except BaseException as e:
             opening.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
@@ -103,10 +105,11 @@ class H2Pool:
         opening.set_result(None)
         return conn
 
-    def adopt(self, cookie: int, address: tuple[str, int], transport: asyncio.Transport, received: bytes) -> None:
+    def adopt(self, cookie: int, address: tuple[str, int], transport: asyncio.Transport, received: bytes,
+              report=None) -> None:
         """A fresh connection opened for another purpose (the eager connect) joins the pool,
         with what the server sent on it so far (its SETTINGS)."""
-        conn = H2Upstream()
+        conn = H2Upstream(report=report)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         conn.start()

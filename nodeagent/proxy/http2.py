@@ -25,10 +25,14 @@ import h2.exceptions
 
 from nodeagent.proxy.classify import failed, grpc_status
 from nodeagent.proxy.errors import REASON_HEADER
+from nodeagent.proxy.h2budget import Flood
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
 from nodeagent.proxy.service_config import retryable_method
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
+# Request headers are kept for a stream's life (a retry sends them again): all of one
+# connection's, by RFC 9113's size (names, values, 32 bytes a field), at most this.
+HEADERS_HELD_MAX = 1024 * 1024
 
 
 @dataclass
@@ -53,9 +57,10 @@ class Http2Server(H2Peer):
     (outbound.HttpTarget); `initial` are the bytes read during detection (the preface)."""
 
     def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
-        super().__init__(MAX_CONCURRENT_STREAMS)
+        super().__init__(MAX_CONCURRENT_STREAMS, report=target.count_http2_refusal)
         self.target, self.initial, self.stats, self.on_close = target, initial, stats, on_close
         self.exchanges: dict[int, Exchange] = {}
+        self.headers_held = 0
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -75,8 +80,13 @@ class Http2Server(H2Peer):
             self.stats.written += self.bytes_written - before
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        size = header_list_size(headers)
+        if not self.admit(stream_id, size):
+            return
         self.not_idle()
+        self.headers_held += size
         exchange = Exchange(self, stream_id, headers, ended)
+        exchange.headers_size = size
         self.exchanges[stream_id] = exchange
         self.register(exchange.client)
         exchange.task = asyncio.get_running_loop().create_task(exchange.serve())
@@ -84,9 +94,32 @@ class Http2Server(H2Peer):
         # client reset the stream in the same read that opened it) never runs its body.
         exchange.task.add_done_callback(lambda _: self.exchange_done(exchange))
 
+    def admit(self, stream_id: int, headers_size: int) -> bool:
+        """Whether a new stream may start; a refused one hears REFUSED_STREAM (a client may
+        always retry that) and is counted. The connection's own limits: h2 enforces the
+        advertised MAX_CONCURRENT_STREAMS on open streams, this on exchanges still in flight,
+        and the headers they hold. (The pod's limit on its open streams belongs here too.)"""
+        if len(self.exchanges) >= MAX_CONCURRENT_STREAMS:
+            self.refuse(stream_id, Flood.STREAMS)
+            return False
+        if self.headers_held + headers_size > HEADERS_HELD_MAX:
+            self.refuse(stream_id, Flood.HEADERS_HELD)
+            return False
+        return True
+
+    def refuse(self, stream_id: int, reason: Flood) -> None:
+        self.report(reason)
+        try:
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush_soon()
+
     def exchange_done(self, exchange: "Exchange") -> None:
         if self.exchanges.pop(exchange.client.id, None) is not None:
             self.forget(exchange.client.id)
+            self.headers_held -= exchange.headers_size
+            exchange.client.incoming.forget_replay()
         if not self.exchanges:
             self.went_idle()
 
@@ -98,6 +131,8 @@ class Http2Server(H2Peer):
             goaway(self)  # the client is done; in-flight exchanges finish first otherwise
 
     def protocol_error(self, error: Exception) -> None:
+        if isinstance(error, h2.exceptions.TooManyStreamsError):
+            self.report(Flood.STREAMS)  # over the advertised limit: h2 has made it a connection error
         self.target.count_error(400, f"malformed HTTP/2: {type(error).__name__}")
 
     def connection_lost(self, exc):
@@ -306,6 +341,11 @@ class Exchange:
             self.client.reset(h2.errors.ErrorCodes.NO_ERROR)  # we will not read the rest of the request
         else:
             self.client.incoming.abandon()
+
+
+def header_list_size(headers: list) -> int:
+    """RFC 9113's size of a header list (what SETTINGS_MAX_HEADER_LIST_SIZE limits)."""
+    return sum(len(name) + len(value) for name, value in headers) + 32 * len(headers)
 
 
 def _status(headers: list) -> int | None:

@@ -14,6 +14,7 @@ connection is allowed, so a server that speaks first is heard at once.
 """
 
 import asyncio
+import functools
 import ssl
 
 from nodeagent.policy.authz import Client
@@ -127,7 +128,8 @@ class _Inbound(asyncio.Protocol):
         self.stats.read += len(self.buffer)
         self._closed()
         if protocol is Protocol.H2:
-            refusal = H2Refusal(lambda: self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized"))
+            refusal = H2Refusal(lambda: self.proxy.metrics.http_error("inbound", self.pod, 403, "unauthorized"),
+                                functools.partial(self.proxy.metrics.http2_flood, "inbound", self.pod))
             transport.set_protocol(refusal)
             refusal.connection_made(transport)
             refusal.data_received(bytes(self.buffer))
@@ -143,8 +145,8 @@ class H2Refusal(H2Peer):
     """A refused HTTP/2 client hears 403 on each request it sent, then GOAWAY: requests it
     sends later open a new connection, which is authorized afresh."""
 
-    def __init__(self, on_refused):
-        super().__init__()
+    def __init__(self, on_refused, report=None):
+        super().__init__(report=report)
         self.on_refused = on_refused
         self.timer: asyncio.TimerHandle | None = None
 
@@ -153,6 +155,8 @@ class H2Refusal(H2Peer):
         self.timer = asyncio.get_running_loop().call_later(DENY_DETECT_S, goaway, self)
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        if self.closed:
+            return
         self.on_refused()
         body = b"unauthorized\n"
         self.send_headers(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),

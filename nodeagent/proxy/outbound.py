@@ -298,7 +298,8 @@ class OutboundAccept(asyncio.Protocol):
         elif self.early.eof or self.early.lost or (self.early.buffer and not h2):
             upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
         elif h2:
-            self.proxy.h2pool.adopt(self.pod.cookie, address, upstream, bytes(self.early.buffer))
+            self.proxy.h2pool.adopt(self.pod.cookie, address, upstream, bytes(self.early.buffer),
+                                    report=functools.partial(self.proxy.metrics.http2_flood, "outbound", self.pod))
         else:
             self.proxy.pool.adopt(self.pod.cookie, address, upstream)
 
@@ -384,7 +385,8 @@ class HttpTarget:
     async def acquire_h2(self, address):
         """An HTTP/2 connection to `address` with room for one more stream."""
         return await self.proxy.h2pool.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                               self.config.connect_timeout_s, self._tunnel(address, mesh.HINT_H2))
+                                               self.config.connect_timeout_s, self._tunnel(address, mesh.HINT_H2),
+                                               report=self.count_http2_refusal)
 
     def _pod_at(self, address):
         if isinstance(self.decision, ToService):
@@ -458,6 +460,10 @@ class HttpTarget:
         tls = address is not None and self._meshed(address)
         self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
         self.proxy.tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
+
+    def count_http2_refusal(self, flood):
+        """An HTTP/2 peer (the client, or an endpoint) went over its budget (h2budget.Flood)."""
+        self.proxy.metrics.http2_flood("outbound", self.pod, flood)
 
     def count_error(self, status, reason):
         self.proxy.metrics.http_error("outbound", self.pod, status, reason)
