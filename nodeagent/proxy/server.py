@@ -98,6 +98,7 @@ class Proxy:
         self.metrics = Metrics()
         self.tap = TapHub()
         self.tls_sessions = mesh.SessionCache()
+        identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
         self.open_connections = 0
         self.max_connections = max_connections
         self.view = ClusterView()
