@@ -103,11 +103,16 @@ def flood_without_reading(sock, data: bytes, until, seconds: float, pause_s: flo
 BOUND = h2peer.WRITE_HIGH + h2peer.FLUSH_AT
 
 
+def closed(accepted) -> bool:
+    """Whether the proxy's first accepted connection has closed (calmed down its peer)."""
+    return bool(accepted) and accepted[0].closed
+
+
 def test_a_ping_flood_from_a_client_that_never_reads(lt):
     port, target, accepted = start_proxy(lt, [start_app(lt)])
     sock = connect(port, rcvbuf=4096)
     watch = WriteBufferWatch(lt, accepted)
-    flood_without_reading(sock, frame(PING, 0, 0, b"12345678") * 4096, lambda: bool(accepted) and accepted[0].closed, 10)
+    flood_without_reading(sock, frame(PING, 0, 0, b"12345678") * 4096, lambda: closed(accepted), 10)
     assert watch.stop() <= BOUND
     assert goaway_codes(read_to_end(sock)) == [ENHANCE_YOUR_CALM]
     assert target.floods and set(target.floods) <= {Flood.PING, Flood.UNREAD_CONTROL}
@@ -122,7 +127,7 @@ def test_pings_under_the_rate_from_a_client_that_never_reads_end_at_the_unread_b
     accepted[0].transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     watch = WriteBufferWatch(lt, accepted)
     per_batch = 50
-    flood_without_reading(sock, frame(PING, 0, 0, b"12345678") * per_batch, lambda: bool(accepted) and accepted[0].closed, 20,
+    flood_without_reading(sock, frame(PING, 0, 0, b"12345678") * per_batch, lambda: closed(accepted), 20,
                           pause_s=per_batch / h2budget.PING_RATE * 1.2)
     assert watch.stop() <= BOUND
     assert goaway_codes(read_to_end(sock)) == [ENHANCE_YOUR_CALM]

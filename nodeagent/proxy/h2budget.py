@@ -65,6 +65,7 @@ class Flood(enum.Enum):
     HEADER_BLOCK = "header_block"
     STREAMS = "streams"  # a stream over the concurrency limit, refused (not from the scanner)
     HEADERS_HELD = "headers_held"  # a stream whose headers the connection could not hold, refused
+    CODEC = "codec_limit"  # one of nghttp2's own limits, where ours did not trip first
 
 
 class TokenBucket:

@@ -11,9 +11,8 @@ stream ends.
 import asyncio
 from collections import defaultdict
 
-from h2.errors import ErrorCodes
-
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
+from nodeagent.proxy.nghttp2 import ErrorCodes
 from nodeagent.proxy.upstream import POOL_IDLE_S, connect
 
 
@@ -36,12 +35,12 @@ class H2Upstream(H2Peer):
             and not self.transport.is_closing()
 
     def has_room(self) -> bool:
-        # Our own count: h2's open_outbound_streams walks every stream on each call.
-        return len(self.ends) < self.conn.remote_settings.max_concurrent_streams
+        return len(self.ends) < self.session.remote_max_concurrent_streams()
 
     def open_stream(self, owner, headers: list, end_stream: bool) -> StreamEnd:
-        stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        """A request's stream; its body, unless `end_stream`, follows as a Forward (raises
+        CodecError if nghttp2 refuses: out of stream ids, or the session is gone)."""
+        stream_id = self.session.submit_request(headers, body=not end_stream)
         end = StreamEnd(self, stream_id, owner)
         self.register(end)
         self.not_idle()

@@ -1,6 +1,6 @@
 """HTTP/2 between a pod and its destination, per request (h2c prior knowledge, gRPC).
 
-The client's connection is served by the proxy (h2, sans-IO); each of its streams is
+The client's connection is served by the proxy (libnghttp2, h2peer.py); each of its streams is
 one `Exchange`: an endpoint is chosen per request (the Service's balancer), the request
 goes out as a stream on a pooled HTTP/2 connection to that endpoint (h2upstream.py), and
 the response (headers, body, trailers) comes back on the client's stream. Bodies are
@@ -20,13 +20,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import h2.errors
-import h2.exceptions
-
 from nodeagent.proxy.classify import failed, grpc_status
 from nodeagent.proxy.errors import REASON_HEADER
 from nodeagent.proxy.h2budget import Flood
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
+from nodeagent.proxy.nghttp2 import CodecError, ErrorCodes
 from nodeagent.proxy.service_config import retryable_method
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
@@ -49,7 +47,7 @@ class Request:
 class StreamFailed(Exception):
     def __init__(self, code: int | None):
         super().__init__(f"stream reset ({code})" if code is not None else "connection lost")
-        self.refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+        self.refused = code == ErrorCodes.REFUSED_STREAM
 
 
 class Http2Server(H2Peer):
@@ -96,7 +94,7 @@ class Http2Server(H2Peer):
 
     def admit(self, stream_id: int, headers_size: int) -> bool:
         """Whether a new stream may start; a refused one hears REFUSED_STREAM (a client may
-        always retry that) and is counted. The connection's own limits: h2 enforces the
+        always retry that) and is counted. The connection's own limits: nghttp2 enforces the
         advertised MAX_CONCURRENT_STREAMS on open streams, this on exchanges still in flight,
         and the headers they hold. (The pod's limit on its open streams belongs here too.)"""
         if len(self.exchanges) >= MAX_CONCURRENT_STREAMS:
@@ -109,10 +107,7 @@ class Http2Server(H2Peer):
 
     def refuse(self, stream_id: int, reason: Flood) -> None:
         self.report(reason)
-        try:
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-        except h2.exceptions.ProtocolError:
-            pass
+        self.session.reset(stream_id, ErrorCodes.REFUSED_STREAM)
         self.flush_soon()
 
     def exchange_done(self, exchange: "Exchange") -> None:
@@ -131,8 +126,6 @@ class Http2Server(H2Peer):
             goaway(self)  # the client is done; in-flight exchanges finish first otherwise
 
     def protocol_error(self, error: Exception) -> None:
-        if isinstance(error, h2.exceptions.TooManyStreamsError):
-            self.report(Flood.STREAMS)  # over the advertised limit: h2 has made it a connection error
         self.target.count_error(400, f"malformed HTTP/2: {type(error).__name__}")
 
     def connection_lost(self, exc):
@@ -203,7 +196,7 @@ class Exchange:
                 self.target.request_abandoned(*self.inflight)
         except Exception as e:  # never let one stream's bug take the connection down
             self.target.count_error(502, f"proxy error: {type(e).__name__}")
-            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.client.reset(ErrorCodes.INTERNAL_ERROR)
 
     async def _serve(self) -> None:
         target = self.target
@@ -220,7 +213,7 @@ class Exchange:
             try:
                 conn = await target.acquire_h2(address)
                 self.upstream = conn.open_stream(self, self.headers, self._request_complete())
-            except (OSError, asyncio.TimeoutError, h2.exceptions.ProtocolError) as e:
+            except (OSError, asyncio.TimeoutError, CodecError) as e:
                 target.connect_failed(endpoint, e)
                 if attempt < target.retry_limit and self.client.incoming.replayable() and target.may_retry():
                     attempt += 1
@@ -272,7 +265,7 @@ class Exchange:
             return "done"
         status = _status(headers)
         if status is None:  # endpoints' headers are not validated: this one check is ours
-            upstream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            upstream.reset(ErrorCodes.PROTOCOL_ERROR)
             self._finished(None)
             self._answer_error(502, "malformed response", address)
             return "done"
@@ -300,7 +293,7 @@ class Exchange:
         except StreamFailed:
             target.count_response(self.request, status, address, failure=True)
             self._finished(None)
-            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
+            self.client.reset(ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
             return "done"
         self._finish_upstream()
         self._counted(status, grpc_status(response.trailers), address)
@@ -322,7 +315,7 @@ class Exchange:
             upstream.peer.forget(upstream.id)
         else:
             # The response is complete but the client still sends: the endpoint said all it will.
-            upstream.reset(h2.errors.ErrorCodes.NO_ERROR)
+            upstream.reset(ErrorCodes.NO_ERROR)
         self.upstream = None
 
     def _answer_error(self, status: int, reason: str, address) -> None:
@@ -332,13 +325,9 @@ class Exchange:
         headers = [(b":status", str(status).encode()), (REASON_HEADER.encode(), reason.encode()),
                    (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
         server, stream_id = self.server, self.client.id
-        if server.send_headers(stream_id, headers):
-            try:
-                server.conn.send_data(stream_id, body, end_stream=True)  # fits any window: a short line
-            except h2.exceptions.ProtocolError:
-                pass
+        server.respond(stream_id, headers, body)
         if not self.client.incoming.ended:
-            self.client.reset(h2.errors.ErrorCodes.NO_ERROR)  # we will not read the rest of the request
+            self.client.reset(ErrorCodes.NO_ERROR)  # we will not read the rest of the request
         else:
             self.client.incoming.abandon()
 

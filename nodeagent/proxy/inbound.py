@@ -159,9 +159,8 @@ class H2Refusal(H2Peer):
             return
         self.on_refused()
         body = b"unauthorized\n"
-        self.send_headers(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),
-                                      (b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))])
-        self.conn.send_data(stream_id, body, end_stream=True)
+        self.answer(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),
+                                (b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))], body)
         goaway(self)
 
     def connection_lost(self, exc):
