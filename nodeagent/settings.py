@@ -116,6 +116,23 @@ def _print_address(value: tuple[str, int]) -> str:
     return f"{value[0]}:{value[1]}"
 
 
+def _loopback_address(value: str) -> tuple[str, int]:
+    """The admin port serves /tap and /stats: loopback only (agent/admin.py)."""
+    host, port = _address(value)
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"{host} is not a loopback address: /tap and /stats stay private; "
+                         f"serve Prometheus and probes with --metrics")
+    return host, port
+
+
+def _optional_address(value: str) -> tuple[str, int] | None:
+    return _address(value) if value else None
+
+
+def _show_optional_address(value: tuple[str, int] | None) -> str:
+    return "" if value is None else _print_address(value)
+
+
 def _mesh_label(value: str) -> str:
     key, sep, label = value.partition("=")
     if not key or not sep or not label:
@@ -229,8 +246,12 @@ OPTIONS: tuple[Option, ...] = (
     _option("pin_root", _path, DEFAULT_PIN_ROOT, Scope.NODE, "Where the data path is pinned on bpffs."),
     _option("identity_dir", _optional_path, None, Scope.NODE,
             "The issuer Secret's files: ca.crt, issuer.crt, issuer.key (see `identity init`).", _show_optional),
-    _option("admin", _address, DEFAULT_ADMIN, Scope.NODE, "Admin and metrics address.", _print_address,
+    _option("admin", _loopback_address, DEFAULT_ADMIN, Scope.NODE,
+            "Admin address, loopback only: /live, /ready, /metrics, /stats, /tap.", _print_address,
             metavar="HOST:PORT"),
+    _option("metrics", _optional_address, None, Scope.NODE,
+            "Also serve /metrics, /live and /ready (nothing else) here: for Prometheus and probes.",
+            _show_optional_address, metavar="HOST:PORT"),
     _option("sidecar_pod", _pod_ref, None, Scope.NODE,
             "Sidecar mode: serve only this pod; --cgroup is then the pod's own cgroup.", _show_optional,
             metavar="NAMESPACE/NAME"),
@@ -287,6 +308,7 @@ class AgentSettings:
     pin_root: Path = DEFAULT_PIN_ROOT
     identity_dir: Path | None = None
     admin: tuple[str, int] = DEFAULT_ADMIN
+    metrics: tuple[str, int] | None = None
     sidecar_pod: str | None = None
     mesh_label: str = "nodeagent.io/mesh=enabled"
     trust_domain: str = naming.DEFAULT_TRUST_DOMAIN

@@ -7,6 +7,7 @@ set -euo pipefail
 
 packages=(
     python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpf1 bpftool
+    libnghttp2-14   # the proxy's HTTP/2 codec (through ctypes)
     iproute2 procps util-linux curl socat nghttp2-client
     wrk nginx-light haproxy   # benchmarks: load generator, a C web server, a C proxy
 )

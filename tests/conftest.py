@@ -5,6 +5,7 @@ import pytest
 IS_ROOT = os.geteuid() == 0
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
 def pytest_collection_modifyitems(config, items):
     if IS_ROOT:
         if any("privileged" in item.keywords for item in items):

@@ -103,9 +103,13 @@ def test_the_daemonset_asks_only_for_what_the_agent_needs(identity):
     assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
     assert set(security["capabilities"]["add"]) <= {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE",
                                                     "PERFMON"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    # Only /metrics, /live and /ready face the cluster; /tap and /stats stay on the pod's loopback.
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "4190"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 4190, "protocol": "TCP"}]
+    assert {"--admin=127.0.0.1:4191", "--metrics=0.0.0.0:4190"} <= set(container["args"])
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src", "/var/run/nodeagent/identity"} <= mounts
     rules = manifests[("ClusterRole", "nodeagent")]["rules"]

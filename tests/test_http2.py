@@ -11,6 +11,7 @@ import threading
 import time
 
 import h2.errors
+import h2.exceptions
 import h2.events
 import pytest
 
@@ -38,6 +39,7 @@ class FixedTargets:
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.finished, self.chosen, self.failures = [], [], [], [], []
+        self.floods = []
         self.abandoned = self.connect_failures = self.retried = self.streams = 0
         self.observers = Observers(Metrics(), TapHub(), ProblemLog(logging.getLogger("test")))
 
@@ -56,7 +58,10 @@ class FixedTargets:
         return "state", address
 
     async def acquire_h2(self, address):
-        return await self.pool.acquire(None, 0, address, 1.0)
+        return await self.pool.acquire(None, 0, address, 1.0, report=self.count_http2_refusal)
+
+    def count_http2_refusal(self, flood):
+        self.floods.append(flood)
 
     def connect_failed(self, state, exc):
         self.connect_failures += 1
@@ -344,10 +349,10 @@ def test_a_refused_stream_is_retried_even_for_a_post(lt):
 
 
 def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledging_twice():
-    """Forward with plain values: a recording source and a destination with a fixed window."""
+    """Forward with plain values: a recording source, and a destination whose codec pulls."""
     class Source:
         def __init__(self):
-            self.acknowledged = 0
+            self.acknowledged = self.replay_held = 0
 
         def acknowledge(self, size, stream_id):
             self.acknowledged += size
@@ -355,41 +360,42 @@ def test_forward_acknowledges_only_what_it_sent_and_replays_without_acknowledgin
     class Destination:
         closed = False
 
-        def __init__(self, window):
-            self.sent, self.window = [], window
-            self.conn = self
+        def __init__(self):
+            self.bodies, self.wanted = {}, 0
 
-        max_outbound_frame_size = 16384
+        def want_body(self, stream_id):
+            self.wanted += 1
 
-        def local_flow_control_window(self, stream_id):
-            return self.window
-
-        def send_data(self, stream_id, data, end_stream=False):
-            self.sent.append(bytes(data))
-            self.window -= len(data)
-            if end_stream:
-                self.sent.append(None)
-
-        def end_stream(self, stream_id):
-            self.sent.append(None)
-
-        def flush_soon(self):
-            pass
+    def pull(forward, length):
+        """What a codec with `length` bytes of window takes, frame by frame (16 KiB at most)."""
+        taken, ended = [], False
+        while length > 0 and not ended:
+            piece, ended, _ = forward.read(min(length, 16384))
+            if piece is None:
+                break
+            taken.append(piece)
+            length -= len(piece)
+        return b"".join(taken), ended
 
     source = Source()
     forward = h2peer.Forward(source, 1, keep_for_replay=True)
     forward.push(b"a" * 10000, 10010)  # 10 bytes of padding
-    first = Destination(4000)
+    first = Destination()
     forward.attach(first, 3)
-    assert b"".join(first.sent) == b"a" * 4000 and source.acknowledged == 4000
-    first.window = 100000
-    forward.finish()
-    forward.pump()
-    assert first.sent[-1] is None and source.acknowledged == 10010
+    assert first.bodies == {3: forward} and first.wanted == 1
+    assert pull(forward, 4000) == (b"a" * 4000, False) and source.acknowledged == 4000
+    assert pull(forward, 100000) == (b"a" * 6000, False) and source.acknowledged == 10010
+    assert forward.read(16384) == (None, False, None)  # nothing more yet: the codec defers
+    forward.finish([(b"grpc-status", b"0")])
+    assert forward.read(16384) == (b"", True, [(b"grpc-status", b"0")]) and forward.done
     forward.rewind()
-    second = Destination(100000)
+    assert first.bodies == {}
+    second = Destination()
     forward.attach(second, 5)
-    assert b"".join(second.sent[:-1]) == b"a" * 10000 and source.acknowledged == 10010
+    assert pull(forward, 100000) == (b"a" * 10000, True) and source.acknowledged == 10010
+    assert source.replay_held == 10000
+    forward.forget_replay()
+    assert source.replay_held == 0
 
 
 class GrpcLike(workloads.H2cServer):
@@ -489,7 +495,7 @@ def test_streams_reset_at_random_moments_leave_no_error_behind(lt):
     assert [(r.status, len(r.body)) for r in responses] == [(200, 1000)] * 20
     client.close()
     time.sleep(0.2)
-    assert errors == []
+    assert errors == [], errors[0].get("exception")
     assert all(not server.exchanges for server in accepted[:-1])  # nothing left in flight
 
 
@@ -572,4 +578,73 @@ def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(lt):
     assert response.status == 200 and response.reset == h2.errors.ErrorCodes.CANCEL
     assert time.monotonic() - started < 5  # cut near the deadline, not after the 10 s trickle
     assert (None, "request timeout mid-response") in target.errors
+    client.close()
+
+
+def test_a_refused_http2_client_hears_403_with_its_body_then_goaway(lt):
+    """inbound.H2Refusal on loopback: each request it sent gets the whole 403, then GOAWAY."""
+    from nodeagent.proxy.inbound import H2Refusal
+    refused = []
+
+    async def listen():
+        server = await lt.loop.create_server(lambda: H2Refusal(lambda: refused.append(1)), "127.0.0.1", 0)
+        lt.servers.append(server)
+        return server.sockets[0].getsockname()[1]
+    client = H2Client("127.0.0.1", lt.run(listen()))
+    (response,) = client.wait(client.request("GET", "/"))
+    assert (response.status, bytes(response.body)) == (403, b"unauthorized\n") and refused == [1]
+    while not client.closed:
+        client._read()
+    assert client.goaway is not None and client.goaway.error_code == 0
+    client.close()
+
+
+def test_a_malformed_request_is_reset_and_counted_and_its_neighbours_are_served(lt):
+    """An upper-case field name breaks HTTP/2's rules: that stream is reset (PROTOCOL_ERROR),
+    counted as a 400, and the connection serves the next request."""
+    import hpack
+    port, target, _ = start_proxy(lt, [start_app(lt)])
+    encoder = hpack.Encoder()
+    base = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"t")]
+    bad = encoder.encode(base + [(b"X-Upper", b"1")], huffman=False)
+    good = encoder.encode(base, huffman=False)
+    head = len(bad).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + bad
+    head += len(good).to_bytes(3, "big") + b"\x01\x05" + (3).to_bytes(4, "big") + good
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + head)
+        reply = b""
+        while not any(kind == 0 and flags & 1 and stream == 3 for kind, stream, _, flags in _frames_flags(reply)):
+            reply += sock.recv(65536)
+    resets = [(stream, payload) for kind, stream, payload, _ in _frames_flags(reply) if kind == 3]
+    assert resets == [(1, b"\x00\x00\x00\x01")]
+    time.sleep(0.1)  # the response is counted once its exchange has finished
+    assert [status for status, _ in target.errors] == [400] and target.statuses == [200]
+
+
+def _frames_flags(data: bytes):
+    at = 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at:at + 3], "big")
+        yield data[at + 3], int.from_bytes(data[at + 5:at + 9], "big") & 0x7FFFFFFF, data[at + 9:at + 9 + length], \
+            data[at + 4]
+        at += 9 + length
+
+
+def test_a_response_that_all_arrived_is_delivered_after_its_endpoint_hangs_up(lt):
+    """The endpoint sends a whole response (more than the client's stream window), GOAWAY,
+    and closes at once: what the proxy has received is still passed on, not reset."""
+    class AnswersThenLeaves(workloads.H2cServer):
+        async def _respond(self, stream_id):
+            self.streams.pop(stream_id)
+            self.conn.send_headers(stream_id, [(":status", "200"), ("x-pod", self.pod)])
+            for at in range(0, 100000, 10000):
+                self.conn.send_data(stream_id, b"z" * 10000, end_stream=at == 90000)
+            self.conn.close_connection()
+            self.transport.write(self.conn.data_to_send())
+            self.transport.close()
+
+    port, target, _ = start_proxy(lt, [start_app(lt, factory=AnswersThenLeaves)])
+    client = H2Client("127.0.0.1", port)
+    (response,) = client.wait(client.request("GET", "/"))
+    assert (response.status, len(response.body), response.reset) == (200, 100000, None)
     client.close()

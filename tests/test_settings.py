@@ -19,11 +19,12 @@ def test_defaults_are_the_documented_ones():
 
 def test_text_is_parsed_and_validated_per_flag():
     s = settings.parse({"fast-path": "splice,skb", "cert-lifetime": "90m", "default-policy": "deny",
-                        "on-node-plaintext": "True", "workers": "3", "admin": "0.0.0.0:9999",
-                        "sidecar-pod": "ns/pod", "cluster-networks": "10.0.0.0/8, fd00::/8"})
+                        "on-node-plaintext": "True", "workers": "3", "admin": "127.0.0.2:9999",
+                        "metrics": "0.0.0.0:4190", "sidecar-pod": "ns/pod", "cluster-networks": "10.0.0.0/8, fd00::/8"})
     assert s.fast_paths == abi.FAST_SPLICE | abi.FAST_SKB
     assert s.cert_lifetime == 5400 and s.default_policy is authz.Mode.DENY and s.on_node_plaintext
-    assert s.workers == 3 and s.admin == ("0.0.0.0", 9999) and s.sidecar_pod == "ns/pod"
+    assert s.workers == 3 and s.admin == ("127.0.0.2", 9999) and s.sidecar_pod == "ns/pod"
+    assert s.metrics == ("0.0.0.0", 4190) and settings.DEFAULT.metrics is None
     assert s.cluster_networks == ("10.0.0.0/8", "fd00::/8") and len(s.networks) == 2
 
 
@@ -35,6 +36,8 @@ def test_text_is_parsed_and_validated_per_flag():
     ("workers", "999", "not in 0..256"),
     ("admin", "localhost", "not HOST:PORT"),
     ("admin", "127.0.0.1:70000", "out of range"),
+    ("admin", "0.0.0.0:4191", "not a loopback address"),  # /tap and /stats stay private
+    ("metrics", "4190", "not HOST:PORT"),
     ("mesh-label", "nodeagent.io/mesh", "must be KEY=VALUE"),
     ("sidecar-pod", "just-a-name", "must be NAMESPACE/NAME"),
     ("on-node-plaintext", "maybe", "not a boolean"),

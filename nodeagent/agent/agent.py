@@ -17,7 +17,7 @@ import time
 from nodeagent import cgroups, preflight
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent.admin import serve_admin
+from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.merge import Merged, families_of, merge
 from nodeagent.agent.workers import Workers
 from nodeagent.agent.node_metrics import NodeCollector
@@ -54,6 +54,7 @@ class Agent:
         self._waiting = False  # a wanted pod whose namespace was not found yet
         self._exported: set[str] = set()  # identities whose expiry gauge is set
         self.workers: Workers | None = None
+        self.listeners: list = []  # admin.Listener: the admin port's and the metrics port's
 
     def preflight(self) -> None:
         failed = [c for c in (preflight.check_privileges(), preflight.check_cgroup2(),
@@ -87,7 +88,12 @@ class Agent:
         if processes > 1:
             self.workers = Workers(processes - 1, self.config, self.proxy.tap)
             self.workers.start()
-        admin = await serve_admin(self, *self.config.admin)
+        servers = []
+        for serve, address in ((serve_admin, self.config.admin), (serve_metrics, self.config.metrics)):
+            if address is not None:
+                server, listener = await serve(self, *address)
+                servers.append(server)
+                self.listeners.append(listener)
         try:
             while not stop.is_set():
                 view = self.source.poll()
@@ -109,7 +115,8 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            admin.close()
+            for server in servers:
+                server.close()
             if self.workers:
                 self.workers.stop()
             self.source.close()
@@ -194,7 +201,9 @@ class Agent:
                 "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
                 "open_connections": open_connections,
+                "tap_subscribers": len(self.proxy.tap.subscriptions) if self.proxy else 0,
                 "tap_events_dropped": self.proxy.tap.dropped if self.proxy else 0,
+                "listeners": [listener.report() for listener in self.listeners],
                 "counters": [{"name": name, "labels": labels, "value": value}
                              for _, _, _, samples in families for name, labels, value in samples
                              if not name.endswith("_created")]}

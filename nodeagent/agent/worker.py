@@ -25,21 +25,41 @@ from nodeagent.settings import AgentSettings
 log = logging.getLogger("nodeagent.worker")
 PR_SET_PDEATHSIG = 1
 RENEW_EVERY_S = 1.0
+MAX_FORWARD_PENDING = 1000  # tap events waiting in a worker for the agent's acknowledgement
 
 
 class TapForward:
-    """Stands in for a tap subscriber: every event goes to the agent, which filters."""
+    """Stands in for a tap subscriber in a worker: every event goes to the agent, which filters.
+    One batch at a time is on its way (the agent acknowledges each); meanwhile at most
+    MAX_FORWARD_PENDING events wait here, and further ones are dropped, counted in the worker's
+    tap hub (the batches carry that count to the agent's /stats)."""
 
-    def __init__(self, endpoint: channel.Endpoint):
+    def __init__(self, endpoint: channel.Endpoint, hub, generation: int):
         self.filters, self.dropped = {}, 0
         self.queue = self
-        self.endpoint = endpoint
+        self.endpoint, self.hub, self.generation = endpoint, hub, generation
+        self.pending: list[dict] = []
+        self.in_flight = False
 
     def wants(self, event: dict) -> bool:
         return True
 
     def put_nowait(self, event: dict) -> None:
-        self.endpoint.post(("event", event))
+        if len(self.pending) >= MAX_FORWARD_PENDING:
+            raise asyncio.QueueFull  # the hub counts it
+        self.pending.append(event)
+        if not self.in_flight:
+            self._send()
+
+    def acknowledged(self) -> None:
+        self.in_flight = False
+        if self.pending:
+            self._send()
+
+    def _send(self) -> None:
+        batch, self.pending = self.pending, []
+        self.in_flight = True
+        self.endpoint.post(("events", self.generation, batch, self.hub.dropped))
 
 
 class Worker:
@@ -51,6 +71,7 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self.proxy = None
         self.tap_forward = None
+        self.tap_generation = 0
 
     def _on_message(self, message, fds) -> None:  # the reader thread
         self.loop.call_soon_threadsafe(self._handle, message, fds)
@@ -102,6 +123,9 @@ class Worker:
                                 self.proxy.open_connections))
         elif kind == "tap":
             self._tap(message[1])
+        elif kind == "tap-ack":
+            if self.tap_forward is not None and self.tap_forward.generation == message[1]:
+                self.tap_forward.acknowledged()
         elif kind == "stop":
             self.stop.set()
 
@@ -121,7 +145,8 @@ class Worker:
     def _tap(self, on: bool) -> None:
         subscriptions = self.proxy.tap.subscriptions
         if on and self.tap_forward is None:
-            self.tap_forward = TapForward(self.endpoint)
+            self.tap_generation += 1
+            self.tap_forward = TapForward(self.endpoint, self.proxy.tap, self.tap_generation)
             subscriptions.append(self.tap_forward)
         elif not on and self.tap_forward is not None:
             subscriptions.remove(self.tap_forward)

@@ -35,6 +35,7 @@ class _Process:
             self.popen = subprocess.Popen([sys.executable, "-m", "nodeagent.agent.worker", str(child.fileno())],
                                           pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         self.index = index
+        self.tap_dropped = 0  # tap events the worker dropped, as it last reported
         self.endpoint = channel.Endpoint(parent, lambda message, fds: on_message(self, message, fds),
                                          name=f"agent-worker{index}")
         self.endpoint.post(("settings", index, settings))
@@ -102,9 +103,14 @@ class Workers:
                 replies[process.index] = (families, open_connections)
                 if len(replies) == len(self.processes) and not future.done():
                     future.set_result(None)
-        elif kind == "event":
-            event = message[1]
-            self.tap_hub.publish(lambda: event)
+        elif kind == "events":
+            _, generation, events, dropped = message
+            for event in events:
+                self.tap_hub.publish(lambda event=event: event)
+            # The worker's count of events it could not forward, a running total.
+            self.tap_hub.dropped += dropped - process.tap_dropped
+            process.tap_dropped = dropped
+            process.endpoint.post(("tap-ack", generation))  # the worker may send its next batch
 
     async def scrape(self) -> list[tuple[list, int]]:
         """Each live worker's (metric families, open connections); a worker that does not answer

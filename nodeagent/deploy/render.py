@@ -27,7 +27,8 @@ class Values:
     namespace: str = "nodeagent"
     image: str = "ghcr.io/nodeagent/nodeagent:0.1.0"
     settings: AgentSettings = field(default_factory=AgentSettings)
-    admin_port: int = 4191
+    admin_port: int = 4191  # loopback only (/tap, /stats: kubectl port-forward)
+    metrics_port: int = 4190  # the pod's addresses: /metrics, /live, /ready for Prometheus and kubelet
     anchors_pem: str = ""
     issuer_crt_pem: str = ""
     issuer_key_pem: str = ""
@@ -78,7 +79,7 @@ def _config_env(name: str, key: str) -> dict:
 
 def daemonset(values: Values) -> dict:
     host = lambda name, path, kind="Directory": {"name": name, "hostPath": {"path": path, "type": kind}}  # noqa: E731
-    probe = lambda path: {"httpGet": {"path": path, "port": "admin"}, "periodSeconds": 10}  # noqa: E731
+    probe = lambda path: {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}  # noqa: E731
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(NAME, values),
         "spec": {
@@ -87,7 +88,7 @@ def daemonset(values: Values) -> dict:
             "template": {
                 "metadata": {
                     "labels": dict(APP_LABELS),
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(values.admin_port),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(values.metrics_port),
                                     "prometheus.io/path": "/metrics"},
                 },
                 "spec": {
@@ -100,13 +101,14 @@ def daemonset(values: Values) -> dict:
                         "image": values.image,
                         "args": ["run", "--kube", "--node-name=$(NODE_NAME)",
                                  "--identity-dir=/var/run/nodeagent/identity",
-                                 f"--admin=0.0.0.0:{values.admin_port}", "--pin-root=/sys/fs/bpf/nodeagent",
+                                 f"--admin=127.0.0.1:{values.admin_port}", f"--metrics=0.0.0.0:{values.metrics_port}",
+                                 "--pin-root=/sys/fs/bpf/nodeagent",
                                  *(f"--{o.flag}=$({settings_model.env_name(o)})" for o in _cluster_options())],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             *(_config_env(settings_model.env_name(o), o.flag) for o in _cluster_options()),
                         ],
-                        "ports": [{"name": "admin", "containerPort": values.admin_port, "protocol": "TCP"}],
+                        "ports": [{"name": "metrics", "containerPort": values.metrics_port, "protocol": "TCP"}],
                         "readinessProbe": probe("/ready"),
                         "livenessProbe": {**probe("/live"), "initialDelaySeconds": 30},
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},

@@ -2,6 +2,13 @@
 contexts built from them. Renewed at RENEW_AT of their lifetime; contexts are
 replaced, never changed, so established connections keep theirs.
 
+Session resumption never outlives what a certificate proved: a server context's
+tickets live at most the certificate's life left at its renewal (and at most
+MAX_SESSION_LIFETIME_S); its replacement (renewal, or the identity dropped and
+issued again) has new ticket keys, so the old tickets no longer resume; and
+`on_retire` tells the client-side session cache to forget the sessions of a
+context that goes.
+
 The agent asks `allow()` for exactly the identities of its node's pods and
 can obtain nothing else: `material()` refuses any other identity.
 """
@@ -17,8 +24,10 @@ from pathlib import Path
 
 from nodeagent.identity import naming
 from nodeagent.identity.ca import DAY, Authority, certificate_pem, key_pem, new_key
+from nodeagent.proxy.tls import limit_session_lifetime
 
 RENEW_AT = 0.7
+MAX_SESSION_LIFETIME_S = 7200  # OpenSSL's default, kept as the ceiling
 _PRIVATE_TMP = "/run" if os.access("/run", os.W_OK) else None
 
 
@@ -39,7 +48,13 @@ class Material:
         return now >= self.not_before + RENEW_AT * (self.not_after - self.not_before)
 
 
-def _contexts(cert_file: str, key_file: str, anchors_pem: bytes) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def session_lifetime_s(lifetime_s: float) -> int:
+    """Tickets issued up to the renewal (at RENEW_AT) must expire with the certificate."""
+    return min(MAX_SESSION_LIFETIME_S, int((1 - RENEW_AT) * lifetime_s))
+
+
+def _contexts(cert_file: str, key_file: str, anchors_pem: bytes,
+              session_lifetime: int = MAX_SESSION_LIFETIME_S) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     for context in (server, client):
@@ -48,6 +63,7 @@ def _contexts(cert_file: str, key_file: str, anchors_pem: bytes) -> tuple[ssl.SS
         context.load_verify_locations(cadata=anchors_pem.decode())
         context.load_cert_chain(cert_file, key_file)
     client.check_hostname = False  # identities are URIs: checked after the handshake (mesh.peer_identity)
+    limit_session_lifetime(server, session_lifetime)
     return server, client
 
 
@@ -61,20 +77,21 @@ class WorkloadIdentities:
         self._allowed: set[naming.Identity] = set()
         self._material: dict[naming.Identity, Material] = {}
         self.issued = 0
+        # Called with each Material that goes (renewed, dropped): its sessions must go too.
+        self.on_retire: list[Callable[[Material], None]] = []
 
     def allow(self, identities: set[naming.Identity]) -> None:
         """The identities of the pods now on this node; material for others is dropped."""
         self._allowed = set(identities)
         for identity in [i for i in self._material if i not in self._allowed]:
-            del self._material[identity]
+            self._retire(self._material.pop(identity))
 
     def material(self, identity: naming.Identity) -> Material:
         if identity not in self._allowed:
             raise NotOnThisNode(f"refusing an identity for {identity}: no pod of that ServiceAccount on this node")
         current = self._material.get(identity)
         if current is None or current.renew_due(self.clock()):
-            current = self._issue(identity)
-            self._material[identity] = current
+            current = self._replace(identity)
         return current
 
     def renew_due(self) -> list[naming.Identity]:
@@ -82,8 +99,19 @@ class WorkloadIdentities:
         now = self.clock()
         due = [i for i, m in self._material.items() if m.renew_due(now)]
         for identity in due:
-            self._material[identity] = self._issue(identity)
+            self._replace(identity)
         return due
+
+    def _replace(self, identity: naming.Identity) -> Material:
+        new = self._issue(identity)
+        old, self._material[identity] = self._material.get(identity), new
+        if old is not None:
+            self._retire(old)
+        return new
+
+    def _retire(self, material: Material) -> None:
+        for callback in self.on_retire:
+            callback(material)
 
     def _issue(self, identity: naming.Identity) -> Material:
         key = new_key()
@@ -95,7 +123,8 @@ class WorkloadIdentities:
             key_file.touch(mode=0o600)
             key_file.write_bytes(key_pem(key))
             cert_file.write_bytes(certificate_pem(certificate) + self.issuer.chain_pem())
-            server, client = _contexts(str(cert_file), str(key_file), self.anchors_pem)
+            server, client = _contexts(str(cert_file), str(key_file), self.anchors_pem,
+                                       session_lifetime_s(self.lifetime.total_seconds()))
         self.issued += 1
         return Material(identity, certificate.not_valid_before_utc.timestamp(),
                         certificate.not_valid_after_utc.timestamp(), certificate.serial_number, server, client)
@@ -104,4 +133,6 @@ class WorkloadIdentities:
         return {str(i): m.not_after for i, m in self._material.items()}
 
     def close(self) -> None:
+        for material in self._material.values():
+            self._retire(material)
         self._material.clear()

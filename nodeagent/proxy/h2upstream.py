@@ -11,9 +11,8 @@ stream ends.
 import asyncio
 from collections import defaultdict
 
-from h2.errors import ErrorCodes
-
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
+from nodeagent.proxy.nghttp2 import ErrorCodes
 from nodeagent.proxy.upstream import POOL_IDLE_S, connect
 
 
@@ -36,12 +35,12 @@ class H2Upstream(H2Peer):
             and not self.transport.is_closing()
 
     def has_room(self) -> bool:
-        # Our own count: h2's open_outbound_streams walks every stream on each call.
-        return len(self.ends) < self.conn.remote_settings.max_concurrent_streams
+        return len(self.ends) < self.session.remote_max_concurrent_streams()
 
     def open_stream(self, owner, headers: list, end_stream: bool) -> StreamEnd:
-        stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        """A request's stream; its body, unless `end_stream`, follows as a Forward (raises
+        CodecError if nghttp2 refuses: out of stream ids, or the session is gone)."""
+        stream_id = self.session.submit_request(headers, body=not end_stream)
         end = StreamEnd(self, stream_id, owner)
         self.register(end)
         self.not_idle()
@@ -78,7 +77,9 @@ class H2Pool:
         return next((c for c in conns if c.has_room()), None)
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
-                      tunnel=None) -> H2Upstream:
+                      tunnel=None, report=None) -> H2Upstream:
+        """A connection with room for one more stream; `report(Flood)` counts a flood of the
+        endpoint's against the pod (on the connection this call opens, if it opens one)."""
         key = (cookie, address)
         while True:
             conn = self._ready(key)
@@ -91,7 +92,7 @@ class H2Pool:
         opening = self._opening[key] = asyncio.get_running_loop().create_future()
         try:
             transport, conn = await connect(netns_path, address, timeout_s, H2Upstream, tunnel)
-            conn.transport = transport
+            conn.transport, conn.report = transport, report
             conn.start()
         except BaseException as e:
             opening.set_exception(e if isinstance(e, Exception) else ConnectionError("cancelled"))
@@ -103,10 +104,11 @@ class H2Pool:
         opening.set_result(None)
         return conn
 
-    def adopt(self, cookie: int, address: tuple[str, int], transport: asyncio.Transport, received: bytes) -> None:
+    def adopt(self, cookie: int, address: tuple[str, int], transport: asyncio.Transport, received: bytes,
+              report=None) -> None:
         """A fresh connection opened for another purpose (the eager connect) joins the pool,
         with what the server sent on it so far (its SETTINGS)."""
-        conn = H2Upstream()
+        conn = H2Upstream(report=report)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         conn.start()

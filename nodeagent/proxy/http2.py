@@ -1,6 +1,6 @@
 """HTTP/2 between a pod and its destination, per request (h2c prior knowledge, gRPC).
 
-The client's connection is served by the proxy (h2, sans-IO); each of its streams is
+The client's connection is served by the proxy (libnghttp2, h2peer.py); each of its streams is
 one `Exchange`: an endpoint is chosen per request (the Service's balancer), the request
 goes out as a stream on a pooled HTTP/2 connection to that endpoint (h2upstream.py), and
 the response (headers, body, trailers) comes back on the client's stream. Bodies are
@@ -20,16 +20,18 @@ import asyncio
 import time
 from dataclasses import dataclass, field, replace
 
-import h2.errors
-import h2.exceptions
-
 from nodeagent.proxy.classify import failed, grpc_status
 from nodeagent.proxy.errors import REASON_HEADER
+from nodeagent.proxy.h2budget import Flood
 from nodeagent.proxy.h2peer import H2Peer, StreamEnd, goaway
 from nodeagent.proxy.attempts import Outcome, run_attempts
+from nodeagent.proxy.nghttp2 import CodecError, ErrorCodes
 from nodeagent.proxy.retry import Failure, RequestFacts, Retries, Verdict
 
 MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
+# Request headers are kept for a stream's life (a retry sends them again): all of one
+# connection's, by RFC 9113's size (names, values, 32 bytes a field), at most this.
+HEADERS_HELD_MAX = 1024 * 1024
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Request:
 class StreamFailed(Exception):
     def __init__(self, code: int | None):
         super().__init__(f"stream reset ({code})" if code is not None else "connection lost")
-        self.refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+        self.refused = code == ErrorCodes.REFUSED_STREAM
 
 
 class Http2Server(H2Peer):
@@ -54,9 +56,10 @@ class Http2Server(H2Peer):
     (outbound.HttpTarget); `initial` are the bytes read during detection (the preface)."""
 
     def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
-        super().__init__(MAX_CONCURRENT_STREAMS)
+        super().__init__(MAX_CONCURRENT_STREAMS, report=target.count_http2_refusal)
         self.target, self.initial, self.stats, self.on_close = target, initial, stats, on_close
         self.exchanges: dict[int, Exchange] = {}
+        self.headers_held = 0
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -76,12 +79,13 @@ class Http2Server(H2Peer):
             self.stats.written += self.bytes_written - before
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
-        if not self.target.take_stream():  # the pod's share of open streams is used up
-            self.target.count_limit("http2-streams")
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        size = header_list_size(headers)
+        if not self.admit(stream_id, size):
             return
         self.not_idle()
+        self.headers_held += size
         exchange = Exchange(self, stream_id, headers, ended)
+        exchange.headers_size = size
         self.exchanges[stream_id] = exchange
         self.register(exchange.client)
         exchange.task = asyncio.get_running_loop().create_task(exchange.serve())
@@ -89,10 +93,35 @@ class Http2Server(H2Peer):
         # client reset the stream in the same read that opened it) never runs its body.
         exchange.task.add_done_callback(lambda _: self.exchange_done(exchange))
 
+    def admit(self, stream_id: int, headers_size: int) -> bool:
+        """Whether a new stream may start; a refused one hears REFUSED_STREAM (a client may
+        always retry that) and is counted. The connection's own limits: nghttp2 enforces the
+        advertised MAX_CONCURRENT_STREAMS on open streams, this on exchanges still in flight,
+        and the headers they hold; then the pod's own share of open streams."""
+        if len(self.exchanges) >= MAX_CONCURRENT_STREAMS:
+            self.refuse(stream_id, Flood.STREAMS)
+            return False
+        if self.headers_held + headers_size > HEADERS_HELD_MAX:
+            self.refuse(stream_id, Flood.HEADERS_HELD)
+            return False
+        if not self.target.take_stream():  # the pod's share of open streams (limits.py) is used up
+            self.target.count_limit("http2-streams")
+            self.session.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.flush_soon()
+            return False
+        return True
+
+    def refuse(self, stream_id: int, reason: Flood) -> None:
+        self.report(reason)
+        self.session.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+        self.flush_soon()
+
     def exchange_done(self, exchange: "Exchange") -> None:
         if self.exchanges.pop(exchange.client.id, None) is not None:
             self.forget(exchange.client.id)
             self.target.give_stream()
+            self.headers_held -= exchange.headers_size
+            exchange.client.incoming.forget_replay()
         if not self.exchanges:
             self.went_idle()
 
@@ -176,7 +205,7 @@ class Exchange:
         except Exception as e:  # never let one stream's bug take the connection down
             self.target.count_error(502, f"proxy error: {type(e).__name__}")
             self.target.observers.problems.exception("http2", e, "HTTP/2 stream")
-            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.client.reset(ErrorCodes.INTERNAL_ERROR)
 
     async def _serve(self) -> None:
         incoming = self.client.incoming
@@ -189,7 +218,7 @@ class Exchange:
             conn = await self.target.acquire_h2(address)
             try:
                 self.upstream = conn.open_stream(self, self.headers, self._request_complete())
-            except h2.exceptions.ProtocolError as e:
+            except CodecError as e:
                 raise ConnectionError(f"stream not opened: {e}") from e
             return self.upstream
 
@@ -238,7 +267,7 @@ class Exchange:
             return Outcome.DONE
         status = _status(headers)
         if status is None:  # endpoints' headers are not validated: this one check is ours
-            upstream.reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            upstream.reset(ErrorCodes.PROTOCOL_ERROR)
             self._finished(None)
             self._answer_error(502, "malformed response", address)
             return Outcome.DONE
@@ -268,12 +297,12 @@ class Exchange:
             target.count_cut("request timeout mid-response")
             self._finished(None)
             upstream.reset()
-            self.client.reset(h2.errors.ErrorCodes.CANCEL)  # the head is out: a reset is how HTTP/2 says it
+            self.client.reset(ErrorCodes.CANCEL)  # the head is out: a reset is how HTTP/2 says it
             return Outcome.DONE
         except StreamFailed:
             target.count_response(self.request, status, address, failure=True)
             self._finished(None)
-            self.client.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
+            self.client.reset(ErrorCodes.INTERNAL_ERROR)  # cut short: so is the client's
             return Outcome.DONE
         self._finish_upstream()
         self._counted(status, grpc_status(response.trailers), address)
@@ -295,7 +324,7 @@ class Exchange:
             upstream.peer.forget(upstream.id)
         else:
             # The response is complete but the client still sends: the endpoint said all it will.
-            upstream.reset(h2.errors.ErrorCodes.NO_ERROR)
+            upstream.reset(ErrorCodes.NO_ERROR)
         self.upstream = None
 
     def _answer_error(self, status: int, reason: str, address) -> None:
@@ -305,15 +334,16 @@ class Exchange:
         headers = [(b":status", str(status).encode()), (REASON_HEADER.encode(), reason.encode()),
                    (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
         server, stream_id = self.server, self.client.id
-        if server.send_headers(stream_id, headers):
-            try:
-                server.conn.send_data(stream_id, body, end_stream=True)  # fits any window: a short line
-            except h2.exceptions.ProtocolError:
-                pass
+        server.respond(stream_id, headers, body)
         if not self.client.incoming.ended:
-            self.client.reset(h2.errors.ErrorCodes.NO_ERROR)  # we will not read the rest of the request
+            self.client.reset(ErrorCodes.NO_ERROR)  # we will not read the rest of the request
         else:
             self.client.incoming.abandon()
+
+
+def header_list_size(headers: list) -> int:
+    """RFC 9113's size of a header list (what SETTINGS_MAX_HEADER_LIST_SIZE limits)."""
+    return sum(len(name) + len(value) for name, value in headers) + 32 * len(headers)
 
 
 def _status(headers: list) -> int | None:

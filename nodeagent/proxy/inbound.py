@@ -16,6 +16,7 @@ server that speaks first is heard at once.
 """
 
 import asyncio
+import functools
 import ssl
 
 from nodeagent.policy.authz import Client
@@ -140,7 +141,8 @@ class _Inbound(asyncio.Protocol):
         read = len(self.buffer)
         if protocol is Protocol.H2:
             self.conn.close(read, 0)
-            refusal = H2Refusal(lambda: metrics.http_error("inbound", self.pod, 403, "unauthorized"), wait_s)
+            refusal = H2Refusal(lambda: metrics.http_error("inbound", self.pod, 403, "unauthorized"), wait_s,
+                                functools.partial(metrics.http2_flood, "inbound", self.pod))
             transport.set_protocol(refusal)
             refusal.connection_made(transport)
             refusal.data_received(bytes(self.buffer))
@@ -158,8 +160,8 @@ class H2Refusal(H2Peer):
     """A refused HTTP/2 client hears 403 on each request it sent, then GOAWAY: requests it
     sends later open a new connection, which is authorized afresh."""
 
-    def __init__(self, on_refused, wait_s: float):
-        super().__init__()
+    def __init__(self, on_refused, wait_s: float = 1.0, report=None):
+        super().__init__(report=report)
         self.on_refused, self.wait_s = on_refused, wait_s
         self.timer: asyncio.TimerHandle | None = None
 
@@ -168,11 +170,12 @@ class H2Refusal(H2Peer):
         self.timer = asyncio.get_running_loop().call_later(self.wait_s, goaway, self)
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
+        if self.closed:
+            return
         self.on_refused()
         body = b"unauthorized\n"
-        self.send_headers(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),
-                                      (b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))])
-        self.conn.send_data(stream_id, body, end_stream=True)
+        self.answer(stream_id, [(b":status", b"403"), (REASON_HEADER.encode(), b"unauthorized"),
+                                (b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))], body)
         goaway(self)
 
     def connection_lost(self, exc):

@@ -14,9 +14,10 @@ authorizes its identity.
 import asyncio
 import ssl
 import struct
+import time
 
 from nodeagent.identity import naming
-from nodeagent.proxy.tls import handshake
+from nodeagent.proxy.tls import SessionExpired, handshake, peer_not_after
 
 MAGIC = b"NAGT"
 VERSION = 1
@@ -58,6 +59,8 @@ def peer_identity(transport: asyncio.Transport) -> str | None:
 
 def handshake_failure_reason(error: BaseException) -> str:
     """A short, stable reason for metrics and logs."""
+    if isinstance(error, SessionExpired):
+        return "resumed session of an expired certificate"
     if isinstance(error, ssl.SSLCertVerificationError):
         return error.verify_message or "certificate verification failed"
     text = str(error).lower()
@@ -75,22 +78,43 @@ def handshake_failure_reason(error: BaseException) -> str:
 class SessionCache:
     """Resumable TLS sessions per (client context, server): a resumed handshake skips the
     certificate signatures and chain checks (the identities proven the first time stay in the
-    session), which is most of a handshake's cost. Bounded; a renewed certificate is a new
-    context, so its sessions start afresh."""
+    session), which is most of a handshake's cost. A session is offered only while its ticket
+    lives and the server certificate it proved is valid; the sessions of a client certificate go
+    when it is renewed or its identity dropped (`retire`, from WorkloadIdentities.on_retire).
+    At most `size` sessions, the oldest out first."""
 
-    def __init__(self, size: int = 1024):
-        self.size = size
-        self._sessions: dict[tuple, ssl.SSLSession] = {}
+    def __init__(self, size: int = 1024, clock=time.time):
+        self.size, self.clock = size, clock
+        self._sessions: dict[tuple[int, str], tuple[ssl.SSLSession, float]] = {}  # -> (session, expiry)
 
     def get(self, context: ssl.SSLContext, server: str) -> ssl.SSLSession | None:
-        return self._sessions.get((id(context), server))
+        key = (id(context), server)  # a session holds its context: the id is not reused meanwhile
+        session, expires = self._sessions.get(key, (None, 0.0))
+        if session is not None and self.clock() >= expires:
+            del self._sessions[key]
+            return None
+        return session
 
-    def put(self, context: ssl.SSLContext, server: str, session: ssl.SSLSession | None) -> None:
-        if session is None or not session.has_ticket:
+    def put(self, context: ssl.SSLContext, server: str, session: ssl.SSLSession | None,
+            server_not_after: float | None) -> None:
+        if session is None or not session.has_ticket or server_not_after is None:
             return
         if len(self._sessions) >= self.size:
             self._sessions.pop(next(iter(self._sessions)))
-        self._sessions[(id(context), server)] = session
+        # The server's ticket lifetime (not the client's own session timeout), and its certificate.
+        ticket_end = session.time + min(session.timeout, session.ticket_lifetime_hint)
+        self._sessions[(id(context), server)] = (session, min(ticket_end, server_not_after))
+
+    def forget(self, context: ssl.SSLContext, server: str) -> None:
+        self._sessions.pop((id(context), server), None)
+
+    def retire(self, context: ssl.SSLContext) -> None:
+        """The client certificate behind `context` is renewed or its identity dropped."""
+        for key in [key for key in self._sessions if key[0] == id(context)]:
+            del self._sessions[key]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext,
@@ -102,6 +126,8 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
                               session=sessions.get(context, server) if sessions else None)
     except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
         transport.abort()
+        if sessions is not None:
+            sessions.forget(context, server)  # never offer again a session that failed
         reason = handshake_failure_reason(e)
         raise TunnelError(f"handshake with {expected} failed: {reason}", reason) from e
     proven = peer_identity(tls)
@@ -109,6 +135,7 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
         tls.abort()
         raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}", "wrong identity")
     if sessions is not None:
-        tls.on_session = lambda session: sessions.put(context, server, session)
+        not_after = peer_not_after(tls.get_extra_info("ssl_object"))
+        tls.on_session = lambda session: sessions.put(context, server, session, not_after)
     tls.write(encode_header(port, hint))
     return tls

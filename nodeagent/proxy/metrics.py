@@ -104,6 +104,9 @@ class Metrics:
                                                ("direction", "namespace", "pod", "protocol"), registry=r)
         self.inbound_authorization_total = Counter("inbound_authorization", "Inbound authorization decisions",
                                                    ("namespace", "pod", "decision", "tls"), registry=r)
+        self.http2_flood_total = Counter("http2_flood", "HTTP/2 peers over a flood limit or the stream limit "
+                                         "(GOAWAY ENHANCE_YOUR_CALM; 'streams': a stream refused)",
+                                         ("direction", "namespace", "pod", "reason"), registry=r)
         self.retries_total = Counter("retries", "Retries sent", ("namespace", "pod", "peer"), registry=r)
         self.retry_budget_exhausted_total = Counter("retry_budget_exhausted", "Retries refused by the budget",
                                                     ("namespace", "pod", "peer"), registry=r)
@@ -167,6 +170,8 @@ class Metrics:
 
     def handshake_failed(self, direction: str, reason: str) -> None:
         self.tls_handshake_failures_total.labels(direction, reason).inc()
+    def http2_flood(self, direction: str, pod, flood) -> None:
+        self.child(self.http2_flood_total, (direction, pod.info.namespace, pod.info.name, flood.value)).inc()
 
     def detected(self, direction: str, pod, protocol: str) -> None:
         self.child(self.protocol_detected_total, (direction, pod.info.namespace, pod.info.name, protocol)).inc()

@@ -21,6 +21,7 @@ holds a connection, or the pod's share of detections, for longer.
 
 import asyncio
 import enum
+import functools
 
 from nodeagent.identity import naming
 from nodeagent.policy.authz import Client
@@ -336,7 +337,8 @@ class OutboundAccept(asyncio.Protocol):
         elif early.eof or early.lost or (early.buffer and not h2):
             upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
         elif h2:
-            pools.http2.adopt(self.pod.cookie, endpoint[1], upstream, bytes(early.buffer))
+            pools.http2.adopt(self.pod.cookie, endpoint[1], upstream, bytes(early.buffer),
+                              report=functools.partial(self.deps.observers.metrics.http2_flood, "outbound", self.pod))
         else:
             pools.http1.adopt(self.pod.cookie, endpoint[1], upstream)
 

@@ -72,7 +72,9 @@ class Proxy:
         self.guard = MemoryGuard(settings.memory_budget // max(processes, 1), self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
-        self.connector = Connector(self.directory, identities, mesh.SessionCache(), settings.trust_domain,
+        self.tls_sessions = mesh.SessionCache()
+        identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
+        self.connector = Connector(self.directory, identities, self.tls_sessions, settings.trust_domain,
                                    settings.on_node_plaintext)
         self.pools = Pools(Pool(), H2Pool())
         self.splicer = Splicer(datapath, settings.fast_paths, self.problems)
@@ -82,7 +84,9 @@ class Proxy:
         self.inbound = self.build_inbound()
 
     def build_outbound(self) -> OutboundDeps:
-        return OutboundDeps(self.datapath.original_destination, self.directory, self.connector, self.connections,
+        # (A Proxy without a data path, as tests make, has no original destinations to give.)
+        original_destination = getattr(self.datapath, "original_destination", None)
+        return OutboundDeps(original_destination, self.directory, self.connector, self.connections,
                             self.authorizer, self.splicer, self.pools, self.observers, self.timeouts)
 
     def build_inbound(self) -> InboundDeps:

@@ -1,8 +1,15 @@
-"""Tap: a live stream of request metadata (never bodies) to whoever listens.
+"""Tap: a live stream of request metadata to whoever listens.
 
-Subscribers get a bounded queue each; a slow one loses events (counted in its
-`dropped`) instead of slowing the proxy. With no subscriber, publishing costs
-one truthiness check.
+What an event may show is fixed here and nowhere else: direction, source pod,
+destination, method, authority (without userinfo), the path without its query
+or fragment (tokens travel there), status, latency, TLS; for TLS passed
+through, the server name. Never a header value beyond the authority, never a
+body. Long fields are cut at MAX_FIELD_CHARS.
+
+Bounds: at most MAX_SUBSCRIBERS subscriptions (a further one is refused with
+TapFull); each has a queue of QUEUE_SIZE events, and a slow subscriber loses
+events (counted in its `dropped` and the hub's) instead of slowing the proxy.
+With no subscriber, publishing costs one truthiness check.
 """
 
 import asyncio
@@ -10,7 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 QUEUE_SIZE = 1000
+MAX_SUBSCRIBERS = 8
+MAX_FIELD_CHARS = 256  # path and authority; an event stays under ~1 KiB
 FILTER_KEYS = ("namespace", "pod", "to", "method", "path")
+
+
+class TapFull(Exception):
+    """MAX_SUBSCRIBERS already listen."""
 
 
 @dataclass
@@ -38,6 +51,8 @@ class TapHub:
         unknown = set(filters) - set(FILTER_KEYS)
         if unknown:
             raise ValueError(f"unknown tap filters: {', '.join(sorted(unknown))}; known: {', '.join(FILTER_KEYS)}")
+        if len(self.subscriptions) >= MAX_SUBSCRIBERS:
+            raise TapFull(f"{MAX_SUBSCRIBERS} taps already listen to this agent; try again later")
         subscription = Subscription(filters)
         self.subscriptions.append(subscription)
         if self.on_change and len(self.subscriptions) == 1:
@@ -63,17 +78,37 @@ class TapHub:
                     self.dropped += 1
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_FIELD_CHARS else text[:MAX_FIELD_CHARS - 1] + "…"
+
+
+def shown_path(target: bytes) -> str:
+    """The path of a request target, as tap may show it: no query, no fragment, and for an
+    absolute-form target (`http://user:pass@host/p`) no scheme, userinfo or host."""
+    path = bytes(target).split(b"?", 1)[0].split(b"#", 1)[0].decode("latin-1")
+    scheme, separator, rest = path.partition("://")
+    if separator and "/" not in scheme:
+        path = "/" + rest.partition("/")[2]
+    return _cut(path)
+
+
+def shown_authority(value: bytes) -> str:
+    """Host and port only: a userinfo part (which HTTP forbids but a client may send) is cut."""
+    return _cut(value.decode("latin-1").rpartition("@")[2])
+
+
 def request_event(direction: str, pod, destination: str, request, status: int, tls: bool) -> dict:
     headers = {name.lower(): value for name, value in request.headers}
+    authority = headers.get(b"host") or headers.get(b":authority", b"")
     return {
         "ts": time.time(),
         "direction": direction,
         "namespace": pod.info.namespace,
         "pod": pod.info.name,
         "destination": destination,
-        "authority": (headers.get(b"host") or headers.get(b":authority", b"")).decode("latin-1"),
+        "authority": shown_authority(authority),
         "method": request.method,
-        "path": bytes(request.url).decode("latin-1"),
+        "path": shown_path(request.url),
         "status": status,
         "latency_ms": round((time.monotonic() - request.started) * 1000, 3),
         "tls": tls,
@@ -89,7 +124,7 @@ def tls_event(direction: str, pod, destination: str, sni: str | None) -> dict:
         "namespace": pod.info.namespace,
         "pod": pod.info.name,
         "destination": destination,
-        "sni": sni or "",
+        "sni": _cut(sni or ""),
         "method": "",  # so that a method or path filter leaves these out
         "path": "",
     }

@@ -80,7 +80,8 @@ class HttpTarget:
     async def acquire_h2(self, address):
         """An HTTP/2 connection to `address` with room for one more stream."""
         return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                              self.config.connect_timeout_s, self._tunnel(address, Hint.H2))
+                                              self.config.connect_timeout_s, self._tunnel(address, Hint.H2),
+                                              report=self.count_http2_refusal)
 
     def release(self, address, conn):
         self.pools.http1.release(self.pod.cookie, address, conn)
@@ -159,6 +160,10 @@ class HttpTarget:
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
+
+    def count_http2_refusal(self, flood):
+        """An HTTP/2 peer (the client, or an endpoint) went over its budget (h2budget.Flood)."""
+        self.observers.metrics.http2_flood("outbound", self.pod, flood)
 
     def count_error(self, status, reason):
         self.observers.metrics.http_error("outbound", self.pod, status, reason)

@@ -6,12 +6,72 @@ answer) would hang on a mesh hop. Here TLS 1.3 runs on ssl.SSLObject over
 memory BIOs: `write_eof()` sends close_notify and keeps reading, as TLS 1.3
 allows; a close_notify from the peer is an EOF to the protocol. OpenSSL does
 every byte's work; Python handles each TLS record, not each byte.
+
+Session lifetimes: OpenSSL never looks at certificates again when a session is
+resumed, so `handshake` refuses a resumed session whose peer certificate (kept
+in the session) has expired, on both sides; `limit_session_lifetime` bounds
+the tickets a server context issues (SSL_CTX_set_timeout, which Python's ssl
+does not expose).
 """
 
 import asyncio
+import ctypes
+import functools
+import logging
 import ssl
+import time
 
+log = logging.getLogger("nodeagent.tls")
 READ_CHUNK = 256 * 1024
+
+
+class SessionExpired(ssl.SSLError):
+    """A resumed session whose peer certificate is no longer valid."""
+
+
+def peer_not_after(sslobj: ssl.SSLObject) -> float | None:
+    """When the peer's verified certificate (from the handshake or the resumed session) expires."""
+    certificate = sslobj.getpeercert()
+    return ssl.cert_time_to_seconds(certificate["notAfter"]) if certificate else None
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The libssl that Python's own _ssl module is linked with (dlsym searches its dependencies)."""
+    import _ssl
+
+    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+    lib.SSL_CTX_get_options.restype, lib.SSL_CTX_get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+    lib.SSL_CTX_set_timeout.restype, lib.SSL_CTX_set_timeout.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_long]
+    lib.SSL_CTX_get_timeout.restype, lib.SSL_CTX_get_timeout.argtypes = ctypes.c_long, [ctypes.c_void_p]
+    return lib
+
+
+def _ssl_ctx(context: ssl.SSLContext) -> int | None:
+    """The context's SSL_CTX*: CPython keeps it right after the object header (PySSLContext in
+    Modules/_ssl.c). Used only if OpenSSL, asked through it, reports the context's own options."""
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if pointer and _libssl().SSL_CTX_get_options(pointer) == int(context.options):
+        return pointer
+    return None
+
+
+def session_lifetime(context: ssl.SSLContext) -> int | None:
+    """SSL_CTX_get_timeout: how long the sessions (and tickets) the context issues live, in seconds."""
+    pointer = _ssl_ctx(context)
+    return _libssl().SSL_CTX_get_timeout(pointer) if pointer else None
+
+
+def limit_session_lifetime(context: ssl.SSLContext, seconds: int) -> None:
+    """Sessions and tickets issued by this server context live `seconds` at most. Below one
+    second, or where the context's SSL_CTX cannot be reached, it issues no tickets at all."""
+    pointer = _ssl_ctx(context) if seconds >= 1 else None
+    if pointer is None:
+        if seconds >= 1:
+            log.warning("cannot set the TLS session lifetime in this Python: session resumption is off")
+        context.num_tickets = 0  # no resumption rather than resumption for too long
+        return
+    _libssl().SSL_CTX_set_timeout(pointer, seconds)
 
 
 class TlsTransport(asyncio.Transport):
@@ -266,7 +326,8 @@ async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context:
     """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
     `initial`: bytes already read from `raw` (a ClientHello that arrived early);
     `session`: a client's earlier session with the same server, to resume;
-    `run_step(work, then)`: where each step runs (default: this process's handshake threads)."""
+    `run_step(work, then)`: where each step runs (default: this process's handshake threads).
+    A resumed session whose peer certificate has expired is refused: SessionExpired."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
                               session=session)
@@ -282,6 +343,11 @@ async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context:
     except BaseException:
         raw.abort()
         raise
+    if sslobj.session_reused:
+        not_after = peer_not_after(sslobj)
+        if not_after is None or not_after <= time.time():
+            raw.abort()
+            raise SessionExpired("a resumed session whose peer certificate has expired")
     tls = TlsTransport(raw, sslobj, incoming, outgoing)
     tls.set_protocol(protocol)
     if shaking.arrived:  # bytes that came during the last step: before any that come next
