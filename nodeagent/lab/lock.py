@@ -40,10 +40,32 @@ def _ancestors() -> set[int]:
     return pids
 
 
+def _inherited() -> int | None:
+    """An fd on the lock that this process inherited already locked (`flock LOCK cmd` passes its
+    locked fd to cmd): the lock is this process's too."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != os.path.realpath(LOCK_PATH):
+                continue
+            fcntl.flock(int(name), fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only on the holding description
+            return int(name)
+        except OSError:
+            continue
+    return None
+
+
 def hold() -> None:
     """Take the machine's lab lock for this process (once; waits for another holder to finish)."""
     global _fd
     if _fd is not None:
+        return
+    inherited = _inherited()
+    if inherited is not None:
+        _fd = inherited
         return
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
     try:

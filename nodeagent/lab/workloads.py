@@ -11,6 +11,7 @@ any request body is echoed back. Tests make one pod misbehave with
 
 import argparse
 import asyncio
+import http
 
 import h2.config
 import h2.connection
@@ -62,6 +63,14 @@ def _answer(pod: str, parts: list[str], target: str, body: bytes) -> tuple[int, 
     return 404, f"no route {target} on {pod}\n".encode(), 0.0
 
 
+def _phrase(status: int) -> bytes:
+    """The reason phrase (some clients, h2load among them, count a response without one as failed)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Status"
+
+
 class Http1Server(asyncio.Protocol):
     def __init__(self, pod: str):
         self.pod = pod
@@ -104,7 +113,7 @@ class Http1Server(asyncio.Protocol):
     def _send_error(self, status: int):
         try:
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self.transport.write(self.conn.send(h11.Response(status_code=status, headers=[
+                self.transport.write(self.conn.send(h11.Response(status_code=status, reason=_phrase(status), headers=[
                     ("content-length", "0"), ("connection", "close")])))
                 self.transport.write(self.conn.send(h11.EndOfMessage()))
         except h11.LocalProtocolError:
@@ -120,7 +129,7 @@ class Http1Server(asyncio.Protocol):
         if self.transport.is_closing():
             return
         headers = [("content-type", "text/plain"), ("content-length", str(len(body))), ("x-pod", self.pod)]
-        self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+        self.transport.write(self.conn.send(h11.Response(status_code=status, reason=_phrase(status), headers=headers)))
         if request.method != b"HEAD":  # a HEAD response announces the body's length but has none
             self.transport.write(self.conn.send(h11.Data(data=body)))
         self.transport.write(self.conn.send(h11.EndOfMessage()))

@@ -134,8 +134,13 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
     if proven != expected.uri:
         tls.abort()
         raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}", "wrong identity")
-    if sessions is not None:
-        not_after = peer_not_after(tls.get_extra_info("ssl_object"))
+    ssl_object = tls.get_extra_info("ssl_object")
+    if sessions is not None and not ssl_object.session_reused:
+        # Only a full handshake's session is kept, and then offered again and again while it is
+        # valid (TLS 1.3 tickets resume more than once here; no early data, so no replay). Reading
+        # the session of a resumed connection copies it in CPython 3.11, and the copy is never
+        # freed (gh-116810): a session taken per resumed connection leaked 19 KB each.
+        not_after = peer_not_after(ssl_object)
         tls.on_session = lambda session: sessions.put(context, server, session, not_after)
     tls.write(encode_header(port, hint))
     return tls
