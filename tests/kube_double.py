@@ -1,8 +1,9 @@
-"""A Kubernetes API server double with the behaviour the watcher must survive:
-paginated lists with resourceVersions, chunked watch streams replaying from a
-resourceVersion, BOOKMARK events, 410 Gone after compaction, connections
-dropped mid-stream, slow responses, and bearer-token authentication.
-Plain HTTP on loopback; everything else is as the real API answers."""
+"""A Kubernetes API server double, kept for the faults a real API server cannot be made to
+produce (tests/k8s runs the real one for everything else): watch streams cut inside a chunk,
+watches that end at once, compaction on demand (410 Gone), slow responses, and a server
+behind a path prefix. Paginated lists with resourceVersions, chunked watch streams replaying
+from a resourceVersion, BOOKMARK events and bearer tokens behave as the real API's.
+Plain HTTP on loopback."""
 
 import json
 import threading
@@ -26,6 +27,9 @@ class ApiDouble:
         self.log: list[tuple[int, str, str, dict]] = []  # (rv, kind, event type, object)
         self.compacted = 0  # events at or below this rv are forgotten
         self.drop_watches_after: int | None = None  # events sent before a watch connection is cut
+        self.cut_mid_chunk = False  # with drop_watches_after: cut inside the next event's chunk
+        self.end_watches_at_once = False  # a proxy that closes every watch as soon as it opens
+        self.prefix = ""  # served below this path, as behind Rancher's or a gateway's proxy
         self.delay_s = 0.0
         self.requests: list[tuple[str, dict]] = []
         self.watch_connections: set = set()
@@ -99,6 +103,9 @@ class ApiDouble:
         url = urllib.parse.urlsplit(request.path)
         params = dict(urllib.parse.parse_qsl(url.query))
         self.requests.append((url.path, params))
+        if not url.path.startswith(self.prefix):
+            return self._json(request, 404, {"kind": "Status", "code": 404, "message": "outside the prefix"})
+        url = url._replace(path=url.path[len(self.prefix):])
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
         if url.path in self.singles:
@@ -151,6 +158,9 @@ class ApiDouble:
                                               "message": f"too old resource version: {since} ({self.compacted})"}})
             request.wfile.write(b"0\r\n\r\n")
             return
+        if self.end_watches_at_once:
+            request.wfile.write(b"0\r\n\r\n")
+            return
         sent, cursor = 0, since
         with self.lock:
             self.watch_connections.add(request.connection)
@@ -166,6 +176,10 @@ class ApiDouble:
                     rv_now = self.rv
                 for rv, _, event_type, obj in pending:
                     if self.drop_watches_after is not None and sent >= self.drop_watches_after:
+                        if self.cut_mid_chunk:  # the chunk's size, then only half of it
+                            line = json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
+                            request.wfile.write(b"%x\r\n%s" % (len(line), line[:len(line) // 2]))
+                            request.wfile.flush()
                         request.connection.shutdown(2)  # cut mid-stream, without the final chunk
                         return
                     send({"type": event_type, "object": obj})

@@ -35,6 +35,7 @@ from nodeagent.proxy.server import Proxy
 
 log = logging.getLogger("nodeagent.agent")
 POLL_S = 0.25
+MAX_UNSERVED_SHOWN = 100  # /stats lists this many objects the proxy does not serve, at most
 
 
 class AgentError(RuntimeError):
@@ -45,7 +46,8 @@ class Agent:
     def __init__(self, settings: AgentSettings, source):
         self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
         self.source = source
-        self.ready = False
+        self._served = False  # the first complete view is reconciled
+        self._problems: list[str] = []  # why the source's view cannot be trusted now
         self.proxy: Proxy | None = None
         self.slots = SlotAllocator(abi.MAX_PODS)
         self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
@@ -71,11 +73,14 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
         try:
+            # Only the fast path needs the proxy's own sockets seen by sockops.
+            proxy_cgroup = cgroups.own_cgroup() if self.config.fast_paths else None
+        except (cgroups.CgroupError, OSError) as e:
+            raise AgentError(f"cannot find the agent's own cgroup for the fast path: {e}") from e
+        try:
             self.load_report = await asyncio.to_thread(
                 load_in_subprocess, self.config.pin_name, self.config.cgroup, self.config.pin_root,
-                # Only the fast path needs the proxy's own sockets seen by sockops.
-                proxy_cgroup=cgroups.own_cgroup() if self.config.fast_paths else None,
-                fast_paths=self.config.fast_paths)
+                proxy_cgroup=proxy_cgroup, fast_paths=self.config.fast_paths)
         except LoadError as e:
             raise AgentError(f"the data path could not be loaded: {e}") from e
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
@@ -102,9 +107,10 @@ class Agent:
                     if self.workers:
                         self.workers.update_view(view)
                     await self.reconcile()
-                    self.ready = True  # ready once the first complete view is served
+                    self._served = True  # ready once the first complete view is served
                 elif self._waiting:
                     await self.reconcile()
+                self._check_source()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._export_expirations()
@@ -130,7 +136,8 @@ class Agent:
         view = self.proxy.view
         on_node = {p.uid: p for p in view.pods_on(self.config.node_name)
                    if self.config.sidecar_pod is None or p.key == self.config.sidecar_pod}
-        wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
+        # A pod without an IPv4 address is not served (the view lists it in `unserved`).
+        wanted = {uid for uid, p in on_node.items() if view.meshed(p) and p.ip}
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
         changes = plan_changes(set(self.enrolled), wanted, set(on_node))
@@ -163,6 +170,21 @@ class Agent:
                 self.workers.add_pod(context)
         if not self._waiting:
             self._forget_stale_enrolments()
+
+    @property
+    def ready(self) -> bool:
+        """Serving the first complete view, and the view is current: a watch that keeps failing
+        or a kind left unwatched beyond the source's bound makes the agent not ready."""
+        return self._served and not self._problems
+
+    def _check_source(self) -> None:
+        problems = self.source.problems()
+        if problems != self._problems:
+            if problems:
+                log.warning("not ready: the cluster view may be stale: %s", "; ".join(problems))
+            else:
+                log.info("ready again: the cluster view is current")
+            self._problems = problems
 
     def _forget_stale_enrolments(self) -> None:
         """Entries left by a predecessor for pods this agent does not serve. Not
@@ -198,7 +220,9 @@ class Agent:
                 for p in self.proxy.pods.values()] if self.proxy else []
         identities = self.identities.expirations() if self.proxy else {}
         families, open_connections = await self._families() if self.proxy else ([], 0)
+        unserved = sorted(self.proxy.view.unserved.items())[:MAX_UNSERVED_SHOWN] if self.proxy else []
         return {"node": self.config.node_name, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
+                "view_problems": self._problems, "not_served": [f"{what}: {why}" for what, why in unserved],
                 "datapath": self.load_report, "pods": pods, "identities": identities,
                 "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
