@@ -2,9 +2,9 @@
 reports a kind unwatched beyond its bound; ready again, with a log line, when it recovers."""
 
 import logging
-from pathlib import Path
 
-from nodeagent.agent.agent import Agent, AgentConfig
+from nodeagent.agent.agent import Agent
+from nodeagent.settings import AgentSettings
 
 
 class Source:
@@ -19,8 +19,7 @@ class Source:
 
 def test_readiness_goes_with_the_views_freshness_and_says_why(caplog):
     source = Source()
-    agent = Agent(AgentConfig("node0", None, Path("/nonexistent"), Path("/nonexistent"), Path("/nonexistent")),
-                  source)
+    agent = Agent(AgentSettings(node_name="node0"), source)
     assert not agent.ready  # nothing served yet
     agent._served = True
     agent._check_source()

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.merge import Merged, families_of, merge
-from nodeagent.agent.workers import Workers
+from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
 from nodeagent.agent.node_metrics import NodeCollector
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
@@ -87,7 +87,8 @@ class Agent:
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
-        processes = self.config.processes(len(os.sched_getaffinity(0)))
+        processes = self.config.processes(
+            automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if processes > 1:

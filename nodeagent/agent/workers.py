@@ -28,6 +28,18 @@ from nodeagent.settings import AgentSettings
 
 log = logging.getLogger("nodeagent.agent")
 SCRAPE_TIMEOUT_S = 2.0
+# A proxy process's resident memory under load, with room: issue 16 saw 13 processes fill the
+# DaemonSet's 512 MiB limit (~39 MiB each) and the kernel kill the agent.
+PROCESS_MEMORY_BYTES = 48 << 20
+MEMORY_LIMIT_ENV = "NODEAGENT_MEMORY_LIMIT"  # the container's limit (the DaemonSet's downward API)
+
+
+def automatic_processes(cores: int, memory_limit: str | None) -> int:
+    """With --workers 0: one process per core the agent may use, as many as its memory limit
+    holds (at least one). `memory_limit` in bytes, as the downward API gives it; none: no bound."""
+    if not memory_limit or not memory_limit.strip().isdigit():
+        return cores
+    return max(1, min(cores, int(memory_limit) // PROCESS_MEMORY_BYTES))
 
 
 def view_message(previous, view) -> tuple:
