@@ -46,6 +46,9 @@ class ApiDouble:
             def do_GET(self):
                 double.handle(self)
 
+            def do_POST(self):
+                double.review(self)
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -121,6 +124,19 @@ class ApiDouble:
             since = int(params.get("resourceVersion") or self.rv)  # none given: from now on
             return self._watch(request, kind, since, float(params.get("timeoutSeconds", 300)))
         self._list(request, kind, int(params.get("limit", 0)), int(params.get("continue", 0) or 0))
+
+    def review(self, request: BaseHTTPRequestHandler) -> None:
+        """A SubjectAccessReview: allowed unless its resource is in `forbidden`."""
+        body = json.loads(request.rfile.read(int(request.headers.get("Content-Length", 0))) or b"{}")
+        self.requests.append((request.path, body))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+        if not request.path.endswith("/subjectaccessreviews"):
+            return self._json(request, 404, {"kind": "Status", "code": 404, "message": "not found"})
+        resource = body["spec"]["resourceAttributes"]["resource"]
+        allowed = resource not in self.forbidden
+        self._json(request, 201, {**body, "status": {"allowed": allowed,
+                                                     **({} if allowed else {"reason": "no RBAC rule"})}})
 
     def _json(self, request, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
