@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 
 from nodeagent import settings as settings_model
+from nodeagent.admission import policy
 from nodeagent.settings import AgentSettings
 
 NAME = "nodeagent"
@@ -109,6 +110,7 @@ def render(values: Values) -> list[dict]:
                   "scopeSelector": {"matchExpressions": [{"scopeName": "PriorityClass", "operator": "In",
                                                           "values": [PRIORITY_CLASS]}]}}},
         daemonset(values),
+        *policy.manifests(values.image, values.settings.mesh_label, dict(APP_LABELS)),
     ]
 
 
