@@ -4,6 +4,9 @@ import sys
 
 import pytest
 
+# The Kubernetes test cluster's fixtures (tests/k8s/fixtures.py).
+pytest_plugins = ["k8s.fixtures"]
+
 IS_ROOT = os.geteuid() == 0
 # One lab per machine (fixed namespace, cgroup and pin names): privileged test sessions
 # take turns. Held until the session's process exits.

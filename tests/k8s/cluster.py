@@ -30,11 +30,33 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = Path(os.environ.get("K8S_TOOLS", REPO / ".tools" / "k8s"))
 BIN = TOOLS / "bin"
 COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl")
-STATE = Path(os.environ.get("NODEAGENT_K8S_STATE", "/run/nodeagent-k8s" if os.geteuid() == 0
-                            else f"/tmp/nodeagent-k8s-{os.getuid()}"))
-SERVICE_CIDR = "10.96.0.0/16"
-KUBERNETES_SERVICE_IP = "10.96.0.1"
+# One directory per cluster: STATE_ROOT/<pid of the test session> (or "manual": make k8s-up).
+STATE_ROOT = Path(os.environ.get("NODEAGENT_K8S_STATE", "/run/nodeagent-k8s" if os.geteuid() == 0
+                                 else f"/tmp/nodeagent-k8s-{os.getuid()}"))
+MANUAL = STATE_ROOT / "manual"
+# Ranges of their own: the lab (10.244.0.0/16, 10.96.0.0/16) refuses to start beside a host route
+# into its ranges, and both must be able to run in one test session.
+SERVICE_CIDR = "10.97.0.0/16"
+KUBERNETES_SERVICE_IP = "10.97.0.1"
 START_TIMEOUT_S = 120
+
+
+# Admission as hardened clusters have it: Pod Security enforcing `baseline` unless a namespace
+# says otherwise, and system-critical priority classes only against a ResourceQuota (GKE).
+ADMISSION = {
+    "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+    "plugins": [
+        {"name": "PodSecurity", "configuration": {
+            "apiVersion": "pod-security.admission.config.k8s.io/v1", "kind": "PodSecurityConfiguration",
+            "defaults": {"enforce": "baseline", "enforce-version": "latest", "audit": "baseline",
+                         "audit-version": "latest", "warn": "baseline", "warn-version": "latest"},
+            "exemptions": {"usernames": [], "runtimeClasses": [], "namespaces": []}}},
+        {"name": "ResourceQuota", "configuration": {
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "ResourceQuotaConfiguration",
+            "limitedResources": [{"resource": "pods", "matchScopes": [
+                {"scopeName": "PriorityClass", "operator": "In",
+                 "values": ["system-node-critical", "system-cluster-critical"]}]}]}},
+    ]}
 
 
 class ClusterError(RuntimeError):
@@ -145,6 +167,15 @@ class ControlPlane:
     def ca(self) -> Path:
         return self.state / "pki" / "ca.crt"
 
+    def kubeconfig_for(self, name: str, common_name: str, organization: str | None = None) -> Path:
+        """A kubeconfig with a client certificate of the cluster's CA for this identity."""
+        from k8s.pki import Pki  # noqa: PLC0415
+
+        pki = Pki.load(self.state / "pki")
+        pki.issue(name, common_name, organization)
+        return kubeconfig(self.state / f"{name}.kubeconfig", self.server, self.ca, pki.dir / f"{name}.crt",
+                          pki.dir / f"{name}.key", name)
+
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca))
         pki = self.state / "pki"
@@ -202,19 +233,41 @@ class ControlPlane:
                            f"{log_tail(self.state, 'kube-apiserver')}")
 
 
-def down(state: Path = STATE) -> None:
-    """Remove a cluster (this one, or one a killed session left behind)."""
+def down(state: Path) -> None:
+    """Remove a cluster (this one, or one a killed session left behind), and its node."""
     stop_processes(state)
+    if os.geteuid() == 0:
+        from k8s import node  # noqa: PLC0415
+
+        node.down(state)
     shutil.rmtree(state, ignore_errors=True)
 
 
-def up(state: Path = STATE, address: str = "127.0.0.1") -> ControlPlane:
+def remove_orphans() -> None:
+    """Clusters whose test session is gone (killed before it could clean up)."""
+    for state in STATE_ROOT.glob("[0-9]*"):
+        if not Path(f"/proc/{state.name}").exists():
+            down(state)
+
+
+def up(state: Path | None = None, address: str = "127.0.0.1", port: int | None = None) -> ControlPlane:
+    """The control plane, its API server on `address`:`port` (a free port if None)."""
     missing = missing_binaries()
     if missing:
         raise ClusterError(f"missing {', '.join(missing)}: run `make k8s-tools`")
+    remove_orphans()
+    state = state or STATE_ROOT / str(os.getpid())
     down(state)
     state.mkdir(parents=True)
-    state.chmod(0o700)
+    STATE_ROOT.chmod(0o700)
+    try:
+        return _start(state, address, port)
+    except BaseException:
+        down(state)  # nothing half-started stays behind
+        raise
+
+
+def _start(state: Path, address: str, port: int | None) -> ControlPlane:
     from k8s.pki import Pki  # noqa: PLC0415
 
     pki = Pki(state / "pki")
@@ -226,7 +279,14 @@ def up(state: Path = STATE, address: str = "127.0.0.1") -> ControlPlane:
     pki.issue("admin", "nodeagent-test-admin", "system:masters")
     pki.issue("controller-manager", "system:kube-controller-manager")
     pki.issue("scheduler", "system:kube-scheduler")
-    etcd_client, etcd_peer, api_port = free_port("127.0.0.1"), free_port("127.0.0.1"), free_port(address)
+    admission = state / "admission.yaml"
+    admission.write_text(yaml.safe_dump(ADMISSION))
+    if address != "127.0.0.1":
+        from k8s import node  # noqa: PLC0415
+
+        node.create_links()  # the API server's address, and the pods' bridge
+    etcd_client, etcd_peer = free_port("127.0.0.1"), free_port("127.0.0.1")
+    api_port = port or free_port(address)
     server = f"https://{address}:{api_port}"
     processes = {}
     processes["etcd"] = start_process(state, "etcd", [
@@ -247,8 +307,9 @@ def up(state: Path = STATE, address: str = "127.0.0.1") -> ControlPlane:
         f"--kubelet-client-key={p('apiserver-kubelet-client.key')}",
         f"--kubelet-certificate-authority={p('ca.crt')}",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={p('sa.key')}", f"--service-account-signing-key-file={p('sa.key')}",
+        f"--service-account-key-file={p('sa.pub')}", f"--service-account-signing-key-file={p('sa.key')}",
         "--allow-privileged=true", "--enable-admission-plugins=NodeRestriction",
+        f"--admission-control-config-file={admission}",
         "--profiling=false", f"--cert-dir={state / 'pki'}", "--v=1"])
     config = lambda name, user: str(kubeconfig(state / f"{name}.kubeconfig", server, pki.dir / "ca.crt",  # noqa: E731
                                                pki.dir / f"{name}.crt", pki.dir / f"{name}.key", user))
@@ -263,7 +324,7 @@ def up(state: Path = STATE, address: str = "127.0.0.1") -> ControlPlane:
         "--use-service-account-credentials=true", f"--service-account-private-key-file={p('sa.key')}",
         f"--root-ca-file={p('ca.crt')}", f"--cluster-signing-cert-file={p('ca.crt')}",
         f"--cluster-signing-key-file={p('ca.key')}", f"--cert-dir={state / 'pki'}",
-        "--controllers=*,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller",
+        "--controllers=*",
         "--v=1"])
     processes["kube-scheduler"] = start_process(state, "kube-scheduler", [
         str(BIN / "kube-scheduler"), f"--kubeconfig={config('scheduler', 'scheduler')}",
@@ -293,10 +354,12 @@ def _wait_api(plane: ControlPlane, timeout_s: float = START_TIMEOUT_S) -> None:
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "up":
-        plane = up()
+        from k8s import node  # noqa: PLC0415
+
+        plane = up(MANUAL, *((node.API_IP, node.API_PORT) if os.geteuid() == 0 else ()))
         print(plane.admin_kubeconfig)
     elif command == "down":
-        down()
+        down(MANUAL)
     else:
         sys.exit("usage: python -m k8s.cluster up|down (with tests/ on PYTHONPATH)")
 

@@ -47,8 +47,22 @@ class Pki:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()), critical=False)
             .sign(self.ca_key, hashes.SHA256()))
         _write(directory / "ca", self.ca_key, self.ca)
-        # The ServiceAccount token signing key (the API server verifies with the same file).
-        _write(directory / "sa", ec.generate_private_key(ec.SECP256R1()), None)
+        # The ServiceAccount token signing key, and its public half for the API server to verify.
+        sa = ec.generate_private_key(ec.SECP256R1())
+        _write(directory / "sa", sa, None)
+        (directory / "sa.pub").write_bytes(sa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Pki":
+        """The CA `__init__` made in `directory` earlier (another process's cluster)."""
+        pki = object.__new__(cls)
+        pki.dir = directory
+        pki.ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        pki.ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+        pki._window = (now, pki.ca.not_valid_after_utc)
+        return pki
 
     def path(self, name: str, suffix: str) -> Path:
         return self.dir / f"{name}{suffix}"
