@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The base of the test node's agent image: a Debian 12 root filesystem made by debootstrap
-# (as deploy/Dockerfile: python3, bcc, libbpf, iproute2) with a venv holding the project's
+# (deploy/Dockerfile's packages) with a venv holding the project's
 # dependencies from PyPI, as one tar in .tools/k8s/image/. No image registry is reachable, so
 # the tests (tests/k8s/image.py) add the project's source as a second layer and import both
 # into the node's containerd. Idempotent and cached: rebuilt when the packages or the
@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${K8S_TOOLS:-$PWD/.tools/k8s}/image
-packages=python3,python3-venv,python3-bpfcc,libbpf1,iproute2,ca-certificates
+# deploy/Dockerfile's packages, so the two images never differ in what Debian gives them.
+packages=$(python3 -c 'import re, sys
+text = open("deploy/Dockerfile").read()
+found = re.search(r"apt-get install -y --no-install-recommends\s*\\\n(.*?)\\\n\s*&&", text, re.S)
+sys.exit("k8s-image: no apt-get install line in deploy/Dockerfile") if not found else print(",".join(found.group(1).split()))')
 deps=$(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 pin=$(printf '%s\n%s\n' "$packages" "$deps" | sha256sum | cut -c1-16)
 out=$dir/base-$pin.tar

@@ -306,6 +306,8 @@ def _start(state: Path, address: str, port: int | None) -> ControlPlane:
         f"--kubelet-client-certificate={p('apiserver-kubelet-client.crt')}",
         f"--kubelet-client-key={p('apiserver-kubelet-client.key')}",
         f"--kubelet-certificate-authority={p('ca.crt')}",
+        # The node's address, never its name: a name would be looked up in the host's DNS.
+        "--kubelet-preferred-address-types=InternalIP",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={p('sa.pub')}", f"--service-account-signing-key-file={p('sa.key')}",
         "--allow-privileged=true", "--enable-admission-plugins=NodeRestriction",

@@ -11,9 +11,11 @@ host resolves to a closed local port, and the images are imported (tests/k8s/ima
 
 Everything lives under the cluster's state directory and is removed by `down()`: processes
 (kubelet, containerd, its shims and every container: their cgroups are killed), mounts,
-network namespaces, the links, the kubepods cgroups, and the sysctls kubelet sets.
+network namespaces, the links, the kubepods cgroups, and the sysctls and iptables chains kubelet
+sets.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,7 +83,7 @@ def containerd_config(state: Path) -> Path:
         "ipam": {"type": "host-local", "subnet": POD_SUBNET, "gateway": BRIDGE_IP,
                  "dataDir": str(state / "cni" / "ipam"),
                  "routes": [{"dst": SERVICE_CIDR, "gw": BRIDGE_IP}]}}]}  # and the subnet: its own
-    _write(state / "cni" / "net.d" / "10-nodeagent-test.conflist", yaml.safe_dump(cni))
+    _write(state / "cni" / "net.d" / "10-nodeagent-test.conflist", json.dumps(cni))
     return _write(c / "config.toml", f"""version = 2
 root = "{c / 'root'}"
 state = "{c / 'state'}"
@@ -95,6 +97,9 @@ state = "{c / 'state'}"
   sandbox_image = "nodeagent.test/pause:1"
   netns_mounts_under_state_dir = true
   enable_selinux = false
+  # This machine's root cannot lower oom_score_adj (no CAP_SYS_RESOURCE in its bounding set):
+  # containers get containerd's own, not the kubelet's -998 for sandboxes.
+  restrict_oom_score_adj = true
   [{cri}.cni]
     bin_dir = "{CNI_BIN}"
     conf_dir = "{state / 'cni' / 'net.d'}"
@@ -132,6 +137,7 @@ def kubelet_config(state: Path, pki) -> Path:
         "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%",
                          "nodefs.inodesFree": "1%"},
         "maxPods": 30, "serializeImagePulls": False, "rotateCertificates": False,
+        "podLogsDir": str(state / "pod-logs"),
         "localStorageCapacityIsolation": False,
     }))
 
@@ -173,6 +179,25 @@ def _restore_sysctls(state: Path) -> None:
             pass
 
 
+def _shared(point: str) -> bool | None:
+    """Whether a mount point propagates (shared), None if it is no mount point."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.partition(" - ")[0].split(" ")
+            if fields[4] == point:
+                return any(tag.startswith("shared:") for tag in fields[6:])
+    return None
+
+
+def _share_bpffs(state: Path) -> None:
+    """The DaemonSet mounts bpffs with HostToContainer propagation, which needs a shared (or
+    slave) host mount: systemd makes every mount shared, this machine has no systemd. Made
+    shared here, and private again by down()."""
+    if _shared("/sys/fs/bpf") is False:
+        subprocess.run(["mount", "--make-shared", "/sys/fs/bpf"], check=True)
+        (state / "bpffs-was-private").touch()
+
+
 def up(plane, images: list[Path]) -> str:
     """containerd and kubelet for `plane`; the images imported; returns the node's name once Ready."""
     state = plane.state
@@ -180,6 +205,7 @@ def up(plane, images: list[Path]) -> str:
         raise ClusterError("the test node needs root (containers, cgroups, a bridge)")
     forwarding = ip_forwarding()
     _save_sysctls(state)
+    _share_bpffs(state)
     config = containerd_config(state)
     containerd = start_process(state, "containerd", ["containerd", "--config", str(config)])
     plane.processes["containerd"] = containerd
@@ -265,9 +291,26 @@ def down(state: Path) -> None:
     for point in _mounts_under(state):
         subprocess.run(["umount", "--lazy", point], capture_output=True)
     _restore_sysctls(state)
+    if (state / "bpffs-was-private").exists():
+        subprocess.run(["mount", "--make-private", "/sys/fs/bpf"], capture_output=True)
     remove_links()
-    for chain_table in (("KUBE-KUBELET-CANARY", "mangle"), ("KUBE-IPTABLES-HINT", "mangle")):
-        for tool in ("iptables", "ip6tables"):
-            if shutil.which(tool):
-                subprocess.run([tool, "-t", chain_table[1], "-F", chain_table[0]], capture_output=True)
-                subprocess.run([tool, "-t", chain_table[1], "-X", chain_table[0]], capture_output=True)
+    _remove_kubelet_chains()
+
+
+# The chains kubelet makes (kubelet_network_linux.go): (table, chain, built-in chains jumping to it).
+KUBELET_CHAINS = (("filter", "KUBE-FIREWALL", ("INPUT", "OUTPUT")), ("filter", "KUBE-KUBELET-CANARY", ()),
+                  ("nat", "KUBE-KUBELET-CANARY", ()), ("mangle", "KUBE-KUBELET-CANARY", ()),
+                  ("mangle", "KUBE-IPTABLES-HINT", ()))
+
+
+def _remove_kubelet_chains() -> None:
+    for tool in ("iptables", "ip6tables"):
+        if not shutil.which(tool):
+            continue
+        for table, chain, jumps in KUBELET_CHAINS:
+            for parent in jumps:
+                while subprocess.run([tool, "-w", "-t", table, "-D", parent, "-j", chain],
+                                     capture_output=True).returncode == 0:
+                    pass
+            subprocess.run([tool, "-w", "-t", table, "-F", chain], capture_output=True)
+            subprocess.run([tool, "-w", "-t", table, "-X", chain], capture_output=True)
