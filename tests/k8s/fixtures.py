@@ -5,6 +5,7 @@ Without the built components (`make k8s-tools`), tests that need the cluster are
 except under CI, where that is a failure: `make test` builds them first."""
 
 import os
+import signal
 
 import pytest
 
@@ -25,7 +26,15 @@ def kube():
         plane = cluster.up(address=node.API_IP, port=node.API_PORT)
     else:
         plane = cluster.up()
+    # SIGTERM (a `timeout`, a CI runner) would end pytest without teardown: make it an
+    # interrupt, which pytest answers by running the finalizers.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield plane
     finally:
+        signal.signal(signal.SIGTERM, previous)
         cluster.down(plane.state)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
