@@ -11,8 +11,8 @@ host resolves to a closed local port, and the images are imported (tests/k8s/ima
 
 Everything lives under the cluster's state directory and is removed by `down()`: processes
 (kubelet, containerd, its shims and every container: their cgroups are killed), mounts,
-network namespaces, the links, the kubepods cgroups, and the sysctls and iptables chains kubelet
-sets.
+network namespaces, the links, the kubepods cgroups, the agent's pinned data path, and the
+sysctls and iptables chains kubelet sets.
 """
 
 import json
@@ -239,6 +239,23 @@ def up(plane, images: list[Path]) -> str:
     return NODE_NAME
 
 
+# The DaemonSet's --pin-root: its agent's data path stays pinned after it stops (by design: its
+# pods fail closed); the node's is removed with the node.
+AGENT_PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
+
+
+def _remove_agent_datapath() -> None:
+    from nodeagent.datapath import cleanup  # noqa: PLC0415
+    from nodeagent.datapath.pins import PinLayout  # noqa: PLC0415
+
+    if (AGENT_PIN_ROOT / NODE_NAME).exists():
+        cleanup.remove_node(PinLayout(AGENT_PIN_ROOT, NODE_NAME))
+    try:
+        AGENT_PIN_ROOT.rmdir()  # only if nothing else is pinned there
+    except OSError:
+        pass
+
+
 def _kill_shims(state: Path) -> None:
     """containerd's shims outlive it (they run in sessions of their own); each names our
     containerd's socket, under the state directory, on its command line."""
@@ -278,6 +295,7 @@ def down(state: Path) -> None:
     """Everything the node made, after the caller stopped kubelet and containerd. Safe to call
     when no node ran."""
     _kill_shims(state)
+    _remove_agent_datapath()
     for cgroup in _kubepods_cgroups():  # every container's processes
         try:
             cgroups.remove_tree(cgroup)
