@@ -76,3 +76,16 @@ def test_own_cgroup_is_found_below_the_namespace_root(tmp_path):
     assert locate_in_namespace(tmp_path, 0, "/kubepods/x", 1) == tmp_path / "kubepods/x"
     with pytest.raises(CgroupError, match="0 groups"):
         locate_in_namespace(tmp_path, 4, "/", 5555)
+
+
+def test_no_cgroup2_mount_is_a_clear_cli_error_not_a_traceback(monkeypatch):
+    import click
+
+    from nodeagent import cgroups, cli
+
+    def nothing_mounted():
+        raise CgroupError("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)")
+
+    monkeypatch.setattr(cgroups, "cgroup2_root", nothing_mounted)
+    with pytest.raises(click.ClickException, match="no cgroup v2 hierarchy.*pass --cgroup"):
+        cli._default_pods_cgroup()
