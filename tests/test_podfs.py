@@ -1,5 +1,6 @@
 """Finding a pod's cgroup and network namespace from its UID, in trees laid out as real nodes lay them out."""
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def test_the_netns_is_opened_from_a_live_process_of_the_pod(tmp_path):
         assert os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino
     finally:
         os.close(fd)
+
+
+def test_the_addresses_of_a_namespace_include_loopbacks():
+    held = podfs.addresses("/proc/self/ns/net")
+    assert ipaddress.ip_address("127.0.0.1") in held
+    assert all(a.version in (4, 6) for a in held)
 
 
 def test_a_container_restart_is_followed_through_its_new_process(tmp_path):

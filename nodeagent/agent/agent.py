@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.merge import Merged, families_of, merge
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
-from nodeagent.agent.node_metrics import NodeCollector
+from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
@@ -188,13 +188,14 @@ class Agent:
             self._problems = problems
 
     def _forget_stale_enrolments(self) -> None:
-        """Entries left by a predecessor for pods this agent does not serve. Not
-        while a wanted pod waits for its namespace: its old entry keeps it failing
+        """Entries (and sk_lookup links) left by a predecessor for pods this agent does not
+        serve. Not while a wanted pod waits for its namespace: its old entry keeps it failing
         closed until it is served again."""
         served = set(self.proxy.pods)
-        for cookie in self.proxy.datapath.enrolled_cookies():
+        datapath = self.proxy.datapath
+        for cookie in set(datapath.enrolled_cookies()) | set(datapath.inbound_cookies()):
             if cookie not in served:
-                self.proxy.datapath.forget_cookie(cookie)
+                datapath.forget_cookie(cookie)
 
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
@@ -217,7 +218,8 @@ class Agent:
         return registry
 
     async def status(self) -> dict:
-        pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
+        kernel = pod_kernel_counters(self.proxy) if self.proxy else {}
+        pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": kernel[p.key]}
                 for p in self.proxy.pods.values()] if self.proxy else []
         identities = self.identities.expirations() if self.proxy else {}
         families, open_connections = await self._families() if self.proxy else ([], 0)

@@ -7,9 +7,9 @@
 
 Either way the pod's policy decides (policy/authz.py); a refused HTTP client
 (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection reaches the app on
-the pod's loopback at that port (apps listen on 0.0.0.0 or 127.0.0.1; one
-bound only to the pod IP is not reachable through the proxy, as with other
-meshes that forward over loopback). The app connection opens as soon as the
+the pod's IP at that port, from inside the pod (the kernel routes it over lo;
+sk_lookup leaves it alone): an app listening on 127.0.0.1 only stays out of
+reach from outside the pod, as without a mesh. The app connection opens as soon as the
 connection is allowed, so a server that speaks first is heard at once.
 """
 
@@ -96,7 +96,7 @@ class _Inbound(asyncio.Protocol):
         self.admitted = transport
         self.proxy.track_inbound(self, True)
         try:
-            sock = await open_socket(self.pod.netns_path, ("127.0.0.1", port), APP_CONNECT_TIMEOUT_S)
+            sock = await open_socket(self.pod.netns_path, (self.pod.info.ip, port), APP_CONNECT_TIMEOUT_S)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
         except (OSError, asyncio.TimeoutError):
             self.proxy.metrics.tcp_error("inbound", self.pod, "app connect failed")

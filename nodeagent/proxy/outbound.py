@@ -129,13 +129,13 @@ class OutboundAccept(asyncio.Protocol):
 
     async def _connect_on_node(self, local, port: int, holding: Holding):
         """Plaintext on the node: the destination pod's policy is asked with our pod's identity
-        (the kernel told us which pod this connection is from), and its app is reached on its
-        loopback, as the mesh hop would; no byte leaves the kernel. None if refused."""
+        (the kernel told us which pod this connection is from), and its app is reached at its
+        IP from inside it, as the mesh hop would; no byte leaves the kernel. None if refused."""
         client = Client(self.pod.info.ip, self.pod.identity.uri)
         if not self.proxy.authorize(local, port, client).allowed:
             self.refused = True  # counted if the connection turns out opaque (HTTP goes the mesh way: a 403)
             return None
-        sock = await open_socket(local.netns_path, ("127.0.0.1", port), self.config.connect_timeout_s)
+        sock = await open_socket(local.netns_path, (local.info.ip, port), self.config.connect_timeout_s)
         transport, _ = await asyncio.get_running_loop().create_connection(lambda: holding, sock=sock)
         self.upstream_cookie = local.cookie
         self.on_node = OnNodeInbound(self.proxy, local, port, client, transport)

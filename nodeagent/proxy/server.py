@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from nodeagent import netns
 from nodeagent.ports import INBOUND_PORT, MESH_PORT, OUTBOUND_PORT
+from nodeagent.cluster import podfs
 from nodeagent.cluster.model import ClusterView, PodInfo
 from nodeagent.datapath.abi import FAST_SKB, FAST_SPLICE
 from nodeagent.datapath.control import Datapath, PodEntry
@@ -27,7 +28,7 @@ from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.routing import ToService
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.tap import TapHub
-from nodeagent.proxy.upstream import PROXY_MARK, Pool
+from nodeagent.proxy.upstream import Pool, register_sockets_with
 from nodeagent.settings import DEFAULT, AgentSettings
 
 log = logging.getLogger("nodeagent.proxy")
@@ -70,8 +71,6 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: b
     with netns.entered(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit the mark: the data path knows them for the proxy's (fast path).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
     if reuse_port:
         # The agent's worker processes each listen on the same ports: the kernel spreads the
         # connections over the group (sk_lookup's assignment too). Only with workers: a root
@@ -87,6 +86,8 @@ class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, settings: AgentSettings = DEFAULT,
                  max_connections: int = MAX_CONNECTIONS, owns_datapath: bool = True, reuse_port: bool = False):
         self.datapath = datapath
+        # Its sockets in pods are never captured (bpf/datapath.c): registered before they connect.
+        register_sockets_with(datapath.register_proxy_socket if datapath is not None else None)
         self.identities = identities
         self.trust_domain = settings.trust_domain
         self.default_policy = settings.default_policy
@@ -250,10 +251,10 @@ class Proxy:
         pod.servers.append(await loop.create_server(lambda: InboundAccept(self, pod), sock=inbound_sock))
         pod.servers.append(await loop.create_server(lambda: MeshAccept(self, pod), sock=mesh_sock))
         if self.owns_datapath:
-            self.datapath.reset_counters(slot)
-            self.datapath.attach_inbound(path, cookie)
+            self.datapath.reset_counters(slot, podfs.addresses(path))
             self.datapath.register_inbound_listener(slot, inbound_sock)
             self.datapath.enrol(PodEntry(cookie, info.ip, slot, OUTBOUND_PORT))
+            self.datapath.attach_inbound(path, cookie)  # last: it refuses what is not enrolled
         self.pods[cookie] = pod
         self._pods_by_key[info.key] = pod
         log.info("pod %s enrolled (slot %d, netns cookie %d)", info.key, slot, cookie)
