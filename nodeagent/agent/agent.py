@@ -25,7 +25,7 @@ from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.workload import WorkloadIdentities
-from nodeagent.agent.reconcile import SlotAllocator, plan_changes
+from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
@@ -54,6 +54,7 @@ class Agent:
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
+        self.not_enrolled = NotEnrolled()
         self._exported: set[str] = set()  # identities whose expiry gauge is set
         self.workers: Workers | None = None
         self.listeners: list = []  # admin.Listener: the admin port's and the metrics port's
@@ -138,7 +139,15 @@ class Agent:
         on_node = {p.uid: p for p in view.pods_on(self.config.node_name)
                    if self.config.sidecar_pod is None or p.key == self.config.sidecar_pod}
         # A pod without an IPv4 address is not served (the view lists it in `unserved`).
-        wanted = {uid for uid, p in on_node.items() if view.meshed(p) and p.ip}
+        meshed = {uid for uid, p in on_node.items() if view.meshed(p) and p.ip}
+        self.not_enrolled.keep_only(meshed)
+        wanted = set()
+        for uid in meshed:
+            reason = refusal(on_node[uid].host_network)
+            if reason is None:
+                wanted.add(uid)
+            else:
+                self._not_enrolled(on_node[uid], reason)
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
         changes = plan_changes(set(self.enrolled), wanted, set(on_node))
@@ -153,8 +162,10 @@ class Agent:
         for uid in changes.enrol:
             pod = on_node[uid]
             cgroup = podfs.find_pod_cgroup(self.config.cgroup, uid)
-            fd = podfs.open_pod_netns(cgroup) if cgroup else None
+            fd = podfs.open_pod_netns(cgroup, pod.ip) if cgroup else None
             if fd is None:
+                if cgroup is not None and cgroups.pids_in(cgroup):
+                    self._not_enrolled(pod, NETNS_WITHOUT_POD_IP)  # started, yet never where its IP is
                 self._waiting = True  # not started yet: try again next round
                 continue
             slot = self.slots.take()
@@ -167,10 +178,15 @@ class Agent:
                 self._waiting = True
                 continue
             self.enrolled[uid] = context.cookie
+            self.not_enrolled.clear(uid)
             if self.workers:
                 self.workers.add_pod(context)
         if not self._waiting:
             self._forget_stale_enrolments()
+
+    def _not_enrolled(self, pod, reason: str) -> None:
+        if self.not_enrolled.note(pod.uid, pod.key, reason):
+            log.warning("pod %s is meshed but not enrolled: %s", pod.key, reason)
 
     @property
     def ready(self) -> bool:
@@ -227,6 +243,8 @@ class Agent:
         return {"node": self.config.node_name, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
                 "view_problems": self._problems, "not_served": [f"{what}: {why}" for what, why in unserved],
                 "datapath": self.load_report, "pods": pods, "identities": identities,
+                "not_enrolled": [{"pod": key, "reason": reason}
+                                 for key, reason in sorted(self.not_enrolled.reasons().items())],
                 "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
                 "open_connections": open_connections,

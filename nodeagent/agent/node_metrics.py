@@ -60,6 +60,11 @@ class NodeCollector:
         yield programs
         if proxy is None:
             return
+        not_enrolled = GaugeMetricFamily("pods_not_enrolled", "Meshed pods of the node the agent does not enrol",
+                                         labels=["namespace", "pod", "reason"])
+        for key, reason in self.agent.not_enrolled.reasons().items():
+            not_enrolled.add_metric([*key.split("/", 1), reason], 1)
+        yield not_enrolled
         families = {key: CounterMetricFamily(name, doc, labels=["namespace", "pod"])
                     for key, name, doc in KERNEL_COUNTERS}
         counters = pod_kernel_counters(proxy)

@@ -40,6 +40,7 @@ class PodInfo:
     named_ports: dict = field(hash=False, compare=True)  # container port name -> number
     annotations: dict = field(default_factory=dict, hash=False, compare=True)
     ips: tuple[str, ...] = ()  # every address of the pod (status.podIPs), IPv4 and IPv6
+    host_network: bool = False  # spec.hostNetwork: its namespace is the node's, never enrolled
 
     @property
     def key(self) -> str:
@@ -98,6 +99,9 @@ def pod_info(obj: dict) -> PodInfo | None:
     if not ips or status.get("phase", "Running") not in ("Running", "Pending"):
         return None
     ip = _ipv4(ips)  # also rejects what is not an address at all
+    host_network = spec.get("hostNetwork", False)
+    if not isinstance(host_network, bool):
+        raise ValueError(f"spec.hostNetwork is {host_network!r}, not a boolean")
     named = {}
     for container in spec.get("containers", []):
         for port in container.get("ports", []) or []:
@@ -105,7 +109,7 @@ def pod_info(obj: dict) -> PodInfo | None:
                 named[port["name"]] = int(port["containerPort"])
     return PodInfo(meta["namespace"], meta["name"], meta.get("uid", ""), spec.get("nodeName", ""), ip,
                    spec.get("serviceAccountName", "default"), dict(meta.get("labels") or {}), named,
-                   dict(meta.get("annotations") or {}), ips)
+                   dict(meta.get("annotations") or {}), ips, host_network)
 
 
 def service_info(obj: dict) -> ServiceInfo | None:

@@ -2,8 +2,9 @@
 
 kubelet names a pod's cgroup after its UID: cgroupfs driver `pod<uid>`,
 systemd driver `kubepods-<qos>-pod<uid with _ for ->.slice` (containerd and
-CRI-O alike). A process of the pod (any container's, or the pause one) gives
-the namespace: /proc/<pid>/ns/net. `addresses` says what a namespace holds.
+CRI-O alike). A process of the pod (any container's, or the pause one) whose
+namespace holds the pod's IP gives the namespace: /proc/<pid>/ns/net (`addresses`
+says what a namespace holds).
 """
 
 import ipaddress
@@ -42,13 +43,25 @@ def find_pod_cgroup(root: Path, uid: str, max_depth: int = 6) -> Path | None:
     return None
 
 
-def open_pod_netns(pod_cgroup: Path) -> int | None:
-    """An fd on the pod's network namespace (kept alive while the fd is open), or None."""
+def open_pod_netns(pod_cgroup: Path, pod_ip: str) -> int | None:
+    """An fd on the pod's network namespace (kept alive while the fd is open), or None.
+
+    Not any process's: the pod's cgroup can hold one in another namespace (CRI-O's conmon
+    sits in the host's, and may come first), so the namespace must hold the pod's IP."""
+    wanted, seen = ipaddress.ip_address(pod_ip), set()
     for pid in cgroups.pids_in(pod_cgroup):
         try:
-            return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
         except OSError:
             continue  # exited meanwhile: try the next process
+        inode = os.fstat(fd).st_ino
+        try:
+            if inode not in seen and wanted in addresses(f"/proc/self/fd/{fd}"):
+                return fd
+        except OSError:
+            pass
+        seen.add(inode)
+        os.close(fd)
     return None
 
 
