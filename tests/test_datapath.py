@@ -81,8 +81,9 @@ def sk_lookup_count(lab, pod_name: str) -> int:
 ECHO_ONCE = """
 import socket, sys
 s = socket.create_connection((sys.argv[1] if len(sys.argv) > 1 else '{ip}', {port}), timeout=5)
+peer = s.getpeername()  # before the close: once both sides' FINs are through, there is no peer
 s.sendall(b'ping'); s.shutdown(socket.SHUT_WR)
-print(s.getpeername(), s.recv(100))
+print(peer, s.recv(100))
 """
 
 
