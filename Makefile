@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv tools demo test unit bench clean-lab
+.PHONY: setup host venv tools k8s-tools k8s-up k8s-down demo test unit bench clean-lab
 
 setup: host venv
 
@@ -26,10 +26,23 @@ venv: $(STAMP)
 tools:
 	@bash scripts/install-tools.sh
 
+# The test cluster (tests/k8s): Debian's etcd, containerd, runc and CNI plugins, and
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl built from the
+# Go module proxy into .tools/k8s/ (once per machine: README, "The test cluster").
+k8s-tools:
+	@bash scripts/k8s-install.sh
+
+# A test cluster by hand (the tests bring up their own): prints the admin kubeconfig.
+k8s-up: venv k8s-tools
+	@PYTHONPATH=tests $(BIN)/python -m k8s.cluster up
+
+k8s-down: venv
+	@PYTHONPATH=tests $(BIN)/python -m k8s.cluster down
+
 demo: setup
 	$(BIN)/nodeagent demo
 
-test: setup tools
+test: setup tools k8s-tools
 	$(BIN)/pytest -ra
 
 # The full benchmark (about 10 minutes); results land in benchmarks/results/<stamp>/.

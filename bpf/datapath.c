@@ -49,6 +49,14 @@ BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_msg_state, msg_state,
 BPF_TABLE_PINNED("lru_hash", struct na_sock_key, struct na_splice, splices, 16384, PIN_DIR "/splices");
 NA_SOCKHASH_PINNED(skb_socks, __u64, 32768, PIN_DIR "/skb_socks");
 BPF_TABLE_PINNED("lru_hash", __u64, struct na_skb_splice, skb_splices, 16384, PIN_DIR "/skb_splices");
+/* The proxy's own sockets in pods, by socket cookie, registered before they connect: a mark
+ * would not do, as any process in a pod with NET_ADMIN can set one. Written only by the agent
+ * and its workers (root, through the pin); an entry is needed until the connection is
+ * established, when na_sockops drops it; the LRU bound covers connects that never got there. */
+BPF_TABLE_PINNED("lru_hash", __u64, __u32, proxy_socks, 65536, PIN_DIR "/proxy_socks");
+/* Inbound connections refused at a local address of an enrolled pod that the mesh does not
+ * serve (IPv6, or an IPv4 address other than the pod's), by that address. */
+BPF_TABLE_PINNED("lru_hash", struct na_addr, __u64, unmeshed_refused, 4096, PIN_DIR "/unmeshed_refused");
 
 /* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
 static __u64 (*na_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -89,16 +97,11 @@ static __always_inline int policy_denies(__u32 src, __u32 dst, __u32 port)
     return 0;
 }
 
-static __always_inline int is_proxy_sock(struct bpf_sock *sk)
+/* One of the proxy's own sockets (sock_addr and sock_ops contexts). */
+static __always_inline int is_proxy_socket(void *ctx)
 {
-    __u32 zero = 0;
-    struct na_config *cfg = config.lookup(&zero);
-    return cfg && cfg->proxy_mark && sk && sk->mark == cfg->proxy_mark;
-}
-
-static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx)
-{
-    return is_proxy_sock(ctx->sk);
+    __u64 cookie = na_socket_cookie(ctx);
+    return proxy_socks.lookup(&cookie) != 0;
 }
 
 /* The decision for an IPv4 destination (network order ip/port): redirect to
@@ -214,16 +217,18 @@ static __always_inline struct na_sock_key sock_key_of(struct bpf_sock_ops *skops
 /* A loopback connection in an enrolled pod's namespace (an app and the
  * proxy's listener or its connection to the app, or two processes of the
  * pod) joins the sockhash as soon as it is established, before either side
- * can send, so that its sendmsg() can skip TCP. Runs for the pods' sockets
- * and, attached to the proxy's cgroup, for the proxy's ends. */
+ * can send, so that its sendmsg() can skip TCP. Both ends have one address:
+ * 127.0.0.1, or the pod's IP (the proxy reaches apps there), routed over lo.
+ * Runs for the pods' sockets and, attached to the proxy's cgroup, for the
+ * proxy's ends. */
 static __always_inline void join_loopback(struct bpf_sock_ops *skops, struct na_pod *pod, int proxy)
 {
-    if (skops->family != AF_INET || skops->local_ip4 != bpf_htonl(LOOPBACK_IP) ||
-        skops->remote_ip4 != bpf_htonl(LOOPBACK_IP) || !fast_path_on(NA_FAST_SPLICE | NA_FAST_LOOPBACK))
+    if (skops->family != AF_INET || skops->local_ip4 != skops->remote_ip4 ||
+        !fast_path_on(NA_FAST_SPLICE | NA_FAST_LOOPBACK))
         return;
     struct na_sock_key key = sock_key_of(skops);
     struct na_msg_state state = {.mode = NA_MSG_UNDECIDED, .slot = pod->slot,
-                                 .flags = proxy || is_proxy_sock(skops->sk) ? NA_SOCK_PROXY : 0};
+                                 .flags = proxy ? NA_SOCK_PROXY : 0};
     /* (bcc rewrites these map calls into statements: assign, then test) */
     long err = loopback_socks.sock_hash_update(skops, &key, BPF_ANY);
     if (err == 0) {
@@ -253,6 +258,16 @@ int na_sockops_proxy(struct bpf_sock_ops *skops)
     return 1;
 }
 
+/* The proxy's end of a connection accepted on its outbound or inbound listener (both on
+ * 127.0.0.1 in the pod, where no process of the pod can listen while the proxy does). */
+static __always_inline int accepted_by_proxy(struct bpf_sock_ops *skops, struct na_pod *pod)
+{
+    __u32 zero = 0;
+    struct na_config *cfg = config.lookup(&zero);
+    return skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && skops->local_ip4 == bpf_htonl(LOOPBACK_IP) &&
+           (skops->local_port == pod->outbound_port || (cfg && skops->local_port == cfg->inbound_port));
+}
+
 int na_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->family != AF_INET && skops->family != AF_INET6)
@@ -262,13 +277,22 @@ int na_sockops(struct bpf_sock_ops *skops)
     struct na_pod *pod = enrolled_pod(skops);
     if (!pod)
         return 1;
+    /* The proxy's sockets are only met here when the agent runs below the pods' cgroup (its
+     * own pod in a cluster); in the lab na_sockops_proxy sees them instead. */
+    int proxy = 0;
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+        proxy = is_proxy_socket(skops);
     if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-        join_loopback(skops, pod, 0);
+        join_loopback(skops, pod, proxy || accepted_by_proxy(skops, pod));
+    if (proxy && skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        __u64 cookie = na_socket_cookie(skops);
+        proxy_socks.delete(&cookie);  /* no hook asks about it again */
+    }
     if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_STATE_CLOSE) {
         struct na_sock_key key = sock_key_of(skops);
         msg_state.delete(&key);  /* the kernel drops it from the sockhash itself */
     }
-    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || is_proxy_sock(skops->sk))
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB || proxy)
         return 1;  /* counters below are about the pod's own connects */
     struct na_counters *c = pod_counters(pod);
     if (!c)
@@ -350,22 +374,70 @@ int na_skb_verdict(struct __sk_buff *skb)
     return SK_PASS;
 }
 
+#define LOOPBACK_IFINDEX 1  /* lo is the first device of every network namespace */
+
+/* sk_lookup cannot tell which namespace it runs in, so a refusal at an address the mesh does
+ * not serve is counted by that address; the agent sums them per pod from the addresses each
+ * pod's namespace holds. */
+static __always_inline void count_unmeshed_refusal(struct na_addr *local)
+{
+    __u64 one = 1;
+    __u64 *count = unmeshed_refused.lookup(local);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        unmeshed_refused.update(local, &one);
+}
+
 /* Inbound: every TCP connection to an enrolled pod's IP lands on the proxy's
  * inbound listener in that pod, whatever the port, except the mesh port and
- * exempt ports. No listener (no agent): refused, never around the proxy. */
+ * exempt ports. No listener (no agent): refused, never around the proxy.
+ *
+ * Attached to enrolled pods' namespaces only (the agent detaches it when a pod
+ * leaves), so anything else that reaches such a namespace from outside is
+ * refused: IPv6 (the mesh is IPv4), another address the pod gave itself, and
+ * the proxy's own listener ports (steering those would loop the proxy onto
+ * itself). The pod talking to itself is never steered: over lo (127.0.0.1,
+ * ::1), or from an IPv4 address of its own to the same (the proxy reaches an
+ * app at the pod's IP that way, so an app listening on 127.0.0.1 only stays
+ * out of reach, as without a mesh; the kernel reports such a connection's
+ * ingress as the device holding the address, not lo). Nothing from outside can
+ * pass for that: lo only carries what the namespace's own stack sends, and an
+ * IPv4 packet arriving with one of the namespace's own addresses as its source
+ * is a martian the kernel drops before any lookup (tests/test_kernel_holes.py
+ * shows it). IPv6 has no such check, so its only exemption is lo. */
 int na_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-    if (ctx->protocol != IPPROTO_TCP || ctx->family != AF_INET)
-        return SK_PASS;
-    __u32 local_ip = ctx->local_ip4;
-    struct na_pod *pod = pods_by_ip.lookup(&local_ip);
-    if (!pod || !(pod->flags & NA_POD_ENROLLED))
+    if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex == LOOPBACK_IFINDEX ||
+        (ctx->family == AF_INET && ctx->remote_ip4 == ctx->local_ip4))
         return SK_PASS;
     __u32 port = ctx->local_port, zero = 0;
     struct na_config *cfg = config.lookup(&zero);
     if ((cfg && port == cfg->mesh_port) || inbound_skip_ports.lookup(&port))
         return SK_PASS;
+    struct na_addr key = {};
+    if (ctx->family != AF_INET) {
+        key.words[0] = ctx->local_ip6[0];
+        key.words[1] = ctx->local_ip6[1];
+        key.words[2] = ctx->local_ip6[2];
+        key.words[3] = ctx->local_ip6[3];
+        count_unmeshed_refusal(&key);
+        return SK_DROP;
+    }
+    __u32 local_ip = ctx->local_ip4;
+    struct na_pod *pod = pods_by_ip.lookup(&local_ip);
+    if (!pod || !(pod->flags & NA_POD_ENROLLED)) {
+        key.words[2] = bpf_htonl(0xffff);  /* IPv4-mapped */
+        key.words[3] = local_ip;
+        count_unmeshed_refusal(&key);
+        return SK_DROP;
+    }
     struct na_counters *c = pod_counters(pod);
+    if (port == pod->outbound_port || (cfg && port == cfg->inbound_port)) {
+        if (c)
+            c->proxy_port_refused++;
+        return SK_DROP;
+    }
     __u32 slot = pod->slot;
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&slot);
     if (!sk) {

@@ -48,8 +48,8 @@ struct na_policy_key {
 #define NA_FAST_SKB 4          /* sk_skb: bytes from a remote peer go past the proxy (no backpressure) */
 
 struct na_config {
-    __u32 proxy_mark;      /* SO_MARK of the proxy's own sockets: never redirected */
     __u32 mesh_port;       /* proxy-to-proxy listener in each pod: never steered inbound */
+    __u32 inbound_port;    /* the proxy's inbound listener, 127.0.0.1:<port> in each pod */
     __u32 fast_paths;      /* NA_FAST_* bits */
     __u32 pad;
 };
@@ -118,6 +118,12 @@ struct na_counters {
     __u64 inbound_refused; /* inbound connections refused: no proxy listening */
     __u64 fast_path_bytes; /* bytes its loopback sockets sent straight into a peer's receive queue
                             * (a remainder retried after the kernel ran out of memory counts again) */
+    __u64 proxy_port_refused; /* inbound connections to the proxy's own listener ports: refused */
+};
+
+/* An IPv6 address, or an IPv4 one mapped (::ffff:a.b.c.d), in network order. */
+struct na_addr {
+    __u32 words[4];
 };
 
 #endif

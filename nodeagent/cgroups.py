@@ -1,13 +1,16 @@
 """cgroup v2: find the unified hierarchy, place processes, remove subtrees.
 
 Real nodes mount cgroup2 at /sys/fs/cgroup; hybrid hosts at
-/sys/fs/cgroup/unified. Read the mount table rather than assume either.
+/sys/fs/cgroup/unified. Read the mount table rather than assume either. In a
+container with a private cgroup namespace, the node's hierarchy (a hostPath
+mount) sits above the namespace's root: own_cgroup() finds where we are in it.
 """
 
 import errno
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -20,37 +23,113 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape")
 
 
-def find_cgroup2_mount(mountinfo: str) -> str | None:
-    """The mount point of the cgroup2 hierarchy's root, from mountinfo text."""
-    candidates = []
+@dataclass(frozen=True)
+class Cgroup2Mount:
+    point: str  # where it is mounted
+    root: str  # the mounted directory, relative to the reader's cgroup namespace root
+
+    @property
+    def levels_above_namespace(self) -> int:
+        """In a private cgroup namespace (containerd, CRI-O on cgroup v2), a hostPath mount of the
+        node's hierarchy shows its root as `/../../..`: that many levels above our namespace's root."""
+        return sum(1 for part in self.root.split("/") if part == "..")
+
+
+def find_cgroup2(mountinfo: str) -> Cgroup2Mount | None:
+    """The visible cgroup2 mount of the hierarchy's top, from mountinfo text.
+
+    A later mount on the same point hides the earlier one (a container's own /sys/fs/cgroup under
+    the node's, bound over it). Of the visible ones, the one reaching highest wins: `/..`
+    components (a private cgroup namespace looking at the node's root) over `/`, and a plain
+    path (a bind of some sub-group) never."""
+    visible: dict[str, str] = {}
     for line in mountinfo.splitlines():
         fields, sep, fs = line.partition(" - ")
-        if not sep or fs.split(" ", 1)[0] != "cgroup2":
-            continue
         parts = fields.split(" ")
-        root, mount_point = parts[3], _unescape(parts[4])
-        if root == "/":
-            candidates.append(mount_point)
-    if "/sys/fs/cgroup" in candidates:
-        return "/sys/fs/cgroup"
-    return candidates[0] if candidates else None
+        if not sep or len(parts) < 5:
+            continue
+        mount_point = _unescape(parts[4])
+        if fs.split(" ", 1)[0] == "cgroup2":
+            visible[mount_point] = _unescape(parts[3])
+        else:
+            visible.pop(mount_point, None)  # something else mounted over it
+    candidates = [Cgroup2Mount(point, root) for point, root in visible.items()
+                  if root == "/" or all(part == ".." for part in root.strip("/").split("/"))]
+    if not candidates:
+        return None
+    highest = max(c.levels_above_namespace for c in candidates)
+    candidates = [c for c in candidates if c.levels_above_namespace == highest]
+    return next((c for c in candidates if c.point == "/sys/fs/cgroup"), candidates[0])
+
+
+def find_cgroup2_mount(mountinfo: str) -> str | None:
+    """The mount point of the cgroup2 hierarchy's root, from mountinfo text."""
+    found = find_cgroup2(mountinfo)
+    return found.point if found else None
+
+
+def _mount() -> Cgroup2Mount:
+    with open("/proc/self/mountinfo") as f:
+        found = find_cgroup2(f.read())
+    if found is None:
+        raise CgroupError("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)")
+    return found
 
 
 def cgroup2_root() -> Path:
-    with open("/proc/self/mountinfo") as f:
-        mount = find_cgroup2_mount(f.read())
-    if mount is None:
-        raise CgroupError("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo)")
-    return Path(mount)
+    return Path(_mount().point)
 
 
 def own_cgroup(pid: str = "self") -> Path:
-    """The cgroup v2 directory a process is in ("0::<path>" in /proc/<pid>/cgroup)."""
+    """The cgroup v2 directory a process is in, as a path under the mounted hierarchy.
+
+    /proc/<pid>/cgroup ("0::<path>") is relative to the reader's cgroup namespace; in a private
+    one it reads `0::/` while the process sits deep in the node's tree. Then the namespace root
+    is found by looking, at the depth the mount's root says, for the group that holds the pid."""
     with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return cgroup2_root() / line[3:].strip().lstrip("/")
-    raise CgroupError(f"process {pid} is in no cgroup v2 group")
+        relative = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    if relative is None:
+        raise CgroupError(f"process {pid} is in no cgroup v2 group")
+    mount = _mount()
+    return locate_in_namespace(Path(mount.point), mount.levels_above_namespace, relative,
+                               os.getpid() if pid == "self" else int(pid))
+
+
+def locate_in_namespace(mount_point: Path, levels: int, relative: str, pid: int) -> Path:
+    """`relative` (a /proc/<pid>/cgroup path) under the mount, when the namespace root is
+    `levels` below the mount's root (0: the same)."""
+    relative = relative.lstrip("/")
+    if levels == 0:
+        return mount_point / relative
+    found = []
+    for directory in _directories_at(mount_point, levels):
+        candidate = directory / relative if relative else directory
+        if pid in _procs(candidate):
+            found.append(candidate)
+    if len(found) != 1:
+        raise CgroupError(f"cannot place process {pid} in {mount_point}: its cgroup namespace root is "
+                          f"{levels} levels down, and {len(found)} groups there hold it")
+    return found[0]
+
+
+def _directories_at(root: Path, depth: int) -> list[Path]:
+    level = [root]
+    for _ in range(depth):
+        following = []
+        for directory in level:
+            try:
+                following += [Path(e.path) for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+        level = following
+    return level
+
+
+def _procs(cgroup_dir: Path) -> set[int]:
+    try:
+        return {int(line) for line in (cgroup_dir / "cgroup.procs").read_text().split()}
+    except OSError:
+        return set()
 
 
 def join(cgroup_dir: Path, pid: int = 0) -> None:

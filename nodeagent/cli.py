@@ -118,11 +118,11 @@ def check(pin_root, no_compile, post_install, kubeconfig, namespace):
 
     if post_install:
         from nodeagent import postinstall
-        from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig
+        from nodeagent.cluster.kube import ApiClient, ApiError, ConfigError, KubeConfig
 
         try:
             config = KubeConfig.from_kubeconfig(kubeconfig) if kubeconfig else KubeConfig.in_cluster()
-        except (ApiError, OSError, KeyError, StopIteration) as e:
+        except (ApiError, ConfigError, OSError, KeyError, StopIteration) as e:
             raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
         checks = postinstall.run_all(ApiClient(config), namespace)
     else:
@@ -167,7 +167,10 @@ def _default_pods_cgroup() -> Path:
     """Where kubelet puts pods: kubepods.slice (systemd driver) or kubepods (cgroupfs)."""
     from nodeagent import cgroups
 
-    root = cgroups.cgroup2_root()
+    try:
+        root = cgroups.cgroup2_root()
+    except cgroups.CgroupError as e:
+        raise click.ClickException(f"{e}; mount the node's /sys/fs/cgroup or pass --cgroup") from e
     for name in ("kubepods.slice", "kubepods"):
         if (root / name).is_dir():
             return root / name
@@ -232,12 +235,12 @@ def run(**given):
     if agent_settings.cluster_dir:
         source = ManifestDirSource(agent_settings.cluster_dir, agent_settings.mesh_label)
     else:
-        from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig, KubeSource
+        from nodeagent.cluster.kube import ApiClient, ApiError, ConfigError, KubeConfig, KubeSource
 
         try:
             config_source = (KubeConfig.from_kubeconfig(agent_settings.kubeconfig) if agent_settings.kubeconfig
                              else KubeConfig.in_cluster())
-        except (ApiError, OSError, KeyError, StopIteration) as e:
+        except (ApiError, ConfigError, OSError, KeyError, StopIteration) as e:
             raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
         source = KubeSource(ApiClient(config_source), agent_settings.mesh_label)
     try:

@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# The Kubernetes test cluster's fixtures (tests/k8s/fixtures.py).
+pytest_plugins = ["k8s.fixtures"]
+
 IS_ROOT = os.geteuid() == 0
 
 

@@ -1,8 +1,9 @@
-"""A Kubernetes API server double with the behaviour the watcher must survive:
-paginated lists with resourceVersions, chunked watch streams replaying from a
-resourceVersion, BOOKMARK events, 410 Gone after compaction, connections
-dropped mid-stream, slow responses, and bearer-token authentication.
-Plain HTTP on loopback; everything else is as the real API answers."""
+"""A Kubernetes API server double, kept for the faults a real API server cannot be made to
+produce (tests/k8s runs the real one for everything else): watch streams cut inside a chunk,
+watches that end at once, compaction on demand (410 Gone), slow responses, and a server
+behind a path prefix. Paginated lists with resourceVersions, chunked watch streams replaying
+from a resourceVersion, BOOKMARK events and bearer tokens behave as the real API's.
+Plain HTTP on loopback."""
 
 import json
 import threading
@@ -26,6 +27,9 @@ class ApiDouble:
         self.log: list[tuple[int, str, str, dict]] = []  # (rv, kind, event type, object)
         self.compacted = 0  # events at or below this rv are forgotten
         self.drop_watches_after: int | None = None  # events sent before a watch connection is cut
+        self.cut_mid_chunk = False  # with drop_watches_after: cut inside the next event's chunk
+        self.end_watches_at_once = False  # a proxy that closes every watch as soon as it opens
+        self.prefix = ""  # served below this path, as behind Rancher's or a gateway's proxy
         self.delay_s = 0.0
         self.requests: list[tuple[str, dict]] = []
         self.watch_connections: set = set()
@@ -41,6 +45,9 @@ class ApiDouble:
 
             def do_GET(self):
                 double.handle(self)
+
+            def do_POST(self):
+                double.review(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -99,6 +106,9 @@ class ApiDouble:
         url = urllib.parse.urlsplit(request.path)
         params = dict(urllib.parse.parse_qsl(url.query))
         self.requests.append((url.path, params))
+        if not url.path.startswith(self.prefix):
+            return self._json(request, 404, {"kind": "Status", "code": 404, "message": "outside the prefix"})
+        url = url._replace(path=url.path[len(self.prefix):])
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
         if url.path in self.singles:
@@ -114,6 +124,19 @@ class ApiDouble:
             since = int(params.get("resourceVersion") or self.rv)  # none given: from now on
             return self._watch(request, kind, since, float(params.get("timeoutSeconds", 300)))
         self._list(request, kind, int(params.get("limit", 0)), int(params.get("continue", 0) or 0))
+
+    def review(self, request: BaseHTTPRequestHandler) -> None:
+        """A SubjectAccessReview: allowed unless its resource is in `forbidden`."""
+        body = json.loads(request.rfile.read(int(request.headers.get("Content-Length", 0))) or b"{}")
+        self.requests.append((request.path, body))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+        if not request.path.endswith("/subjectaccessreviews"):
+            return self._json(request, 404, {"kind": "Status", "code": 404, "message": "not found"})
+        resource = body["spec"]["resourceAttributes"]["resource"]
+        allowed = resource not in self.forbidden
+        self._json(request, 201, {**body, "status": {"allowed": allowed,
+                                                     **({} if allowed else {"reason": "no RBAC rule"})}})
 
     def _json(self, request, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -151,6 +174,9 @@ class ApiDouble:
                                               "message": f"too old resource version: {since} ({self.compacted})"}})
             request.wfile.write(b"0\r\n\r\n")
             return
+        if self.end_watches_at_once:
+            request.wfile.write(b"0\r\n\r\n")
+            return
         sent, cursor = 0, since
         with self.lock:
             self.watch_connections.add(request.connection)
@@ -166,6 +192,10 @@ class ApiDouble:
                     rv_now = self.rv
                 for rv, _, event_type, obj in pending:
                     if self.drop_watches_after is not None and sent >= self.drop_watches_after:
+                        if self.cut_mid_chunk:  # the chunk's size, then only half of it
+                            line = json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
+                            request.wfile.write(b"%x\r\n%s" % (len(line), line[:len(line) // 2]))
+                            request.wfile.flush()
                         request.connection.shutdown(2)  # cut mid-stream, without the final chunk
                         return
                     send({"type": event_type, "object": obj})

@@ -12,8 +12,8 @@ import threading
 
 from nodeagent import netns
 from nodeagent.datapath.control import Datapath, PodEntry
-from nodeagent.datapath.loader import DEFAULT_PROXY_MARK
 from nodeagent.datapath.pins import PinLayout
+from nodeagent.ports import PROXY_PORTS
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -51,31 +51,32 @@ class StandinProxy:
             inbound = socket.create_server(("127.0.0.1", INBOUND_PORT), backlog=4096)
         cookie = netns.socket_cookie_of_netns(outbound)
         self.datapath.reset_counters(slot)
-        if enrol:
-            self.datapath.enrol(PodEntry(cookie, pod_ip, slot, OUTBOUND_PORT))
-        self.datapath.attach_inbound(path, cookie)
         self.datapath.register_inbound_listener(slot, inbound)
+        if enrol:  # in the order the proxy enrols (proxy/server.py add_pod)
+            self.datapath.enrol(PodEntry(cookie, pod_ip, slot, OUTBOUND_PORT))
+            self.datapath.attach_inbound(path, cookie)
         self.listeners += [outbound, inbound]
         for listener, handler in ((outbound, self._outbound), (inbound, self._inbound)):
-            threading.Thread(target=self._accept_loop, args=(listener, handler, path, cookie), daemon=True).start()
+            threading.Thread(target=self._accept_loop, args=(listener, handler, path, cookie, pod_ip),
+                             daemon=True).start()
         return cookie
 
-    def _accept_loop(self, listener, handler, path, cookie):
+    def _accept_loop(self, listener, handler, path, cookie, pod_ip):
         while True:
             try:
                 conn, peer = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=handler, args=(conn, peer, path, cookie), daemon=True).start()
+            threading.Thread(target=handler, args=(conn, peer, path, cookie, pod_ip), daemon=True).start()
 
     def _connect_in(self, path: str, address: tuple[str, int]) -> socket.socket:
         with netns.entered(path):
             upstream = socket.socket()
-        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DEFAULT_PROXY_MARK)
+        self.datapath.register_proxy_socket(upstream)  # as the proxy does (needed below the pods' cgroup)
         upstream.connect(address)
         return upstream
 
-    def _outbound(self, conn, peer, path, cookie):
+    def _outbound(self, conn, peer, path, cookie, pod_ip):
         self.accepted["outbound"] += 1
         original = self.datapath.original_destination(cookie, peer[1])
         if original is None:
@@ -89,11 +90,14 @@ class StandinProxy:
             return
         _splice(conn, upstream)
 
-    def _inbound(self, conn, peer, path, cookie):
+    def _inbound(self, conn, peer, path, cookie, pod_ip):
         self.accepted["inbound"] += 1
         port = conn.getsockname()[1]  # sk_lookup keeps the original destination
+        if port in PROXY_PORTS:  # as the proxy: never its own listener (a loop), whatever the kernel does
+            conn.close()
+            return
         try:
-            app = self._connect_in(path, ("127.0.0.1", port))
+            app = self._connect_in(path, (pod_ip, port))  # as the proxy does: over lo, never steered
         except OSError:
             conn.close()
             return

@@ -1,5 +1,6 @@
 """deploy/: the manifests `nodeagent install` prints, the Helm chart, and the schemas they must pass."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from nodeagent import settings
+from nodeagent.agent.workers import MEMORY_LIMIT_ENV, PROCESS_MEMORY_BYTES, automatic_processes
 from nodeagent.deploy.render import Values, render
 from nodeagent.identity.ca import Authority
 
@@ -17,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "nodeagent"
 HELM = shutil.which("helm") or str(ROOT / ".tools" / "helm")
 K8S_VERSION = "1.30.0"
+# GA in 1.36, newer than the schemas kubernetes_validate has: the real API server checks them
+# (tests/test_kube_apiserver.py applies every manifest).
+NEWER_KINDS = {"MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"}
+
+
+def validate(manifest: dict) -> None:
+    if manifest["kind"] not in NEWER_KINDS:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,10 @@ def by_kind(docs: list[dict]) -> dict:
     return {(d["kind"], d["metadata"]["name"]): d for d in docs if d}
 
 
-def helm_template(identity: Path, *settings: str) -> list[dict]:
-    done = subprocess.run([HELM, "template", "nodeagent", str(CHART),
+def helm_template(identity: Path, *settings: str, namespace: str = "nodeagent") -> list[dict]:
+    """The chart as `helm template` renders it into `namespace`, with the Namespace (as install)."""
+    done = subprocess.run([HELM, "template", "nodeagent", str(CHART), "--namespace", namespace,
+                           "--set", "createNamespace=true",
                            "--set-file", f"identity.trustAnchorsPEM={identity / 'ca.crt'}",
                            "--set-file", f"identity.issuerCrtPEM={identity / 'issuer.crt'}",
                            "--set-file", f"identity.issuerKeyPEM={identity / 'issuer.key'}", *settings],
@@ -54,7 +66,7 @@ def helm_template(identity: Path, *settings: str) -> list[dict]:
                                              "agent": {"mesh-label": "example.com/meshed=yes"}}])
 def test_every_rendered_manifest_validates_against_the_kubernetes_schemas(identity, overrides):
     for manifest in render(values_for(identity, **overrides)):
-        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        validate(manifest)
 
 
 needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is installed by `make tools`")
@@ -62,11 +74,12 @@ needs_helm = pytest.mark.skipif(not Path(HELM).exists(), reason="helm is install
 
 @needs_helm
 def test_the_helm_chart_validates_and_equals_install_for_the_same_values(identity):
-    chart = helm_template(identity, "--set", "namespace=mesh-system", "--set", "image=registry.test/na:1",
+    chart = helm_template(identity, "--set", "image=registry.test/na:1",
                           "--set", "config.mesh-label=example.com/meshed=yes", "--set", "config.fast-path=splice",
-                          "--set-string", "config.on-node-plaintext=true", "--set-string", "config.workers=4")
+                          "--set", "config.on-node-plaintext=true", "--set", "config.workers=4",
+                          namespace="mesh-system")  # the release's namespace
     for manifest in chart:
-        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        validate(manifest)
     expected = render(values_for(identity, namespace="mesh-system", image="registry.test/na:1",
                                  agent={"mesh-label": "example.com/meshed=yes", "fast-path": "splice",
                                         "on-node-plaintext": "true", "workers": "4"}))
@@ -125,3 +138,70 @@ def test_an_unknown_fast_path_is_refused_with_the_choices(identity):
     done = subprocess.run([sys.executable, "-m", "nodeagent", "install", "--identity-dir", str(identity),
                            "--fast-path", "splice,warp"], capture_output=True, text=True)
     assert done.returncode == 2 and "'warp': a list of splice, skb, loopback" in done.stderr
+
+
+def test_the_daemonset_starts_on_stock_nodes(identity):
+    """What real clusters need (issue 16): Pod Security `privileged` on the namespace, a quota
+    for system-node-critical (GKE), Linux nodes only, no AppArmor/seccomp default profile in
+    the way of bpffs pins and bpf(), kernel headers optional, a startup probe while bcc
+    compiles, and as many processes as the memory limit holds."""
+    manifests = by_kind(render(values_for(identity)))
+    labels = manifests[("Namespace", "nodeagent")]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    quota = manifests[("ResourceQuota", "nodeagent-critical-pods")]["spec"]
+    assert quota["scopeSelector"]["matchExpressions"][0]["values"] == ["system-node-critical"]
+    pod = manifests[("DaemonSet", "nodeagent")]["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security["appArmorProfile"] == {"type": "Unconfined"} and security["seccompProfile"]["type"] == "Unconfined"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["headers"]["hostPath"] == {"path": "/usr/src", "type": "DirectoryOrCreate"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/live"
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
+    assert "initialDelaySeconds" not in container["livenessProbe"]  # the startup probe holds it
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    assert env[MEMORY_LIMIT_ENV] == {"resourceFieldRef": {"containerName": "agent", "resource": "limits.memory"}}
+
+
+def test_automatic_processes_fit_the_memory_limit():
+    limit = str(512 << 20)
+    assert automatic_processes(4, limit) == 4
+    assert automatic_processes(64, limit) == (512 << 20) // PROCESS_MEMORY_BYTES < 13  # 13 were OOM-killed
+    assert automatic_processes(64, str(1 << 20)) == 1  # always one
+    assert automatic_processes(8, None) == 8 and automatic_processes(8, "") == 8
+
+
+def test_a_new_configuration_or_issuer_rolls_the_agents(identity):
+    def checksum(values):
+        daemonset = by_kind(render(values))[("DaemonSet", "nodeagent")]
+        return daemonset["spec"]["template"]["metadata"]["annotations"]["nodeagent.io/config-checksum"]
+
+    base = checksum(values_for(identity))
+    assert checksum(values_for(identity)) == base
+    assert checksum(values_for(identity, agent={"log-level": "debug"})) != base
+    other = Authority.new_anchor("cluster.local")
+    assert checksum(dataclasses.replace(values_for(identity), anchors_pem=other.certificate_pem().decode())) != base
+
+
+def test_an_empty_issuer_is_refused_by_install_and_the_chart(identity):
+    with pytest.raises(ValueError, match="empty issuer key"):
+        render(dataclasses.replace(values_for(identity), issuer_key_pem=""))
+    if Path(HELM).exists():
+        done = subprocess.run([HELM, "template", "nodeagent", str(CHART),
+                               "--set-file", f"identity.trustAnchorsPEM={identity / 'ca.crt'}",
+                               "--set-file", f"identity.issuerCrtPEM={identity / 'issuer.crt'}"],
+                              capture_output=True, text=True)
+        assert done.returncode != 0 and "identity.issuerKeyPEM is empty" in done.stderr
+
+
+@needs_helm
+def test_the_chart_goes_into_the_release_namespace(identity):
+    chart = helm_template(identity, namespace="mesh-system")
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", *NEWER_KINDS}
+    namespaced = [d for d in chart if d["kind"] not in cluster_scoped]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {"mesh-system"}
+    binding = by_kind(chart)[("ClusterRoleBinding", "nodeagent")]
+    assert binding["subjects"][0]["namespace"] == "mesh-system"
+    assert by_kind(chart)[("Namespace", "mesh-system")]

@@ -4,7 +4,7 @@ import pytest
 
 from nodeagent.cluster.model import PodInfo
 from nodeagent.identity import naming
-from nodeagent.ports import APP_HOST, INBOUND_PORT, MESH_PORT, OUTBOUND_PORT
+from nodeagent.ports import INBOUND_PORT, MESH_PORT, OUTBOUND_PORT
 from nodeagent.proxy.hop import PROXY_PORT_REASON, Hint, Hop, HopKind, plan_hop
 
 POD = PodInfo("shop", "cart-0", "uid", "node0", "10.244.1.12", "cart", {}, {})
@@ -34,7 +34,7 @@ def plan(address=("10.244.1.12", 9000), destination=POD, meshed=True, served_her
     ("a meshed pod on this node, on-node plaintext off", dict(served_here=True),
      Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.OPAQUE, CART, POD)),
     ("a meshed pod on this node, on-node plaintext on, opaque", dict(served_here=True, on_node_plaintext=True),
-     Hop(HopKind.ON_NODE, (APP_HOST, 9000), 9000, destination=POD)),
+     Hop(HopKind.ON_NODE, ("10.244.1.12", 9000), 9000, destination=POD)),
     ("a meshed pod on this node, on-node plaintext on, HTTP", dict(served_here=True, on_node_plaintext=True,
                                                                      hint=Hint.HTTP1),
      Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.HTTP1, CART, POD)),

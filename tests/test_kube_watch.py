@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from kube_double import ApiDouble
-from nodeagent.cluster.kube import ApiClient, ApiError, KubeConfig, KubeSource, Reflector, Store, backoff_s
+from nodeagent.cluster.kube import (ApiClient, ApiError, ConfigError, KubeConfig, KubeSource, Reflector, Store,
+                                    backoff_s)
 
 
 def pod(name: str, ip: str, labels: dict | None = None, namespace: str = "default", node: str = "node0") -> dict:
@@ -37,7 +38,7 @@ def wait_for(predicate, what: str, timeout_s: float = 10):
 
 
 def names(store: Store, kind: str = "pods") -> set[str]:
-    return {o["metadata"]["name"] for o in store.snapshot()[kind]}
+    return {key.rpartition("/")[2] for key in store.keys(kind)}
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_list_then_watch_sees_adds_updates_and_deletes(api, reflector):
     api.put("pods", pod("b", "10.244.0.6"))
     api.put("pods", pod("a", "10.244.0.5", {"nodeagent.io/mesh": "enabled"}))
     api.delete("pods", "default", "b")
-    wait_for(lambda: names(store) == {"a"} and store.snapshot()["pods"][0]["metadata"]["labels"], "the events")
+    wait_for(lambda: names(store) == {"a"} and store.record("pods", "default/a").labels, "the events")
     assert r.lists == 1
 
 
@@ -170,7 +171,7 @@ def test_in_cluster_and_kubeconfig_configuration(tmp_path):
     config = KubeConfig.in_cluster({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"},
                                    tmp_path)
     assert (config.server, config.token, config.ca_pem) == ("https://10.96.0.1:443", "tok", "CA")
-    with pytest.raises(ApiError, match="not in a cluster"):
+    with pytest.raises(ConfigError, match="not in a cluster"):
         KubeConfig.in_cluster({}, tmp_path)
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(yaml.safe_dump({
@@ -181,3 +182,132 @@ def test_in_cluster_and_kubeconfig_configuration(tmp_path):
         "users": [{"name": "u", "user": {"token": "tok2"}}]}))
     config = KubeConfig.from_kubeconfig(kubeconfig)
     assert (config.server, config.token, config.ca_pem) == ("https://api.test:6443", "tok2", "CA2")
+
+
+def test_a_stream_cut_inside_a_chunk_is_a_failure_the_reflector_survives(api, reflector):
+    api.put("pods", pod("a", "10.244.0.5"))
+    api.drop_watches_after, api.cut_mid_chunk = 1, True  # each watch: one event, then half of the next
+    r, store = reflector()
+    wait_for(lambda: names(store) == {"a"}, "the list")
+    for i in range(6):
+        api.put("pods", pod(f"p{i}", f"10.244.1.{i + 1}"))
+    wait_for(lambda: names(store) == {"a"} | {f"p{i}" for i in range(6)}, "every event, one watch at a time")
+    assert r.is_alive() and r.failures >= 1 and "IncompleteRead" in r.last_error
+
+
+def test_watches_that_end_at_once_are_retried_with_backoff_not_in_a_loop(api):
+    api.end_watches_at_once = True
+    store = Store()
+    r = Reflector(client_for(api), "pods", store, rng=random.Random(1))
+    r.start()
+    try:
+        time.sleep(3)
+        watches = sum(1 for path, params in api.requests if params.get("watch") == "1")
+        assert 1 <= watches <= 12, watches  # without backoff: thousands in 3 s
+        assert "no event" in r.last_error
+    finally:
+        r.stop()
+
+
+def test_a_410_relists_after_a_wait_and_watch_timeouts_are_jittered(api):
+    waits = []
+    api.put("pods", pod("a", "10.244.0.5"))
+    api.drop_watches_after = 1
+    store = Store()
+    r = Reflector(client_for(api), "pods", store, rng=random.Random(2),
+                  sleep=lambda s: (waits.append(s), time.sleep(min(s, 0.05))))
+    r.start()
+    try:
+        wait_for(lambda: names(store) == {"a"}, "the list")
+        for i in range(5):
+            api.put("pods", pod(f"p{i}", f"10.244.1.{i + 1}"))
+        wait_for(lambda: len(names(store)) == 6, "the events")
+        timeouts = [int(p["timeoutSeconds"]) for _, p in api.requests if p.get("watch") == "1"]
+        assert len(set(timeouts)) > 1 and all(300 <= t < 600 for t in timeouts)
+        api.drop_watches_after = None
+        waits.clear()
+        api.delay_s = 0.3
+        api.disconnect_watches()
+        api.put("pods", pod("late", "10.244.1.9"))  # history moves on and is compacted away
+        api.compact()
+        api.delay_s = 0
+        wait_for(lambda: r.lists >= 2, "the relist")
+        assert waits, "relisted after a 410 without waiting"
+        lists = [p for _, p in api.requests if p.get("watch") != "1"]
+        assert lists[0].get("resourceVersion") == "0"  # the first from the server's cache
+        assert "resourceVersion" not in lists[-1]  # after a 410: a consistent read
+        assert lists[0]["fieldSelector"] == "status.phase!=Succeeded,status.phase!=Failed"
+    finally:
+        r.stop()
+
+
+def test_a_rotated_token_file_is_read_again(api, tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text("first\n")
+    api.token = "first"
+    api.put("pods", pod("a", "10.244.0.5"))
+    config = tmp_path / "config"
+    config.write_text(yaml.safe_dump({
+        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [{"name": "c", "cluster": {"server": api.url}}],
+        "users": [{"name": "u", "user": {"tokenFile": "secrets/token"}}]}))  # relative to the kubeconfig
+    store = Store()
+    r = Reflector(ApiClient(KubeConfig.from_kubeconfig(config), timeout_s=2), "pods", store,
+                  sleep=lambda s: time.sleep(min(s, 0.05)))
+    r.start()
+    try:
+        wait_for(lambda: names(store) == {"a"}, "the list")
+        api.token = "second"  # the kubelet wrote a new token; the old one is no longer accepted
+        (tmp_path / "secrets" / "token").write_text("second\n")
+        api.disconnect_watches()
+        api.put("pods", pod("b", "10.244.0.6"))
+        wait_for(lambda: names(store) == {"a", "b"}, "the watch with the new token")
+    finally:
+        r.stop()
+
+
+def test_exec_credential_plugins_and_server_path_prefixes(api, tmp_path):
+    api.prefix = "/k8s/clusters/c-1"
+    api.token = "from-plugin-1"
+    (tmp_path / "current").write_text("from-plugin-1")
+    plugin = tmp_path / "bin" / "credential"
+    plugin.parent.mkdir()
+    plugin.write_text(f"""#!/bin/sh
+echo run >> {tmp_path}/runs
+test "$PLUGIN_ENV" = set || exit 3
+printf '{{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+"status": {{"token": "%s", "expirationTimestamp": "2999-01-01T00:00:00Z"}}}}' "$(cat {tmp_path}/current)"
+""")
+    plugin.chmod(0o755)
+    config = tmp_path / "config"
+    config.write_text(yaml.safe_dump({
+        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [{"name": "c", "cluster": {"server": api.url + "/k8s/clusters/c-1/"}}],
+        "users": [{"name": "u", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": "./bin/credential",
+            "env": [{"name": "PLUGIN_ENV", "value": "set"}], "interactiveMode": "Never"}}}]}))
+    client = ApiClient(KubeConfig.from_kubeconfig(config), timeout_s=2)
+    api.put("pods", pod("a", "10.244.0.5"))
+    assert [o["metadata"]["name"] for o in client.list("/api/v1/pods", {})[0]] == ["a"]
+    client.get("/api/v1/pods")
+    assert (tmp_path / "runs").read_text().count("run") == 1  # kept until it expires
+    api.token = "from-plugin-2"  # revoked: the 401 makes the client ask the plugin again
+    (tmp_path / "current").write_text("from-plugin-2")
+    client.get("/api/v1/pods")
+    assert (tmp_path / "runs").read_text().count("run") == 2
+    assert all(path.startswith("/k8s/clusters/c-1/") for path, _ in api.requests)
+
+
+def test_a_kind_unwatched_beyond_the_bound_is_a_problem_until_it_recovers(api):
+    api.put("pods", pod("a", "10.244.0.5"))
+    source = KubeSource(client_for(api), stale_after_s=0.5)
+    try:
+        wait_for(lambda: source.synced() and source.poll() is not None, "the first view")
+        assert source.problems() == []
+        api.forbidden = {"pods"}  # a broken RoleBinding: every new watch is refused
+        api.disconnect_watches()
+        wait_for(lambda: any(p.startswith("pods:") and "403" in p for p in source.problems()), "a problem")
+        api.forbidden = set()
+        wait_for(lambda: source.problems() == [], "recovery", timeout_s=40)
+    finally:
+        source.close()

@@ -1,5 +1,6 @@
 """Finding a pod's cgroup and network namespace from its UID, in trees laid out as real nodes lay them out."""
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -49,19 +50,31 @@ def test_the_pod_cgroup_is_found_by_uid(tmp_path, layout):
 def test_the_netns_is_opened_from_a_live_process_of_the_pod(tmp_path):
     pod_dir, container = LAYOUTS["containerd, systemd driver"]
     pod = make_pod(tmp_path, pod_dir, container, os.getpid())
-    fd = podfs.open_pod_netns(pod)
+    fd = podfs.open_pod_netns(pod, "127.0.0.1")  # an address this process's namespace holds
     try:
         assert os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino
     finally:
         os.close(fd)
 
 
+def test_a_namespace_without_the_pods_ip_is_never_the_pods(tmp_path):
+    pod_dir, container = LAYOUTS["CRI-O, systemd driver, burstable"]
+    pod = make_pod(tmp_path, pod_dir, container, os.getpid())
+    assert podfs.open_pod_netns(pod, "192.0.2.254") is None  # TEST-NET-1: held by no namespace here
+
+
+def test_the_addresses_of_a_namespace_include_loopbacks():
+    held = podfs.addresses("/proc/self/ns/net")
+    assert ipaddress.ip_address("127.0.0.1") in held
+    assert all(a.version in (4, 6) for a in held)
+
+
 def test_a_container_restart_is_followed_through_its_new_process(tmp_path):
     pod_dir, container = LAYOUTS["containerd or CRI-O, cgroupfs driver"]
     pod = make_pod(tmp_path, pod_dir, container, 2 ** 22 + 7)  # a pid that no longer exists (the old container)
-    assert podfs.open_pod_netns(pod) is None
+    assert podfs.open_pod_netns(pod, "127.0.0.1") is None
     (pod / container / "cgroup.procs").write_text(f"{os.getpid()}\n")  # the restarted container
-    fd = podfs.open_pod_netns(pod)
+    fd = podfs.open_pod_netns(pod, "127.0.0.1")
     assert fd is not None
     os.close(fd)
 

@@ -17,10 +17,13 @@ def installed(api: ApiDouble, ready: int, desired: int, anchor=None, issuer=None
     anchor = anchor or Authority.new_anchor("cluster.local")
     issuer = issuer or anchor.new_issuer("cluster.local")
     api.singles["/apis/apps/v1/namespaces/nodeagent/daemonsets/nodeagent"] = {
-        "kind": "DaemonSet", "status": {"desiredNumberScheduled": desired, "numberReady": ready}}
+        "kind": "DaemonSet", "metadata": {"generation": 2},
+        "status": {"desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": desired,
+                   "numberAvailable": ready, "observedGeneration": 2}}
     api.singles["/api/v1/namespaces/nodeagent/secrets/nodeagent-identity-issuer"] = {
         "kind": "Secret", "data": {"ca.crt": base64.b64encode(anchor.certificate_pem()).decode(),
-                                   "issuer.crt": base64.b64encode(issuer.chain_pem()).decode()}}
+                                   "issuer.crt": base64.b64encode(issuer.chain_pem()).decode(),
+                                   "issuer.key": base64.b64encode(issuer.key_pem()).decode()}}
 
 
 def kubeconfig(tmp_path, api) -> str:
@@ -38,8 +41,10 @@ def test_a_healthy_install_passes_every_check(tmp_path):
         done = subprocess.run([sys.executable, "-m", "nodeagent", "check", "--post-install", "--kubeconfig",
                                kubeconfig(tmp_path, api)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout
-        assert "[ok]   agents ready on every node: 3 of 3 nodes ready" in done.stdout
-        assert "[ok]   API: list and watch endpointslices: allowed" in done.stdout
+        assert "[ok]   agents rolled out and ready on every node: 3 of 3 nodes ready, rollout complete" in done.stdout
+        assert "[ok]   API: system:serviceaccount:nodeagent:nodeagent may list and watch endpointslices: allowed" \
+            in done.stdout
+        assert "[ok]   issuer key matches the issuer certificate" in done.stdout
         assert "[ok]   identity issuer chains to a trust anchor" in done.stdout
     finally:
         api.close()
@@ -52,11 +57,14 @@ def test_missing_permissions_and_unready_agents_fail_with_hints(tmp_path):
         api.forbidden.add("endpointslices")
         checks = postinstall.check_api(client)
         failed = [c for c in checks if not c.ok]
-        assert [c.name for c in failed] == ["API: list and watch endpointslices"]
-        assert "403" in failed[0].detail and "ClusterRole" in failed[0].hint
+        assert [c.name for c in failed] == ["API: system:serviceaccount:nodeagent:nodeagent may list and watch "
+                                            "endpointslices"]
+        assert "no RBAC rule" in failed[0].detail and "ClusterRole" in failed[0].hint
         installed(api, ready=1, desired=3)
         check = postinstall.check_daemonset(client, "nodeagent")
-        assert not check.ok and check.detail == "1 of 3 nodes ready"
+        assert not check.ok and check.detail == "1 of 3 nodes ready (of 3: numberReady 1, numberAvailable 1)"
+        api.singles["/apis/apps/v1/namespaces/nodeagent/daemonsets/nodeagent"]["metadata"]["generation"] = 3
+        assert "not seen the latest spec" in postinstall.check_daemonset(client, "nodeagent").detail
     finally:
         api.close()
 
@@ -74,3 +82,14 @@ def test_issuer_checks_chain_expiry_and_a_foreign_issuer():
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=40)
     checks = {c.name: c for c in postinstall.check_issuer(anchor.certificate_pem(), issuer.chain_pem(), now=later)}
     assert not checks["issuer certificate is valid"].ok
+
+
+def test_an_issuer_key_that_is_not_the_certificates_fails():
+    anchor = Authority.new_anchor("cluster.local")
+    issuer, other = anchor.new_issuer("cluster.local"), anchor.new_issuer("cluster.local")
+    checks = {c.name: c for c in postinstall.check_issuer(anchor.certificate_pem(), issuer.chain_pem(),
+                                                          key_pem=issuer.key_pem())}
+    assert checks["issuer key matches the issuer certificate"].ok
+    checks = {c.name: c for c in postinstall.check_issuer(anchor.certificate_pem(), issuer.chain_pem(),
+                                                          key_pem=other.key_pem())}
+    assert not checks["issuer key matches the issuer certificate"].ok

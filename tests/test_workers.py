@@ -30,11 +30,11 @@ def lab():
         lab_ops.down()
 
 
-def owners(lab, pod_name: str, local: str) -> set[int]:
-    """PIDs of the processes holding established sockets with local address `local` in a pod."""
+def owners(lab, pod_name: str, local: str, peer: str) -> set[int]:
+    """PIDs of the processes holding established sockets from `local` to `peer`'s address in a pod."""
     pod = lab.plan.pod(pod_name)
-    out = subprocess.run(["ip", "netns", "exec", pod.netns, "ss", "-Htnp", "state", "established", "src", local],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["ip", "netns", "exec", pod.netns, "ss", "-Htnp", "state", "established", "src", local,
+                          "dst", peer], capture_output=True, text=True, check=True).stdout
     return {int(part.split("pid=")[1].split(",")[0]) for part in out.split() if "pid=" in part}
 
 
@@ -65,7 +65,7 @@ def test_the_agent_runs_its_workers_and_reports_them(lab):
 def test_outbound_connections_are_spread_over_the_processes(lab):
     process = holding(lab, "client-n0-0", lab.plan.pod("echo-n1-0").ip, 9000)
     try:
-        served_by = owners(lab, "client-n0-0", "127.0.0.1:15001")
+        served_by = owners(lab, "client-n0-0", "127.0.0.1:15001", "127.0.0.1")
         assert served_by <= set(agent_stats(0)["workers"]) and len(served_by) >= 2, served_by
     finally:
         process.kill()
@@ -78,8 +78,10 @@ def test_inbound_connections_steered_by_sk_lookup_are_spread_too(lab):
         wait_until(lambda: all(p["pod"] != "default/client-n1-0" for p in agent_stats(1)["pods"]), "unmeshed")
         process = holding(lab, "client-n1-0", lab.plan.pod("echo-n0-0").ip, 9000)
         try:
-            # The accepted side keeps the original destination (the app's own sockets are on 127.0.0.1).
-            served_by = owners(lab, "echo-n0-0", f"{lab.plan.pod('echo-n0-0').ip}:9000")
+            # The accepted side keeps the original destination; the app's sockets face the proxy's
+            # legs to it (from the pod's IP), not the client.
+            echo, client = lab.plan.pod("echo-n0-0"), lab.plan.pod("client-n1-0")
+            served_by = owners(lab, "echo-n0-0", f"{echo.ip}:9000", client.ip)
             assert served_by <= set(agent_stats(0)["workers"]) and len(served_by) >= 2, served_by
         finally:
             process.kill()

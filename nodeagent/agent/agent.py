@@ -19,13 +19,13 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.merge import Merged, families_of, merge
-from nodeagent.agent.workers import Workers
-from nodeagent.agent.node_metrics import NodeCollector
+from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
+from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.workload import WorkloadIdentities
-from nodeagent.agent.reconcile import SlotAllocator, plan_changes
+from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
@@ -35,6 +35,7 @@ from nodeagent.proxy.server import Proxy
 
 log = logging.getLogger("nodeagent.agent")
 POLL_S = 0.25
+MAX_UNSERVED_SHOWN = 100  # /stats lists this many objects the proxy does not serve, at most
 
 
 class AgentError(RuntimeError):
@@ -45,13 +46,15 @@ class Agent:
     def __init__(self, settings: AgentSettings, source):
         self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
         self.source = source
-        self.ready = False
+        self._served = False  # the first complete view is reconciled
+        self._problems: list[str] = []  # why the source's view cannot be trusted now
         self.proxy: Proxy | None = None
         self.slots = SlotAllocator(abi.MAX_PODS)
         self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
+        self.not_enrolled = NotEnrolled()
         self._exported: set[str] = set()  # identities whose expiry gauge is set
         self.workers: Workers | None = None
         self.listeners: list = []  # admin.Listener: the admin port's and the metrics port's
@@ -71,18 +74,22 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.preflight()
         try:
+            # Only the fast path needs the proxy's own sockets seen by sockops.
+            proxy_cgroup = cgroups.own_cgroup() if self.config.fast_paths else None
+        except (cgroups.CgroupError, OSError) as e:
+            raise AgentError(f"cannot find the agent's own cgroup for the fast path: {e}") from e
+        try:
             self.load_report = await asyncio.to_thread(
                 load_in_subprocess, self.config.pin_name, self.config.cgroup, self.config.pin_root,
-                # Only the fast path needs the proxy's own sockets seen by sockops.
-                proxy_cgroup=cgroups.own_cgroup() if self.config.fast_paths else None,
-                fast_paths=self.config.fast_paths)
+                proxy_cgroup=proxy_cgroup, fast_paths=self.config.fast_paths)
         except LoadError as e:
             raise AgentError(f"the data path could not be loaded: {e}") from e
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
         datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
-        processes = self.config.processes(len(os.sched_getaffinity(0)))
+        processes = self.config.processes(
+            automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1, processes=processes)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if processes > 1:
@@ -102,9 +109,10 @@ class Agent:
                     if self.workers:
                         self.workers.update_view(view)
                     await self.reconcile()
-                    self.ready = True  # ready once the first complete view is served
+                    self._served = True  # ready once the first complete view is served
                 elif self._waiting:
                     await self.reconcile()
+                self._check_source()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._export_expirations()
@@ -128,7 +136,16 @@ class Agent:
         view = self.proxy.view
         on_node = {p.uid: p for p in view.pods_on(self.config.node_name)
                    if self.config.sidecar_pod is None or p.key == self.config.sidecar_pod}
-        wanted = {uid for uid, p in on_node.items() if view.meshed(p)}
+        # A pod without an IPv4 address is not served (the view lists it in `unserved`).
+        meshed = {uid for uid, p in on_node.items() if view.meshed(p) and p.ip}
+        self.not_enrolled.keep_only(meshed)
+        wanted = set()
+        for uid in meshed:
+            reason = refusal(on_node[uid].host_network)
+            if reason is None:
+                wanted.add(uid)
+            else:
+                self._not_enrolled(on_node[uid], reason)
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
         changes = plan_changes(set(self.enrolled), wanted, set(on_node))
@@ -143,8 +160,10 @@ class Agent:
         for uid in changes.enrol:
             pod = on_node[uid]
             cgroup = podfs.find_pod_cgroup(self.config.cgroup, uid)
-            fd = podfs.open_pod_netns(cgroup) if cgroup else None
+            fd = podfs.open_pod_netns(cgroup, pod.ip) if cgroup else None
             if fd is None:
+                if cgroup is not None and cgroups.pids_in(cgroup):
+                    self._not_enrolled(pod, NETNS_WITHOUT_POD_IP)  # started, yet never where its IP is
                 self._waiting = True  # not started yet: try again next round
                 continue
             slot = self.slots.take()
@@ -157,19 +176,40 @@ class Agent:
                 self._waiting = True
                 continue
             self.enrolled[uid] = context.cookie
+            self.not_enrolled.clear(uid)
             if self.workers:
                 self.workers.add_pod(context)
         if not self._waiting:
             self._forget_stale_enrolments()
 
+    def _not_enrolled(self, pod, reason: str) -> None:
+        if self.not_enrolled.note(pod.uid, pod.key, reason):
+            log.warning("pod %s is meshed but not enrolled: %s", pod.key, reason)
+
+    @property
+    def ready(self) -> bool:
+        """Serving the first complete view, and the view is current: a watch that keeps failing
+        or a kind left unwatched beyond the source's bound makes the agent not ready."""
+        return self._served and not self._problems
+
+    def _check_source(self) -> None:
+        problems = self.source.problems()
+        if problems != self._problems:
+            if problems:
+                log.warning("not ready: the cluster view may be stale: %s", "; ".join(problems))
+            else:
+                log.info("ready again: the cluster view is current")
+            self._problems = problems
+
     def _forget_stale_enrolments(self) -> None:
-        """Entries left by a predecessor for pods this agent does not serve. Not
-        while a wanted pod waits for its namespace: its old entry keeps it failing
+        """Entries (and sk_lookup links) left by a predecessor for pods this agent does not
+        serve. Not while a wanted pod waits for its namespace: its old entry keeps it failing
         closed until it is served again."""
         served = set(self.proxy.pods)
-        for cookie in self.proxy.datapath.enrolled_cookies():
+        datapath = self.proxy.datapath
+        for cookie in set(datapath.enrolled_cookies()) | set(datapath.inbound_cookies()):
             if cookie not in served:
-                self.proxy.datapath.forget_cookie(cookie)
+                datapath.forget_cookie(cookie)
 
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
@@ -192,12 +232,17 @@ class Agent:
         return registry
 
     async def status(self) -> dict:
-        pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": self.proxy.datapath.counters(p.slot)}
+        kernel = pod_kernel_counters(self.proxy) if self.proxy else {}
+        pods = [{"pod": p.key, "ip": p.info.ip, "slot": p.slot, "kernel": kernel[p.key]}
                 for p in self.proxy.pods.values()] if self.proxy else []
         identities = self.identities.expirations() if self.proxy else {}
         families, open_connections = await self._families() if self.proxy else ([], 0)
+        unserved = sorted(self.proxy.view.unserved.items())[:MAX_UNSERVED_SHOWN] if self.proxy else []
         return {"node": self.config.node_name, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
+                "view_problems": self._problems, "not_served": [f"{what}: {why}" for what, why in unserved],
                 "datapath": self.load_report, "pods": pods, "identities": identities,
+                "not_enrolled": [{"pod": key, "reason": reason}
+                                 for key, reason in sorted(self.not_enrolled.reasons().items())],
                 "workers": [os.getpid()] + (self.workers.pids() if self.workers else []),
                 "certificates_issued": self.identities.issued if self.proxy else 0,
                 "open_connections": open_connections,

@@ -32,3 +32,38 @@ class SlotAllocator:
 
     def free(self, slot: int) -> None:
         self._used.discard(slot)
+
+
+# Why a meshed pod of the node is not enrolled: a fixed set (a metric label).
+HOST_NETWORK = "host-network"  # its namespace is the node's: listeners and sk_lookup would land there
+NETNS_WITHOUT_POD_IP = "netns-without-pod-ip"  # no process of its cgroup is in a namespace holding its IP (yet)
+
+
+def refusal(host_network: bool) -> str | None:
+    """Why a pod must never be enrolled, whatever the node shows of it; None if it may be."""
+    return HOST_NETWORK if host_network else None
+
+
+class NotEnrolled:
+    """Meshed pods of the node that are not enrolled, and why: reported (logged once per
+    reason, in /stats and a metric) until they are enrolled or leave the mesh or the node."""
+
+    def __init__(self):
+        self._by_uid: dict[str, tuple[str, str]] = {}  # uid -> (pod key, reason)
+
+    def note(self, uid: str, key: str, reason: str) -> bool:
+        """Record it; True if it is news (a new pod or another reason)."""
+        news = self._by_uid.get(uid) != (key, reason)
+        self._by_uid[uid] = (key, reason)
+        return news
+
+    def clear(self, uid: str) -> None:
+        self._by_uid.pop(uid, None)
+
+    def keep_only(self, uids: set[str]) -> None:
+        for uid in set(self._by_uid) - uids:
+            del self._by_uid[uid]
+
+    def reasons(self) -> dict[str, str]:
+        """Pod key -> reason."""
+        return dict(self._by_uid.values())

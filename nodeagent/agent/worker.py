@@ -2,7 +2,8 @@
 
 Started by the agent (`agent/workers.py`) with one end of a channel
 (`agent/channel.py`); it never talks to the cluster, never loads or writes the
-data path's enrolment: the agent sends it its settings, the cluster view, and
+data path's enrolment: the agent sends it its settings, the cluster view (whole
+once, then the deltas that change it), and
 each pod to serve (with an fd on the pod's network namespace). It opens its
 own SO_REUSEPORT listeners in each pod, next to the agent's, so the kernel
 spreads the pods' connections over the processes. It answers the agent's
@@ -111,6 +112,13 @@ class Worker:
         kind = message[0]
         if kind == "view":
             self.proxy.update_view(message[1])
+        elif kind == "delta":
+            _, delta, version = message
+            view = self.proxy.view.apply(delta)
+            if view.version != version:  # a lost message: cannot happen on one ordered channel
+                log.error("worker %d: view %d from delta, the agent's is %d", self.index, view.version,
+                          version)
+            self.proxy.update_view(view)
         elif kind == "add":
             _, info, slot = message
             self.loop.create_task(self._add(info, fds[0], slot))

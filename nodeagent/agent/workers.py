@@ -9,6 +9,8 @@ kernel spreads the pods' connections over them. Per-pod state in a worker is
 its three listening sockets and a small context; nothing is per pod per
 process beyond that.
 
+The view goes to a worker whole once, when it starts; after that each change as the
+Delta that made the agent's next view, which the worker applies to its own copy.
 A worker that dies is started again and given the current view and pods; its
 connections are lost (as with a restarted sidecar). Scrapes and tap gather the
 workers' metrics and events into the agent's.
@@ -26,6 +28,26 @@ from nodeagent.settings import AgentSettings
 
 log = logging.getLogger("nodeagent.agent")
 SCRAPE_TIMEOUT_S = 2.0
+# A proxy process's resident memory under load, with room: issue 16 saw 13 processes fill the
+# DaemonSet's 512 MiB limit (~39 MiB each) and the kernel kill the agent.
+PROCESS_MEMORY_BYTES = 48 << 20
+MEMORY_LIMIT_ENV = "NODEAGENT_MEMORY_LIMIT"  # the container's limit (the DaemonSet's downward API)
+
+
+def automatic_processes(cores: int, memory_limit: str | None) -> int:
+    """With --workers 0: one process per core the agent may use, as many as its memory limit
+    holds (at least one). `memory_limit` in bytes, as the downward API gives it; none: no bound."""
+    if not memory_limit or not memory_limit.strip().isdigit():
+        return cores
+    return max(1, min(cores, int(memory_limit) // PROCESS_MEMORY_BYTES))
+
+
+def view_message(previous, view) -> tuple:
+    """What brings a worker holding `previous` to `view`: the delta that made it when there is
+    one (a few records), else the whole view (a new worker, a source that rebuilds)."""
+    if previous is not None and view.delta is not None and view.version == previous.version + 1:
+        return ("delta", view.delta, view.version)
+    return ("view", view)
 
 
 class _Process:
@@ -75,8 +97,8 @@ class Workers:
     # --- what the agent tells them ---
 
     def update_view(self, view) -> None:
-        self.view = view
-        self._broadcast(("view", view))
+        previous, self.view = self.view, view
+        self._broadcast(view_message(previous, view))
 
     def add_pod(self, pod) -> None:
         self.pods[pod.cookie] = pod

@@ -26,6 +26,9 @@ class ManifestDirSource:
     def close(self) -> None:
         pass
 
+    def problems(self) -> list[str]:
+        return []  # files are read whole at every change: never stale
+
     def poll(self) -> ClusterView | None:
         files = self._files()
         signature = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size)

@@ -42,7 +42,7 @@ class PolicyKey(ctypes.Structure):
 class Config(ctypes.Structure):
     """struct na_config"""
 
-    _fields_ = [("proxy_mark", ctypes.c_uint32), ("mesh_port", ctypes.c_uint32), ("fast_paths", ctypes.c_uint32),
+    _fields_ = [("mesh_port", ctypes.c_uint32), ("inbound_port", ctypes.c_uint32), ("fast_paths", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32)]
 
 
@@ -83,6 +83,7 @@ class Counters(ctypes.Structure):
         ("inbound_steered", ctypes.c_uint64),
         ("inbound_refused", ctypes.c_uint64),
         ("fast_path_bytes", ctypes.c_uint64),
+        ("proxy_port_refused", ctypes.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -90,7 +91,7 @@ class Counters(ctypes.Structure):
 
 
 # sizeof() of each struct as the C compiler lays it out; tests compare.
-C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Counters: 56, SockKey: 16, MsgState: 24,
+C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Counters: 64, SockKey: 16, MsgState: 24,
            Splice: 32, SkbSplice: 24}
 
 

@@ -14,7 +14,8 @@ from nodeagent.datapath.programs import SK_LOOKUP
 
 MAPS = ("pods_by_netns", "pods_by_ip", "orig_by_port", "counters", "policy", "ip_identity",
         "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners", "loopback_socks", "msg_state", "splices",
-        "skb_socks", "skb_splices")
+        "skb_socks", "skb_splices", "proxy_socks", "unmeshed_refused")
+SO_COOKIE = 57  # asm-generic/socket.h
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,18 @@ class PodEntry:
 
 def _ip_key(ip: str) -> bytes:
     return ipaddress.IPv4Address(ip).packed  # network order, as the kernel's user_ip4
+
+
+def _addr_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """struct na_addr: IPv6, or IPv4 mapped (::ffff:a.b.c.d), in network order."""
+    if address.version == 4:
+        address = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    return address.packed
+
+
+def _addr_of(key: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.IPv6Address(key)
+    return address.ipv4_mapped or address
 
 
 class Datapath:
@@ -69,11 +82,14 @@ class Datapath:
         libbpf.map_update(self._fds["pods_by_ip"], _ip_key(pod.ip), value)
 
     def forget(self, netns_cookie: int, ip: str) -> None:
+        """Out of the mesh: sk_lookup first (attached, it refuses what it does not steer), then the entries."""
+        self.detach_inbound(netns_cookie)
         libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
         libbpf.map_delete(self._fds["pods_by_ip"], _ip_key(ip))
 
     def forget_cookie(self, netns_cookie: int) -> None:
         """Remove a pod known only by its cookie (left by an earlier agent)."""
+        self.detach_inbound(netns_cookie)
         raw = libbpf.map_lookup(self._fds["pods_by_netns"], abi.u64(netns_cookie), ctypes.sizeof(abi.Pod))
         if raw is not None:
             ip = abi.Pod.from_buffer_copy(raw).pod_ip.to_bytes(4, "little")
@@ -83,10 +99,16 @@ class Datapath:
     def enrolled_cookies(self) -> list[int]:
         return [int.from_bytes(k, "little") for k in libbpf.map_keys(self._fds["pods_by_netns"], 8)]
 
+    def inbound_cookies(self) -> list[int]:
+        """Namespaces with an sk_lookup link pinned (by their cookies)."""
+        links = self.layout.sk_lookup_links
+        return [int(p.name) for p in links.iterdir() if p.name.isdigit()] if links.exists() else []
+
     # Inbound: sk_lookup attached to the pod's namespace, steering onto the listener in its slot.
+    # Attached to enrolled pods' namespaces only: there, it refuses what it does not steer.
 
     def attach_inbound(self, netns_path: str, netns_cookie: int) -> bool:
-        """Attach sk_lookup to a pod's namespace once; False if it already was."""
+        """Attach sk_lookup to a pod's namespace once (after `enrol`); False if it already was."""
         path = self.layout.sk_lookup_link(netns_cookie)
         if path.exists():
             return False
@@ -108,6 +130,14 @@ class Datapath:
 
     def register_inbound_listener(self, slot: int, listener: socket.socket) -> None:
         libbpf.map_update(self._fds["inbound_listeners"], abi.u32(slot), abi.u32(listener.fileno()))
+
+    # The proxy's own sockets in pods: never captured, whatever mark they carry.
+
+    def register_proxy_socket(self, sock: socket.socket) -> None:
+        """Before `sock` connects from inside a pod: the data path leaves it alone (two
+        syscalls: its cookie, one map update; the kernel drops the entry once connected)."""
+        cookie = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+        libbpf.map_update(self._fds["proxy_socks"], cookie, abi.u32(1))
 
     # Original destinations of redirected connections.
 
@@ -200,7 +230,20 @@ class Datapath:
                 total[name] += value
         return total
 
-    def reset_counters(self, slot: int) -> None:
-        """Before a slot serves a new pod."""
+    def reset_counters(self, slot: int, addresses=()) -> None:
+        """Before a slot serves a new pod (with `addresses`, those its namespace holds)."""
         size = ctypes.sizeof(abi.Counters)
         libbpf.map_update(self._fds["counters"], abi.u32(slot), bytes(size * self._cpus))
+        for address in addresses:
+            libbpf.map_delete(self._fds["unmeshed_refused"], _addr_key(address))
+
+    def unmeshed_refusals(self) -> dict:
+        """Inbound connections refused at an address of an enrolled pod that the mesh does not
+        serve (IPv6, another IPv4 than the pod's), by that address (at most 4,096: an LRU)."""
+        fd = self._fds["unmeshed_refused"]
+        counts = {}
+        for key in list(libbpf.map_keys(fd, 16)):
+            raw = libbpf.map_lookup(fd, key, 8)
+            if raw is not None:
+                counts[_addr_of(key)] = int.from_bytes(raw, "little")
+        return counts

@@ -20,12 +20,11 @@ from pathlib import Path
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.cleanup import detach_link
 from nodeagent.datapath.pins import DEFAULT_ROOT, PinLayout
-from nodeagent.ports import MESH_PORT
+from nodeagent.ports import INBOUND_PORT, MESH_PORT
 from nodeagent.datapath.programs import (CGROUP_PROGRAMS, PROGRAMS, SK_LOOKUP, SOCKHASH_OF, SOCKHASH_PROGRAMS,
                                         SOCKOPS_PROXY, Program)
 
 BPF_SRC_DIR = Path(os.environ.get("NODEAGENT_BPF_SRC", Path(__file__).resolve().parents[2] / "bpf"))
-DEFAULT_PROXY_MARK = 0x4E41  # "NA"
 DEFAULT_MESH_PORT = MESH_PORT
 DEFAULT_FAST_PATHS = 0  # off: see benchmarks/README.md, "Kernel fast paths"
 
@@ -136,16 +135,15 @@ def update_sk_lookup_links(layout: PinLayout, prog_fd: int) -> int:
     return updated
 
 
-def write_config(layout: PinLayout, proxy_mark: int, mesh_port: int, fast_paths: int) -> None:
+def write_config(layout: PinLayout, mesh_port: int, fast_paths: int) -> None:
     fd = libbpf.obj_get(str(layout.map("config")))
     try:
-        libbpf.map_update(fd, abi.u32(0), bytes(abi.Config(proxy_mark, mesh_port, fast_paths)))
+        libbpf.map_update(fd, abi.u32(0), bytes(abi.Config(mesh_port, INBOUND_PORT, fast_paths)))
     finally:
         os.close(fd)
 
 
-def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
-         mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
+def load(layout: PinLayout, cgroup: Path, mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
          fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
     if not cgroup.is_dir() or not (cgroup / "cgroup.procs").exists():
         raise LoadError(f"{cgroup} is not a cgroup v2 directory")
@@ -166,7 +164,7 @@ def load(layout: PinLayout, cgroup: Path, proxy_mark: int = DEFAULT_PROXY_MARK,
         else:
             adopted.append(program.name)
     pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
-    write_config(layout, proxy_mark, mesh_port, fast_paths)
+    write_config(layout, mesh_port, fast_paths)
     del module
     return {"node": layout.node, "cgroup": str(cgroup), "pin_dir": str(layout.node_dir),
             "compile_and_load_ms": round(seconds * 1000, 1), "created": created + proxy_created,
@@ -196,7 +194,6 @@ def main() -> None:
     parser.add_argument("--node")
     parser.add_argument("--cgroup", type=Path, help="the cgroup v2 directory of the node's pods")
     parser.add_argument("--pin-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--proxy-mark", type=int, default=DEFAULT_PROXY_MARK)
     parser.add_argument("--mesh-port", type=int, default=DEFAULT_MESH_PORT)
     parser.add_argument("--proxy-cgroup", type=Path, help="the proxy's own cgroup (for the loopback fast path)")
     parser.add_argument("--fast-paths", type=int, default=DEFAULT_FAST_PATHS, help="NA_FAST_* bits")
@@ -211,7 +208,7 @@ def main() -> None:
     if not args.node or not args.cgroup:
         parser.error("--node and --cgroup are required to load")
     try:
-        report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.proxy_mark, args.mesh_port,
+        report = load(PinLayout(args.pin_root, args.node), args.cgroup, args.mesh_port,
                       args.proxy_cgroup, args.fast_paths)
     except (LoadError, OSError, ValueError) as e:
         print(f"nodeagent loader: {e}", file=sys.stderr)
@@ -223,14 +220,13 @@ if __name__ == "__main__":
     main()
 
 
-def load_in_subprocess(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, proxy_mark: int = DEFAULT_PROXY_MARK,
-                       mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
-                       fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
+def load_in_subprocess(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, mesh_port: int = DEFAULT_MESH_PORT,
+                       proxy_cgroup: Path | None = None, fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
     """Run the loader as its own process (bcc's memory leaves with it); its report."""
     import subprocess
 
     command = [sys.executable, "-m", "nodeagent.datapath.loader", "--node", node, "--cgroup", str(cgroup),
-               "--pin-root", str(pin_root), "--proxy-mark", str(proxy_mark), "--mesh-port", str(mesh_port),
+               "--pin-root", str(pin_root), "--mesh-port", str(mesh_port),
                "--fast-paths", str(fast_paths)]
     if proxy_cgroup is not None:
         command += ["--proxy-cgroup", str(proxy_cgroup)]

@@ -10,9 +10,12 @@ maps on older kernels), PERFMON (helpers bcc's compiled programs may use).
 """
 
 import base64
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from nodeagent import settings as settings_model
+from nodeagent.admission import policy
 from nodeagent.settings import AgentSettings
 
 NAME = "nodeagent"
@@ -39,6 +42,16 @@ def _cluster_options() -> list:
     return sorted(settings_model.cluster_options(), key=lambda option: option.flag)
 
 
+# Pod Security Admission: the agent needs host PID, hostPath mounts and capabilities, which
+# only the `privileged` level allows; clusters enforcing `baseline` reject it otherwise.
+POD_SECURITY = {f"pod-security.kubernetes.io/{mode}": "privileged" for mode in ("enforce", "audit", "warn")}
+PRIORITY_CLASS = "system-node-critical"
+# A generous bound: one agent per node. GKE admits system-node-critical pods outside
+# kube-system only against a ResourceQuota scoped to that priority class.
+CRITICAL_PODS_QUOTA = "100000"
+AGENT_MEMORY_LIMIT = "512Mi"  # with --workers 0, the agent runs as many processes as fit (workers.py)
+
+
 def _meta(name: str, values: Values, namespaced: bool = True) -> dict:
     meta = {"name": name, "labels": dict(APP_LABELS)}
     if namespaced:
@@ -50,9 +63,33 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def config_data(values: Values) -> dict:
+    return dict(sorted(settings_model.config_map(values.settings).items()))
+
+
+def secret_data(values: Values) -> dict:
+    return {"ca.crt": _b64(values.anchors_pem), "issuer.crt": _b64(values.issuer_crt_pem),
+            "issuer.key": _b64(values.issuer_key_pem)}
+
+
+def config_checksum(values: Values) -> str:
+    """Changes with the ConfigMap or the issuer Secret, so applying a new configuration rolls
+    the agents (the chart computes the same: sorted compact JSON, as Helm's toJson)."""
+    text = json.dumps({"config": config_data(values), "secret": secret_data(values)}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def render(values: Values) -> list[dict]:
+    empty = [name for name, pem in (("trust anchors (ca.crt)", values.anchors_pem),
+                                    ("issuer certificate (issuer.crt)", values.issuer_crt_pem),
+                                    ("issuer key (issuer.key)", values.issuer_key_pem)) if not pem.strip()]
+    if empty:
+        raise ValueError(f"empty {', '.join(empty)}: make them with `nodeagent identity init`")
+    namespace = _meta(values.namespace, values, namespaced=False)
+    namespace["labels"].update(POD_SECURITY)
     return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(values.namespace, values, namespaced=False)},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": namespace},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(NAME, values)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
          "metadata": _meta(NAME, values, namespaced=False),
@@ -65,11 +102,15 @@ def render(values: Values) -> list[dict]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": values.namespace}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NAME}-config", values),
-         "data": dict(sorted(settings_model.config_map(values.settings).items()))},
+         "data": config_data(values)},
         {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(f"{NAME}-identity-issuer", values),
-         "data": {"ca.crt": _b64(values.anchors_pem), "issuer.crt": _b64(values.issuer_crt_pem),
-                  "issuer.key": _b64(values.issuer_key_pem)}},
+         "data": secret_data(values)},
+        {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": _meta(f"{NAME}-critical-pods", values),
+         "spec": {"hard": {"pods": CRITICAL_PODS_QUOTA},
+                  "scopeSelector": {"matchExpressions": [{"scopeName": "PriorityClass", "operator": "In",
+                                                          "values": [PRIORITY_CLASS]}]}}},
         daemonset(values),
+        *policy.manifests(values.image, values.settings.mesh_label, dict(APP_LABELS)),
     ]
 
 
@@ -79,7 +120,8 @@ def _config_env(name: str, key: str) -> dict:
 
 def daemonset(values: Values) -> dict:
     host = lambda name, path, kind="Directory": {"name": name, "hostPath": {"path": path, "type": kind}}  # noqa: E731
-    probe = lambda path: {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10}  # noqa: E731
+    probe = lambda path, **more: {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10,  # noqa: E731
+                                  **more}
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(NAME, values),
         "spec": {
@@ -89,12 +131,14 @@ def daemonset(values: Values) -> dict:
                 "metadata": {
                     "labels": dict(APP_LABELS),
                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(values.metrics_port),
-                                    "prometheus.io/path": "/metrics"},
+                                    "prometheus.io/path": "/metrics",
+                                    "nodeagent.io/config-checksum": config_checksum(values)},
                 },
                 "spec": {
                     "serviceAccountName": NAME,
                     "hostPID": True,
-                    "priorityClassName": "system-node-critical",
+                    "priorityClassName": PRIORITY_CLASS,
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
                     "tolerations": [{"operator": "Exists"}],
                     "containers": [{
                         "name": "agent",
@@ -107,14 +151,24 @@ def daemonset(values: Values) -> dict:
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             *(_config_env(settings_model.env_name(o), o.flag) for o in _cluster_options()),
+                            # With --workers 0 the agent runs as many processes as this allows.
+                            {"name": "NODEAGENT_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {
+                                "containerName": "agent", "resource": "limits.memory"}}},
                         ],
                         "ports": [{"name": "metrics", "containerPort": values.metrics_port, "protocol": "TCP"}],
+                        # bcc compiles the programs before the metrics port opens: up to 5 minutes.
+                        "startupProbe": probe("/live", periodSeconds=5, failureThreshold=60),
                         "readinessProbe": probe("/ready"),
-                        "livenessProbe": {**probe("/live"), "initialDelaySeconds": 30},
+                        "livenessProbe": probe("/live"),
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
-                                      "limits": {"memory": "512Mi"}},
+                                      "limits": {"memory": AGENT_MEMORY_LIMIT}},
                         "securityContext": {
                             "privileged": False, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            # containerd's and CRI-O's default AppArmor profile denies writes under
+                            # /sys/fs/[^c]*: bpffs pins; their default seccomp profile, bpf() and
+                            # perf_event_open() without CAP_SYS_ADMIN. Capabilities bound the agent.
+                            "appArmorProfile": {"type": "Unconfined"},
+                            "seccompProfile": {"type": "Unconfined"},
                             "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE",
                                                                      "SYS_RESOURCE", "PERFMON"]},
                         },
@@ -130,7 +184,8 @@ def daemonset(values: Values) -> dict:
                     }],
                     "volumes": [
                         host("bpffs", "/sys/fs/bpf"), host("cgroup", "/sys/fs/cgroup"),
-                        host("modules", "/lib/modules"), host("headers", "/usr/src"),
+                        # Kernel headers: absent on some nodes (bcc then uses /sys/kernel/kheaders).
+                        host("modules", "/lib/modules"), host("headers", "/usr/src", "DirectoryOrCreate"),
                         {"name": "identity", "secret": {"secretName": f"{NAME}-identity-issuer"}},
                         {"name": "run", "emptyDir": {"medium": "Memory"}},
                         {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only

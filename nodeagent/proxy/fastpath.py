@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from nodeagent.datapath import abi
 from nodeagent.proxy.relay import Relay
 
-LOOPBACK = "127.0.0.1"
 
 
 def _ip(address: str) -> int:
@@ -41,13 +40,15 @@ def own_key(sock: socket.socket, netns_cookie: int) -> abi.SockKey:
 
 
 def peer_key(sock: socket.socket, netns_cookie: int) -> abi.SockKey:
-    """The other end of a loopback connection: ports swapped, same namespace."""
+    """The other end of a loopback connection: ports swapped, same namespace (and one address)."""
     local, remote = sock.getsockname(), sock.getpeername()
-    return abi.SockKey(netns_cookie, _ip(LOOPBACK), remote[1], local[1])
+    return abi.SockKey(netns_cookie, _ip(local[0]), remote[1], local[1])
 
 
 def is_loopback(sock: socket.socket) -> bool:
-    return sock.getsockname()[0] == LOOPBACK and sock.getpeername()[0] == LOOPBACK
+    """Both ends in one namespace, routed over lo: 127.0.0.1, or the pod's IP (the proxy's leg to
+    an app), as bpf/datapath.c join_loopback admits them."""
+    return sock.getsockname()[0] == sock.getpeername()[0]
 
 
 @dataclass

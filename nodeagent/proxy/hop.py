@@ -6,7 +6,7 @@ is the model; tests/test_hop.py is its table).
 |---|---|
 | a meshed pod, on one of the proxy's own ports (15001, 15006, 4143) | REFUSED: it would reach a proxy listener and loop, or be proxied twice |
 | not a pod, or a pod outside the mesh | PLAIN: as addressed, plaintext |
-| a meshed pod this proxy serves, opaque bytes, on-node plaintext allowed | ON_NODE: plaintext to the pod's app from inside its namespace (at ports.APP_HOST, as inbound does); the destination's policy is asked with the source's identity |
+| a meshed pod this proxy serves, opaque bytes, on-node plaintext allowed | ON_NODE: plaintext to the pod's app at its IP, from inside its namespace (as inbound does); the destination's policy is asked with the source's identity |
 | any other meshed pod | MESH: mutual TLS to its mesh port, expecting its ServiceAccount's identity; the tunnel header names the port and the protocol detected |
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nodeagent.cluster.model import PodInfo
 from nodeagent.identity import naming
-from nodeagent.ports import APP_HOST, MESH_PORT, PROXY_PORTS
+from nodeagent.ports import MESH_PORT, PROXY_PORTS
 
 
 class Hint(enum.IntEnum):
@@ -63,6 +63,6 @@ def plan_hop(address: tuple[str, int], destination: PodInfo | None, *, meshed: b
     if port in PROXY_PORTS:
         return Hop(HopKind.REFUSED, None, port, hint, destination=destination, reason=PROXY_PORT_REASON)
     if served_here and on_node_plaintext and hint is Hint.OPAQUE:
-        return Hop(HopKind.ON_NODE, (APP_HOST, port), port, hint, destination=destination)
+        return Hop(HopKind.ON_NODE, (destination.ip, port), port, hint, destination=destination)
     expected = naming.of_pod(destination.namespace, destination.service_account, trust_domain)
     return Hop(HopKind.MESH, (destination.ip, MESH_PORT), port, hint, expected, destination)

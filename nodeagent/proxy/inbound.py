@@ -10,9 +10,10 @@ handshake holds one of the pod's `handshakes` while it runs, and both the handsh
 header have a deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
 HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection
-reaches the app at that port from inside the pod's namespace (APP_HOST) and is forwarded
-opaquely (forward.py). The app connection opens as soon as the connection is allowed, so a
-server that speaks first is heard at once.
+reaches the app on the pod's IP at that port, from inside the pod (the kernel routes it over
+lo; sk_lookup leaves it alone): an app listening on 127.0.0.1 only stays out of reach from
+outside the pod, as without a mesh. It is forwarded opaquely (forward.py). The app connection
+opens as soon as the connection is allowed, so a server that speaks first is heard at once.
 """
 
 import asyncio
@@ -20,7 +21,7 @@ import functools
 import ssl
 
 from nodeagent.policy.authz import Client
-from nodeagent.ports import APP_HOST, PROXY_PORTS
+from nodeagent.ports import PROXY_PORTS
 from nodeagent.proxy import mesh
 from nodeagent.proxy.connection import Direction, Phase
 from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
@@ -111,7 +112,7 @@ class _Inbound(asyncio.Protocol):
             return
         conn.peer, conn.revoke = client, transport.abort  # a policy change re-asks and may end it
         try:
-            sock = await open_socket(self.pod.netns_path, (APP_HOST, port), deps.timeouts.app_connect_s)
+            sock = await open_socket(self.pod.netns_path, (self.pod.info.ip, port), deps.timeouts.app_connect_s)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
         except (OSError, asyncio.TimeoutError):
             deps.observers.metrics.tcp_error("inbound", self.pod, "app connect failed")

@@ -9,6 +9,7 @@ import os
 import socket
 
 from nodeagent import netns
+from nodeagent.cluster import podfs
 from nodeagent.cluster.model import ClusterView, PodInfo
 from nodeagent.datapath.control import Datapath, PodEntry
 from nodeagent.identity import naming
@@ -28,7 +29,7 @@ from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.overload import CHECK_S, MemoryGuard
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
-from nodeagent.proxy.upstream import PROXY_MARK, Pool
+from nodeagent.proxy.upstream import Pool, register_sockets_with
 from nodeagent.settings import DEFAULT, AgentSettings
 
 log = logging.getLogger("nodeagent.proxy")
@@ -38,8 +39,6 @@ def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: b
     with netns.entered(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit the mark: the data path knows them for the proxy's (fast path).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
     if reuse_port:
         # The agent's worker processes each listen on the same ports: the kernel spreads the
         # connections over the group (sk_lookup's assignment too). Only with workers: a root
@@ -56,6 +55,8 @@ class Proxy:
                  owns_datapath: bool = True, reuse_port: bool = False, processes: int = 1):
         self.settings = settings
         self.datapath = datapath
+        # Its sockets in pods are never captured (bpf/datapath.c): registered before they connect.
+        register_sockets_with(getattr(datapath, "register_proxy_socket", None))
         self.identities = identities
         # A worker process serves pods but leaves enrolment and inbound steering to the main one.
         self.owns_datapath = owns_datapath
@@ -165,10 +166,10 @@ class Proxy:
         pod.servers.append(await loop.create_server(lambda: InboundAccept(inbound, pod), sock=inbound_sock))
         pod.servers.append(await loop.create_server(lambda: MeshAccept(inbound, pod), sock=mesh_sock))
         if self.owns_datapath:
-            self.datapath.reset_counters(slot)
-            self.datapath.attach_inbound(path, cookie)
+            self.datapath.reset_counters(slot, podfs.addresses(path))
             self.datapath.register_inbound_listener(slot, inbound_sock)
             self.datapath.enrol(PodEntry(cookie, info.ip, slot, OUTBOUND_PORT))
+            self.datapath.attach_inbound(path, cookie)  # last: it refuses what is not enrolled
         self.pods[cookie] = pod
         self.directory.serve(info.key, pod)
         log.info("pod %s enrolled (slot %d, netns cookie %d)", info.key, slot, cookie)

@@ -1,11 +1,14 @@
 """Connections from a pod to an endpoint: opened inside the pod's network
-namespace (the destination sees the pod's own address) and marked so the data
-path never captures them. HTTP/1 connections are pooled per (pod, endpoint).
+namespace (the destination sees the pod's own address) and registered with the
+data path before they connect, so that it never captures them (by socket cookie:
+a mark would not do, any process in a pod can set one). HTTP/1 connections are
+pooled per (pod, endpoint).
 """
 
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -15,10 +18,17 @@ from nodeagent.identity import naming
 from nodeagent.ports import MESH_PORT
 from nodeagent.proxy.limits import Limit
 
-PROXY_MARK = 0x4E41  # matches nodeagent.datapath.loader.DEFAULT_PROXY_MARK
 POOL_IDLE_S = 90.0
 POOL_MAX_IDLE = 64  # idle connections kept per (pod, endpoint)
 PENDING_MAX = 64 * 1024  # response bytes read before the client's side is attached; then the endpoint waits
+# The data path's registration of this process's sockets (Datapath.register_proxy_socket),
+# set once by the process's Proxy; None: nothing to tell.
+_register: Callable[[socket.socket], None] | None = None
+
+
+def register_sockets_with(register: Callable[[socket.socket], None] | None) -> None:
+    global _register
+    _register = register
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,8 @@ async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_
         with netns.entered(netns_path):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        if netns_path is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        if netns_path is not None and _register is not None:
+            _register(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout_s)

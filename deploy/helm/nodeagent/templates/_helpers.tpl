@@ -2,3 +2,32 @@
 app.kubernetes.io/name: nodeagent
 app.kubernetes.io/part-of: nodeagent
 {{- end -}}
+
+
+{{- define "nodeagent.podSecurity" -}}
+pod-security.kubernetes.io/enforce: privileged
+pod-security.kubernetes.io/audit: privileged
+pod-security.kubernetes.io/warn: privileged
+{{- end -}}
+
+{{- define "nodeagent.anchors" -}}
+{{- required "identity.trustAnchorsPEM is empty: make it with `nodeagent identity init` (ca.crt)" .Values.identity.trustAnchorsPEM -}}
+{{- end -}}
+
+{{- define "nodeagent.issuerCrt" -}}
+{{- required "identity.issuerCrtPEM is empty: make it with `nodeagent identity init` (issuer.crt)" .Values.identity.issuerCrtPEM -}}
+{{- end -}}
+
+{{- define "nodeagent.issuerKey" -}}
+{{- required "identity.issuerKeyPEM is empty: make it with `nodeagent identity init` (issuer.key)" .Values.identity.issuerKeyPEM -}}
+{{- end -}}
+
+{{/* The ConfigMap's and the Secret's data as sorted compact JSON, hashed (render.py's config_checksum). */}}
+{{- define "nodeagent.checksum" -}}
+{{- $config := dict -}}
+{{- range $key, $value := .Values.config -}}
+{{- $_ := set $config $key ($value | toString) -}}
+{{- end -}}
+{{- $secret := dict "ca.crt" (include "nodeagent.anchors" . | b64enc) "issuer.crt" (include "nodeagent.issuerCrt" . | b64enc) "issuer.key" (include "nodeagent.issuerKey" . | b64enc) -}}
+{{- dict "config" $config "secret" $secret | toJson | sha256sum -}}
+{{- end -}}

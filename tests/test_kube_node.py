@@ -1,0 +1,180 @@
+"""The agent as a DaemonSet on a real node: kubelet and containerd on this machine (tests/k8s/node.py)
+run `nodeagent install | kubectl apply -f -` as a real pod in a real container (its
+capabilities, mounts, probes), which meshes real pods: their Service traffic goes through it
+(no kube-proxy runs here: a ClusterIP answers only through the mesh), and the enrolment gate
+holds a meshed pod until the node's agent has enrolled it."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from k8s import image, node
+from nodeagent.identity.ca import Authority, write_identity_files
+
+pytestmark = pytest.mark.privileged
+NAMESPACE = "nodeagent"
+
+
+def wait_until(predicate, what: str, timeout_s: float = 120, plane=None):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = ""
+            if plane is not None:
+                detail = plane.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+                detail += plane.kubectl("get", "events", "-A", check=False).stdout[-3000:]
+            raise AssertionError(f"timed out waiting for {what}\n{detail}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def real_node(kube, tmp_path_factory):
+    work = tmp_path_factory.mktemp("images")
+    forwarding = node.ip_forwarding()
+    node.up(kube, [image.pause_archive(work), image.agent_archive(work)])
+    yield kube
+    assert node.ip_forwarding() == forwarding  # nothing here may forward toward the host's interfaces
+
+
+def bounding_capabilities() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("CapBnd:")).split()[1], 16)
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def install(plane, tmp_path_factory, *options: str) -> str:
+    """`nodeagent install | kubectl apply -f -`, as a user would. One change, only where this
+    machine needs it: its root has no CAP_SYS_RESOURCE in the bounding set (runc then refuses
+    the container: "unable to apply caps"), so SYS_RESOURCE (RLIMIT_MEMLOCK for maps on
+    kernels before 5.11, which account BPF memory to the memory cgroup since) is left out."""
+    identity = tmp_path_factory.getbasetemp() / "node-identity"
+    if not identity.exists():
+        anchor = Authority.new_anchor("cluster.local")
+        write_identity_files(identity, anchor, anchor.new_issuer("cluster.local"))
+    manifests = subprocess.run([sys.executable, "-m", "nodeagent", "install", "--identity-dir", str(identity),
+                                "--image", image.AGENT_IMAGE, *options],
+                               capture_output=True, text=True, check=True).stdout
+    if not bounding_capabilities() & (1 << CAP_SYS_RESOURCE):
+        manifests = re.sub(r"\n *- SYS_RESOURCE\n", "\n", manifests)
+    plane.kubectl("apply", "-f", "-", input=manifests)
+    return manifests
+
+
+def pods(plane, namespace: str, selector: str = "") -> list[dict]:
+    args = ["-n", namespace, "get", "pods", "-o", "json"] + (["-l", selector] if selector else [])
+    return json.loads(plane.kubectl(*args).stdout)["items"]
+
+
+def ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+
+
+def agent_ready(plane) -> dict | None:
+    found = [p for p in pods(plane, NAMESPACE, "app.kubernetes.io/name=nodeagent")
+             if not p["metadata"].get("deletionTimestamp")]
+    return found[0] if len(found) == 1 and ready(found[0]) else None
+
+
+@pytest.fixture(scope="module")
+def agent(real_node, tmp_path_factory):
+    install(real_node, tmp_path_factory)
+    yield wait_until(lambda: agent_ready(real_node), "the agent's pod Ready", timeout_s=300, plane=real_node)
+
+
+def test_the_daemonset_runs_as_a_real_pod_and_passes_the_post_install_check(real_node, agent):
+    assert agent["spec"]["nodeName"] == node.NODE_NAME
+    done = subprocess.run([sys.executable, "-m", "nodeagent", "check", "--post-install", "--kubeconfig",
+                           str(real_node.admin_kubeconfig)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 of 1 nodes ready, rollout complete" in done.stdout
+
+
+SERVER = """
+import http.server, socket
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from " + socket.gethostname() + "\\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Hello).serve_forever()
+"""
+# Fetches the Service by its ClusterIP once a second (no kube-proxy here: only the mesh routes it).
+CLIENT = """
+import os, time, urllib.request
+url = "http://" + os.environ["WEB_SERVICE_HOST"] + "/"
+for _ in range(600):
+    try:
+        print("ok", urllib.request.urlopen(url, timeout=2).read().decode().strip(), flush=True)
+    except Exception as e:
+        print("fail", repr(e), flush=True)
+    time.sleep(1)
+"""
+
+
+def python_pod(name: str, namespace: str, code: str, labels: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "app", "image": image.APP_IMAGE, "command": ["/opt/venv/bin/python", "-c", code],
+                "ports": [{"name": "http", "containerPort": 8080}]}]}}
+
+
+def logs(plane, namespace: str, pod: str, container: str = "app") -> str:
+    return plane.kubectl("-n", namespace, "logs", pod, "-c", container, check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def shop(real_node, agent):
+    plane = real_node
+    plane.kubectl("create", "namespace", "store")
+    plane.kubectl("label", "namespace", "store", "nodeagent.io/mesh=enabled")
+    plane.kubectl("apply", "-f", "-", input=json.dumps(python_pod("web", "store", SERVER, {"app": "web"})))
+    plane.kubectl("-n", "store", "create", "service", "clusterip", "web", "--tcp=80:8080")
+    plane.kubectl("-n", "store", "patch", "service", "web", "--type=merge",
+                  "-p", json.dumps({"spec": {"selector": {"app": "web"}}}))
+    plane.kubectl("apply", "-f", "-", input=json.dumps(python_pod("client", "store", CLIENT, {"app": "client"})))
+    yield plane
+
+
+def test_meshed_pods_on_the_real_node_reach_a_service_through_the_agent(shop):
+    wait_until(lambda: "ok hello from web" in logs(shop, "store", "client"), "the client's requests through the mesh",
+               timeout_s=180, plane=shop)
+    # Each meshed pod started only after its gate saw the agent's listeners in its namespace.
+    for name in ("web", "client"):
+        assert "enrolled by the node's agent" in logs(shop, "store", name, "nodeagent-enrolment")
+    stats = json.loads(shop.kubectl("-n", NAMESPACE, "exec", "ds/nodeagent", "--", "/opt/venv/bin/python", "-c",
+                                    "import urllib.request; print(urllib.request.urlopen("
+                                    "'http://127.0.0.1:4191/stats').read().decode())").stdout)
+    assert {p["pod"] for p in stats["pods"]} == {"store/web", "store/client"}
+    assert stats["ready"] and not stats["view_problems"]
+
+
+def test_a_meshed_pod_started_while_the_agent_is_down_is_held_until_it_is_back(shop, tmp_path_factory):
+    plane = shop
+    # The agent goes away (its DaemonSet selects no node), the node's data path stays pinned.
+    plane.kubectl("-n", NAMESPACE, "patch", "daemonset", "nodeagent", "--type=merge", "-p", json.dumps(
+        {"spec": {"template": {"spec": {"nodeSelector": {"kubernetes.io/os": "none"}}}}}))
+    wait_until(lambda: not pods(plane, NAMESPACE, "app.kubernetes.io/name=nodeagent"), "the agent to go",
+               plane=plane)
+    plane.kubectl("apply", "-f", "-", input=json.dumps(python_pod("late", "store", CLIENT, {"app": "late"})))
+    time.sleep(15)
+    (late,) = [p for p in pods(plane, "store") if p["metadata"]["name"] == "late"]
+    assert late["status"]["phase"] == "Pending" and not ready(late)
+    assert [s["name"] for s in late["status"].get("initContainerStatuses", [])] == ["nodeagent-enrolment"]
+    assert "running" in late["status"]["initContainerStatuses"][0]["state"]  # the gate, waiting for the agent
+    assert "running" not in late["status"]["containerStatuses"][0]["state"]  # the application: not started
+    install(plane, tmp_path_factory)  # the agent is back: it enrols the held pod, which then starts
+    wait_until(lambda: "ok hello from web" in logs(plane, "store", "late"), "the held pod, meshed",
+               timeout_s=300, plane=plane)
