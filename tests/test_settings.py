@@ -135,3 +135,10 @@ def test_lab_up_says_what_each_mesh_mode_is_and_the_readme_shows_it():
         assert f"{mode}:" in flat  # sidecar used to be missing
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "nodeagent lab up [--nodes 2] [--pods 5] [--no-enroll] [--mesh none|node|sidecar]" in readme
+
+
+def test_settings_travel_to_worker_processes_pickled():
+    import pickle
+
+    s = settings.parse({"pod-limits": "handshakes=3", "workers": "4", "fast-path": "splice"})
+    assert pickle.loads(pickle.dumps(s)) == s  # a mappingproxy inside once killed every worker's start

@@ -60,7 +60,8 @@ def _limit(name: str) -> Limit:
 
 @dataclass(frozen=True)
 class PodLimits:
-    values: Mapping[Limit, int] = field(default_factory=lambda: DEFAULTS)
+    # A plain dict (read-only by convention): the settings travel to worker processes pickled.
+    values: dict = field(default_factory=lambda: dict(DEFAULTS), hash=False)
 
     def __getitem__(self, limit: Limit) -> int:
         return self.values[limit]
@@ -78,7 +79,7 @@ def parse(text: str, base: PodLimits = PodLimits()) -> PodLimits:
             raise ValueError(f"not NAME=N: {part!r}")
         limit = _limit(name.strip())
         values[limit] = _value(limit.value, number)
-    return PodLimits(MappingProxyType(values))
+    return PodLimits(values)
 
 
 def from_annotations(annotations: Mapping[str, str], defaults: PodLimits) -> tuple[PodLimits, list[str]]:
@@ -92,7 +93,7 @@ def from_annotations(annotations: Mapping[str, str], defaults: PodLimits) -> tup
             values[limit] = _value(limit.value, text)
         except ValueError as e:
             errors.append(f"{key}: {e}; using the default")
-    return PodLimits(MappingProxyType(values)), errors
+    return PodLimits(values), errors
 
 
 class Quota:
