@@ -45,3 +45,17 @@ def lab_fixture(nodes: int = 2, pods_per_node: int = 5, mesh: str = "none"):
         lab_ops.down()
 
     return lab
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed lab test carries the tail of each lab agent's log (the lab and its logs are gone
+    by the time anyone reads the report)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "privileged" in item.keywords:
+        from nodeagent.lab.lab import STATE_DIR
+
+        for log in sorted((STATE_DIR / "logs").glob("agent-*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-40:]
+            report.sections.append((f"lab {log.stem} (last 40 lines)", "\n".join(lines)))

@@ -186,3 +186,46 @@ def test_tls_passed_through_is_recorded_with_its_server_name(mesh):
     samples = admin_client.scrape(ADMIN0)
     assert value(samples, "tls_sni_total", pod="client-n0-0", sni="db.example.test", direction="outbound") == 1
     assert value(samples, "protocol_detected_total", pod="client-n0-0", protocol="tls") >= 1
+
+
+def test_a_workloads_own_requests_are_counted_on_its_node_meshed_clients_or_not(mesh):
+    """Inbound HTTP is served per request at the destination (issue 18): the pod's own success
+    rate is on its own node's agent, under each client's identity, and from unmeshed clients
+    as `unauthenticated`."""
+    from nodeagent.lab import lab as lab_ops
+
+    target = mesh.plan.pod("http-n1-0").ip
+    code = f"""
+import http.client
+conn = http.client.HTTPConnection({target!r}, 8080, timeout=10)
+for i in range(20):
+    conn.request("GET", "/status/500" if i % 5 == 0 else "/")
+    conn.getresponse().read()
+"""
+    before = admin_client.scrape("127.0.0.1:4192")
+    py_in(mesh, "client-n0-0", code)  # meshed: mutual TLS from node0
+
+    def enrolled() -> float:
+        return value(admin_client.scrape("127.0.0.1:4192"), "enrolled_pods", node="node1")
+
+    meshed_pods = enrolled()
+    assert lab_ops.label("banner-n1-0", "nodeagent.io/mesh=disabled")
+    try:
+        wait_until(lambda: enrolled() == meshed_pods - 1, "banner-n1-0 to leave the mesh")
+        py_in(mesh, "banner-n1-0", code)  # unmeshed: plaintext, steered by sk_lookup
+    finally:
+        lab_ops.label("banner-n1-0", "nodeagent.io/mesh=enabled")
+        wait_until(lambda: enrolled() == meshed_pods, "banner-n1-0 to rejoin the mesh")
+    after = admin_client.scrape("127.0.0.1:4192")
+
+    def grown(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    meshed = {"direction": "inbound", "pod": "http-n1-0", "peer": "spiffe://cluster.local/ns/default/sa/client",
+              "tls": "true"}
+    plain = {"direction": "inbound", "pod": "http-n1-0", "peer": "unauthenticated", "tls": "false"}
+    for labels in (meshed, plain):
+        assert grown("request_total", **labels) == 20
+        assert grown("response_total", **labels, status_code=200, classification="success") == 16
+        assert grown("response_total", **labels, status_code=500, classification="failure") == 4
+        assert grown("response_latency_ms_count", **labels) == 20

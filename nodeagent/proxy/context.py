@@ -95,5 +95,6 @@ class InboundDeps:
     authorizer: Authorizer
     server_context: Callable[[PodContext], object]  # the pod's TLS server context (its current certificate)
     splicer: Splicer
+    app_pools: Pools  # HTTP connections to the pods' own apps (inbound HTTP), apart from the outbound ones
     observers: Observers
     timeouts: Timeouts

@@ -24,13 +24,21 @@ from nodeagent.policy.authz import Client
 from nodeagent.ports import PROXY_PORTS
 from nodeagent.proxy import mesh
 from nodeagent.proxy.connection import Direction, Phase
-from nodeagent.proxy.detect import NEED_MORE, Protocol, detect
+from nodeagent.proxy.app_target import AppTarget
+from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.errors import REASON_HEADER
 from nodeagent.proxy.forward import forward
 from nodeagent.proxy.h2peer import H2Peer, goaway
+from nodeagent.proxy.hop import Hint
+from nodeagent.proxy.http1 import Http1Server
+from nodeagent.proxy.http2 import Http2Server
 from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import open_socket
+
+EAGER_S = 0.003  # a plaintext client that has not spoken by then may wait for its server to speak first
+# What the source proxy detected, as its tunnel header says: HTTP is served here per request.
+HINTED = {Hint.HTTP1: Protocol.HTTP1, Hint.H2: Protocol.H2}
 
 FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
              b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -100,17 +108,25 @@ class _Inbound(asyncio.Protocol):
         transport.abort()
         return True
 
-    async def _admit(self, transport, port: int, identity: str | None) -> None:
+    async def _admit(self, transport, port: int, identity: str | None, protocol: Protocol | None) -> None:
+        """Authorize, then serve: HTTP terminated here (`protocol` from the tunnel header's hint, or
+        detected on a plaintext connection when None), anything else forwarded as it comes."""
         deps, conn = self.deps, self.conn
         peer_ip = transport.get_extra_info("peername")[0]
-        conn.label(deps.observers.metrics, identity or "unauthenticated", identity is not None)
+        peer = identity or "unauthenticated"
+        conn.label(deps.observers.metrics, peer, identity is not None)
         client = Client(peer_ip, identity)
         decision = deps.authorizer.authorize(self.pod, port, client)
         if not decision.allowed:
             conn.enter(Phase.REFUSING)
             await self._refuse(transport)
             return
-        conn.peer, conn.revoke = client, transport.abort  # a policy change re-asks and may end it
+        conn.peer, conn.port, conn.revoke = client, port, transport.abort  # a policy change re-asks
+        if protocol is None:
+            protocol = await self._detect()
+        if protocol in (Protocol.HTTP1, Protocol.H2):
+            self._serve_http(transport, port, peer, identity is not None, protocol is Protocol.H2)
+            return
         try:
             sock = await open_socket(self.pod.netns_path, (self.pod.info.ip, port), deps.timeouts.app_connect_s)
             _, app = await asyncio.get_running_loop().create_connection(Holding, sock=sock)
@@ -126,6 +142,39 @@ class _Inbound(asyncio.Protocol):
             kernel = deps.splicer.request(transport, self.pod.cookie, app.transport, self.pod.cookie)
         forward(transport, bytes(self.buffer), self.eof, app, idle_s=deps.timeouts.inbound_idle_s, on_close=conn.close, kernel=kernel)
         self.buffer = None
+
+    async def _detect(self) -> Protocol:
+        """A plaintext client's protocol, from its first bytes. One that says nothing within
+        EAGER_S may be waiting for a server that speaks first: opaque, and its app is connected at
+        once; a partial prefix waits for the detect timeout, then is opaque too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deps.timeouts.detect_s
+        wait_s = EAGER_S
+        while True:
+            found = detect(bytes(self.buffer)) if self.buffer else NEED_MORE
+            if found is not NEED_MORE:
+                return found.protocol if found else Protocol.OPAQUE
+            if self.eof or len(self.buffer) >= MAX_PREFIX:
+                return Protocol.OPAQUE
+            self._more.clear()
+            try:
+                await asyncio.wait_for(self._more.wait(), min(wait_s, max(deadline - loop.time(), 0)))
+            except asyncio.TimeoutError:
+                return Protocol.OPAQUE
+            wait_s = deadline - loop.time()
+
+    def _serve_http(self, transport, port: int, peer: str, tls: bool, h2: bool) -> None:
+        """HTTP/1 or HTTP/2 served here, each request to the pod's app (app_target.AppTarget):
+        counted as inbound requests, and a drain can end the connection between requests."""
+        conn = self.conn
+        conn.enter(Phase.HTTP2 if h2 else Phase.HTTP1)
+        target = AppTarget(self.deps, self.pod, port, peer, tls)
+        initial, self.buffer = bytes(self.buffer), None
+        server = (Http2Server if h2 else Http1Server)(target, initial, conn.stats, on_close=conn.close)
+        transport.set_protocol(server)
+        server.connection_made(transport)
+        if self.eof:
+            server.eof_received()
 
     async def _refuse(self, transport) -> None:
         """403 for a client that speaks HTTP/1, a close for anything else."""
@@ -194,7 +243,7 @@ class InboundAccept(_Inbound):
         port = transport.get_extra_info("sockname")[1]
         if self._proxy_port(transport, port):
             return
-        self.task = asyncio.get_running_loop().create_task(self._guarded(self._admit(transport, port, None)))
+        self.task = asyncio.get_running_loop().create_task(self._guarded(self._admit(transport, port, None, None)))
 
 
 class MeshAccept(_Inbound):
@@ -238,7 +287,7 @@ class MeshAccept(_Inbound):
                     raise mesh.TunnelError("closed before the tunnel header")
                 self._more.clear()
                 await asyncio.wait_for(self._more.wait(), max(deadline - asyncio.get_running_loop().time(), 0))
-            port, _hint = mesh.decode_header(bytes(self.buffer))
+            port, hint = mesh.decode_header(bytes(self.buffer))
             self.conn.enter(Phase.AUTHORIZING)  # gives the handshake back to the pod's share
         except (mesh.TunnelError, asyncio.TimeoutError):
             deps.observers.metrics.tcp_error("inbound", self.pod, "bad tunnel header")
@@ -248,4 +297,4 @@ class MeshAccept(_Inbound):
         del self.buffer[:mesh.HEADER.size]
         if self._proxy_port(tls, port):
             return
-        await self._admit(tls, port, mesh.peer_identity(tls))
+        await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint, Protocol.OPAQUE))

@@ -78,6 +78,7 @@ class Proxy:
         self.connector = Connector(self.directory, identities, self.tls_sessions, settings.trust_domain,
                                    settings.on_node_plaintext)
         self.pools = Pools(Pool(), H2Pool())
+        self.app_pools = Pools(Pool(), H2Pool())  # inbound HTTP to the pods' own apps
         self.splicer = Splicer(datapath, settings.fast_paths, self.problems)
         self.timeouts = Timeouts()
         self.pods: dict[int, PodContext] = {}
@@ -91,8 +92,8 @@ class Proxy:
                             self.authorizer, self.splicer, self.pools, self.observers, self.timeouts)
 
     def build_inbound(self) -> InboundDeps:
-        return InboundDeps(self.connections, self.authorizer, self.server_context, self.splicer, self.observers,
-                           self.timeouts)
+        return InboundDeps(self.connections, self.authorizer, self.server_context, self.splicer, self.app_pools,
+                           self.observers, self.timeouts)
 
     @property
     def view(self) -> ClusterView:
@@ -184,8 +185,9 @@ class Proxy:
             self.datapath.forget(cookie, pod.info.ip)
         for server in pod.servers:
             server.close()
-        self.pools.http1.forget_pod(cookie)
-        self.pools.http2.forget_pod(cookie)
+        for pools in (self.pools, self.app_pools):
+            pools.http1.forget_pod(cookie)
+            pools.http2.forget_pod(cookie)
         self.authorizer.forget(pod.key)
         if deleted and self.owns_datapath:
             self.datapath.detach_inbound(cookie)
