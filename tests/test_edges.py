@@ -96,6 +96,22 @@ def test_outbound_series_become_client_edges_with_both_identities():
     assert len(found) == 4
 
 
+def test_an_http_connections_tcp_counts_join_the_edge_its_requests_took():
+    """An outbound HTTP connection's TCP series say tls=false (the app's side); its requests
+    say how they went."""
+    secured = [out("request_total", 4, WEB, "svc/shop/web", True),
+               out("tcp_open_total", 1, WEB, "svc/shop/web", False),
+               out("tcp_read_bytes_total", 50, WEB, "svc/shop/web", False)]
+    (edge,) = edges.agent_edges(secured, view(), TD)
+    assert (edge.tls, edge.requests, edge.connections, edge.bytes_read, edge.client_id) == (True, 4, 1, 50, WEB_ID)
+    mixed = secured + [out("request_total", 1, WEB, "svc/shop/web", False)]  # some went in plaintext
+    found = {e.tls: e for e in edges.agent_edges(mixed, view(), TD)}
+    assert (found[True].requests, found[True].connections, found[False].requests, found[False].connections) == (
+        4, 0, 1, 1)
+    opaque = [out("tcp_open_total", 2, WEB, "pod/shop/curl", False)]  # no requests: as labelled
+    assert [e.tls for e in edges.agent_edges(opaque, view(), TD)] == [False]
+
+
 def test_a_service_of_one_meshed_workload_names_its_identity_once():
     samples = [out("tcp_open_total", 1, WEB, "svc/shop/web", True)]
     (edge,) = edges.agent_edges(samples, view(), TD)
@@ -148,5 +164,11 @@ def test_document_round_trips_and_lists_enrolled_pods():
                               [v.pods[WEB]])
     assert document["pods"] == [{"pod": WEB, "namespace": "shop", "workload": "deploy/web", "identity": WEB_ID,
                                  "node": "n0"}]
+    assert document["workloads"] == [
+        {"namespace": "data", "workload": "sts/db", "pods": 1}, {"namespace": "shop", "workload": "app/api", "pods": 1},
+        {"namespace": "shop", "workload": "deploy/api", "pods": 2}, {"namespace": "shop", "workload": "deploy/web",
+                                                                      "pods": 1},
+        {"namespace": "shop", "workload": "pod/curl", "pods": 1}]
+    assert document["peers"] == {"external": {"namespace": "", "workload": "external"}}
     assert edges.from_document(document) == edges.agent_edges([out("tcp_open_total", 1, WEB, "external", False)],
                                                               v, TD)

@@ -20,7 +20,7 @@ and open (TCP), bytes read from and written to the client side (counted when a c
 closes). Cardinality: one edge per (source workload, destination, tls) that carried traffic.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 from nodeagent.identity import naming
@@ -129,6 +129,7 @@ class Resolver:
 def agent_edges(samples: list[tuple[str, dict, float]], view, trust_domain: str) -> list[Edge]:
     """One agent's edges from its metric samples (name, labels, value) and its cluster view."""
     resolver = Resolver(view, trust_domain)
+    secured_http = _secured_http(samples)
     edges: dict[tuple, Edge] = {}
     for name, labels, value in samples:
         attribute = COUNTED.get(name)
@@ -138,7 +139,9 @@ def agent_edges(samples: list[tuple[str, dict, float]], view, trust_domain: str)
         pod = view.pods.get(f"{labels.get('namespace')}/{labels.get('pod')}")
         if peer is None or pod is None or direction not in ("outbound", "inbound"):
             continue
-        edge = _edge(direction, pod, peer, labels.get("tls") == "true", resolver)
+        tls = labels.get("tls") == "true" or (direction == "outbound" and name.startswith("tcp_")
+                                               and (labels["namespace"], labels["pod"], peer) in secured_http)
+        edge = _edge(direction, pod, peer, tls, resolver)
         edge = edges.setdefault(edge.key(), edge)
         if attribute is not None:
             setattr(edge, attribute, getattr(edge, attribute) + value)
@@ -147,6 +150,17 @@ def agent_edges(samples: list[tuple[str, dict, float]], view, trust_domain: str)
         else:
             edge.successes += value
     return sorted(edges.values(), key=Edge.key)
+
+
+def _secured_http(samples: list[tuple[str, dict, float]]) -> set[tuple[str, str, str]]:
+    """(namespace, pod, peer) whose outbound requests all went over mTLS. The TCP series of an
+    outbound HTTP connection say tls=false (it is the app's plaintext connection to its proxy;
+    each request's hop decides mTLS), so its connections and bytes join the edge its requests took."""
+    seen: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for name, labels, _ in samples:
+        if name == "request_total" and labels.get("direction") == "outbound" and "peer" in labels:
+            seen[(labels.get("namespace"), labels.get("pod"), labels["peer"])].add(labels.get("tls"))
+    return {key for key, tls in seen.items() if tls == {"true"}}
 
 
 def _edge(direction: str, pod, peer: str, tls: bool, resolver: Resolver) -> Edge:
@@ -192,11 +206,22 @@ def merge(reports: list[list[Edge]]) -> list[Edge]:
 
 def document(node: str | None, samples: list[tuple[str, dict, float]], view, trust_domain: str,
              enrolled: list) -> dict:
-    """What an agent's /edges answers: its enrolled pods (with workload and identity) and its edges."""
+    """What an agent's /edges answers: its enrolled pods (with workload and identity), the number of
+    pods of every workload in its cluster view (to say how many are meshed), the workload behind
+    each outbound peer its pods reached, and its edges."""
     resolver = Resolver(view, trust_domain)
+    sizes = Counter(of_pod(info) for info in view.pods.values())
     pods = [{"pod": info.key, "namespace": info.namespace, "workload": of_pod(info).name,
              "identity": resolver.identity(info), "node": node} for info in sorted(enrolled, key=lambda p: p.key)]
-    return {"node": node, "pods": pods, "edges": [e.as_dict() for e in agent_edges(samples, view, trust_domain)]}
+    peers = {}
+    for _, labels, _ in samples:
+        peer = labels.get("peer")
+        if labels.get("direction") == "outbound" and peer and peer not in peers:
+            destination = resolver.destination(peer)
+            peers[peer] = {"namespace": destination.namespace, "workload": destination.name}
+    workloads = [{"namespace": w.namespace, "workload": w.name, "pods": n} for w, n in sorted(sizes.items())]
+    return {"node": node, "pods": pods, "workloads": workloads, "peers": peers,
+            "edges": [e.as_dict() for e in agent_edges(samples, view, trust_domain)]}
 
 
 def from_document(document: dict) -> list[Edge]:
