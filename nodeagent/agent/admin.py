@@ -1,11 +1,12 @@
 """The agent's HTTP endpoints, on two listeners.
 
 - admin (`--admin`, loopback only; 127.0.0.1:4191 by default): /live, /ready,
-  /metrics, /stats (JSON) and /tap (request metadata, JSON lines).
+  /metrics, /stats (JSON), /edges (JSON: observe/edges.py) and /tap (request metadata,
+  JSON lines).
 - metrics (`--metrics`, optional; the pod's or node's address, for Prometheus
   and kubelet probes): /live, /ready and /metrics, nothing else.
 
-/tap and /stats show who talks to whom and when, so they stay on loopback
+/tap, /stats and /edges show who talks to whom and when, so they stay on loopback
 rather than behind authentication: nothing to issue or rotate, and operators
 still reach them through `kubectl port-forward` (which connects inside the
 agent pod's network namespace, under RBAC on pods/portforward) or on the node.
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nodeagent.agent.merge import families_of
+from nodeagent.observe.edges import document as edges_document
 from nodeagent.proxy.tap import TapFull
 
 log = logging.getLogger("nodeagent.admin")
@@ -315,8 +318,16 @@ def _routes(agent, private: bool) -> dict:
             return 503, "text/plain", b"not ready\n"
         return 200, CONTENT_TYPE_LATEST, generate_latest(await agent.metrics_registry())
 
+    async def edges():
+        if agent.proxy is None:
+            return 503, "text/plain", b"not ready\n"
+        samples = [s for family in families_of(await agent.metrics_registry()) for s in family[3]]
+        document = edges_document(agent.config.node_name, samples, agent.proxy.view, agent.config.trust_domain,
+                                  [pod.info for pod in agent.proxy.pods.values()])
+        return 200, "application/json", json.dumps(document, indent=1).encode()
+
     public = {"/live": live, "/ready": ready, "/metrics": metrics}
-    return {**public, "/stats": stats} if private else public
+    return {**public, "/stats": stats, "/edges": edges} if private else public
 
 
 async def serve_admin(agent, host: str, port: int,

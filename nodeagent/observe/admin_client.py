@@ -44,3 +44,9 @@ def tap_stream(admin: str, filters: dict, max_events: int, seconds: float) -> It
                 yield json.loads(line)
     finally:
         conn.close()
+
+
+def fetch_json(admin: str, path: str, timeout_s: float = 5.0) -> dict:
+    """A JSON document from an agent's admin port (/edges, /stats)."""
+    with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout_s) as response:
+        return json.loads(response.read())

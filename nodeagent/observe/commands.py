@@ -138,3 +138,27 @@ def top(admins, namespace, pod, to, method, path, duration):
                 live.update(views.top_table(aggregate.roll_up(events)))
 
 
+@click.command()
+@admin_option
+@click.option("--namespace", help="Only edges from or to this namespace.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def edges(admins, namespace, as_json):
+    """Who talks to whom: source and destination workloads, the identities they presented, whether
+    over mutual TLS, request and byte counts (from every agent's /edges)."""
+    import json
+
+    from nodeagent.observe import admin_client, views
+    from nodeagent.observe import edges as edge_model
+
+    reports = []
+    for admin in list(admins) or admin_client.default_admins():
+        try:
+            reports.append(edge_model.from_document(admin_client.fetch_json(admin, "/edges")))
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"cannot read {admin}/edges: {e}") from e
+    merged = [e for e in edge_model.merge(reports)
+              if not namespace or namespace in (e.src_namespace, e.dst_namespace)]
+    if as_json:
+        click.echo(json.dumps([e.as_dict() for e in merged], indent=1))
+    else:
+        Console().print(views.edges_table(merged))

@@ -40,3 +40,28 @@ def tap_line(event: dict) -> str:
     return (f"{stamp} {event['direction']} src={event['namespace']}/{event['pod']} dst={event['destination']} "
             f"tls={str(event['tls']).lower()} :method={event['method']} :authority={event['authority']} "
             f":path={event['path']} :status={event['status']} latency={event['latency_ms']:.3f}ms")
+
+
+def _short_id(identity: str) -> str:
+    """spiffe://td/ns/N/sa/S -> S.N (as linkerd viz edges shows identities)."""
+    parts = identity.split("/")
+    if identity.startswith("spiffe://") and len(parts) == 7:
+        return f"{parts[6]}.{parts[4]}"
+    return identity
+
+
+def edges_table(edges: list) -> Table:
+    table = Table(title="Edges (totals since the agents started)", title_justify="left")
+    for column in ("SRC", "DST", "SRC_NS", "DST_NS", "SECURED", "CLIENT_ID", "SERVER_ID", "REQUESTS", "SUCCESS",
+                   "CONNECTIONS", "BYTES", "SEEN_BY"):
+        table.add_column(column, justify="right" if column in ("REQUESTS", "SUCCESS", "CONNECTIONS", "BYTES")
+                         else "left", overflow="fold")
+    for e in edges:
+        answered = e.successes + e.failures
+        table.add_row(e.src, e.dst, e.src_namespace or "-", e.dst_namespace or "-", "√" if e.tls else "-",
+                      ",".join(_short_id(i) for i in e.client_id.split(",")) if e.client_id else "-",
+                      ",".join(_short_id(i) for i in e.server_id.split(",")) if e.server_id else "-",
+                      f"{e.requests:.0f}", f"{e.successes / answered:.2%}" if answered else "-",
+                      f"{e.connections:.0f}", f"{e.bytes_read + e.bytes_written:.0f}",
+                      e.seen_by + (" (verified)" if e.verified else ""))
+    return table
