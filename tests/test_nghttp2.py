@@ -189,16 +189,17 @@ def _server():
 
 def test_installed_nghttp2_limits_rapid_reset_itself():
     """Debian's 1.52.0-1+deb12u3 carries the stream reset rate limit (CVE-2023-44487): after
-    the burst of 1,000 it sends GOAWAY, with INTERNAL_ERROR (ours: ENHANCE_YOUR_CALM)."""
+    the burst of 1,000 it sends GOAWAY, with INTERNAL_ERROR (ours: ENHANCE_YOUR_CALM). Its bucket
+    refills at 33 resets a second, so a slow machine may get a few past the burst, never 1,000."""
     server = _server()
     sent = b""
-    for n in range(h2budget.RESET_BURST + 10):
+    for n in range(2 * h2budget.RESET_BURST):
         server.session.receive(frame(0x1, 0x5, 2 * n + 1, GET) + frame(0x3, 0, 2 * n + 1, b"\0\0\0\x08"))
         while data := server.session.send():
             sent += data
         if not server.session.wants_io():
             break
-    assert n == h2budget.RESET_BURST
+    assert h2budget.RESET_BURST <= n < 2 * h2budget.RESET_BURST - 1
     assert [int.from_bytes(p[4:8], "big") for kind, _, p in frames(sent) if kind == 0x7] == [ErrorCodes.INTERNAL_ERROR]
 
 
