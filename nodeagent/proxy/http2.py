@@ -43,6 +43,7 @@ class Request:
     headers: list
     started: float = field(default_factory=time.monotonic)
     head_at: float | None = None  # when the response's headers arrived
+    version: str = "2"  # for access logs, as HTTP/1's "1.1"
 
 
 class StreamFailed(Exception):

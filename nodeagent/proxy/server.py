@@ -29,6 +29,7 @@ from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.overload import CHECK_S, MemoryGuard
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
+from nodeagent.proxy.telemetry import Telemetry
 from nodeagent.proxy.upstream import Pool, register_sockets_with
 from nodeagent.settings import DEFAULT, AgentSettings
 
@@ -64,7 +65,9 @@ class Proxy:
         self.metrics = Metrics()
         self.tap = TapHub()
         self.problems = ProblemLog(log)
-        self.observers = Observers(self.metrics, self.tap, self.problems)
+        self.telemetry = Telemetry(settings.access_log, self.metrics, self.problems,
+                                   lambda key: self.directory.view.pods.get(key))
+        self.observers = Observers(self.metrics, self.tap, self.problems, self.telemetry)
         self.directory = Directory()
         self.authorizer = Authorizer(settings.default_policy, settings.networks, settings.trust_domain,
                                      lambda: self.directory.view, self.observers)
@@ -198,3 +201,4 @@ class Proxy:
         for pod in self.pods.values():
             for server in pod.servers:
                 server.close()
+        self.telemetry.close()  # the access log lines still queued are written
