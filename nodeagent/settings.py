@@ -302,6 +302,10 @@ OPTIONS: tuple[Option, ...] = (
             "Where access log lines go, for the pods and Services that ask for one with the "
             "config.nodeagent.io/access-log annotation (apache or json): stderr, or a file path (appended to).",
             metavar="stderr|PATH"),
+    _option("drain_timeout", parse_duration, 600.0, Scope.CLUSTER,
+            "On SIGTERM the agent drains: HTTP clients are told to go at once, opaque and mTLS connections are "
+            "left to end until this deadline, then cut (a second SIGTERM or SIGINT cuts them at once).",
+            _print_duration, metavar="DURATION"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -334,6 +338,7 @@ class AgentSettings:
     max_connections: int = 20000
     memory_budget: int = 400 << 20
     access_log: str = "stderr"
+    drain_timeout: float = 600.0
 
     # --- derived ---
 
