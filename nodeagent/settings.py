@@ -203,6 +203,13 @@ def _print_size(size: int) -> str:
     return str(size)
 
 
+def _access_log(value: str) -> str:
+    """stderr, or an absolute path to append lines to."""
+    if value != "stderr" and not value.startswith("/"):
+        raise ValueError(f"{value!r}: 'stderr' or an absolute file path")
+    return value
+
+
 def _networks(value: str) -> tuple[str, ...]:
     parts = tuple(filter(None, (part.strip() for part in value.split(","))))
     for part in parts:
@@ -291,6 +298,14 @@ OPTIONS: tuple[Option, ...] = (
             "Resident memory the agent (all its processes) aims to stay under: near it, new connections are "
             "refused and those holding the most buffered bytes are cut (keep it below the container's limit).",
             _print_size, metavar="SIZE"),
+    _option("access_log", _access_log, "stderr", Scope.CLUSTER,
+            "Where access log lines go, for the pods and Services that ask for one with the "
+            "config.nodeagent.io/access-log annotation (apache or json): stderr, or a file path (appended to).",
+            metavar="stderr|PATH"),
+    _option("drain_timeout", parse_duration, 600.0, Scope.CLUSTER,
+            "On SIGTERM the agent drains: HTTP clients are told to go at once, opaque and mTLS connections are "
+            "left to end until this deadline, then cut (a second SIGTERM or SIGINT cuts them at once).",
+            _print_duration, metavar="DURATION"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -322,6 +337,8 @@ class AgentSettings:
     pod_limits: PodLimits = PodLimits()
     max_connections: int = 20000
     memory_budget: int = 400 << 20
+    access_log: str = "stderr"
+    drain_timeout: float = 600.0
 
     # --- derived ---
 

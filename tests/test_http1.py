@@ -18,6 +18,7 @@ from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.retry import Retries
 from nodeagent.proxy.tap import TapHub
+from nodeagent.proxy.telemetry import Telemetry
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.upstream import Pool
 
@@ -31,7 +32,8 @@ class FixedTarget:
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.attempts = [], [], 0
-        self.observers = Observers(Metrics(), TapHub(), ProblemLog(logging.getLogger("test")))
+        metrics, problems = Metrics(), ProblemLog(logging.getLogger("test"))
+        self.observers = Observers(metrics, TapHub(), problems, Telemetry("stderr", metrics, problems, lambda key: None))
 
     def retries(self, facts):
         self.budget.deposit()

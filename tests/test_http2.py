@@ -25,6 +25,7 @@ from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.retry import Retries, Verdict
 from nodeagent.proxy.tap import TapHub
+from nodeagent.proxy.telemetry import Telemetry
 from nodeagent.proxy.h2upstream import H2Pool
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -41,7 +42,8 @@ class FixedTargets:
         self.errors, self.statuses, self.finished, self.chosen, self.failures = [], [], [], [], []
         self.floods = []
         self.abandoned = self.connect_failures = self.retried = self.streams = 0
-        self.observers = Observers(Metrics(), TapHub(), ProblemLog(logging.getLogger("test")))
+        metrics, problems = Metrics(), ProblemLog(logging.getLogger("test"))
+        self.observers = Observers(metrics, TapHub(), problems, Telemetry("stderr", metrics, problems, lambda key: None))
 
     def retries(self, facts):
         self.budget.deposit()

@@ -4,12 +4,16 @@ Start: check the host, load (or adopt) the data path in a short-lived loader
 process, open the admin port, then follow the cluster (the Kubernetes API or
 a manifest directory): every meshed pod on this node gets listeners inside
 its namespace and its data-path entries; pods that leave or go away are
-released. Ready once the first complete view of the cluster is reconciled.
-Stop (SIGTERM/SIGINT): close listeners and exit; the data path stays pinned,
-so the node's enrolled pods fail closed until an agent returns (README).
+released. Ready once the first complete view of the cluster is reconciled,
+and while the data path is pinned and the view is current.
+Stop (SIGTERM/SIGINT): drain (not ready at once; HTTP connections told to
+go, listeners closed once their queues are empty, the rest left to end until
+--drain-timeout; a second signal ends it), then exit. The data path stays
+pinned: a successor adopts it, or the pods fail closed until one comes (README).
 """
 
 import asyncio
+import enum
 import logging
 import os
 import signal
@@ -31,22 +35,31 @@ from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
 from nodeagent.datapath.loader import LoadError, load_in_subprocess
 from nodeagent.datapath.pins import PinLayout
+from nodeagent.datapath.programs import CONNECT4
 from nodeagent.proxy.server import Proxy
 
 log = logging.getLogger("nodeagent.agent")
 POLL_S = 0.25
 MAX_UNSERVED_SHOWN = 100  # /stats lists this many objects the proxy does not serve, at most
+DRAIN_CHECK_S = 0.25  # draining: how often the open connections of every process are counted
 
 
 class AgentError(RuntimeError):
     pass
 
 
+class Lifecycle(enum.Enum):
+    STARTING = "starting"  # until the first complete view is reconciled
+    SERVING = "serving"
+    DRAINING = "draining"  # stopping: no new connections, the open ones end (or the deadline)
+
+
 class Agent:
     def __init__(self, settings: AgentSettings, source):
         self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
         self.source = source
-        self._served = False  # the first complete view is reconciled
+        self.lifecycle = Lifecycle.STARTING
+        self._datapath_problem: str | None = None  # the pinned data path is gone (a cleanup ran)
         self._problems: list[str] = []  # why the source's view cannot be trusted now
         self.proxy: Proxy | None = None
         self.slots = SlotAllocator(abi.MAX_PODS)
@@ -71,7 +84,8 @@ class Agent:
         except (OSError, ValueError) as e:
             raise AgentError(f"cannot load the identity issuer from {self.config.identity_dir}: {e}") from e
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+        """Serve until `stop`, then drain until the deadline or `hurry`."""
         self.preflight()
         try:
             # Only the fast path needs the proxy's own sockets seen by sockops.
@@ -86,7 +100,8 @@ class Agent:
             raise AgentError(f"the data path could not be loaded: {e}") from e
         log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
                  self.load_report["created"], self.load_report["adopted"])
-        datapath = Datapath(PinLayout(self.config.pin_root, self.config.pin_name))
+        self.layout = PinLayout(self.config.pin_root, self.config.pin_name)
+        datapath = Datapath(self.layout)
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
@@ -109,10 +124,12 @@ class Agent:
                     if self.workers:
                         self.workers.update_view(view)
                     await self.reconcile()
-                    self._served = True  # ready once the first complete view is served
+                    if self.lifecycle is Lifecycle.STARTING:
+                        self.lifecycle = Lifecycle.SERVING  # ready once the first complete view is served
                 elif self._waiting:
                     await self.reconcile()
                 self._check_source()
+                self._check_datapath()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._export_expirations()
@@ -122,6 +139,7 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), POLL_S)
                 except asyncio.TimeoutError:
                     pass
+            await self.drain(hurry or asyncio.Event())
         finally:
             for server in servers:
                 server.close()
@@ -182,15 +200,53 @@ class Agent:
         if not self._waiting:
             self._forget_stale_enrolments()
 
+    async def drain(self, hurry: asyncio.Event) -> None:
+        """Not ready from here on; every process stops taking connections and tells its HTTP
+        clients to go; wait for the rest to end, until the drain deadline or `hurry`, then
+        cut what is left."""
+        self.lifecycle = Lifecycle.DRAINING
+        started = time.monotonic()
+        deadline = started + self.config.drain_timeout
+        log.info("draining: not ready; %d connections open; deadline in %.0f s (a second signal ends it)",
+                 (await self._families())[1], self.config.drain_timeout)
+        if self.workers:
+            self.workers.drain()
+        await self.proxy.drain()
+        while (left := (await self._families())[1]) and not hurry.is_set() and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(hurry.wait(), DRAIN_CHECK_S)
+            except asyncio.TimeoutError:
+                pass
+        why = "a second signal" if hurry.is_set() else "the drain deadline"
+        if left:
+            cut = self.proxy.connections.cut_all("drain deadline")
+            log.warning("draining: %s: %d connections cut (%d of them in workers, which stop now)", why, left,
+                        left - cut)
+        log.info("drained in %.1f s", time.monotonic() - started)
+
     def _not_enrolled(self, pod, reason: str) -> None:
         if self.not_enrolled.note(pod.uid, pod.key, reason):
             log.warning("pod %s is meshed but not enrolled: %s", pod.key, reason)
 
     @property
     def ready(self) -> bool:
-        """Serving the first complete view, and the view is current: a watch that keeps failing
-        or a kind left unwatched beyond the source's bound makes the agent not ready."""
-        return self._served and not self._problems
+        """Serving the first complete view, not draining, the data path pinned, and the view
+        current: a watch that keeps failing or a kind left unwatched beyond the source's bound
+        makes the agent not ready."""
+        return self.lifecycle is Lifecycle.SERVING and self._datapath_problem is None and not self._problems
+
+    def _check_datapath(self) -> None:
+        """The data path this agent writes is still pinned (`nodeagent cleanup` removes it: the
+        pods are then unmeshed, and nothing this agent does reaches them)."""
+        missing = [str(path) for path in (self.layout.map("pods_by_netns"), self.layout.link(CONNECT4.name))
+                   if not path.exists()]
+        problem = f"the data path is gone: {', '.join(missing)} missing" if missing else None
+        if problem != self._datapath_problem:
+            if problem:
+                log.error("not ready: %s", problem)
+            else:
+                log.info("ready again: the data path is pinned")
+            self._datapath_problem = problem
 
     def _check_source(self) -> None:
         problems = self.source.problems()
@@ -238,7 +294,8 @@ class Agent:
         identities = self.identities.expirations() if self.proxy else {}
         families, open_connections = await self._families() if self.proxy else ([], 0)
         unserved = sorted(self.proxy.view.unserved.items())[:MAX_UNSERVED_SHOWN] if self.proxy else []
-        return {"node": self.config.node_name, "ready": self.ready, "uptime_s": round(time.time() - self.started, 1),
+        return {"node": self.config.node_name, "ready": self.ready, "lifecycle": self.lifecycle.value,
+                "datapath_problem": self._datapath_problem, "uptime_s": round(time.time() - self.started, 1),
                 "view_problems": self._problems, "not_served": [f"{what}: {why}" for what, why in unserved],
                 "datapath": self.load_report, "pods": pods, "identities": identities,
                 "not_enrolled": [{"pod": key, "reason": reason}
@@ -255,14 +312,14 @@ class Agent:
 
 
 def run_agent(settings: AgentSettings, source) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT, then drain until the deadline or a second signal."""
     import uvloop
 
     async def main():
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Agent(settings, source).run(stop)
+            loop.add_signal_handler(sig, lambda: (hurry if stop.is_set() else stop).set())
+        await Agent(settings, source).run(stop, hurry)
 
     uvloop.run(main())

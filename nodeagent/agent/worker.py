@@ -134,6 +134,8 @@ class Worker:
         elif kind == "tap-ack":
             if self.tap_forward is not None and self.tap_forward.generation == message[1]:
                 self.tap_forward.acknowledged()
+        elif kind == "drain":
+            self.loop.create_task(self.proxy.drain())
         elif kind == "stop":
             self.stop.set()
 
@@ -174,7 +176,8 @@ def main() -> None:
     message, _ = channel.receive(sock)
     _, index, settings = message
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the agent decides when we stop (a drain first)
 
     import uvloop
 

@@ -163,6 +163,11 @@ class Workers:
                 process.endpoint.close()
                 self.processes[position] = self._spawn(process.index)
 
+    def drain(self) -> None:
+        """Each worker drains as the agent does; none is started again from here on."""
+        self._stopping = True
+        self._broadcast(("drain",))
+
     def stop(self, timeout_s: float = 3.0) -> None:
         self._stopping = True
         self._broadcast(("stop",))

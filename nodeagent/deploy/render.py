@@ -118,6 +118,14 @@ def _config_env(name: str, key: str) -> dict:
     return {"name": name, "valueFrom": {"configMapKeyRef": {"name": f"{NAME}-config", "key": key}}}
 
 
+TERMINATION_MARGIN_S = 30  # beyond the drain deadline: the agent cuts what is left and exits
+
+
+def termination_grace_s(drain_timeout: float) -> int:
+    """The chart computes the same from the duration's text (whole units: 10m, 90s, 1h)."""
+    return int(drain_timeout) + TERMINATION_MARGIN_S
+
+
 def daemonset(values: Values) -> dict:
     host = lambda name, path, kind="Directory": {"name": name, "hostPath": {"path": path, "type": kind}}  # noqa: E731
     probe = lambda path, **more: {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10,  # noqa: E731
@@ -136,6 +144,8 @@ def daemonset(values: Values) -> dict:
                 },
                 "spec": {
                     "serviceAccountName": NAME,
+                    # SIGTERM drains for --drain-timeout; the kubelet's SIGKILL must come after it.
+                    "terminationGracePeriodSeconds": termination_grace_s(values.settings.drain_timeout),
                     "hostPID": True,
                     "priorityClassName": PRIORITY_CLASS,
                     "nodeSelector": {"kubernetes.io/os": "linux"},

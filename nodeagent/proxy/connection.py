@@ -11,6 +11,12 @@ everything it held and counts it (tcp_close, bytes). Nothing else counts opens a
 
 The table also knows each pod's live connections: a pod's policy change closes the ones it no
 longer admits, and a pod's departure closes all of them.
+
+Draining (the agent stops or hands over): `drain()` tells every connection that knows how to
+end well (HTTP/1: `Connection: close` on its next response; HTTP/2: GOAWAY) to do so, now and
+as each one reaches such a phase later; the others (opaque, mTLS tunnels) are left to end until
+`cut_all()` at the drain deadline. Connections are still admitted while draining: those already
+queued on a listener are served, not reset.
 """
 
 import enum
@@ -22,6 +28,11 @@ from nodeagent.proxy.limits import Limit, Quota
 class Direction(enum.Enum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
+
+
+class Drain(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"  # connections are asked to end at their next clean point
 
 
 class Phase(enum.Enum):
@@ -56,7 +67,7 @@ class Refused(Exception):
 class Connection:
     """One client connection: its pod, direction and phase, and its counters once labelled."""
 
-    __slots__ = ("table", "pod", "direction", "phase", "stats", "revoke", "peer", "port", "transports")
+    __slots__ = ("table", "pod", "direction", "phase", "stats", "revoke", "peer", "port", "transports", "on_drain")
 
     def __init__(self, table: "ConnectionTable", pod, direction: Direction, phase: Phase):
         self.table, self.pod, self.direction, self.phase = table, pod, direction, phase
@@ -65,6 +76,13 @@ class Connection:
         self.peer = None  # inbound: the policy's Client, for re-authorization
         self.port = 0  # inbound: the destination port it was authorized for
         self.transports: list = []  # its client side, and its upstream (or app) side once open
+        self.on_drain: Callable[[], None] | None = None  # asks it to end at its next clean point
+
+    def drains_with(self, on_drain: Callable[[], None]) -> None:
+        """How this connection ends well (an HTTP server's drain); called at once if the table drains."""
+        self.on_drain = on_drain
+        if self.table.drain_state is Drain.DRAINING:
+            on_drain()
 
     def hold(self, transport) -> None:
         """A transport of this connection: what it buffers counts as the connection's."""
@@ -130,6 +148,7 @@ class ConnectionTable:
         self.on_refused, self.on_cut = on_refused, on_cut
         self.admitting: Callable[[], bool] = lambda: True  # False under memory pressure (overload.py)
         self.open_count = 0
+        self.drain_state = Drain.SERVING
         self._live: dict[str, dict[Connection, None]] = {}  # pod key -> its connections, insertion-ordered
 
     def admit(self, pod, direction: Direction, phase: Phase) -> Connection | None:
@@ -164,6 +183,20 @@ class ConnectionTable:
             live.pop(connection, None)
             if not live:
                 del self._live[connection.pod.key]
+
+    def drain(self) -> None:
+        """Ask every connection that can end well to do so (later ones as they reach such a phase)."""
+        self.drain_state = Drain.DRAINING
+        for connection in self.all():
+            if connection.on_drain is not None:
+                connection.on_drain()
+
+    def cut_all(self, reason: str) -> int:
+        """End every connection at once (the drain deadline); how many there were."""
+        connections = self.all()
+        for connection in connections:
+            connection.cut(reason)
+        return len(connections)
 
     def all(self) -> list[Connection]:
         return [c for live in self._live.values() for c in live]

@@ -15,6 +15,7 @@ from nodeagent.proxy.limits import Quota
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
+from nodeagent.proxy.telemetry import Telemetry
 
 if TYPE_CHECKING:  # the stages' deps, named for readers and checkers (importing them here would cycle)
     from nodeagent.proxy.authorizer import Authorizer
@@ -50,11 +51,12 @@ class PodContext:
 
 @dataclass(frozen=True)
 class Observers:
-    """Where every stage reports: metrics, the tap, and the rate-limited problem log."""
+    """Where every stage reports: metrics, the tap, the rate-limited problem log, and access logs."""
 
     metrics: Metrics
     tap: TapHub
     problems: ProblemLog
+    telemetry: Telemetry
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from nodeagent.proxy.retry import Failure, RequestFacts, Retries, Verdict
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_READ_TIMEOUT_S = 10.0  # slowloris: a request head must arrive within this
 KEEPALIVE_IDLE_S = 60.0
+DRAIN_IDLE_S = 2.0  # draining: a keep-alive connection idle this long is closed (a client may race it)
 MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being served
 BODY_HIGH_WATER = 256 * 1024  # request body bytes held before the client is paused
 BODY_LOW_WATER = 64 * 1024
@@ -99,6 +100,8 @@ class Http1Server(asyncio.Protocol):
         self.body_queued = 0  # request body bytes read from the client, not yet sent on
         self.responding = None  # the upstream connection whose response is being relayed
         self.client_slow = False  # our write buffer toward the client is above its high-water mark
+        self.draining = False  # the proxy is stopping: the next response says `Connection: close`
+        self.idle_timer: asyncio.TimerHandle | None = None  # set while waiting for the next request
 
     # --- reading requests ---
 
@@ -264,11 +267,22 @@ class Http1Server(asyncio.Protocol):
         wait_for: that would cost a task per request on the hot path)."""
         if not self.requests.empty():
             return self.requests.get_nowait()
-        idle = asyncio.get_running_loop().call_later(KEEPALIVE_IDLE_S, self.requests.put_nowait, None)
+        self.idle_timer = asyncio.get_running_loop().call_later(
+            DRAIN_IDLE_S if self.draining else KEEPALIVE_IDLE_S, self.requests.put_nowait, None)
         try:
             return await self.requests.get()
         finally:
-            idle.cancel()
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def drain(self) -> None:
+        """The proxy is stopping: the next response carries `Connection: close` and the connection
+        ends after it; one waiting for a request ends after DRAIN_IDLE_S without one (a response
+        already on its way went out without the header: the client's next request gets it)."""
+        self.draining = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = asyncio.get_running_loop().call_later(DRAIN_IDLE_S, self.requests.put_nowait, None)
 
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
@@ -284,6 +298,7 @@ class Http1Server(asyncio.Protocol):
 
         async def answer(status: int, reason: str, address) -> Outcome:
             await self._drain_body(request)
+            request.keep_alive = request.keep_alive and not self.draining
             self._write_error(status, reason, request, address)
             return Outcome.DONE if request.keep_alive else Outcome.CLOSE
 
@@ -324,6 +339,7 @@ class Http1Server(asyncio.Protocol):
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
             request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
+        request.keep_alive = request.keep_alive and not self.draining  # closing=True adds the header
         self.responding = conn
         conn.attach(self.transport, self.stats, closing=not request.keep_alive)
         if self.client_slow:

@@ -32,6 +32,9 @@ MAX_CONCURRENT_STREAMS = 256  # per client connection, as advertised in SETTINGS
 # Request headers are kept for a stream's life (a retry sends them again): all of one
 # connection's, by RFC 9113's size (names, values, 32 bytes a field), at most this.
 HEADERS_HELD_MAX = 1024 * 1024
+# Draining: between the shutdown notice and the GOAWAY with the last stream id, room for a
+# round trip (streams the client opened meanwhile are still served).
+GOAWAY_NOTICE_S = 1.0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Request:
     headers: list
     started: float = field(default_factory=time.monotonic)
     head_at: float | None = None  # when the response's headers arrived
+    version: str = "2"  # for access logs, as HTTP/1's "1.1"
 
 
 class StreamFailed(Exception):
@@ -60,6 +64,27 @@ class Http2Server(H2Peer):
         self.target, self.initial, self.stats, self.on_close = target, initial, stats, on_close
         self.exchanges: dict[int, Exchange] = {}
         self.headers_held = 0
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    def drain(self) -> None:
+        """The proxy is stopping: GOAWAY in two steps (RFC 9113, 6.8), a notice that no new
+        stream should come, then the last stream id; streams in flight finish, and the
+        connection closes once none is left."""
+        if self.closed or self.session is None or self._drain_timer is not None:
+            return
+        self.session.shutdown_notice()
+        self.flush()
+        self._drain_timer = asyncio.get_running_loop().call_later(GOAWAY_NOTICE_S, self._last_goaway)
+
+    def _last_goaway(self) -> None:
+        if self.closed:
+            return
+        self.going_away = True  # went_idle closes the connection when the last exchange ends
+        if not self.exchanges:
+            goaway(self)
+            return
+        self.session.terminate(0)  # GOAWAY NO_ERROR with the last stream id nghttp2 processed
+        self.flush()
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -137,6 +162,8 @@ class Http2Server(H2Peer):
 
     def connection_lost(self, exc):
         super().connection_lost(exc)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         for exchange in list(self.exchanges.values()):
             exchange.cancel()
         if self.on_close:

@@ -121,6 +121,8 @@ class Metrics:
                                      f"(the first {SNI_LABELS_PER_POD} names per pod; then '{SNI_OTHER}')",
                                      ("direction", "namespace", "pod", "sni"), registry=r)
         self._sni_seen: dict[str, set] = defaultdict(set)  # pod key -> names with a series of their own
+        self.access_log_dropped_total = Counter("access_log_dropped", "Access log lines dropped: the queue toward the "
+                                                "writer was full, or the destination failed", registry=r)
         self.identity_cert_expiration_timestamp_seconds = Gauge(
             "identity_cert_expiration_timestamp_seconds", "When each workload certificate expires", ("identity",),
             registry=r)

@@ -325,5 +325,10 @@ class Session:
         else:
             abi.submit_goaway(self.ptr, 0, abi.last_proc_stream_id(self.ptr), 0, None, 0)
 
+    def shutdown_notice(self) -> None:
+        """A server's first GOAWAY of a graceful shutdown (last stream id 2^31-1): open no new stream."""
+        if self.ptr:
+            abi.submit_shutdown_notice(self.ptr)
+
     def remote_max_concurrent_streams(self) -> int:
         return abi.remote_settings(self.ptr, abi.SETTINGS_MAX_CONCURRENT_STREAMS) if self.ptr else 0

@@ -318,6 +318,7 @@ class OutboundAccept(asyncio.Protocol):
         self.buffer = None
         self.transport.set_protocol(server)
         server.connection_made(self.transport)
+        self.conn.drains_with(server.drain)
 
     def _adopt(self, task: asyncio.Task, h2: bool) -> None:
         """The early upstream becomes a pooled connection, if it is a clean one (an HTTP/2

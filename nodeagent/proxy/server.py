@@ -6,7 +6,6 @@ gets its narrow, typed deps (context.py), never the Proxy itself.
 import asyncio
 import logging
 import os
-import socket
 
 from nodeagent import netns
 from nodeagent.cluster import podfs
@@ -24,30 +23,19 @@ from nodeagent.proxy.directory import Directory
 from nodeagent.proxy.fastpath import Splicer
 from nodeagent.proxy.h2upstream import H2Pool
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
+from nodeagent.proxy.listeners import close_when_drained, open_listener
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.overload import CHECK_S, MemoryGuard
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.tap import TapHub
+from nodeagent.proxy.telemetry import Telemetry
 from nodeagent.proxy.upstream import Pool, register_sockets_with
 from nodeagent.settings import DEFAULT, AgentSettings
 
 log = logging.getLogger("nodeagent.proxy")
-
-
-def _listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: bool = False) -> socket.socket:
-    with netns.entered(netns_path):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        # The agent's worker processes each listen on the same ports: the kernel spreads the
-        # connections over the group (sk_lookup's assignment too). Only with workers: a root
-        # process in the pod could join a group, so a single process does not open one.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
+# Draining, each listener accepts what is queued on it for at most this long before it closes.
+LISTENER_DRAIN_S = 2.0
 
 
 class Proxy:
@@ -64,7 +52,9 @@ class Proxy:
         self.metrics = Metrics()
         self.tap = TapHub()
         self.problems = ProblemLog(log)
-        self.observers = Observers(self.metrics, self.tap, self.problems)
+        self.telemetry = Telemetry(settings.access_log, self.metrics, self.problems,
+                                   lambda key: self.directory.view.pods.get(key))
+        self.observers = Observers(self.metrics, self.tap, self.problems, self.telemetry)
         self.directory = Directory()
         self.authorizer = Authorizer(settings.default_policy, settings.networks, settings.trust_domain,
                                      lambda: self.directory.view, self.observers)
@@ -155,9 +145,9 @@ class Proxy:
     async def add_pod(self, info: PodInfo, netns_fd: int, slot: int) -> PodContext:
         """Listeners in the pod first, then the data path steers to them."""
         path = f"/proc/self/fd/{netns_fd}"
-        outbound_sock = _listener(path, OUTBOUND_PORT, reuse_port=self.reuse_port)
-        inbound_sock = _listener(path, INBOUND_PORT, reuse_port=self.reuse_port)
-        mesh_sock = _listener(path, MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
+        outbound_sock = open_listener(path, OUTBOUND_PORT, reuse_port=self.reuse_port)
+        inbound_sock = open_listener(path, INBOUND_PORT, reuse_port=self.reuse_port)
+        mesh_sock = open_listener(path, MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot, self.identity_of(info), limits.Quota(self._limits_of(info)))
         self.identities.material(pod.identity)  # issued now: a refusal surfaces before any traffic
@@ -195,8 +185,20 @@ class Proxy:
         os.close(pod.netns_fd)
         log.info("pod %s %s", pod.key, "deleted" if deleted else "left the mesh")
 
+    async def drain(self) -> None:
+        """Stop taking new connections without resetting one: HTTP connections are told to go
+        (connection.py), every listener closes once its accept queue is empty (listeners.py)."""
+        self.connections.drain()
+        servers = [server for pod in self.pods.values() for server in pod.servers]
+        forced = await close_when_drained(servers, LISTENER_DRAIN_S)
+        if forced:
+            log.warning("draining: %d listeners still had connections queued after %.0f s: those were reset",
+                        forced, LISTENER_DRAIN_S)
+        log.info("draining: listeners closed; %d connections left", self.connections.open_count)
+
     def close_listeners(self) -> None:
         self._guard_timer.cancel()
         for pod in self.pods.values():
             for server in pod.servers:
                 server.close()
+        self.telemetry.close()  # the access log lines still queued are written

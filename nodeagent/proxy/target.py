@@ -39,6 +39,8 @@ class HttpTarget:
         self.budget = deps.directory.budget_for(decision)
         self._stats: dict = {}  # tls -> RequestStats, made on first use
         self._meshed_view, self._meshed_cache = None, {}
+        service = decision.service if isinstance(decision, ToService) else None
+        self.log = deps.observers.telemetry.requests("outbound", pod, peer, service)  # None: no access log
 
     # --- each request ---
 
@@ -157,6 +159,8 @@ class HttpTarget:
         `failure` from the gRPC status and the head's arrival in `request.head_at`."""
         tls = address is not None and self._meshed(address)
         self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
+        if self.log is not None:
+            self.log.response(request, status, tls)
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))

@@ -31,3 +31,15 @@ pod-security.kubernetes.io/warn: privileged
 {{- $secret := dict "ca.crt" (include "nodeagent.anchors" . | b64enc) "issuer.crt" (include "nodeagent.issuerCrt" . | b64enc) "issuer.key" (include "nodeagent.issuerKey" . | b64enc) -}}
 {{- dict "config" $config "secret" $secret | toJson | sha256sum -}}
 {{- end -}}
+
+{{/* Seconds of config.drain-timeout (whole units: 90s, 10m, 1h), plus render.py's TERMINATION_MARGIN_S. */}}
+{{- define "nodeagent.terminationGrace" -}}
+{{- $d := index .Values.config "drain-timeout" | toString -}}
+{{- $s := 0 -}}
+{{- if hasSuffix "ms" $d -}}{{- $s = div (trimSuffix "ms" $d | atoi) 1000 -}}
+{{- else if hasSuffix "h" $d -}}{{- $s = mul (trimSuffix "h" $d | atoi) 3600 -}}
+{{- else if hasSuffix "m" $d -}}{{- $s = mul (trimSuffix "m" $d | atoi) 60 -}}
+{{- else -}}{{- $s = trimSuffix "s" $d | atoi -}}
+{{- end -}}
+{{- add $s 30 -}}
+{{- end -}}

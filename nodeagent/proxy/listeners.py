@@ -1,0 +1,70 @@
+"""The proxy's listeners in a pod: opening them, and closing them without resetting a connection.
+
+Closing a listening socket resets every connection still in its accept queue (the kernel has
+completed their handshakes: the clients think they are connected). So a draining proxy keeps
+accepting until each listener's queue has been seen empty twice in a row, once nothing steers
+new connections to it any more (a successor took over), or until a bound when something still
+does (no successor: the pods fail closed either way).
+"""
+
+import asyncio
+import socket
+import struct
+
+from nodeagent import netns
+
+BACKLOG = 4096
+QUEUE_CHECK_S = 0.05
+# struct tcp_info: 8 bytes of u8 fields, then rto, ato, snd_mss, rcv_mss, unacked: for a
+# listening socket the kernel reports its accept queue's length in tcpi_unacked.
+_UNACKED = struct.Struct("I")
+_UNACKED_OFFSET = 24
+
+
+def open_listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: bool = False) -> socket.socket:
+    with netns.entered(netns_path):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        # The agent's worker processes each listen on the same ports: the kernel spreads the
+        # connections over the group (sk_lookup's assignment too). Only with workers: a root
+        # process in the pod could join a group, so a single process does not open one.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def accept_queue(sock) -> int:
+    """Connections waiting in a listening socket's accept queue."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _UNACKED_OFFSET + _UNACKED.size)
+    return _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0]
+
+
+def _queued(server: asyncio.AbstractServer) -> int:
+    return sum(accept_queue(sock) for sock in server.sockets or ())
+
+
+async def close_when_drained(servers: list[asyncio.AbstractServer], bound_s: float) -> int:
+    """Close each server once its accept queue was empty at two checks in a row, or after
+    `bound_s`; how many were closed with connections still queued (those were reset)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    seen_empty: set = set()
+    pending = set(servers)
+    forced = 0
+    while pending:
+        await asyncio.sleep(QUEUE_CHECK_S)  # the event loop accepts meanwhile
+        late = loop.time() >= deadline
+        for server in list(pending):
+            queued = _queued(server)
+            if (queued == 0 and server in seen_empty) or late:
+                forced += queued > 0
+                server.close()
+                pending.discard(server)
+            elif queued == 0:
+                seen_empty.add(server)
+            else:
+                seen_empty.discard(server)
+    return forced
