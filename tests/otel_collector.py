@@ -19,7 +19,7 @@ receivers:
         endpoint: 127.0.0.1:{port}
 exporters:
   debug:
-    verbosity: detailed
+    verbosity: {verbosity}
 service:
   telemetry:
     metrics:
@@ -41,13 +41,15 @@ def free_port() -> int:
 
 
 class Collector:
-    def __init__(self):
+    def __init__(self, verbosity: str = "detailed"):
+        """`detailed` prints every span (what `spans()` reads); `basic` only counts batches (for
+        benchmarks, where printing would take the machine's CPU from what is measured)."""
         if not BINARY.exists():
             raise RuntimeError(f"{BINARY} is missing: run `make otelcol` (the Makefile's test targets do)")
         self.port = free_port()
         self.dir = tempfile.TemporaryDirectory(prefix="otelcol-")
         self.config = Path(self.dir.name) / "config.yaml"
-        self.config.write_text(CONFIG.format(port=self.port))
+        self.config.write_text(CONFIG.format(port=self.port, verbosity=verbosity))
         self.output = Path(self.dir.name) / "output.log"
         self.process: subprocess.Popen | None = None
 

@@ -9,18 +9,19 @@ import time
 import pytest
 
 from nodeagent.proxy import otlp
-from nodeagent.proxy.otlp import KIND_CLIENT, KIND_SERVER, SpanExporter, SpanRecord, parse_endpoint
+from nodeagent.proxy.otlp import (KIND_CLIENT, KIND_SERVER, SpanExporter, SpanRecord, parse_endpoint,
+                                  static_attributes)
 from otel_collector import Collector, free_port
 
 RESOURCE = (("service.name", "nodeagent"), ("k8s.node.name", "node0"))
+STATIC = static_attributes([("nodeagent.direction", "outbound")])
 
 
 def record(i: int = 1, parent: bytes | None = b"\x01" * 8, error: bool = False) -> SpanRecord:
     now = time.time_ns()
     return SpanRecord(i.to_bytes(16, "big"), (i + 7).to_bytes(8, "big"), parent, KIND_CLIENT if i % 2 else KIND_SERVER,
-                      f"GET svc/default/api:{i}", now - 5_000_000, now, (
-                          ("nodeagent.direction", "outbound"), ("http.response.status_code", 200 + i % 2),
-                          ("nodeagent.tls", True)), error)
+                      f"GET svc/default/api:{i}", now - 5_000_000, now, STATIC, (
+                          ("http.response.status_code", 200 + i % 2), ("nodeagent.tls", True)), error)
 
 
 class Counts:

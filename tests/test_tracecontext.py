@@ -16,7 +16,8 @@ W3C = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     (W3C, Parent(Style.W3C, TRACE, PARENT, True)),
     (W3C[:-2] + b"00", Parent(Style.W3C, TRACE, PARENT, False)),
     (W3C[:-2] + b"03", Parent(Style.W3C, TRACE, PARENT, True)),  # other flags bits are kept out of it
-    (W3C.upper(), Parent(Style.W3C, TRACE, PARENT, True)),
+    (W3C.upper(), None),  # W3C: lowercase hex only
+    (W3C[:4] + W3C[4:5].upper() + W3C[5:], None),  # one uppercase digit ("B")
     (b" " + W3C + b" ", Parent(Style.W3C, TRACE, PARENT, True)),
     (b"01" + W3C[2:] + b"-future-fields", Parent(Style.W3C, TRACE, PARENT, True)),  # a later version: 4 fields read
     (W3C + b"-extra", None),  # version 00 has exactly four

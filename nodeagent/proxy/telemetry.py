@@ -23,7 +23,7 @@ from nodeagent.identity import naming
 from nodeagent.observe.workloads import of_pod
 from nodeagent.proxy import accesslog, tracecontext
 from nodeagent.proxy.accesslog import AccessLog, Entry, Format
-from nodeagent.proxy.otlp import KIND_CLIENT, KIND_SERVER, SpanExporter, SpanRecord
+from nodeagent.proxy.otlp import KIND_CLIENT, KIND_SERVER, SpanExporter, SpanRecord, static_attributes
 from nodeagent.proxy.tap import shown_authority, shown_path
 
 MAX_HEADER_VALUE = accesslog.MAX_URL_BYTES  # of a header value kept for a line (it is cut again when written)
@@ -98,7 +98,7 @@ class RequestLog:
     """One client connection's requests, as the access log and tracing record them."""
 
     __slots__ = ("telemetry", "writer", "tracer", "format", "direction", "pod", "destination", "client_addr",
-                 "client_id", "client_workload", "pod_at", "route")
+                 "client_id", "client_workload", "pod_at", "route", "_static")
 
     def __init__(self, telemetry: Telemetry, found: Format | None, direction: str, pod, destination: str,
                  client_addr: str, client_id: str, client_workload: str, pod_at: Callable, route: str):
@@ -107,6 +107,7 @@ class RequestLog:
         self.destination, self.client_addr, self.client_id = destination, client_addr, client_id
         self.client_workload = client_workload  # "namespace/deploy/web"; "" for a client outside the cluster's pods
         self.pod_at, self.route = pod_at, route
+        self._static: bytes | None = None  # the spans' constant attributes, encoded at the first
 
     def start(self, request) -> None:
         """A new request (not a retry): its trace context, if tracing is on."""
@@ -136,38 +137,33 @@ class RequestLog:
             self._export(request, span, status, tls, status >= 500 if failure is None else failure, address,
                          authority, now)
 
+    def _static_attributes(self) -> bytes:
+        own = self.pod.info
+        constant = [("nodeagent.direction", self.direction), ("nodeagent.pod", own.key),
+                    ("nodeagent.source.workload", self.client_workload), ("nodeagent.source.identity", self.client_id),
+                    ("nodeagent.destination", self.destination), ("nodeagent.route", self.route)]
+        if self.direction == "inbound":
+            constant += [("nodeagent.destination.workload", of_pod(own).key),
+                         ("nodeagent.destination.identity", self.pod.identity.uri)]
+        self._static = static_attributes(constant)
+        return self._static
+
     def _export(self, request, span, status, tls, failure, address, authority, now) -> None:
         end_ns = time.time_ns()
         start_ns = end_ns - int((now - request.started) * 1e9)
-        own = self.pod.info
+        variable = [("nodeagent.tls", tls), ("http.request.method", request.method),
+                    ("url.path", shown_path(bytes(request.url[:accesslog.MAX_URL_BYTES]))),
+                    ("server.address", shown_authority(authority)), ("network.protocol.version", request.version),
+                    ("http.response.status_code", status)]
         if self.direction == "outbound":
             kind, other = KIND_CLIENT, self.pod_at(address) if address is not None else None
-            source, source_id = self.client_workload, self.client_id
-            destination = of_pod(other).key if other is not None else self.destination
-            destination_id = (naming.of_pod(other.namespace, other.service_account, self.telemetry.trust_domain).uri
-                              if other is not None and tls else "")
+            variable.append(("nodeagent.destination.workload", of_pod(other).key if other is not None
+                             else self.destination))
+            variable.append(("nodeagent.destination.identity", naming.of_pod(
+                other.namespace, other.service_account, self.telemetry.trust_domain).uri
+                if other is not None and tls else ""))
         else:
-            kind, source, source_id = KIND_SERVER, self.client_workload, self.client_id
-            destination, destination_id = of_pod(own).key, self.pod.identity.uri
-        path = shown_path(bytes(request.url[:accesslog.MAX_URL_BYTES]))
-        attributes = (
-            ("nodeagent.direction", self.direction),
-            ("nodeagent.pod", own.key),
-            ("nodeagent.source.workload", source),
-            ("nodeagent.source.identity", source_id),
-            ("nodeagent.destination", self.destination),
-            ("nodeagent.destination.workload", destination),
-            ("nodeagent.destination.identity", destination_id),
-            ("nodeagent.route", self.route),
-            ("nodeagent.tls", tls),
-            ("http.request.method", request.method),
-            ("url.path", path),
-            ("server.address", shown_authority(authority)),
-            ("network.protocol.version", request.version),
-            ("http.response.status_code", status),
-        )
-        self.tracer.exporter.record(SpanRecord(span.trace_id, span.span_id, span.parent_id, kind,
-                                               f"{request.method} {self.route or self.destination}", start_ns,
-                                               end_ns, attributes, failure))
-
-
+            kind = KIND_SERVER
+        self.tracer.exporter.record(SpanRecord(
+            span.trace_id, span.span_id, span.parent_id, kind, f"{request.method} {self.route or self.destination}",
+            start_ns, end_ns, self._static or self._static_attributes(), tuple(variable), failure))

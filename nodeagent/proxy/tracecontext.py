@@ -3,8 +3,9 @@ Pure: headers and numbers in, a decision and header edits out (no I/O, no clock,
 of its own: ids and the sampling draw are given).
 
 What is read, in this order (the first found wins):
-- W3C Trace Context: `traceparent` (`00-<trace id>-<parent id>-<flags>`; a later version is read
-  by its first four fields, as the spec asks); `tracestate` is never touched, so it travels on.
+- W3C Trace Context: `traceparent` (`00-<trace id>-<parent id>-<flags>`, lowercase hex; a later
+  version is read by its first four fields, as the spec asks); `tracestate` is never touched, so
+  it travels on.
 - B3, multi-header (`x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled`, `x-b3-flags`) or single
   (`b3: <trace>-<span>[-<sampling>[-<parent>]]`, or just a sampling state).
 A malformed header counts as none.
@@ -61,8 +62,9 @@ class Span:
 
 
 def _hex_id(text: bytes, size: int) -> bytes | None:
-    """`size` bytes from lowercase hex text of exactly 2 * size digits, not all zero."""
-    text = text.strip().lower()
+    """`size` bytes from lowercase hex text of exactly 2 * size digits, not all zero (W3C and B3
+    both say lowercase: anything else is not a valid id)."""
+    text = text.strip()
     if len(text) != 2 * size or not _HEX.issuperset(text):
         return None
     value = bytes.fromhex(text.decode())
@@ -70,13 +72,23 @@ def _hex_id(text: bytes, size: int) -> bytes | None:
 
 
 def parse_traceparent(value: bytes) -> Parent | None:
+    if len(value) == 55 and value[:3] == b"00-" and value[35:36] == b"-" and value[52:53] == b"-":
+        # The usual form, lowercase version 00: read by position (a third of the general path's cost).
+        try:
+            trace_id, span_id, flags = bytes.fromhex(value[3:35].decode()), bytes.fromhex(value[36:52].decode()), \
+                int(value[53:55], 16)
+        except ValueError:
+            return None
+        if not any(trace_id) or not any(span_id) or not _HEX.issuperset(value[3:35] + value[36:52] + value[53:55]):
+            return None
+        return Parent(Style.W3C, trace_id, span_id, bool(flags & 1))
     parts = value.strip().split(b"-")
-    if len(parts) < 4 or len(parts[0]) != 2 or not _HEX.issuperset(parts[0].lower()):
+    if len(parts) < 4 or len(parts[0]) != 2 or not _HEX.issuperset(parts[0]):
         return None
-    version = parts[0].lower()
+    version = parts[0]
     if version == b"ff" or (version == b"00" and len(parts) != 4):
         return None
-    trace_id, span_id, flags = _hex_id(parts[1], 16), _hex_id(parts[2], 8), parts[3].lower()
+    trace_id, span_id, flags = _hex_id(parts[1], 16), _hex_id(parts[2], 8), parts[3]
     if trace_id is None or span_id is None or len(flags) != 2 or not _HEX.issuperset(flags):
         return None
     return Parent(Style.W3C, trace_id, span_id, bool(int(flags, 16) & 1))
