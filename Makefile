@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv tools k8s-tools k8s-up k8s-down demo test unit bench clean-lab
+.PHONY: setup host venv tools k8s-tools otelcol k8s-up k8s-down demo test unit bench clean-lab
 
 setup: host venv
 
@@ -32,6 +32,11 @@ tools:
 k8s-tools:
 	@bash scripts/k8s-install.sh
 
+# The OpenTelemetry Collector the tracing tests export to, built from the Go module proxy into
+# .tools/otelcol/ (scripts/otelcol-build.sh; about a minute the first time on a machine).
+otelcol:
+	@bash scripts/otelcol-build.sh
+
 # A test cluster by hand (the tests bring up their own): prints the admin kubeconfig.
 k8s-up: venv k8s-tools
 	@PYTHONPATH=tests $(BIN)/python -m k8s.cluster up
@@ -42,7 +47,7 @@ k8s-down: venv
 demo: setup
 	$(BIN)/nodeagent demo
 
-test: setup tools k8s-tools
+test: setup tools k8s-tools otelcol
 	$(BIN)/pytest -ra
 
 # The full benchmark (about 10 minutes); results land in benchmarks/results/<stamp>/.
@@ -50,7 +55,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.run
 
 # Unprivileged tests only: no namespaces, cgroups or BPF.
-unit: venv
+unit: venv otelcol
 	$(BIN)/pytest -ra -m 'not privileged'
 
 clean-lab: venv

@@ -48,7 +48,7 @@ class OneEndpoint:
         from nodeagent.proxy.h2upstream import H2Pool
         self.address, self.pool = address, H2Pool()
 
-    def retries(self, facts):
+    def retries(self, facts, request):
         from nodeagent.proxy.retry import Retries
 
         return Retries(facts, 0, frozenset(), None)  # a limit of 0: the budget is never asked

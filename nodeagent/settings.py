@@ -210,6 +210,22 @@ def _access_log(value: str) -> str:
     return value
 
 
+def _trace_collector(value: str) -> str | None:
+    if not value:
+        return None
+    from nodeagent.proxy.otlp import parse_endpoint
+
+    parse_endpoint(value)
+    return value
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{number} is not in 0..1")
+    return number
+
+
 def _networks(value: str) -> tuple[str, ...]:
     parts = tuple(filter(None, (part.strip() for part in value.split(","))))
     for part in parts:
@@ -306,6 +322,13 @@ OPTIONS: tuple[Option, ...] = (
             "On SIGTERM the agent drains: HTTP clients are told to go at once, opaque and mTLS connections are "
             "left to end until this deadline, then cut (a second SIGTERM or SIGINT cuts them at once).",
             _print_duration, metavar="DURATION"),
+    _option("trace_collector", _trace_collector, None, Scope.CLUSTER,
+            "Export spans of sampled requests to this OpenTelemetry collector, OTLP/HTTP protobuf "
+            "(http://HOST:PORT[/PATH], default path /v1/traces); empty: tracing off, trace headers pass untouched.",
+            _show_optional, metavar="URL"),
+    _option("trace_sampling", _fraction, 0.01, Scope.CLUSTER,
+            "With --trace-collector: the fraction of new traces sampled (requests that carry a trace context "
+            "follow its sampled flag).", metavar="0..1"),
 )
 BY_FLAG = {option.flag: option for option in OPTIONS}
 
@@ -339,6 +362,8 @@ class AgentSettings:
     memory_budget: int = 400 << 20
     access_log: str = "stderr"
     drain_timeout: float = 600.0
+    trace_collector: str | None = None
+    trace_sampling: float = 0.01
 
     # --- derived ---
 

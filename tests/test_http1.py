@@ -18,7 +18,9 @@ from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.retry import Retries
 from nodeagent.proxy.tap import TapHub
+from nodeagent.cluster.model import ClusterView
 from nodeagent.proxy.telemetry import Telemetry
+from nodeagent.settings import DEFAULT
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.upstream import Pool
 
@@ -33,9 +35,9 @@ class FixedTarget:
         self.retry_statuses = set(retry_statuses)
         self.errors, self.statuses, self.attempts = [], [], 0
         metrics, problems = Metrics(), ProblemLog(logging.getLogger("test"))
-        self.observers = Observers(metrics, TapHub(), problems, Telemetry("stderr", metrics, problems, lambda key: None))
+        self.observers = Observers(metrics, TapHub(), problems, Telemetry(DEFAULT, metrics, problems, lambda: ClusterView([])))
 
-    def retries(self, facts):
+    def retries(self, facts, request):
         self.budget.deposit()
         return Retries(facts, self.retry_limit, frozenset(self.retry_statuses), self.budget)
 

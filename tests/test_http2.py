@@ -25,7 +25,9 @@ from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.retry import Retries, Verdict
 from nodeagent.proxy.tap import TapHub
+from nodeagent.cluster.model import ClusterView
 from nodeagent.proxy.telemetry import Telemetry
+from nodeagent.settings import DEFAULT
 from nodeagent.proxy.h2upstream import H2Pool
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -43,9 +45,9 @@ class FixedTargets:
         self.floods = []
         self.abandoned = self.connect_failures = self.retried = self.streams = 0
         metrics, problems = Metrics(), ProblemLog(logging.getLogger("test"))
-        self.observers = Observers(metrics, TapHub(), problems, Telemetry("stderr", metrics, problems, lambda key: None))
+        self.observers = Observers(metrics, TapHub(), problems, Telemetry(DEFAULT, metrics, problems, lambda: ClusterView([])))
 
-    def retries(self, facts):
+    def retries(self, facts, request):
         self.budget.deposit()
         return Retries(facts, self.retry_limit, frozenset(self.retry_statuses), self.budget, self._verdict)
 

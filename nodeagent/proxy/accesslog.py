@@ -16,13 +16,12 @@ disk or the reader of stderr is slower than the traffic) a line is dropped and c
 """
 
 import collections
-import datetime
 import enum
-import json
 import logging
 import os
 import threading
 import time
+from json.encoder import encode_basestring
 from typing import NamedTuple
 
 from nodeagent.proxy.tap import MAX_FIELD_CHARS, shown_authority, shown_path
@@ -90,8 +89,20 @@ def _apache(text: str) -> str:
     return text.translate(_APACHE_ESCAPES)
 
 
+_second_text: tuple[int, str] = (-1, "")  # the last whole second formatted (the writer's thread only)
+
+
 def _timestamp(wall: float) -> str:
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 in UTC with microseconds; the date and time of day formatted once per second."""
+    global _second_text
+    second = int(wall)
+    if _second_text[0] != second:
+        _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second_text[1]}.{int((wall - second) * 1e6):06d}Z"
+
+
+def _json(text: str) -> str:
+    return encode_basestring(text)  # quoted and escaped (C); non-ASCII kept, as ensure_ascii=False
 
 
 def line(entry: Entry) -> str:
@@ -104,24 +115,15 @@ def line(entry: Entry) -> str:
         uri = _apache(f"http://{authority}{path}" if authority else path)
         return (f'{entry.client_addr} {entry.client_id or "-"} - [{_timestamp(entry.time)}] '
                 f'"{_apache(entry.method)} {uri} {version}" {entry.status}')
-    return json.dumps({
-        "client.addr": entry.client_addr,
-        "client.id": entry.client_id or "-",
-        "host": authority,
-        "method": entry.method,
-        "uri": path,
-        "version": version,
-        "status": entry.status,
-        "timestamp": _timestamp(entry.time),
-        "total_ns": round(entry.total_s * 1e9),
-        "trace_id": entry.trace_id.hex() if entry.trace_id else "",
-        "user_agent": _cut(entry.user_agent),
-        "direction": entry.direction,
-        "namespace": entry.namespace,
-        "pod": entry.pod,
-        "destination": entry.destination,
-        "tls": entry.tls,
-    }, ensure_ascii=False, separators=(",", ":"))
+    # Assembled by hand (the same as json.dumps of the dict, keys in this order): a third of its cost.
+    return (f'{{"client.addr":{_json(entry.client_addr)},"client.id":{_json(entry.client_id or "-")},'
+            f'"host":{_json(authority)},"method":{_json(entry.method)},"uri":{_json(path)},'
+            f'"version":{_json(version)},"status":{int(entry.status)},"timestamp":"{_timestamp(entry.time)}",'
+            f'"total_ns":{round(entry.total_s * 1e9)},'
+            f'"trace_id":"{entry.trace_id.hex() if entry.trace_id else ""}",'
+            f'"user_agent":{_json(_cut(entry.user_agent))},"direction":{_json(entry.direction)},'
+            f'"namespace":{_json(entry.namespace)},"pod":{_json(entry.pod)},'
+            f'"destination":{_json(entry.destination)},"tls":{"true" if entry.tls else "false"}}}')
 
 
 def open_destination(destination: str) -> int:

@@ -17,17 +17,22 @@ from nodeagent.proxy.tap import request_event
 class AppTarget:
     request_timeout_s = None  # the client side's Service sets the timeout
 
-    def __init__(self, deps, pod, port: int, peer: str, tls: bool):
+    def __init__(self, deps, pod, port: int, peer: str, tls: bool, client_ip: str):
         self.pod, self.peer, self.tls = pod, peer, tls
         self.address = (pod.info.ip, port)
         self.pools, self.observers = deps.app_pools, deps.observers
         self.connect_timeout_s = deps.timeouts.app_connect_s
         self._requests = deps.observers.metrics.requests("inbound", pod, peer, tls)
+        # None: no access log and no tracing for this connection's requests (telemetry.py)
+        self.log = deps.observers.telemetry.requests("inbound", pod, f"pod/{pod.key}", f"pod/{pod.key}:{port}",
+                                                     client_addr=client_ip, client_id=peer)
 
     # --- each request ---
 
-    def retries(self, request) -> Retries:
-        return Retries(request, 0, frozenset(), None)  # a limit of 0: never retried here, the budget never asked
+    def retries(self, facts, request) -> Retries:
+        if self.log is not None:
+            self.log.start(request)  # this hop's trace context
+        return Retries(facts, 0, frozenset(), None)  # a limit of 0: never retried here, the budget never asked
 
     def choose(self, tried: set):
         return None, self.address
@@ -69,6 +74,8 @@ class AppTarget:
 
     def count_response(self, request, status, address=None, failure=None) -> None:
         self._requests.response(status, request.started, failure, getattr(request, "head_at", None))
+        if self.log is not None:
+            self.log.response(request, status, self.tls, failure)
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("inbound", self.pod, self.peer, request, status, self.tls))

@@ -60,6 +60,7 @@ class Request:
     has_body: bool = False
     body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None (bounded by bytes)
     started: float = 0.0
+    span: object = None  # this hop's trace span (telemetry.py), when tracing is on
 
     def head(self) -> bytes:
         """The head for the upstream. Connection-level headers are the client's hop's,
@@ -287,7 +288,7 @@ class Http1Server(asyncio.Protocol):
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
         request.started = time.monotonic()
-        retries = self.target.retries(request.facts())
+        retries = self.target.retries(request.facts(), request)
 
         async def acquire(address):
             conn, _ = await self.target.acquire(address)

@@ -47,6 +47,7 @@ class Request:
     started: float = field(default_factory=time.monotonic)
     head_at: float | None = None  # when the response's headers arrived
     version: str = "2"  # for access logs, as HTTP/1's "1.1"
+    span: object = None  # this hop's trace span (telemetry.py), when tracing is on
 
 
 class StreamFailed(Exception):
@@ -237,7 +238,7 @@ class Exchange:
     async def _serve(self) -> None:
         incoming = self.client.incoming
         facts = RequestFacts(self.request.method, has_body=not self.bodiless, replayable=True)
-        self.retries = self.target.retries(facts)
+        self.retries = self.target.retries(facts, self.request)
 
         async def acquire(address):
             if self.retries.used:  # after a RETRY verdict: the body was kept whole (or there is none)

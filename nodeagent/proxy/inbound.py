@@ -168,7 +168,7 @@ class _Inbound(asyncio.Protocol):
         counted as inbound requests, and a drain can end the connection between requests."""
         conn = self.conn
         conn.enter(Phase.HTTP2 if h2 else Phase.HTTP1)
-        target = AppTarget(self.deps, self.pod, port, peer, tls)
+        target = AppTarget(self.deps, self.pod, port, peer, tls, conn.peer.ip)
         initial, self.buffer = bytes(self.buffer), None
         server = (Http2Server if h2 else Http1Server)(target, initial, conn.stats, on_close=conn.close)
         transport.set_protocol(server)

@@ -123,6 +123,11 @@ class Metrics:
         self._sni_seen: dict[str, set] = defaultdict(set)  # pod key -> names with a series of their own
         self.access_log_dropped_total = Counter("access_log_dropped", "Access log lines dropped: the queue toward the "
                                                 "writer was full, or the destination failed", registry=r)
+        self.trace_spans_exported_total = Counter("trace_spans_exported", "Spans the collector accepted", registry=r)
+        self.trace_spans_dropped_total = Counter("trace_spans_dropped", "Spans dropped: the queue toward the "
+                                                 "exporter was full, or their batch failed", registry=r)
+        self.trace_export_failures_total = Counter("trace_export_failures", "Batches of spans the collector "
+                                                   "refused or that could not be sent", registry=r)
         self.identity_cert_expiration_timestamp_seconds = Gauge(
             "identity_cert_expiration_timestamp_seconds", "When each workload certificate expires", ("identity",),
             registry=r)

@@ -52,8 +52,7 @@ class Proxy:
         self.metrics = Metrics()
         self.tap = TapHub()
         self.problems = ProblemLog(log)
-        self.telemetry = Telemetry(settings.access_log, self.metrics, self.problems,
-                                   lambda key: self.directory.view.pods.get(key))
+        self.telemetry = Telemetry(settings, self.metrics, self.problems, lambda: self.directory.view)
         self.observers = Observers(self.metrics, self.tap, self.problems, self.telemetry)
         self.directory = Directory()
         self.authorizer = Authorizer(settings.default_policy, settings.networks, settings.trust_domain,

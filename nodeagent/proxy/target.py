@@ -40,14 +40,19 @@ class HttpTarget:
         self._stats: dict = {}  # tls -> RequestStats, made on first use
         self._meshed_view, self._meshed_cache = None, {}
         service = decision.service if isinstance(decision, ToService) else None
-        self.log = deps.observers.telemetry.requests("outbound", pod, peer, service)  # None: no access log
+        route = f"{peer}:{decision.port.port if service is not None else decision.port}"
+        # None: no access log and no tracing for this connection's requests
+        self.log = deps.observers.telemetry.requests("outbound", pod, peer, route, service, pod_at=self._pod_at)
 
     # --- each request ---
 
-    def retries(self, request: RequestFacts) -> Retries:
-        """A new request (not a retry): the budget grows by it, and its retries start."""
+    def retries(self, facts: RequestFacts, request) -> Retries:
+        """A new request (not a retry): the budget grows by it, its retries start, and its trace
+        context is set (telemetry.py; before any attempt, so each carries the same)."""
+        if self.log is not None:
+            self.log.start(request)
         self.budget.deposit()
-        return Retries(request, self.config.retry_limit, self.config.retry_statuses, self.budget, self._count_retry)
+        return Retries(facts, self.config.retry_limit, self.config.retry_statuses, self.budget, self._count_retry)
 
     def _count_retry(self, verdict: Verdict) -> None:
         if verdict is Verdict.RETRY or verdict is Verdict.BUDGET:
@@ -160,7 +165,7 @@ class HttpTarget:
         tls = address is not None and self._meshed(address)
         self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
         if self.log is not None:
-            self.log.response(request, status, tls)
+            self.log.response(request, status, tls, failure, address)
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
