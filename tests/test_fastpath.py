@@ -14,7 +14,7 @@ import pytest
 
 from nodeagent.datapath.programs import CGROUP_PROGRAMS, SOCKHASH_PROGRAMS, SOCKOPS_PROXY
 from nodeagent.lab import lab as lab_ops
-from test_mtls_lab import annotate, meshed_on
+from test_mtls_lab import annotate, held_connection_after, meshed_on
 from test_proxy import agent_stats, counter, curl, py_in, wait_until
 
 pytestmark = pytest.mark.privileged
@@ -128,6 +128,13 @@ def test_the_destination_policy_still_decides_on_the_node(lab):
     finally:
         annotate(lab, "echo-n0-0", {})
     wait_until(lambda: py_in(lab, "client-n0-0", code).strip() == "b'hello'", "the allow to return")
+
+
+def test_a_policy_change_ends_on_node_connections_it_no_longer_admits(lab, tmp_path):
+    """On the node (plaintext, spliced): the same re-check as across nodes, on the port asked."""
+    other = "spiffe://cluster.local/ns/default/sa/other"
+    assert held_connection_after(lab, "client-n0-0", "echo-n0-0", {"authz.nodeagent.io/8080": other}, tmp_path) == "alive"
+    assert held_connection_after(lab, "client-n0-0", "echo-n0-0", {"authz.nodeagent.io/9000": other}, tmp_path) == "cut"
 
 
 ROUNDS = """

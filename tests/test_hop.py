@@ -38,6 +38,11 @@ def plan(address=("10.244.1.12", 9000), destination=POD, meshed=True, served_her
     ("a meshed pod on this node, on-node plaintext on, HTTP", dict(served_here=True, on_node_plaintext=True,
                                                                      hint=Hint.HTTP1),
      Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.HTTP1, CART, POD)),
+    ("a meshed pod on this node, on-node plaintext on, not detected yet (an early connection)",
+     dict(served_here=True, on_node_plaintext=True, hint=Hint.UNDETECTED),
+     Hop(HopKind.ON_NODE, ("10.244.1.12", 9000), 9000, Hint.UNDETECTED, destination=POD)),
+    ("a meshed pod elsewhere, not detected yet: the destination detects", dict(hint=Hint.UNDETECTED),
+     Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.UNDETECTED, CART, POD)),
     ("on-node plaintext on, but the pod is elsewhere", dict(on_node_plaintext=True),
      Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.OPAQUE, CART, POD)),
 ])

@@ -6,6 +6,7 @@ import http.client
 import logging
 import re
 import socket
+import struct
 import threading
 import time
 
@@ -33,7 +34,7 @@ class FixedTarget:
         self.retry_limit, self.request_timeout_s = 1, None
         self.budget = RetryBudget(time.monotonic)
         self.retry_statuses = set(retry_statuses)
-        self.errors, self.statuses, self.attempts = [], [], 0
+        self.errors, self.statuses, self.attempts, self.abandoned = [], [], 0, 0
         metrics, problems = Metrics(), ProblemLog(logging.getLogger("test"))
         self.observers = Observers(metrics, TapHub(), problems, Telemetry(DEFAULT, metrics, problems, lambda: ClusterView([])))
 
@@ -66,6 +67,9 @@ class FixedTarget:
 
     def request_finished(self, state, token, status):
         pass
+
+    def request_abandoned(self, state, token):
+        self.abandoned += 1
 
     def count_response(self, request, status, address=None):
         self.statuses.append(status)
@@ -350,3 +354,103 @@ def test_a_response_to_a_client_that_does_not_read_is_held_to_the_buffers(proxy_
         server.thread.join(15)  # the client reads nothing while the server tries to send
     assert sent and sent[0] < 64 * MB, sent
     server.close()
+
+
+def test_a_client_gone_mid_request_takes_its_endpoint_connection_along():
+    """A client that resets while its request waits on an endpoint that never answers must not
+    leave the endpoint connection open (a pod could repeat it until the node runs out)."""
+    clients = 20
+    accepted, ended = [], threading.Semaphore(0)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hold(conn):
+        with conn:
+            conn.settimeout(10)
+            try:
+                while conn.recv(65536):
+                    pass  # the request: never answered
+            except OSError:
+                pass
+            ended.release()
+
+    def accept():
+        for _ in range(clients):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    target = FixedTarget(listener.getsockname())
+
+    async def listen():
+        return await loop.create_server(lambda: Http1Server(target), "127.0.0.1", 0)
+
+    proxy = asyncio.run_coroutine_threadsafe(listen(), loop).result(5)
+    try:
+        port = proxy.sockets[0].getsockname()[1]
+        for sent in range(1, clients + 1):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while target.attempts < sent and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the request is on its way to the endpoint
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+        for _ in range(clients):
+            assert ended.acquire(timeout=5), "an endpoint connection outlived its client"
+        assert target.abandoned == clients
+    finally:
+        loop.call_soon_threadsafe(proxy.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        listener.close()
+
+
+def test_connect_is_a_tunnel_once_the_endpoint_says_2xx(proxy_to):
+    def forward_proxy(conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        data = head.split(b"\r\n\r\n", 1)[1]
+        while len(data) < 10:
+            data += conn.recv(65536)
+        conn.sendall(data.upper())
+        return head.split(b"\r\n")[0]
+
+    server = RawServer(forward_proxy)
+    port, _ = proxy_to(server.address)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"CONNECT db.example:5432 HTTP/1.1\r\nhost: db.example:5432\r\n\r\nhello")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        sock.sendall(b"world")
+        while not reply.endswith(b"HELLOWORLD"):
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    server.thread.join(5)
+    assert server.result == [b"CONNECT db.example:5432 HTTP/1.1"]
+    server.close()
+
+
+def test_a_client_that_expects_100_continue_gets_it_and_its_body_goes_through(proxy_to):
+    port, target = proxy_to("http")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+        interim = sock.recv(65536)  # the body is held back until the proxy asks for it
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        sock.sendall(b"hello")
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        reply = interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 200 ") == 2
+    assert b"hello" in reply
+    assert target.statuses == [200, 200]

@@ -22,6 +22,7 @@ from nodeagent.proxy import h2peer, http2
 from nodeagent.proxy.budget import RetryBudget
 from nodeagent.proxy.context import Observers
 from nodeagent.proxy.metrics import Metrics
+from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.problems import ProblemLog
 from nodeagent.proxy.retry import Retries, Verdict
 from nodeagent.proxy.tap import TapHub
@@ -73,6 +74,8 @@ class FixedTargets:
     @staticmethod
     def connect_failure_reason(exc):
         return "connect failed"
+
+    stream_limit = Limit.HTTP2_STREAMS
 
     def take_stream(self):
         self.streams += 1

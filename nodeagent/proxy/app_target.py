@@ -47,11 +47,13 @@ class AppTarget:
     def release(self, address, conn) -> None:
         self.pools.http1.release(self.pod.cookie, address, conn)
 
+    stream_limit = Limit.INBOUND_HTTP2_STREAMS  # the pod's clients cannot use up its own outbound share
+
     def take_stream(self) -> bool:
-        return self.pod.quota.take(Limit.HTTP2_STREAMS)
+        return self.pod.quota.take(self.stream_limit)
 
     def give_stream(self) -> None:
-        self.pod.quota.give(Limit.HTTP2_STREAMS)
+        self.pod.quota.give(self.stream_limit)
 
     # --- what happened ---
 

@@ -7,7 +7,7 @@ handshake). It is closed exactly once, from whichever side ends it, and closing 
 everything it held and counts it (tcp_close, bytes). Nothing else counts opens and closes.
 
     outbound: DETECTING -> CONNECTING -> OPAQUE | HTTP1 | HTTP2 -> CLOSED
-    inbound:  HANDSHAKING (mesh) -> AUTHORIZING -> OPAQUE (or REFUSING) -> CLOSED
+    inbound:  HANDSHAKING (mesh) -> AUTHORIZING -> OPAQUE | HTTP1 | HTTP2 (or REFUSING) -> CLOSED
 
 The table also knows each pod's live connections: a pod's policy change closes the ones it no
 longer admits, and a pod's departure closes all of them.

@@ -22,9 +22,10 @@ class Hint(enum.IntEnum):
     """What the source detected, sent in the tunnel header (the destination answers a
     refusal in the client's language: a 403 for HTTP)."""
 
-    OPAQUE = 0
+    OPAQUE = 0  # not HTTP (detected, or the Service's opaque-ports): forwarded as it comes
     HTTP1 = 1
     H2 = 2
+    UNDETECTED = 3  # opened before the client spoke (outbound.Early): the destination detects
 
 
 class HopKind(enum.Enum):
@@ -62,7 +63,7 @@ def plan_hop(address: tuple[str, int], destination: PodInfo | None, *, meshed: b
         return Hop(HopKind.PLAIN, address, port, hint, destination=destination)
     if port in PROXY_PORTS:
         return Hop(HopKind.REFUSED, None, port, hint, destination=destination, reason=PROXY_PORT_REASON)
-    if served_here and on_node_plaintext and hint is Hint.OPAQUE:
+    if served_here and on_node_plaintext and hint in (Hint.OPAQUE, Hint.UNDETECTED):
         return Hop(HopKind.ON_NODE, (destination.ip, port), port, hint, destination=destination)
     expected = naming.of_pod(destination.namespace, destination.service_account, trust_domain)
     return Hop(HopKind.MESH, (destination.ip, MESH_PORT), port, hint, expected, destination)

@@ -58,6 +58,8 @@ class Request:
     upgrade: bool = False
     chunked: bool = False
     has_body: bool = False
+    expect_continue: bool = False  # `Expect: 100-continue`: the client sends its body after our 100
+    continued: bool = False  # that 100 was written
     body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None (bounded by bytes)
     started: float = 0.0
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
@@ -80,8 +82,10 @@ class Http1Server(asyncio.Protocol):
     request goes (see target.HttpTarget); `initial` are bytes read during
     detection."""
 
-    def __init__(self, target, initial: bytes = b"", stats=None, on_close=None):
+    def __init__(self, target, initial: bytes = b"", stats=None, on_close=None,
+                 keepalive_idle_s: float | None = None):
         self.target = target
+        self.keepalive_idle_s = KEEPALIVE_IDLE_S if keepalive_idle_s is None else keepalive_idle_s
         self.initial = initial
         self.stats = stats  # the connection's ConnectionStats (bytes from and to the client)
         self.on_close = on_close
@@ -172,7 +176,12 @@ class Http1Server(asyncio.Protocol):
     def on_header(self, name, value):
         self.current.headers.append((name, value))
         lowered = name.lower()
-        if lowered == b"transfer-encoding" and b"chunked" in value.lower():
+        if lowered == b"expect" and value.strip().lower() == b"100-continue":
+            # Answered here when the body is wanted (as hyper does); the endpoint's own 100 would
+            # wait in its pending bytes while we wait for a body the client holds back.
+            self.current.headers.pop()
+            self.current.expect_continue = True
+        elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
             self.current.chunked = True
         elif lowered == b"content-length" and value.strip() not in (b"0", b""):
             self.current.has_body = True
@@ -184,6 +193,7 @@ class Http1Server(asyncio.Protocol):
         request.keep_alive = self.parser.should_keep_alive()
         request.upgrade = self.parser.should_upgrade()
         request.has_body = request.has_body or request.chunked
+        request.expect_continue = request.expect_continue and request.version == "1.1" and request.has_body
         self.reading_head, self.head_bytes, self.head_tail = False, 0, b""
         if self.head_timer:
             self.head_timer.cancel()
@@ -269,7 +279,7 @@ class Http1Server(asyncio.Protocol):
         if not self.requests.empty():
             return self.requests.get_nowait()
         self.idle_timer = asyncio.get_running_loop().call_later(
-            DRAIN_IDLE_S if self.draining else KEEPALIVE_IDLE_S, self.requests.put_nowait, None)
+            DRAIN_IDLE_S if self.draining else self.keepalive_idle_s, self.requests.put_nowait, None)
         try:
             return await self.requests.get()
         finally:
@@ -298,7 +308,10 @@ class Http1Server(asyncio.Protocol):
             return await self._exchange(request, retries, conn, endpoint, address)
 
         async def answer(status: int, reason: str, address) -> Outcome:
-            await self._drain_body(request)
+            if request.expect_continue and not request.continued:
+                request.keep_alive = False  # its body was never asked for: it cannot be skipped
+            else:
+                await self._drain_body(request)
             request.keep_alive = request.keep_alive and not self.draining
             self._write_error(status, reason, request, address)
             return Outcome.DONE if request.keep_alive else Outcome.CLOSE
@@ -331,12 +344,15 @@ class Http1Server(asyncio.Protocol):
                 return Outcome.RETRY
             self._write_error(502, "upstream failed", request, address)
             return Outcome.CLOSE
+        except asyncio.CancelledError:
+            self._abandon(conn, endpoint, token)
+            raise
         if retries.wants_status(status) and retries.decide(Failure.STATUS, status) is Verdict.RETRY:
             target.request_finished(endpoint, token, status)
             conn.transport.close()  # the discarded response's body is not read
             return Outcome.RETRY
         target.count_response(request, status, address)
-        if status == 101 and request.upgrade:
+        if request.upgrade and (status == 101 or (request.method == "CONNECT" and 200 <= status < 300)):
             return self._upgrade(conn, endpoint, token, status)
         if request.upgrade:
             request.keep_alive = False  # refused upgrade: bytes sent after it are not HTTP we can trust
@@ -358,14 +374,24 @@ class Http1Server(asyncio.Protocol):
             target.request_finished(endpoint, token, None)
             self.transport.abort()  # the response was cut short: so is the client's
             return Outcome.CLOSE
+        except asyncio.CancelledError:
+            self._abandon(conn, endpoint, token)
+            raise
         finally:
             self.responding = None
         target.request_finished(endpoint, token, status)
         target.release(address, conn)
         return Outcome.CLOSE if conn.eof_delimited else Outcome.DONE
 
+    def _abandon(self, conn, endpoint, token) -> None:
+        """The client went away (or was cut) mid-exchange: the endpoint's connection is in an
+        unknown state, so it is closed, never pooled nor left open (a pod resetting requests to
+        an endpoint that never answers would otherwise leak one connection each time)."""
+        conn.transport.abort()
+        self.target.request_abandoned(endpoint, token)
+
     def _upgrade(self, conn, endpoint, token, status) -> Outcome:
-        """101 Switching Protocols: from here the two connections are spliced."""
+        """101 Switching Protocols (or a 2xx to CONNECT): from here the two connections are spliced."""
         self.upgraded = True
         self.target.request_finished(endpoint, token, status)
         self._write(bytes(conn.pending))  # the 101 head and anything after it
@@ -390,6 +416,9 @@ class Http1Server(asyncio.Protocol):
             self._resume(Pause.BODY)
 
     async def _stream_body(self, request: Request, conn) -> None:
+        if request.expect_continue and not request.continued:
+            request.continued = True
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while (chunk := await request.body.get()) is not None:
             self._took(len(chunk))
             if not conn.writable.is_set():

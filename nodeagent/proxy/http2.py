@@ -131,7 +131,7 @@ class Http2Server(H2Peer):
             self.refuse(stream_id, Flood.HEADERS_HELD)
             return False
         if not self.target.take_stream():  # the pod's share of open streams (limits.py) is used up
-            self.target.count_limit("http2-streams")
+            self.target.count_limit(self.target.stream_limit.value)
             self.session.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             self.flush_soon()
             return False

@@ -9,11 +9,14 @@ Each connection is admitted against the pod's inbound share (proxy/limits.py); a
 handshake holds one of the pod's `handshakes` while it runs, and both the handshake and the
 header have a deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
-HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection
-reaches the app on the pod's IP at that port, from inside the pod (the kernel routes it over
-lo; sk_lookup leaves it alone): an app listening on 127.0.0.1 only stays out of reach from
-outside the pod, as without a mesh. It is forwarded opaquely (forward.py). The app connection
-opens as soon as the connection is allowed, so a server that speaks first is heard at once.
+HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection's
+protocol comes from the tunnel header's hint or, for a plaintext client or an early tunnel,
+from detection (a client silent for EAGER_S may be waiting for a server that speaks first).
+HTTP/1 and HTTP/2 are served per request (app_target.AppTarget: inbound request metrics, a
+drain ends them between requests); anything else is forwarded opaquely (forward.py). Either
+way the app is reached on the pod's IP at that port, from inside the pod (the kernel routes it
+over lo; sk_lookup leaves it alone): an app listening on 127.0.0.1 only stays out of reach from
+outside the pod, as without a mesh.
 """
 
 import asyncio
@@ -30,15 +33,17 @@ from nodeagent.proxy.errors import REASON_HEADER
 from nodeagent.proxy.forward import forward
 from nodeagent.proxy.h2peer import H2Peer, goaway
 from nodeagent.proxy.hop import Hint
-from nodeagent.proxy.http1 import Http1Server
+from nodeagent.proxy.http1 import KEEPALIVE_IDLE_S, Http1Server
 from nodeagent.proxy.http2 import Http2Server
 from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
 from nodeagent.proxy.tls import handshake
-from nodeagent.proxy.upstream import open_socket
+from nodeagent.proxy.upstream import POOL_IDLE_S, open_socket
 
+MESH_KEEPALIVE_IDLE_S = POOL_IDLE_S + 30  # idle mesh tunnels are the source pool's to close
 EAGER_S = 0.003  # a plaintext client that has not spoken by then may wait for its server to speak first
-# What the source proxy detected, as its tunnel header says: HTTP is served here per request.
-HINTED = {Hint.HTTP1: Protocol.HTTP1, Hint.H2: Protocol.H2}
+# What the source proxy detected, as its tunnel header says; UNDETECTED (an early connection)
+# and any hint this version does not know are detected here.
+HINTED = {Hint.OPAQUE: Protocol.OPAQUE, Hint.HTTP1: Protocol.HTTP1, Hint.H2: Protocol.H2}
 
 FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nnodeagent-proxy-error: unauthorized\r\ncontent-type: text/plain\r\n"
              b"content-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -144,7 +149,8 @@ class _Inbound(asyncio.Protocol):
         self.buffer = None
 
     async def _detect(self) -> Protocol:
-        """A plaintext client's protocol, from its first bytes. One that says nothing within
+        """The client's protocol, from its first bytes (a plaintext client, or a tunnel its
+        source opened before the client spoke). One that says nothing within
         EAGER_S may be waiting for a server that speaks first: opaque, and its app is connected at
         once; a partial prefix waits for the detect timeout, then is opaque too."""
         loop = asyncio.get_running_loop()
@@ -170,9 +176,14 @@ class _Inbound(asyncio.Protocol):
         conn.enter(Phase.HTTP2 if h2 else Phase.HTTP1)
         target = AppTarget(self.deps, self.pod, port, peer, tls, conn.peer.ip)
         initial, self.buffer = bytes(self.buffer), None
-        server = (Http2Server if h2 else Http1Server)(target, initial, conn.stats, on_close=conn.close)
+        if h2:  # an idle HTTP/2 connection ends with GOAWAY: its client knows what was not served
+            server = Http2Server(target, initial, conn.stats, on_close=conn.close)
+        else:  # a source proxy's pool keeps a tunnel up to POOL_IDLE_S: closing one sooner races its next request
+            keepalive_s = MESH_KEEPALIVE_IDLE_S if tls else KEEPALIVE_IDLE_S
+            server = Http1Server(target, initial, conn.stats, on_close=conn.close, keepalive_idle_s=keepalive_s)
         transport.set_protocol(server)
         server.connection_made(transport)
+        conn.drains_with(server.drain)  # a stopping agent ends it between requests
         if self.eof:
             server.eof_received()
 
@@ -297,4 +308,4 @@ class MeshAccept(_Inbound):
         del self.buffer[:mesh.HEADER.size]
         if self._proxy_port(tls, port):
             return
-        await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint, Protocol.OPAQUE))
+        await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))

@@ -12,7 +12,8 @@ batch job. A bad annotation is reported and the default used.
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
 | handshakes | mutual-TLS handshakes in progress for the pod, either side | 16 |
 | detections | outbound connections whose protocol is not known yet | 100 |
-| http2-streams | open HTTP/2 streams over all the pod's client connections | 1000 |
+| http2-streams | open HTTP/2 streams over all the pod's own client connections | 1000 |
+| inbound-http2-streams | open HTTP/2 streams of clients to the pod (apart: its clients cannot use up its own share) | 1000 |
 """
 
 import enum
@@ -30,6 +31,7 @@ class Limit(enum.Enum):
     HANDSHAKES = "handshakes"
     DETECTIONS = "detections"
     HTTP2_STREAMS = "http2-streams"
+    INBOUND_HTTP2_STREAMS = "inbound-http2-streams"
 
 
 DEFAULTS = MappingProxyType({
@@ -38,6 +40,7 @@ DEFAULTS = MappingProxyType({
     Limit.HANDSHAKES: 16,
     Limit.DETECTIONS: 100,
     Limit.HTTP2_STREAMS: 1000,
+    Limit.INBOUND_HTTP2_STREAMS: 1000,
 })
 
 

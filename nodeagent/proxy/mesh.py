@@ -3,9 +3,10 @@ then an 8-byte header naming the original destination port.
 
     magic "NAGT" | version (1) | protocol hint (1) | port (2, big-endian)
 
-The hint is what the source detected (hop.Hint: 0 opaque, 1 HTTP/1, 2 HTTP/2); the
-destination learns the client's language from its own detection (a refused HTTP client
-gets a 403 either way), so it reads the hint but does not act on it yet. The
+The hint is what the source detected (hop.Hint: 0 opaque, 1 HTTP/1, 2 HTTP/2, 3 not yet:
+the connection was opened before the client spoke). The destination serves HTTP/1 and
+HTTP/2 per request, forwards opaque as it comes, and detects for itself on 3 (or a hint
+it does not know); agents of earlier versions ignore the hint. The
 source checks that the server proved the identity it expected for the
 destination pod; the destination checks the client's chain (ssl does) and
 authorizes its identity.

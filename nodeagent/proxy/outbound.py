@@ -184,7 +184,8 @@ class OutboundAccept(asyncio.Protocol):
 
     async def _connect(self) -> asyncio.Transport | None:
         """Open the upstream at once, trying other endpoints if a connect fails. The protocol is
-        not known yet: the hint says opaque, the destination detects for itself."""
+        not known yet: the hint says so, and the destination detects for itself (a connection
+        adopted into a pool later is served per request there too)."""
         deps, tried = self.deps, set()
         for _ in range(CONNECT_ATTEMPTS):
             target = self._pick(tried)
@@ -192,7 +193,7 @@ class OutboundAccept(asyncio.Protocol):
                 break
             state, address, destination = target
             tried.add(address)
-            hop = deps.connector.plan(address, destination, Hint.OPAQUE)
+            hop = deps.connector.plan(address, destination, Hint.UNDETECTED)
             holding = Holding()
             try:
                 if hop.kind is HopKind.ON_NODE and not self._admitted_on_node(hop):
@@ -238,7 +239,7 @@ class OutboundAccept(asyncio.Protocol):
         if inbound is None:
             return False  # the destination's share is full: refused like a mesh connection would be
         inbound.label(deps.observers.metrics, client.identity, False)
-        inbound.peer = client
+        inbound.peer, inbound.port = client, hop.port  # what a policy change re-asks
         self.on_node = inbound
         return True
 

@@ -95,11 +95,13 @@ class HttpTarget:
 
     # --- HTTP/2 streams: the pod's share ---
 
+    stream_limit = Limit.HTTP2_STREAMS
+
     def take_stream(self) -> bool:
-        return self.pod.quota.take(Limit.HTTP2_STREAMS)
+        return self.pod.quota.take(self.stream_limit)
 
     def give_stream(self) -> None:
-        self.pod.quota.give(Limit.HTTP2_STREAMS)
+        self.pod.quota.give(self.stream_limit)
 
     # --- what happened ---
 

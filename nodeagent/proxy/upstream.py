@@ -146,8 +146,8 @@ class ResponseReader(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         if not self.head.done():
             self.head.set_result(self.status)
-        if self.method == "HEAD" or self.status in (101, 204, 304):
-            self._complete()
+        if self.method == "HEAD" or self.status in (101, 204, 304) or (self.method == "CONNECT" and self.status < 300):
+            self._complete()  # no body (a CONNECT's 2xx: what follows is the tunnel's)
 
     def on_message_complete(self):
         if 100 <= self.status < 200 and self.status != 101:
