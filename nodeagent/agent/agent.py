@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from nodeagent import cgroups, preflight
+from nodeagent import cgroups, netns, preflight
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admin import serve_admin, serve_metrics
@@ -33,7 +33,7 @@ from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAll
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
-from nodeagent.datapath.loader import LoadError, load_in_subprocess
+from nodeagent.datapath.loader import LoadError, load_same_build_here
 from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import CONNECT4
 from nodeagent.proxy.server import Proxy
@@ -64,6 +64,9 @@ class Agent:
         self.proxy: Proxy | None = None
         self.slots = SlotAllocator(abi.MAX_PODS)
         self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
+        # Slots of a predecessor's pod entries (netns cookie -> slot), kept for the same pods: an
+        # agent still serving them steers by those slots until this one has taken over.
+        self.adopted_slots: dict[int, int] = {}
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
@@ -94,18 +97,23 @@ class Agent:
             raise AgentError(f"cannot find the agent's own cgroup for the fast path: {e}") from e
         try:
             self.load_report = await asyncio.to_thread(
-                load_in_subprocess, self.config.pin_name, self.config.cgroup, self.config.pin_root,
+                load_same_build_here, self.config.pin_name, self.config.cgroup, self.config.pin_root,
                 proxy_cgroup=proxy_cgroup, fast_paths=self.config.fast_paths)
         except LoadError as e:
             raise AgentError(f"the data path could not be loaded: {e}") from e
-        log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
-                 self.load_report["created"], self.load_report["adopted"])
+        report = self.load_report
+        log.info("data path %s (created %s, adopted %s)",
+                 f"compiled and loaded in {report['compile_and_load_ms']:.0f} ms" if report["compiled"]
+                 else "programs adopted as pinned (the same build)", report["created"], report["adopted"])
         self.layout = PinLayout(self.config.pin_root, self.config.pin_name)
         datapath = Datapath(self.layout)
+        self.adopted_slots = datapath.enrolled_slots()
+        for slot in set(self.adopted_slots.values()):
+            self.slots.reserve(slot)
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
-        self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1, processes=processes)
+        self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if processes > 1:
             self.workers = Workers(processes - 1, self.config, self.proxy.tap)
@@ -184,7 +192,9 @@ class Agent:
                     self._not_enrolled(pod, NETNS_WITHOUT_POD_IP)  # started, yet never where its IP is
                 self._waiting = True  # not started yet: try again next round
                 continue
-            slot = self.slots.take()
+            slot = self.adopted_slots.pop(netns.cookie(f"/proc/self/fd/{fd}"), None)
+            if slot is None:
+                slot = self.slots.take()
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
             except (OSError, naming.IdentityError) as e:
@@ -266,6 +276,8 @@ class Agent:
         for cookie in set(datapath.enrolled_cookies()) | set(datapath.inbound_cookies()):
             if cookie not in served:
                 datapath.forget_cookie(cookie)
+                if (slot := self.adopted_slots.pop(cookie, None)) is not None:
+                    self.slots.free(slot)
 
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds

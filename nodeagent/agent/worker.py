@@ -91,7 +91,7 @@ class Worker:
         issuer, anchors = load_issuer(s.identity_dir)
         self.identities = WorkloadIdentities(issuer, anchors, s.cert_lifetime_delta)
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
-        self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False, reuse_port=True,
+        self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False,
                            processes=s.processes(len(os.sched_getaffinity(0))))
         self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{self.index}")
         self.endpoint.post(("ready", self.index))
