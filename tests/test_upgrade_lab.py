@@ -1,6 +1,7 @@
 """An agent upgrade is not an outage (issue 15): under load, each node's agent is handed over to
 a new one (`lab upgrade`), one node after the other, with no failed request, no reset, the
-long-lived stream byte-exact, and no program attached twice; pins of another layout are refused."""
+long-lived stream byte-exact, and no program attached twice; pins of another layout are refused;
+the trust anchors and the issuer rotate under load, live, with no failed request either."""
 
 import os
 import subprocess
@@ -12,12 +13,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmark's round is the test's load
 from benchmarks import upgrade as bench  # noqa: E402
 from nodeagent.datapath import abi, libbpf  # noqa: E402
+from nodeagent.identity.ca import Authority  # noqa: E402
 from nodeagent.datapath.loader import LoadError, check_layout  # noqa: E402
 from nodeagent.datapath.pins import PinLayout  # noqa: E402
 from nodeagent.datapath.programs import CGROUP_PROGRAMS  # noqa: E402
 from nodeagent.lab import lab as lab_ops  # noqa: E402
 from nodeagent.lab import upgrade as lab_upgrade  # noqa: E402
-from test_proxy import agent_stats, curl  # noqa: E402
+from test_proxy import agent_stats, curl, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -92,3 +94,36 @@ def test_pins_of_another_layout_are_refused_with_the_way_out(lab):
         libbpf.map_update(fd, abi.u32(0), bytes(pins))
         os.close(fd)
 
+
+def replace_file(path: Path, data: bytes) -> None:
+    """As a Secret's update lands: the new content at once (kubelet swaps a symlink)."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_bytes(data)
+    os.replace(staged, path)
+
+
+def test_rotating_the_trust_anchors_then_the_issuer_under_load_fails_nothing(lab):
+    directory = lab_ops.identity_dir()
+    old_anchors = (directory / "ca.crt").read_bytes()
+    new_anchor = Authority.new_anchor("cluster.local")
+    new_issuer = new_anchor.new_issuer("cluster.local")
+
+    def issued_again(before: list[int]) -> list[int]:
+        now = [agent_stats(i)["certificates_issued"] for i in range(len(lab.plan.nodes))]
+        return now if all(n > b for n, b in zip(now, before)) else []
+
+    def rotate(lab) -> list[list[int]]:
+        start = [agent_stats(i)["certificates_issued"] for i in range(len(lab.plan.nodes))]
+        replace_file(directory / "ca.crt", old_anchors + new_anchor.certificate_pem())  # README's step 2
+        trusted = wait_until(lambda: issued_again(start), "both agents to take the new anchors", 15)
+        replace_file(directory / "issuer.crt", new_issuer.chain_pem())  # step 3: the key follows
+        replace_file(directory / "issuer.key", new_issuer.key_pem())
+        switched = wait_until(lambda: issued_again(trusted), "both agents to take the new issuer", 15)
+        return [start, trusted, switched]
+
+    traffic, counts = bench.under_load(lab, LOAD_S, rotate)
+    for name, kind in traffic.items():
+        assert kind["failed"] == 0 and kind["resets"] == 0, (name, kind)
+    assert bench.totals(traffic)["echo_exact"]
+    log = (lab_ops.STATE_DIR / "logs" / "agent-node0.log").read_text()
+    assert log.count("the issuer or trust anchors changed") >= 2

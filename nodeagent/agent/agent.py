@@ -28,6 +28,7 @@ from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
+from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
 from nodeagent.cluster import podfs
@@ -111,6 +112,7 @@ class Agent:
         for slot in set(self.adopted_slots.values()):
             self.slots.reserve(slot)
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
+        self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
@@ -140,6 +142,7 @@ class Agent:
                 self._check_datapath()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
+                self._reload_issuer()
                 self._export_expirations()
                 if self.workers:
                     self.workers.check()
@@ -278,6 +281,14 @@ class Agent:
                 datapath.forget_cookie(cookie)
                 if (slot := self.adopted_slots.pop(cookie, None)) is not None:
                     self.slots.free(slot)
+
+    def _reload_issuer(self) -> None:
+        """The issuer Secret changed (trust anchors, issuer): new certificates for every identity
+        (each worker watches the same files)."""
+        changed = self.issuer_files.changed(time.monotonic())
+        if changed is not None:
+            count = self.identities.replace_issuer(*changed)
+            log.info("the issuer or trust anchors changed: %d identities issued again", count)
 
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
