@@ -173,6 +173,7 @@ class _Inbound(asyncio.Protocol):
         server = (Http2Server if h2 else Http1Server)(target, initial, conn.stats, on_close=conn.close)
         transport.set_protocol(server)
         server.connection_made(transport)
+        conn.drains_with(server.drain)  # a draining agent: Connection: close, or GOAWAY
         if self.eof:
             server.eof_received()
 
