@@ -9,8 +9,8 @@ Brings up its own 2-node lab (--mesh node) and takes it down. Traffic, from clie
 per request, HTTP/2 with 8 streams at once (h2load opens no new connection after a GOAWAY, so it
 is not used here) and one long-lived opaque echo stream, byte-checked, across both agents.
 Each round: traffic starts; after 2 s node0's agent is upgraded, then node1's; traffic stops;
-the old agents exit at their drain deadline (--drain-timeout: the traffic's length + 15 s), held
-until then by the mesh tunnels their peers keep pooled. Prints JSON per round and a summary:
+each old agent exits once its last connection has ended (the echo stream ends with the traffic;
+--drain-timeout is the traffic's length + 15 s). Prints JSON per round and a summary:
 failed requests and resets (target 0 and 0), the new agents' time to ready and the old agents'
 time from SIGTERM to exit (median, min-max).
 """
@@ -29,9 +29,9 @@ from nodeagent.lab import upgrade as lab_upgrade
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_S = 2.0
 DRAIN_WAIT_S = 3.0  # between one node's upgrade and the next: the old agent's HTTP clients move on
-# The agents' --drain-timeout: past the traffic's end, so every connection of the traffic ends
-# within it. Mesh tunnels that the peers' agents keep in their pools are opaque to the old agent
-# (ARCHITECTURE.md, "Draining"): they last until the deadline, which is when an old agent exits.
+# The agents' --drain-timeout: past the traffic's end, so every connection of the traffic (the
+# echo stream lasts as long as the traffic) ends within it, and no old agent waits 10 minutes for
+# something the traffic left behind.
 DRAIN_PAST_TRAFFIC_S = 15.0
 
 
