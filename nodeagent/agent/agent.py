@@ -220,21 +220,21 @@ class Agent:
         self.lifecycle = Lifecycle.DRAINING
         started = time.monotonic()
         deadline = started + self.config.drain_timeout
-        log.info("draining: not ready; %d connections open; deadline in %.0f s (a second signal ends it)",
-                 (await self._families())[1], self.config.drain_timeout)
+        log.info("draining: not ready; %s connections open; deadline in %.0f s (a second signal ends it)",
+                 await self._open_everywhere(), self.config.drain_timeout)
         if self.workers:
             self.workers.drain()
         await self.proxy.drain()
-        while (left := (await self._families())[1]) and not hurry.is_set() and time.monotonic() < deadline:
+        while (left := await self._open_everywhere()) != 0 and not hurry.is_set() and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(hurry.wait(), DRAIN_CHECK_S)
             except asyncio.TimeoutError:
                 pass
         why = "a second signal" if hurry.is_set() else "the drain deadline"
-        if left:
+        if left != 0:
             cut = self.proxy.connections.cut_all("drain deadline")
-            log.warning("draining: %s: %d connections cut (%d of them in workers, which stop now)", why, left,
-                        left - cut)
+            log.warning("draining: %s: %d connections cut here, %s in workers (which stop now)", why, cut,
+                        "some" if left is None else left - cut)
         log.info("drained in %.1f s", time.monotonic() - started)
 
     def _not_enrolled(self, pod, reason: str) -> None:
@@ -298,6 +298,13 @@ class Agent:
         for identity, not_after in current.items():
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
+
+    async def _open_everywhere(self) -> int | None:
+        """Open connections in every process; None if a live worker did not answer (not zero)."""
+        reports = await self.workers.scrape() if self.workers else []
+        if self.workers and len(reports) < self.workers.alive():
+            return None
+        return self.proxy.open_connections + sum(report[1] for report in reports)
 
     async def _families(self) -> tuple[list, int]:
         """Every process's metrics, merged, and their open connections."""
