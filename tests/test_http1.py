@@ -299,6 +299,35 @@ def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(proxy_t
     server.close()
 
 
+def test_the_head_goes_out_before_a_body_that_has_not_come(proxy_to):
+    """Head and body share a write when the body is there (one TLS record on a mesh hop), but
+    the head never waits for the body: the client may be waiting for the head's answer."""
+    head_seen = threading.Event()
+
+    def reads_head_then_body(conn):
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        head_seen.set()
+        body = received.split(b"\r\n\r\n", 1)[1]
+        while len(body) < 5:
+            body += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + body)
+        return body
+
+    server = RawServer(reads_head_then_body)
+    port, _ = proxy_to(server.address)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\n")
+        assert head_seen.wait(5)  # before any byte of the body was sent
+        sock.sendall(b"hello")
+        reply = b""
+        while not reply.endswith(b"hello"):
+            reply += sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200") and server.result == [b"hello"]
+    server.close()
+
+
 MB = 1 << 20
 
 

@@ -82,7 +82,8 @@ class HttpTarget:
     async def acquire(self, address):
         """An HTTP/1 connection to `address` of its own, (connection, reused)."""
         return await self.pools.http1.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                              self.config.connect_timeout_s, self._tunnel(address, Hint.HTTP1))
+                                              self.config.connect_timeout_s,
+                                              lambda: self._tunnel(address, Hint.HTTP1))
 
     async def acquire_h2(self, address):
         """An HTTP/2 connection to `address` with room for one more stream."""

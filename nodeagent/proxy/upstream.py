@@ -101,13 +101,18 @@ class ResponseReader(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.writable = asyncio.Event()  # the request's body may be written (our write buffer is low)
         self.writable.set()
+        self.loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() in Python 3.11
+        self.parser = None
+        self.at_boundary = False  # the parser ended the last response: it can parse the next one
         self._reset(None)
 
     def _reset(self, method: str | None):
         self.method = method
-        self.parser = httptools.HttpResponseParser(self)
-        self.head: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        if not self.at_boundary:  # after a HEAD (whose body the parser awaits) or an interim response
+            self.parser = httptools.HttpResponseParser(self)
+        self.at_boundary = False
+        self.head: asyncio.Future = self.loop.create_future()
+        self.done: asyncio.Future = self.loop.create_future()
         self.pending = bytearray()  # raw bytes read before a sink was attached
         self.sink: asyncio.Transport | None = None
         self.counter = None  # the client connection's stats: bytes written to the client
@@ -154,6 +159,7 @@ class ResponseReader(asyncio.Protocol):
             # Pass the informational response on and wait for the final one.
             self.parser = httptools.HttpResponseParser(self)
             return
+        self.at_boundary = self.status != 101
         self._complete()
 
     def _complete(self):
@@ -171,6 +177,7 @@ class ResponseReader(asyncio.Protocol):
         for future in (self.head, self.done):
             if not future.done():
                 future.set_exception(exc)
+                future.exception()  # an idle connection's loss is no error to log: a waiter still gets it
         if self.transport:
             self.transport.abort()
 
@@ -212,9 +219,10 @@ class Pool:
     def __init__(self):
         self._idle: dict[tuple, list[ResponseReader]] = {}
 
-    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int],
-                      timeout_s: float, tunnel: Tunnel | None = None) -> tuple[ResponseReader, bool]:
-        """(a connection, whether it was reused)."""
+    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
+                      tunnel: Callable[[], Tunnel | None] | None = None) -> tuple[ResponseReader, bool]:
+        """(a connection, whether it was reused). `tunnel` says how to open a new one (it is
+        asked only then: a reused connection plans no hop)."""
         key = (cookie, address)
         idle = self._idle.get(key)
         now = time.monotonic()
@@ -225,7 +233,7 @@ class Pool:
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
                 return conn, True
             conn.transport.close()
-        _, conn = await connect(netns_path, address, timeout_s, ResponseReader, tunnel)
+        _, conn = await connect(netns_path, address, timeout_s, ResponseReader, tunnel() if tunnel else None)
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
