@@ -7,6 +7,8 @@ Modes (pod A is always meshed):
 - mesh: pod B meshed too: A's outbound, the mutual-TLS hop and B's inbound, all in this one process,
   as when both pods are on one node (the two ends of `make bench`'s mesh CPU, without the kernel's
   capture);
+- one-hop: the same pods with on-node plaintext on (--on-node-plaintext true): the proxy serves
+  both ends in one pass (hop.py ON_NODE, on_node.py), no TLS;
 - plain: pod B outside the mesh: A's outbound to B's address, plaintext.
 
 CPU: the proxy process's utime + stime (getrusage, every thread: the TLS handshake threads too)
@@ -45,7 +47,7 @@ http {{
   server {{ listen {port}; location / {{ return 200 "ok\\n"; }} }}
 }}
 """
-MODES = ("mesh", "plain")
+MODES = ("mesh", "one-hop", "plain")
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -65,11 +67,14 @@ def h2load(pair, requests: int, connections: int = CONNECTIONS, strict: bool = T
     return float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)[1])
 
 
-async def one_run(requests: int) -> dict:
+async def one_run(requests: int, mode: str) -> dict:
     """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost."""
-    from benchmarks.podpair import PodPair
+    import dataclasses
 
-    pair = await PodPair().start()
+    from benchmarks.podpair import PodPair
+    from nodeagent.settings import DEFAULT
+
+    pair = await PodPair(dataclasses.replace(DEFAULT, on_node_plaintext=mode == "one-hop")).start()
     workdir = tempfile.mkdtemp(prefix="proxy-cost-")
     with open(f"{workdir}/nginx.conf", "w") as conf:
         conf.write(NGINX.format(dir=workdir, port=NGINX_PORT))
@@ -104,7 +109,7 @@ def run_child(code: pathlib.Path, mode: str, requests: int) -> dict:
     env.pop("BENCH_PLAIN", None)
     if mode == "plain":
         env["BENCH_PLAIN"] = "1"  # podpair: pod B outside the mesh
-    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "one", str(requests)],
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "one", str(requests), mode],
                           capture_output=True, text=True, env=env, cwd=code, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"a {mode} run of {code} failed:\n{done.stderr[-3000:]}")
@@ -133,7 +138,7 @@ def main() -> None:
     if sys.argv[1:2] == ["one"]:
         import uvloop
 
-        print(json.dumps(uvloop.run(one_run(int(sys.argv[2])))))
+        print(json.dumps(uvloop.run(one_run(int(sys.argv[2]), sys.argv[3]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))

@@ -362,7 +362,7 @@ class Http1Server(asyncio.Protocol):
             if request.has_body:
                 await self._stream_body(request, conn)
             else:
-                conn.transport.write(request.head())
+                conn.send(request.head())
             remaining = self._remaining(request)
             status = await (conn.head if remaining is None else asyncio.wait_for(asyncio.shield(conn.head), remaining))
         except asyncio.TimeoutError:
@@ -454,7 +454,7 @@ class Http1Server(asyncio.Protocol):
                 break
             self._took(len(chunk))
             size += len(chunk)
-        conn.transport.write(b"".join(out))
+        conn.send(b"".join(out))
         if chunk is None:
             return
         while (chunk := await body.get()) is not None:
@@ -463,9 +463,9 @@ class Http1Server(asyncio.Protocol):
                 await conn.writable.wait()  # the endpoint is slow: the client waits (paused above)
                 if conn.transport.is_closing():
                     raise ConnectionError("upstream closed while the request body was sent")
-            conn.transport.write(self._framed(request, chunk))
+            conn.send(self._framed(request, chunk))
         if request.chunked:
-            conn.transport.write(self._framed(request, None))
+            conn.send(self._framed(request, None))
 
     async def _drain_body(self, request: Request) -> None:
         if request.has_body:

@@ -8,7 +8,7 @@ pooled per (pod, endpoint).
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httptools
@@ -102,6 +102,8 @@ class ResponseReader(asyncio.Protocol):
         self.writable = asyncio.Event()  # the request's body may be written (our write buffer is low)
         self.writable.set()
         self.loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() in Python 3.11
+        self.sent = self.received = 0  # bytes, for a hop that counts them (on_node.py)
+        self.on_lost: Callable[["ResponseReader"], None] | None = None
         self.parser = None
         self.at_boundary = False  # the parser ended the last response: it can parse the next one
         self._reset(None)
@@ -127,7 +129,13 @@ class ResponseReader(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
+    def send(self, data: bytes) -> None:
+        """A request's bytes toward the endpoint."""
+        self.sent += len(data)
+        self.transport.write(data)
+
     def data_received(self, data):
+        self.received += len(data)
         if self.sink is not None:
             self.sink.write(data)
             if self.counter is not None:
@@ -184,6 +192,8 @@ class ResponseReader(asyncio.Protocol):
     def connection_lost(self, exc):
         self.writable.set()  # a writer waiting for room learns of the loss from the write
         self._fail(exc or ConnectionError("upstream closed the connection"))
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     def pause_writing(self):
         self.writable.clear()
@@ -220,9 +230,10 @@ class Pool:
         self._idle: dict[tuple, list[ResponseReader]] = {}
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
-                      tunnel: Callable[[], Tunnel | None] | None = None) -> tuple[ResponseReader, bool]:
-        """(a connection, whether it was reused). `tunnel` says how to open a new one (it is
-        asked only then: a reused connection plans no hop)."""
+                      opener: Callable[[], Awaitable[ResponseReader]] | None = None) -> tuple[ResponseReader, bool]:
+        """(a connection, whether it was reused). `opener` opens a new one, through the hop it
+        plans (called only then: a reused connection plans no hop); by default, a plain
+        connection from `netns_path`."""
         key = (cookie, address)
         idle = self._idle.get(key)
         now = time.monotonic()
@@ -233,7 +244,9 @@ class Pool:
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
                 return conn, True
             conn.transport.close()
-        _, conn = await connect(netns_path, address, timeout_s, ResponseReader, tunnel() if tunnel else None)
+        if opener is not None:
+            return await opener(), False
+        _, conn = await connect(netns_path, address, timeout_s, ResponseReader)
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
