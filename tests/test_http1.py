@@ -241,6 +241,32 @@ def test_an_idle_keep_alive_connection_is_closed(proxy_to, monkeypatch):
         assert sock.recv(10) == b""  # closed by the proxy (a socket timeout would fail the test instead)
 
 
+def test_draining_ends_keep_alive_connections_at_their_next_clean_point(proxy_to, monkeypatch):
+    """drain(): a connection waiting for a request ends after DRAIN_IDLE_S; one that sends a
+    request hears `connection: close` on its response, then the end."""
+    from nodeagent.proxy import http1
+
+    monkeypatch.setattr(http1, "DRAIN_IDLE_S", 0.3)
+    servers, made = [], Http1Server.connection_made
+    monkeypatch.setattr(Http1Server, "connection_made", lambda self, transport: (servers.append(self),
+                                                                                  made(self, transport)))
+    port, _ = proxy_to("http")
+    request = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as busy:
+        for sock in (idle, busy):
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for server in servers:
+            server.loop.call_soon_threadsafe(server.drain)
+        busy.sendall(request)
+        started, reply = time.monotonic(), b""
+        while chunk := busy.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close" in reply.lower()
+        assert idle.recv(10) == b"" and time.monotonic() - started < 3  # not the 60 s keep-alive
+
+
 def test_a_request_timeout_is_a_504_with_the_reason(proxy_to):
     port, target = proxy_to("http")
     target.request_timeout_s = 0.2
