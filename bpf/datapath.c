@@ -33,6 +33,8 @@ __attribute__((section("maps/sockhash:" _pinned))) \
 struct _name##_table_t _name = { .max_entries = (_max_entries) }; \
 BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
 
+/* Written by the loader, read by the next agent before it adopts these pins. */
+BPF_TABLE_PINNED("array", __u32, struct na_pins, layout, 1, PIN_DIR "/layout");
 BPF_TABLE_PINNED("hash", __u64, struct na_pod, pods_by_netns, NA_MAX_PODS, PIN_DIR "/pods_by_netns");
 BPF_TABLE_PINNED("hash", __u32, struct na_pod, pods_by_ip, NA_MAX_PODS, PIN_DIR "/pods_by_ip");
 BPF_TABLE_PINNED("lru_hash", __u64, struct na_orig_dst, orig_by_cookie, 65536, PIN_DIR "/orig_by_cookie");

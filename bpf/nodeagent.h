@@ -7,6 +7,18 @@
 
 #define NA_MAX_PODS 1024
 
+/* The layout of the pinned maps: their names, key and value structs and sizes. Bump it with
+ * any change to them (tests/test_abi.py notices one): an agent refuses to adopt pins of another
+ * layout rather than misread them (datapath/loader.py, check_layout). */
+#define NA_LAYOUT_VERSION 2
+
+/* What the loader leaves for the next agent: the value of the `layout` map (one entry). */
+struct na_pins {
+    __u32 layout_version;  /* NA_LAYOUT_VERSION of the pinned maps */
+    __u32 pad;
+    __u64 programs_digest; /* of the pinned programs' source, flags and kernel: same, no compile */
+};
+
 /* na_pod.flags */
 #define NA_POD_ENROLLED 1
 

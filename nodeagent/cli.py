@@ -82,6 +82,20 @@ def exec_(pod, command):
 
 
 @lab.command()
+@click.option("--node", "nodes", multiple=True, help="Only this node (repeat for more); default: every node.")
+@click.option("--wait", "wait_s", type=float, default=None,
+              help="Seconds to wait for each old agent to drain (default: until it exits).")
+def upgrade(nodes, wait_s):
+    """Hand each node's agent over to a new one, one node after the other, with no connection refused."""
+    from nodeagent.lab.upgrade import upgrade_all
+
+    for done in upgrade_all(lab_ops.load(), list(nodes) or None, wait_s):
+        drained = "still draining" if done["drain_s"] is None else f"drained in {done['drain_s']} s"
+        click.echo(f"{done['node']}: agent {done['old_pid']} -> {done['new_pid']}: new one ready in "
+                   f"{done['ready_s']} s, old one {drained}")
+
+
+@lab.command()
 @click.argument("pod")
 @click.argument("change")
 def label(pod, change):

@@ -298,7 +298,9 @@ OPTIONS: tuple[Option, ...] = (
             "these two without backpressure (README, Kernel fast paths).", _print_fast_paths,
             flag="fast-path", metavar="splice[,skb][,loopback]"),
     _option("on_node_plaintext", _bool, False, Scope.CLUSTER,
-            "Opaque TCP between meshed pods of this node skips the mTLS hop (it never leaves the kernel).",
+            "Meshed traffic between pods of this node (opaque TCP and HTTP/1) is served in one hop, without "
+            "the mTLS hop: the destination's policy asked with the source's identity, both sides counted "
+            "(ARCHITECTURE.md, Same-node traffic in one hop).",
             _print_bool, metavar="BOOL"),
     _option("workers", _int_range(0, 256), 0, Scope.CLUSTER,
             "Proxy processes, this one included (0: one per core the agent may use); sidecar mode runs one."),

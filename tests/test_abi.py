@@ -17,7 +17,8 @@ BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to measure the C structs")
 def test_struct_sizes_match_the_c_header(tmp_path):
     names = {abi.Pod: "na_pod", abi.OrigDst: "na_orig_dst", abi.OrigKey: "na_orig_key",
-             abi.PolicyKey: "na_policy_key", abi.Config: "na_config", abi.Counters: "na_counters",
+             abi.PolicyKey: "na_policy_key", abi.Config: "na_config", abi.Pins: "na_pins",
+             abi.Counters: "na_counters",
              abi.SockKey: "na_sock_key", abi.MsgState: "na_msg_state", abi.Splice: "na_splice",
              abi.SkbSplice: "na_skb_splice"}
     source = tmp_path / "sizes.c"
@@ -33,6 +34,7 @@ def test_struct_sizes_match_the_c_header(tmp_path):
 def test_c_constants_match():
     header = (BPF_DIR / "nodeagent.h").read_text()
     assert re.search(rf"#define NA_MAX_PODS {abi.MAX_PODS}\b", header)
+    assert re.search(rf"#define NA_LAYOUT_VERSION {abi.LAYOUT_VERSION}\b", header)
     assert re.search(rf"#define NA_POD_ENROLLED {abi.POD_ENROLLED}\b", header)
     assert re.search(rf"#define NA_FAST_SPLICE {abi.FAST_SPLICE}\b", header)
     assert re.search(rf"#define NA_SOCK_PROXY {abi.SOCK_PROXY}\b", header)
@@ -76,3 +78,26 @@ def test_long_lived_modules_never_import_bcc():
             "nodeagent.preflight; print('bcc' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+# The pinned maps' layout (map declarations, the header's structs and constants, comments and
+# spacing aside) as of NA_LAYOUT_VERSION: a change to it needs a new version (and a new digest).
+LAYOUT_DIGESTS = {2: "827d2cfd7c38b8b6"}
+
+
+def layout_digest() -> str:
+    import hashlib
+
+    def code(text: str) -> str:
+        return re.sub(r"\s+", "", re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S))
+
+    header = code(re.sub(r"#define NA_LAYOUT_VERSION \d+", "", (BPF_DIR / "nodeagent.h").read_text()))
+    tables = "".join(code(line) for line in (BPF_DIR / "datapath.c").read_text().splitlines()
+                     if "BPF_TABLE_PINNED" in line or "NA_SOCKHASH_PINNED(" in line)
+    return hashlib.sha256((header + tables).encode()).hexdigest()[:16]
+
+
+def test_a_change_of_the_pinned_layout_comes_with_a_new_layout_version():
+    assert LAYOUT_DIGESTS.get(abi.LAYOUT_VERSION) == layout_digest(), (
+        f"the pinned maps' layout changed: bump NA_LAYOUT_VERSION (and abi.LAYOUT_VERSION) and add "
+        f"{abi.LAYOUT_VERSION + 1}: {layout_digest()!r} to LAYOUT_DIGESTS")

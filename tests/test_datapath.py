@@ -286,7 +286,7 @@ def test_a_killed_agent_fails_closed_and_a_restart_adopts_without_duplicates(lab
 
     report = load_in_subprocess(NODE, node_cgroup, lab_ops.BPF_PIN_ROOT)
     assert sorted(report["adopted"]) == sorted([p.name for p in CGROUP_PROGRAMS])
-    assert report["created"] == []
+    assert report["created"] == [] and report["compiled"] is False  # the same build: adopted as pinned
     assert report["sk_lookup_links_updated"] == 2
     second = start_standin()
     try:
@@ -297,6 +297,16 @@ def test_a_killed_agent_fails_closed_and_a_restart_adopts_without_duplicates(lab
         second.wait()
     assert attached(node_cgroup) == {p.name: 1 for p in CGROUP_PROGRAMS}
     assert sk_lookup_count(lab, "echo-n0-0") == 1
+
+
+def test_programs_of_another_build_are_compiled_again_and_replace_the_pinned_ones(lab, loaded, node_cgroup):
+    from nodeagent.datapath.loader import write_layout
+
+    write_layout(PinLayout(lab_ops.BPF_PIN_ROOT, NODE), digest=1)  # as if source, flags or kernel differed
+    report = load_in_subprocess(NODE, node_cgroup, lab_ops.BPF_PIN_ROOT)
+    assert report["compiled"] is True and report["created"] == []
+    assert load_in_subprocess(NODE, node_cgroup, lab_ops.BPF_PIN_ROOT)["compiled"] is False
+    assert attached(node_cgroup) == {p.name: 1 for p in CGROUP_PROGRAMS}
 
 
 def test_cleanup_detaches_everything_and_leaves_no_pin(lab, node_cgroup):

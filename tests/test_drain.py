@@ -117,3 +117,42 @@ def test_not_ready_while_draining_or_when_the_data_path_is_gone(tmp_path):
     assert agent.ready
     agent.lifecycle = Lifecycle.DRAINING
     assert not agent.ready
+
+
+def test_the_daemonset_surges_a_new_agent_and_waits_for_the_old_ones_drain():
+    from nodeagent.deploy.render import Values, daemonset
+    from nodeagent.settings import DEFAULT, replace
+
+    spec = daemonset(Values(settings=replace(DEFAULT, drain_timeout=90.0)))["spec"]
+    assert spec["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert not spec["template"]["spec"].get("hostNetwork")  # two agents of a node never share ports
+
+
+def test_an_http2_client_that_follows_goaway_loses_no_request_to_a_drain():
+    """Two drains of the proxy's HTTP/2 connections under load: every request answered, on a
+    new connection after each GOAWAY (benchmarks/upgrade_load.py's client, as in the lab)."""
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.upgrade_load import h2_client
+    from test_http2 import LoopThread, start_app, start_proxy
+
+    lt = LoopThread()
+    try:
+        port, _, accepted = start_proxy(lt, [start_app(lt)])
+
+        def drain_twice():
+            for _ in range(2):
+                time.sleep(1.0)
+                lt.loop.call_soon_threadsafe(lambda: [server.drain() for server in list(accepted)])
+
+        threading.Thread(target=drain_twice, daemon=True).start()
+        counts = h2_client("127.0.0.1", port, 3.0)
+    finally:
+        lt.stop()
+    assert counts["failed"] == 0 and counts["resets"] == 0, counts
+    assert counts["requests"] > 100 and counts["connections"] == len(accepted) >= 3

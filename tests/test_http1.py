@@ -245,6 +245,32 @@ def test_an_idle_keep_alive_connection_is_closed(proxy_to, monkeypatch):
         assert sock.recv(10) == b""  # closed by the proxy (a socket timeout would fail the test instead)
 
 
+def test_draining_ends_keep_alive_connections_at_their_next_clean_point(proxy_to, monkeypatch):
+    """drain(): a connection waiting for a request ends after DRAIN_IDLE_S; one that sends a
+    request hears `connection: close` on its response, then the end."""
+    from nodeagent.proxy import http1
+
+    monkeypatch.setattr(http1, "DRAIN_IDLE_S", 0.3)
+    servers, made = [], Http1Server.connection_made
+    monkeypatch.setattr(Http1Server, "connection_made", lambda self, transport: (servers.append(self),
+                                                                                  made(self, transport)))
+    port, _ = proxy_to("http")
+    request = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as busy:
+        for sock in (idle, busy):
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for server in servers:
+            server.loop.call_soon_threadsafe(server.drain)
+        busy.sendall(request)
+        started, reply = time.monotonic(), b""
+        while chunk := busy.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close" in reply.lower()
+        assert idle.recv(10) == b"" and time.monotonic() - started < 3  # not the 60 s keep-alive
+
+
 def test_a_request_timeout_is_a_504_with_the_reason(proxy_to):
     port, target = proxy_to("http")
     target.request_timeout_s = 0.2
@@ -300,6 +326,35 @@ def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(proxy_t
     assert (None, "request timeout mid-response") in target.errors
     server.thread.join(12)
     assert server.result == ["cut"]
+    server.close()
+
+
+def test_the_head_goes_out_before_a_body_that_has_not_come(proxy_to):
+    """Head and body share a write when the body is there (one TLS record on a mesh hop), but
+    the head never waits for the body: the client may be waiting for the head's answer."""
+    head_seen = threading.Event()
+
+    def reads_head_then_body(conn):
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        head_seen.set()
+        body = received.split(b"\r\n\r\n", 1)[1]
+        while len(body) < 5:
+            body += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + body)
+        return body
+
+    server = RawServer(reads_head_then_body)
+    port, _ = proxy_to(server.address)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\n")
+        assert head_seen.wait(5)  # before any byte of the body was sent
+        sock.sendall(b"hello")
+        reply = b""
+        while not reply.endswith(b"hello"):
+            reply += sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200") and server.result == [b"hello"]
     server.close()
 
 

@@ -335,7 +335,9 @@ async def serve_admin(agent, host: str, port: int,
     """Everything, /tap and /stats included: on loopback only."""
     require_loopback(host)
     listener = Listener(agent, "admin", True, limits)
-    server = await asyncio.get_running_loop().create_server(lambda: AdminConnection(listener), host, port)
+    # reuse_port: a successor sharing this namespace (an upgrade in the lab) binds it while we drain.
+    server = await asyncio.get_running_loop().create_server(lambda: AdminConnection(listener), host, port,
+                                                            reuse_port=True)
     return server, listener
 
 
@@ -343,5 +345,6 @@ async def serve_metrics(agent, host: str, port: int,
                         limits: Limits = METRICS_LIMITS) -> tuple[asyncio.AbstractServer, Listener]:
     """/metrics, /live and /ready only: for Prometheus and kubelet probes, on any address."""
     listener = Listener(agent, "metrics", False, limits)
-    server = await asyncio.get_running_loop().create_server(lambda: AdminConnection(listener), host, port)
+    server = await asyncio.get_running_loop().create_server(lambda: AdminConnection(listener), host, port,
+                                                            reuse_port=True)
     return server, listener

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from nodeagent import cgroups, preflight
+from nodeagent import cgroups, netns, preflight
 from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.admin import serve_admin, serve_metrics
@@ -28,12 +28,13 @@ from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.ca import load_issuer
+from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
-from nodeagent.datapath.loader import LoadError, load_in_subprocess
+from nodeagent.datapath.loader import LoadError, load_same_build_here
 from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import CONNECT4
 from nodeagent.proxy.server import Proxy
@@ -64,6 +65,9 @@ class Agent:
         self.proxy: Proxy | None = None
         self.slots = SlotAllocator(abi.MAX_PODS)
         self.enrolled: dict[str, int] = {}  # pod UID -> netns cookie
+        # Slots of a predecessor's pod entries (netns cookie -> slot), kept for the same pods: an
+        # agent still serving them steers by those slots until this one has taken over.
+        self.adopted_slots: dict[int, int] = {}
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
@@ -94,18 +98,24 @@ class Agent:
             raise AgentError(f"cannot find the agent's own cgroup for the fast path: {e}") from e
         try:
             self.load_report = await asyncio.to_thread(
-                load_in_subprocess, self.config.pin_name, self.config.cgroup, self.config.pin_root,
+                load_same_build_here, self.config.pin_name, self.config.cgroup, self.config.pin_root,
                 proxy_cgroup=proxy_cgroup, fast_paths=self.config.fast_paths)
         except LoadError as e:
             raise AgentError(f"the data path could not be loaded: {e}") from e
-        log.info("data path loaded in %.0f ms (created %s, adopted %s)", self.load_report["compile_and_load_ms"],
-                 self.load_report["created"], self.load_report["adopted"])
+        report = self.load_report
+        log.info("data path %s (created %s, adopted %s)",
+                 f"compiled and loaded in {report['compile_and_load_ms']:.0f} ms" if report["compiled"]
+                 else "programs adopted as pinned (the same build)", report["created"], report["adopted"])
         self.layout = PinLayout(self.config.pin_root, self.config.pin_name)
         datapath = Datapath(self.layout)
+        self.adopted_slots = datapath.enrolled_slots()
+        for slot in set(self.adopted_slots.values()):
+            self.slots.reserve(slot)
         self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
+        self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
-        self.proxy = Proxy(datapath, self.identities, self.config, reuse_port=processes > 1, processes=processes)
+        self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
         self.proxy.metrics.registry.register(NodeCollector(self))
         if processes > 1:
             self.workers = Workers(processes - 1, self.config, self.proxy.tap)
@@ -132,6 +142,7 @@ class Agent:
                 self._check_datapath()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
+                self._reload_issuer()
                 self._export_expirations()
                 if self.workers:
                     self.workers.check()
@@ -184,7 +195,9 @@ class Agent:
                     self._not_enrolled(pod, NETNS_WITHOUT_POD_IP)  # started, yet never where its IP is
                 self._waiting = True  # not started yet: try again next round
                 continue
-            slot = self.slots.take()
+            slot = self.adopted_slots.pop(netns.cookie(f"/proc/self/fd/{fd}"), None)
+            if slot is None:
+                slot = self.slots.take()
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
             except (OSError, naming.IdentityError) as e:
@@ -207,21 +220,21 @@ class Agent:
         self.lifecycle = Lifecycle.DRAINING
         started = time.monotonic()
         deadline = started + self.config.drain_timeout
-        log.info("draining: not ready; %d connections open; deadline in %.0f s (a second signal ends it)",
-                 (await self._families())[1], self.config.drain_timeout)
+        log.info("draining: not ready; %s connections open; deadline in %.0f s (a second signal ends it)",
+                 await self._open_everywhere(), self.config.drain_timeout)
         if self.workers:
             self.workers.drain()
         await self.proxy.drain()
-        while (left := (await self._families())[1]) and not hurry.is_set() and time.monotonic() < deadline:
+        while (left := await self._open_everywhere()) != 0 and not hurry.is_set() and time.monotonic() < deadline:
             try:
                 await asyncio.wait_for(hurry.wait(), DRAIN_CHECK_S)
             except asyncio.TimeoutError:
                 pass
         why = "a second signal" if hurry.is_set() else "the drain deadline"
-        if left:
+        if left != 0:
             cut = self.proxy.connections.cut_all("drain deadline")
-            log.warning("draining: %s: %d connections cut (%d of them in workers, which stop now)", why, left,
-                        left - cut)
+            log.warning("draining: %s: %d connections cut here, %s in workers (which stop now)", why, cut,
+                        "some" if left is None else left - cut)
         log.info("drained in %.1f s", time.monotonic() - started)
 
     def _not_enrolled(self, pod, reason: str) -> None:
@@ -266,6 +279,16 @@ class Agent:
         for cookie in set(datapath.enrolled_cookies()) | set(datapath.inbound_cookies()):
             if cookie not in served:
                 datapath.forget_cookie(cookie)
+                if (slot := self.adopted_slots.pop(cookie, None)) is not None:
+                    self.slots.free(slot)
+
+    def _reload_issuer(self) -> None:
+        """The issuer Secret changed (trust anchors, issuer): new certificates for every identity
+        (each worker watches the same files)."""
+        changed = self.issuer_files.changed(time.monotonic())
+        if changed is not None:
+            count = self.identities.replace_issuer(*changed)
+            log.info("the issuer or trust anchors changed: %d identities issued again", count)
 
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
@@ -275,6 +298,13 @@ class Agent:
         for identity, not_after in current.items():
             gauge.labels(identity).set(not_after)
         self._exported = set(current)
+
+    async def _open_everywhere(self) -> int | None:
+        """Open connections in every process; None if a live worker did not answer (not zero)."""
+        reports = await self.workers.scrape() if self.workers else []
+        if self.workers and len(reports) < self.workers.alive():
+            return None
+        return self.proxy.open_connections + sum(report[1] for report in reports)
 
     async def _families(self) -> tuple[list, int]:
         """Every process's metrics, merged, and their open connections."""

@@ -30,6 +30,10 @@ class SlotAllocator:
                 return slot
         raise RuntimeError(f"all {self.size} pod slots are in use")
 
+    def reserve(self, slot: int) -> None:
+        """A slot a predecessor's entry holds: not given to another pod."""
+        self._used.add(slot)
+
     def free(self, slot: int) -> None:
         self._used.discard(slot)
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from nodeagent.agent import channel
 from nodeagent.agent.merge import families_of
@@ -84,14 +85,16 @@ class Worker:
         from nodeagent.datapath.control import Datapath
         from nodeagent.datapath.pins import PinLayout
         from nodeagent.identity.ca import load_issuer
+        from nodeagent.identity.reload import IssuerFiles
         from nodeagent.identity.workload import WorkloadIdentities
         from nodeagent.proxy.server import Proxy
 
         s = self.settings
         issuer, anchors = load_issuer(s.identity_dir)
         self.identities = WorkloadIdentities(issuer, anchors, s.cert_lifetime_delta)
+        issuer_files = IssuerFiles(s.identity_dir, time.monotonic())
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
-        self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False, reuse_port=True,
+        self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False,
                            processes=s.processes(len(os.sched_getaffinity(0))))
         self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{self.index}")
         self.endpoint.post(("ready", self.index))
@@ -99,6 +102,10 @@ class Worker:
             while not self.stop.is_set():
                 for identity in self.identities.renew_due():
                     log.info("worker %d: certificate for %s renewed", self.index, identity)
+                if (changed := issuer_files.changed(time.monotonic())) is not None:
+                    count = self.identities.replace_issuer(*changed)
+                    log.info("worker %d: the issuer or trust anchors changed: %d identities issued again",
+                             self.index, count)
                 try:
                     await asyncio.wait_for(self.stop.wait(), RENEW_EVERY_S)
                 except asyncio.TimeoutError:

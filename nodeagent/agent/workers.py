@@ -179,5 +179,8 @@ class Workers:
                 process.popen.wait()
             process.endpoint.close()
 
+    def alive(self) -> int:
+        return sum(process.popen.poll() is None for process in self.processes)
+
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self.processes]

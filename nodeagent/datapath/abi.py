@@ -3,6 +3,7 @@
 import ctypes
 
 MAX_PODS = 1024  # NA_MAX_PODS
+LAYOUT_VERSION = 2  # NA_LAYOUT_VERSION
 POD_ENROLLED = 1  # NA_POD_ENROLLED
 FAST_SPLICE, FAST_LOOPBACK, FAST_SKB = 1, 2, 4  # NA_FAST_*
 MSG_UNDECIDED, MSG_TCP, MSG_PEER, MSG_SPLICED = 0, 1, 2, 3  # NA_MSG_*
@@ -44,6 +45,12 @@ class Config(ctypes.Structure):
 
     _fields_ = [("mesh_port", ctypes.c_uint32), ("inbound_port", ctypes.c_uint32), ("fast_paths", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32)]
+
+
+class Pins(ctypes.Structure):
+    """struct na_pins"""
+
+    _fields_ = [("layout_version", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("programs_digest", ctypes.c_uint64)]
 
 
 class SockKey(ctypes.Structure):
@@ -91,8 +98,8 @@ class Counters(ctypes.Structure):
 
 
 # sizeof() of each struct as the C compiler lays it out; tests compare.
-C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Counters: 64, SockKey: 16, MsgState: 24,
-           Splice: 32, SkbSplice: 24}
+C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Pins: 16, Counters: 64, SockKey: 16,
+           MsgState: 24, Splice: 32, SkbSplice: 24}
 
 
 def u32(value: int) -> bytes:

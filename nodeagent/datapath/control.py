@@ -96,6 +96,15 @@ class Datapath:
             libbpf.map_delete(self._fds["pods_by_ip"], ip)
         libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
 
+    def enrolled_slots(self) -> dict[int, int]:
+        """Netns cookie -> counter slot, of every pod entry (a predecessor's included)."""
+        slots = {}
+        for key in libbpf.map_keys(self._fds["pods_by_netns"], 8):
+            raw = libbpf.map_lookup(self._fds["pods_by_netns"], key, ctypes.sizeof(abi.Pod))
+            if raw is not None:
+                slots[int.from_bytes(key, "little")] = abi.Pod.from_buffer_copy(raw).slot
+        return slots
+
     def enrolled_cookies(self) -> list[int]:
         return [int.from_bytes(k, "little") for k in libbpf.map_keys(self._fds["pods_by_netns"], 8)]
 

@@ -7,10 +7,15 @@ pinned on bpffs, and the agent works on the pins through libbpf.
 A second run on the same node adopts what the first left (cleanly stopped or
 killed): the pinned maps keep their contents, and each pinned link gets the
 new program through bpf_link_update, so nothing is ever attached twice and
-enrolled pods are never without a program, not even for a moment.
+enrolled pods are never without a program, not even for a moment. When the
+pinned programs were built from the same source, flags and kernel (the
+digest in the `layout` map), nothing is compiled: they are adopted as they
+are, so an agent restarted after a crash serves again in well under a second.
 """
 
 import argparse
+import ctypes
+import hashlib
 import json
 import os
 import sys
@@ -33,9 +38,26 @@ class LoadError(RuntimeError):
     pass
 
 
+class NeedsCompile(LoadError):
+    """The pinned programs are not of this build (or there are none): only the loader process compiles."""
+
+
 def _replace_pin(fd: int, path: Path) -> None:
     path.unlink(missing_ok=True)
     libbpf.obj_pin(fd, str(path))
+
+
+def _cflags(layout: PinLayout) -> list[str]:
+    return [f"-I{BPF_SRC_DIR}", f'-DPIN_DIR="{layout.maps}"']
+
+
+def programs_digest(layout: PinLayout) -> int:
+    """What the programs are built from: their source, flags and the kernel they are built for."""
+    digest = hashlib.sha256()
+    for part in ((BPF_SRC_DIR / "datapath.c").read_bytes(), (BPF_SRC_DIR / "nodeagent.h").read_bytes(),
+                 " ".join(_cflags(layout)).encode(), os.uname().release.encode()):
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return int.from_bytes(digest.digest()[:8], "little")
 
 
 def compile_and_load(layout: PinLayout) -> tuple[object, dict[str, int], float]:
@@ -44,8 +66,7 @@ def compile_and_load(layout: PinLayout) -> tuple[object, dict[str, int], float]:
 
     started = time.monotonic()
     try:
-        module = BPF(src_file=str(BPF_SRC_DIR / "datapath.c"),
-                     cflags=[f"-I{BPF_SRC_DIR}", f'-DPIN_DIR="{layout.maps}"'])
+        module = BPF(src_file=str(BPF_SRC_DIR / "datapath.c"), cflags=_cflags(layout))
         fds = {p.name: module.load_func(p.name, p.prog_type, attach_type=p.attach_type).fd for p in PROGRAMS}
     except Exception as e:  # bcc raises bare Exceptions for compile and load failures
         raise LoadError(f"bcc could not compile or load {BPF_SRC_DIR / 'datapath.c'}: {e}") from e
@@ -135,6 +156,43 @@ def update_sk_lookup_links(layout: PinLayout, prog_fd: int) -> int:
     return updated
 
 
+def check_layout(layout: PinLayout) -> abi.Pins | None:
+    """What the pins say of themselves (None: nothing is pinned yet). Pins of another layout are
+    refused, not misread: maps are adopted with their contents."""
+    if not layout.map("pods_by_netns").exists():
+        return None
+    fix = (f"adopting them would misread their contents; `nodeagent cleanup --node {layout.node}` removes them "
+           f"(the node's meshed pods fail closed until an agent enrols them again)")
+    if not layout.map("layout").exists():
+        raise LoadError(f"the data path pinned at {layout.node_dir} has no layout version (an agent older than "
+                        f"layout {abi.LAYOUT_VERSION} made it): {fix}")
+    fd = libbpf.obj_get(str(layout.map("layout")))
+    try:
+        raw = libbpf.map_lookup(fd, abi.u32(0), ctypes.sizeof(abi.Pins))
+    finally:
+        os.close(fd)
+    pins = abi.Pins.from_buffer_copy(raw) if raw is not None and len(raw) == ctypes.sizeof(abi.Pins) else abi.Pins()
+    if pins.layout_version != abi.LAYOUT_VERSION:
+        raise LoadError(f"the data path pinned at {layout.node_dir} has layout {pins.layout_version}, this agent's "
+                        f"is {abi.LAYOUT_VERSION}: {fix}")
+    return pins
+
+
+def write_layout(layout: PinLayout, digest: int) -> None:
+    fd = libbpf.obj_get(str(layout.map("layout")))
+    try:
+        libbpf.map_update(fd, abi.u32(0), bytes(abi.Pins(abi.LAYOUT_VERSION, 0, digest)))
+    finally:
+        os.close(fd)
+
+
+def pinned_programs(layout: PinLayout, pins: abi.Pins | None, digest: int) -> dict[str, int] | None:
+    """Fds of the pinned programs, if they were built as this loader would build them; else None."""
+    if pins is None or pins.programs_digest != digest or not all(layout.prog(p.name).exists() for p in PROGRAMS):
+        return None
+    return {p.name: libbpf.obj_get(str(layout.prog(p.name))) for p in PROGRAMS}
+
+
 def write_config(layout: PinLayout, mesh_port: int, fast_paths: int) -> None:
     fd = libbpf.obj_get(str(layout.map("config")))
     try:
@@ -144,14 +202,24 @@ def write_config(layout: PinLayout, mesh_port: int, fast_paths: int) -> None:
 
 
 def load(layout: PinLayout, cgroup: Path, mesh_port: int = DEFAULT_MESH_PORT, proxy_cgroup: Path | None = None,
-         fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
+         fast_paths: int = DEFAULT_FAST_PATHS, may_compile: bool = True) -> dict:
+    """Attach or adopt; with `may_compile` False, NeedsCompile unless the pinned programs are of
+    this build (then nothing here imports bcc: the agent may run it in its own process)."""
     if not cgroup.is_dir() or not (cgroup / "cgroup.procs").exists():
         raise LoadError(f"{cgroup} is not a cgroup v2 directory")
+    pins = check_layout(layout)
     for directory in (layout.maps, layout.progs, layout.sk_lookup_links):
         directory.mkdir(parents=True, exist_ok=True)
-    module, fds, seconds = compile_and_load(layout)
-    for name, fd in fds.items():
-        _replace_pin(fd, layout.prog(name))
+    digest = programs_digest(layout)
+    module, seconds, fds = None, 0.0, pinned_programs(layout, pins, digest)
+    compiled = fds is None
+    if compiled and not may_compile:
+        raise NeedsCompile(f"the programs pinned at {layout.progs} are not of this build")
+    if compiled:
+        module, fds, seconds = compile_and_load(layout)
+        for name, fd in fds.items():
+            _replace_pin(fd, layout.prog(name))
+    write_layout(layout, digest)
     created, adopted = attach_cgroup_links(layout, cgroup, fds)
     proxy_created, proxy_adopted = attach_proxy_cgroup(layout, cgroup, proxy_cgroup, fds)
     for program in SOCKHASH_PROGRAMS:  # only for the fast paths (sockmap links need 6.10+)
@@ -165,8 +233,11 @@ def load(layout: PinLayout, cgroup: Path, mesh_port: int = DEFAULT_MESH_PORT, pr
             adopted.append(program.name)
     pods = update_sk_lookup_links(layout, fds[SK_LOOKUP.name])
     write_config(layout, mesh_port, fast_paths)
+    if not compiled:
+        for fd in fds.values():
+            os.close(fd)
     del module
-    return {"node": layout.node, "cgroup": str(cgroup), "pin_dir": str(layout.node_dir),
+    return {"node": layout.node, "cgroup": str(cgroup), "pin_dir": str(layout.node_dir), "compiled": compiled,
             "compile_and_load_ms": round(seconds * 1000, 1), "created": created + proxy_created,
             "adopted": adopted + proxy_adopted, "fast_paths": fast_paths,
             "sk_lookup_links_updated": pods}
@@ -218,6 +289,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def load_same_build_here(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, mesh_port: int = DEFAULT_MESH_PORT,
+                         proxy_cgroup: Path | None = None, fast_paths: int = DEFAULT_FAST_PATHS) -> dict:
+    """The load in this process when the pinned programs are of this build (a restart: no compile,
+    no second interpreter's start), else in the loader's own process; its report."""
+    try:
+        return load(PinLayout(pin_root, node), cgroup, mesh_port, proxy_cgroup, fast_paths, may_compile=False)
+    except NeedsCompile:
+        return load_in_subprocess(node, cgroup, pin_root, mesh_port, proxy_cgroup, fast_paths)
+    except (OSError, ValueError, libbpf.BpfError) as e:
+        raise LoadError(str(e)) from e
 
 
 def load_in_subprocess(node: str, cgroup: Path, pin_root: Path = DEFAULT_ROOT, mesh_port: int = DEFAULT_MESH_PORT,

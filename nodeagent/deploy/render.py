@@ -134,7 +134,9 @@ def daemonset(values: Values) -> dict:
         "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(NAME, values),
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": NAME}},
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            # The new agent starts beside the old one and takes over its pods before the old one
+            # drains (README, "Upgrades"): never a node without a serving agent.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {
                     "labels": dict(APP_LABELS),

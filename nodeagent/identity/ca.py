@@ -113,13 +113,29 @@ def certificate_pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
+ISSUER_FILES = ("ca.crt", "issuer.crt", "issuer.key")  # the issuer Secret's keys, as `identity init` names them
+
+
 def load_issuer(directory: Path) -> tuple[Authority, bytes]:
     """(the issuer, the trust-anchor bundle PEM) from files named as `identity init` writes them."""
-    certificates = x509.load_pem_x509_certificates((directory / "issuer.crt").read_bytes())
-    key = serialization.load_pem_private_key((directory / "issuer.key").read_bytes(), password=None)
+    return issuer_from_pem(*(read_issuer_files(directory)))
+
+
+def read_issuer_files(directory: Path) -> tuple[bytes, bytes, bytes]:
+    """ca.crt, issuer.crt, issuer.key, as they are now."""
+    return tuple((directory / name).read_bytes() for name in ISSUER_FILES)
+
+
+def issuer_from_pem(anchors: bytes, issuer_crt: bytes, issuer_key: bytes) -> tuple[Authority, bytes]:
+    """ValueError unless the key is the certificate's (a Secret caught halfway through an update
+    can pair one issuer's certificate with another's key) and an ECDSA key."""
+    certificates = x509.load_pem_x509_certificates(issuer_crt)
+    key = serialization.load_pem_private_key(issuer_key, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("the issuer key must be an ECDSA key")
-    anchors = (directory / "ca.crt").read_bytes()
+    if key.public_key().public_numbers() != certificates[0].public_key().public_numbers():
+        raise ValueError("issuer.key is not the key of issuer.crt")
+    x509.load_pem_x509_certificates(anchors)  # ValueError if the bundle holds no certificate
     return Authority(certificates[0], key, certificates[1:]), anchors
 
 

@@ -102,6 +102,15 @@ class WorkloadIdentities:
             self._replace(identity)
         return due
 
+    def replace_issuer(self, issuer: Authority, anchors_pem: bytes) -> int:
+        """A new issuer or trust-anchor bundle: every identity held is issued again from it (its
+        old contexts retire: their sessions are not resumed); how many."""
+        self.issuer, self.anchors_pem = issuer, anchors_pem
+        held = list(self._material)
+        for identity in held:
+            self._replace(identity)
+        return len(held)
+
     def _replace(self, identity: naming.Identity) -> Material:
         new = self._issue(identity)
         old, self._material[identity] = self._material.get(identity), new

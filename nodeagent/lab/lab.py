@@ -20,7 +20,7 @@ from pathlib import Path
 from nodeagent import PREFIX, cgroups, netns
 from nodeagent.datapath import cleanup as datapath_cleanup
 from nodeagent.identity import ca, naming
-from nodeagent.lab import lock, manifests, network, pods
+from nodeagent.lab import lock, manifests, pods
 from nodeagent.lab.plan import (WORKLOAD_BY_KIND, LabPlan, NodePlan, PodPlan, plan_from_dict, plan_lab,
                                 plan_to_dict)
 
@@ -79,6 +79,7 @@ def load() -> Lab:
 
 def leftovers() -> list[str]:
     """Everything of a lab on this host, whether or not its state file survived."""
+    from nodeagent.lab import network  # pyroute2, 0.2 s: not on an agent's start (`nodeagent run`)
     found = [f"netns {name}" for name in network.lab_namespaces()]
     found += [f"route unreachable {dst}" for dst in network.guard_routes()]
     try:
@@ -106,6 +107,8 @@ def up(nodes: int, pods_per_node: int, enroll: bool = True, mesh: str = "none") 
         plan = plan_lab(nodes, pods_per_node, enroll)
     except ValueError as e:
         raise LabError(str(e)) from e
+    from nodeagent.lab import network
+
     try:
         network.check_host_ranges_free()
     except network.NetworkError as e:
@@ -121,6 +124,8 @@ def up(nodes: int, pods_per_node: int, enroll: bool = True, mesh: str = "none") 
 
 
 def _build(lab: Lab) -> None:
+    from nodeagent.lab import network
+
     (STATE_DIR / "logs").mkdir(parents=True)
     _state_file().write_text(json.dumps({
         "plan": plan_to_dict(lab.plan), "cgroup_root": str(lab.cgroup_root), "mesh": lab.mesh,
@@ -253,6 +258,8 @@ def down() -> list[str]:
         # Processes first: they hold namespaces and cgroups.
         cgroups.remove_tree(root)
     datapath_cleanup.remove_all(BPF_PIN_ROOT)
+    from nodeagent.lab import network
+
     network.remove_all()
     network.remove_guard_routes()
     shutil.rmtree(STATE_DIR, ignore_errors=True)

@@ -38,9 +38,10 @@ async def run_attempts(target, retries: Retries, acquire: Callable[[tuple], Awai
             conn = await acquire(address)
         except CONNECT_ERRORS as e:
             target.connect_failed(endpoint, e)
-            if retries.decide(Failure.CONNECT) is Verdict.RETRY:
+            status = getattr(e, "status", 502)  # a refusal may say what the client hears (on_node: a 403)
+            if status == 502 and retries.decide(Failure.CONNECT) is Verdict.RETRY:
                 continue
-            return await answer(502, target.connect_failure_reason(e), address)
+            return await answer(status, target.connect_failure_reason(e), address)
         outcome = await attempt(conn, endpoint, address)
         if outcome is not Outcome.RETRY:
             return outcome

@@ -20,6 +20,7 @@ before the response's head it is a 504; after it, both connections are cut.
 """
 
 import asyncio
+import collections
 import enum
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ DRAIN_IDLE_S = 2.0  # draining: a keep-alive connection idle this long is closed
 MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being served
 BODY_HIGH_WATER = 256 * 1024  # request body bytes held before the client is paused
 BODY_LOW_WATER = 64 * 1024
+COALESCE_BYTES = 16 * 1024  # body bytes sent with the head in one write: a TLS record's worth
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
@@ -60,7 +62,7 @@ class Request:
     has_body: bool = False
     expect_continue: bool = False  # `Expect: 100-continue`: the client sends its body after our 100
     continued: bool = False  # that 100 was written
-    body: asyncio.Queue = field(default_factory=asyncio.Queue)  # bytes chunks, then None (bounded by bytes)
+    body: asyncio.Queue | None = None  # with a body: its chunks, then None (bounded by bytes)
     started: float = 0.0
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
 
@@ -80,7 +82,11 @@ class Request:
 class Http1Server(asyncio.Protocol):
     """The client side of an HTTP/1 connection. `target` decides where each
     request goes (see target.HttpTarget); `initial` are bytes read during
-    detection."""
+    detection.
+
+    Per request nothing is scheduled: the parser's callbacks hand each request to the
+    connection's one task through a deque (and a future while it waits), and one timer per
+    connection (`_tick`) enforces both the head deadline and the keep-alive idle bound."""
 
     def __init__(self, target, initial: bytes = b"", stats=None, on_close=None,
                  keepalive_idle_s: float | None = None):
@@ -90,41 +96,60 @@ class Http1Server(asyncio.Protocol):
         self.stats = stats  # the connection's ConnectionStats (bytes from and to the client)
         self.on_close = on_close
         self.parser = httptools.HttpRequestParser(self)
-        self.requests: asyncio.Queue[Request] = asyncio.Queue()
+        self.requests: collections.deque[Request | None] = collections.deque()  # None: no more
+        self.waiter: asyncio.Future | None = None  # the task waits for the next request
         self.current: Request | None = None
         self.reading_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
         self.head_tail = b""
+        self.head_since = 0.0  # loop time the current head began
+        self.idle_since = 0.0  # loop time the task began to wait for a request
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
         self.upgraded = False
         self.upgrade_bytes: bytearray | None = None  # client bytes after an Upgrade request's head
         self.closing = False
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.paused: set[Pause] = set()
         self.body_queued = 0  # request body bytes read from the client, not yet sent on
         self.responding = None  # the upstream connection whose response is being relayed
         self.client_slow = False  # our write buffer toward the client is above its high-water mark
         self.draining = False  # the proxy is stopping: the next response says `Connection: close`
-        self.idle_timer: asyncio.TimerHandle | None = None  # set while waiting for the next request
 
     # --- reading requests ---
 
     def connection_made(self, transport):
         self.transport = transport
-        self.task = asyncio.get_running_loop().create_task(self._serve())
-        self._arm_head_timer()
+        self.loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() in Python 3.11
+        self.head_since = self.idle_since = self.loop.time()
+        self.task = self.loop.create_task(self._serve())
+        self.timer = self.loop.call_at(self.head_since + HEAD_READ_TIMEOUT_S, self._tick)
         if self.initial:
             self.data_received(self.initial)
 
-    def _arm_head_timer(self):
-        if self.head_timer:
-            self.head_timer.cancel()
-        self.head_timer = asyncio.get_running_loop().call_later(HEAD_READ_TIMEOUT_S, self._head_timeout)
-
-    def _head_timeout(self):
+    def _tick(self):
+        """The connection's deadlines: a head begun HEAD_READ_TIMEOUT_S ago and still not
+        whole is a 408; a wait for the next request KEEPALIVE_IDLE_S long (DRAIN_IDLE_S while
+        draining) ends the connection.
+        Checked at the earliest moment either could be due (a head can begin at any time, so
+        at least every HEAD_READ_TIMEOUT_S)."""
+        self.timer = None
+        if self.closing:
+            return
+        now = self.loop.time()
+        due = now + HEAD_READ_TIMEOUT_S
         if self.reading_head and self.head_bytes:
-            self._reject(408, "request head not received in time")
+            if now >= self.head_since + HEAD_READ_TIMEOUT_S:
+                self._reject(408, "request head not received in time")
+                return
+            due = self.head_since + HEAD_READ_TIMEOUT_S
+        elif self.waiter is not None:
+            if now >= self.idle_since + self._idle_bound():
+                self._next(None)
+                return
+            due = min(due, self.idle_since + self._idle_bound())
+        self.timer = self.loop.call_at(due, self._tick)
 
     def _pause(self, reason: Pause) -> None:
         if not self.paused:
@@ -163,12 +188,22 @@ class Http1Server(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._reject(400, f"malformed request: {e}")
             return
-        if self.requests.qsize() >= MAX_QUEUED_REQUESTS:
+        if len(self.requests) >= MAX_QUEUED_REQUESTS:
             self._pause(Pause.PIPELINE)
+
+    def _next(self, request: Request | None) -> None:
+        """A request for the task (None: no more), now if it waits, else in turn."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(request)
+                return
+        self.requests.append(request)
 
     def on_message_begin(self):
         self.current = Request()
-        self._arm_head_timer()
+        self.head_since = self.loop.time()
 
     def on_url(self, url):
         self.current.url += url
@@ -194,31 +229,34 @@ class Http1Server(asyncio.Protocol):
         request.upgrade = self.parser.should_upgrade()
         request.has_body = request.has_body or request.chunked
         request.expect_continue = request.expect_continue and request.version == "1.1" and request.has_body
+        if request.has_body:
+            request.body = asyncio.Queue()
         self.reading_head, self.head_bytes, self.head_tail = False, 0, b""
-        if self.head_timer:
-            self.head_timer.cancel()
-        self.requests.put_nowait(request)
+        self._next(request)
 
     def on_body(self, body):
+        if self.current.body is None:  # a body the head did not announce (llhttp would not pass one)
+            self.current.has_body, self.current.body = True, asyncio.Queue()
         self.current.body.put_nowait(bytes(body))
         self.body_queued += len(body)
         if self.body_queued > BODY_HIGH_WATER:
             self._pause(Pause.BODY)
 
     def on_message_complete(self):
-        self.current.body.put_nowait(None)
+        if self.current.body is not None:
+            self.current.body.put_nowait(None)
         self.current = None
         self.reading_head = True
 
     def eof_received(self):
         self.closing = True
-        self.requests.put_nowait(None)
+        self._next(None)
         return True
 
     def connection_lost(self, exc):
         self.closing = True
-        if self.head_timer:
-            self.head_timer.cancel()
+        if self.timer:
+            self.timer.cancel()
         if self.task and not self.upgraded:
             self.task.cancel()
         if self.on_close and not self.upgraded:
@@ -258,7 +296,7 @@ class Http1Server(asyncio.Protocol):
                 request = await self._next_request()
                 if request is None:
                     break  # the client is done, or the keep-alive connection sat idle
-                if self.requests.qsize() < MAX_QUEUED_REQUESTS // 2:
+                if len(self.requests) < MAX_QUEUED_REQUESTS // 2:
                     self._resume(Pause.PIPELINE)
                 keep_going = await self._handle(request)
                 if not keep_going or not request.keep_alive or self.upgraded:
@@ -274,26 +312,32 @@ class Http1Server(asyncio.Protocol):
             self.transport.close()
 
     async def _next_request(self) -> Request | None:
-        """The next request, or None after KEEPALIVE_IDLE_S of nothing (a timer, not a
-        wait_for: that would cost a task per request on the hot path)."""
-        if not self.requests.empty():
-            return self.requests.get_nowait()
-        self.idle_timer = asyncio.get_running_loop().call_later(
-            DRAIN_IDLE_S if self.draining else self.keepalive_idle_s, self.requests.put_nowait, None)
-        try:
-            return await self.requests.get()
-        finally:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        """The next request, or None after the idle bound of nothing (`_tick` ends the wait)."""
+        if self.requests:
+            return self.requests.popleft()
+        self.idle_since = self.loop.time()
+        self.waiter = self.loop.create_future()
+        self._arm_idle()
+        return await self.waiter
+
+    def _idle_bound(self) -> float:
+        return DRAIN_IDLE_S if self.draining else self.keepalive_idle_s
+
+    def _arm_idle(self) -> None:
+        """The timer fires by the end of the idle wait (it usually does already: see _tick)."""
+        due = self.idle_since + self._idle_bound()
+        if self.timer is not None and self.timer.when() > due:
+            self.timer.cancel()
+            self.timer = self.loop.call_at(due, self._tick)
 
     def drain(self) -> None:
         """The proxy is stopping: the next response carries `Connection: close` and the connection
         ends after it; one waiting for a request ends after DRAIN_IDLE_S without one (a response
         already on its way went out without the header: the client's next request gets it)."""
         self.draining = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = asyncio.get_running_loop().call_later(DRAIN_IDLE_S, self.requests.put_nowait, None)
+        if self.waiter is not None:
+            self.idle_since = self.loop.time()
+            self._arm_idle()
 
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
@@ -327,10 +371,11 @@ class Http1Server(asyncio.Protocol):
         target = self.target
         conn.expect(request.method)
         token = target.request_started(endpoint, address)
-        conn.transport.write(request.head())
         try:
             if request.has_body:
                 await self._stream_body(request, conn)
+            else:
+                conn.send(request.head())
             remaining = self._remaining(request)
             status = await (conn.head if remaining is None else asyncio.wait_for(asyncio.shield(conn.head), remaining))
         except asyncio.TimeoutError:
@@ -415,22 +460,41 @@ class Http1Server(asyncio.Protocol):
         if self.body_queued < BODY_LOW_WATER:
             self._resume(Pause.BODY)
 
+    def _framed(self, request: Request, chunk: bytes | None) -> bytes:
+        """A body chunk as the endpoint is sent it (None: the body's end)."""
+        if not request.chunked:
+            return chunk or b""
+        return b"0\r\n\r\n" if chunk is None else b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+
     async def _stream_body(self, request: Request, conn) -> None:
+        """The head and the body: what of the body is here already, up to COALESCE_BYTES, goes
+        in the head's write (one write, one TLS record where it fits); the rest as it comes,
+        while the endpoint takes it. Never waits for body bytes before the head is out (a
+        client may wait for a 100 Continue: it is sent now, when the body is wanted)."""
         if request.expect_continue and not request.continued:
             request.continued = True
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while (chunk := await request.body.get()) is not None:
+        body, out = request.body, [request.head()]
+        chunk, size = b"", 0
+        while size < COALESCE_BYTES and not body.empty():
+            chunk = body.get_nowait()
+            out.append(self._framed(request, chunk))
+            if chunk is None:
+                break
+            self._took(len(chunk))
+            size += len(chunk)
+        conn.send(b"".join(out))
+        if chunk is None:
+            return
+        while (chunk := await body.get()) is not None:
             self._took(len(chunk))
             if not conn.writable.is_set():
                 await conn.writable.wait()  # the endpoint is slow: the client waits (paused above)
                 if conn.transport.is_closing():
                     raise ConnectionError("upstream closed while the request body was sent")
-            if request.chunked:
-                conn.transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            else:
-                conn.transport.write(chunk)
+            conn.send(self._framed(request, chunk))
         if request.chunked:
-            conn.transport.write(b"0\r\n\r\n")
+            conn.send(self._framed(request, None))
 
     async def _drain_body(self, request: Request) -> None:
         if request.has_body:

@@ -183,7 +183,7 @@ class _Inbound(asyncio.Protocol):
             server = Http1Server(target, initial, conn.stats, on_close=conn.close, keepalive_idle_s=keepalive_s)
         transport.set_protocol(server)
         server.connection_made(transport)
-        conn.drains_with(server.drain)  # a stopping agent ends it between requests
+        conn.drains_with(server.drain)  # a draining agent: Connection: close, or GOAWAY
         if self.eof:
             server.eof_received()
 

@@ -1,10 +1,15 @@
 """The proxy's listeners in a pod: opening them, and closing them without resetting a connection.
 
+Every listener is in a SO_REUSEPORT group: the agent's worker processes each listen on the same
+ports (the kernel spreads the connections over the group, sk_lookup's assignment too), and at an
+upgrade the successor joins the group before the old agent leaves it.
+
 Closing a listening socket resets every connection still in its accept queue (the kernel has
-completed their handshakes: the clients think they are connected). So a draining proxy keeps
-accepting until each listener's queue has been seen empty twice in a row, once nothing steers
-new connections to it any more (a successor took over), or until a bound when something still
-does (no successor: the pods fail closed either way).
+completed their handshakes: the clients think they are connected), unless the namespace has
+`net.ipv4.tcp_migrate_req` on: then the kernel moves them, and handshakes still in progress, to
+another listener of the group (a successor's). The agent turns it on in every pod it enrols. A
+draining proxy also keeps accepting until each listener's queue has been seen empty twice in a
+row, or until a bound (no successor: the pods fail closed either way).
 """
 
 import asyncio
@@ -21,19 +26,27 @@ _UNACKED = struct.Struct("I")
 _UNACKED_OFFSET = 24
 
 
-def open_listener(netns_path: str, port: int, host: str = "127.0.0.1", reuse_port: bool = False) -> socket.socket:
+MIGRATE_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def open_listener(netns_path: str, port: int, host: str = "127.0.0.1") -> socket.socket:
     with netns.entered(netns_path):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        # The agent's worker processes each listen on the same ports: the kernel spreads the
-        # connections over the group (sk_lookup's assignment too). Only with workers: a root
-        # process in the pod could join a group, so a single process does not open one.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def migrate_queues(netns_path: str) -> None:
+    """In the pod's namespace, a closing listener hands what is queued on it to the rest of its
+    reuseport group instead of resetting it (Linux 5.14). /proc/sys/net is the opening thread's
+    namespace's."""
+    with netns.entered(netns_path):
+        with open(MIGRATE_SYSCTL, "w") as sysctl:
+            sysctl.write("1")
 
 
 def accept_queue(sock) -> int:

@@ -24,8 +24,7 @@ import enum
 import functools
 
 from nodeagent.identity import naming
-from nodeagent.policy.authz import Client
-from nodeagent.proxy import mesh
+from nodeagent.proxy import mesh, on_node
 from nodeagent.proxy.attempts import CONNECT_ERRORS
 from nodeagent.proxy.connection import Direction, Phase
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
@@ -227,20 +226,11 @@ class OutboundAccept(asyncio.Protocol):
         return None
 
     def _admitted_on_node(self, hop) -> bool:
-        """Plaintext on the node: the destination pod's policy is asked with our pod's identity
-        (the kernel told us which pod this connection is from), and its app is reached from
-        inside its namespace, as the mesh hop would; no byte leaves the kernel."""
-        deps = self.deps
-        local = deps.directory.served(hop.destination)
-        client = Client(self.pod.info.ip, self.pod.identity.uri)
-        if not deps.authorizer.authorize(local, hop.port, client).allowed:
-            return False
-        inbound = deps.connections.admit(local, Direction.INBOUND, Phase.AUTHORIZING)
-        if inbound is None:
-            return False  # the destination's share is full: refused like a mesh connection would be
-        inbound.label(deps.observers.metrics, client.identity, False)
-        inbound.peer, inbound.port = client, hop.port  # what a policy change re-asks
-        self.on_node = inbound
+        """Plaintext on the node: the destination's side of the hop, done here (on_node.py)."""
+        try:
+            self.on_node = on_node.admit(self.deps, self.pod, hop)
+        except on_node.OnNodeRefused:
+            return False  # refused like a mesh connection would be: a reset
         return True
 
     def _count_connect_failure(self, error, reason: str, state) -> None:
@@ -314,7 +304,7 @@ class OutboundAccept(asyncio.Protocol):
             self.conn.close()
             return
         stats = self.conn.label(self.deps.observers.metrics, self.peer, False)
-        target = HttpTarget(self.deps, self.pod, self.decision, self.config, self.peer)
+        target = HttpTarget(self.deps, self.pod, self.decision, self.config, self.peer, Hint.H2 if h2 else Hint.HTTP1)
         server = (Http2Server if h2 else Http1Server)(target, bytes(self.buffer), stats, on_close=self.conn.close)
         self.buffer = None
         self.transport.set_protocol(server)

@@ -23,7 +23,7 @@ from nodeagent.proxy.directory import Directory
 from nodeagent.proxy.fastpath import Splicer
 from nodeagent.proxy.h2upstream import H2Pool
 from nodeagent.proxy.inbound import InboundAccept, MeshAccept
-from nodeagent.proxy.listeners import close_when_drained, open_listener
+from nodeagent.proxy.listeners import close_when_drained, migrate_queues, open_listener
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.overload import CHECK_S, MemoryGuard
@@ -40,7 +40,7 @@ LISTENER_DRAIN_S = 2.0
 
 class Proxy:
     def __init__(self, datapath: Datapath, identities: WorkloadIdentities, settings: AgentSettings = DEFAULT,
-                 owns_datapath: bool = True, reuse_port: bool = False, processes: int = 1):
+                 owns_datapath: bool = True, processes: int = 1):
         self.settings = settings
         self.datapath = datapath
         # Its sockets in pods are never captured (bpf/datapath.c): registered before they connect.
@@ -48,7 +48,6 @@ class Proxy:
         self.identities = identities
         # A worker process serves pods but leaves enrolment and inbound steering to the main one.
         self.owns_datapath = owns_datapath
-        self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.tap = TapHub()
         self.problems = ProblemLog(log)
@@ -144,9 +143,11 @@ class Proxy:
     async def add_pod(self, info: PodInfo, netns_fd: int, slot: int) -> PodContext:
         """Listeners in the pod first, then the data path steers to them."""
         path = f"/proc/self/fd/{netns_fd}"
-        outbound_sock = open_listener(path, OUTBOUND_PORT, reuse_port=self.reuse_port)
-        inbound_sock = open_listener(path, INBOUND_PORT, reuse_port=self.reuse_port)
-        mesh_sock = open_listener(path, MESH_PORT, host=info.ip, reuse_port=self.reuse_port)
+        if self.owns_datapath:
+            migrate_queues(path)  # an agent that stops later hands its queued connections on
+        outbound_sock = open_listener(path, OUTBOUND_PORT)
+        inbound_sock = open_listener(path, INBOUND_PORT)
+        mesh_sock = open_listener(path, MESH_PORT, host=info.ip)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot, self.identity_of(info), limits.Quota(self._limits_of(info)))
         self.identities.material(pod.identity)  # issued now: a refusal surfaces before any traffic
@@ -157,6 +158,7 @@ class Proxy:
         pod.servers.append(await loop.create_server(lambda: MeshAccept(inbound, pod), sock=mesh_sock))
         if self.owns_datapath:
             self.datapath.reset_counters(slot, podfs.addresses(path))
+            # A predecessor still serving the pod loses sk_lookup's new connections here, at once.
             self.datapath.register_inbound_listener(slot, inbound_sock)
             self.datapath.enrol(PodEntry(cookie, info.ip, slot, OUTBOUND_PORT))
             self.datapath.attach_inbound(path, cookie)  # last: it refuses what is not enrolled

@@ -7,17 +7,28 @@ limit, the Service's budget), and reports requests, responses, retries and error
 """
 
 import time
+from dataclasses import dataclass
 
-from nodeagent.proxy import mesh
+from nodeagent.proxy import mesh, on_node
 from nodeagent.proxy.classify import failed
 from nodeagent.proxy.connector import HopRefused
-from nodeagent.proxy.hop import Hint
+from nodeagent.proxy.connection import Phase
+from nodeagent.proxy.hop import Hint, HopKind
 from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.retry import RequestFacts, Retries, Verdict
 from nodeagent.proxy.routing import ToPod, ToService
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.proxy.tap import request_event
-from nodeagent.proxy.upstream import HandshakeLimit
+from nodeagent.proxy.upstream import HandshakeLimit, ResponseReader
+
+
+@dataclass(frozen=True)
+class HopFacts:
+    tls: bool  # mutual TLS on the hop (the `tls` label)
+    on_node: tuple | None = None  # ON_NODE: (the destination's PodContext, its inbound RequestStats)
+
+
+NO_HOP = HopFacts(False)
 
 
 def peer_label(decision) -> str:
@@ -29,8 +40,8 @@ def peer_label(decision) -> str:
 
 
 class HttpTarget:
-    def __init__(self, deps, pod, decision, config, peer: str):
-        self.pod, self.decision, self.peer = pod, decision, peer
+    def __init__(self, deps, pod, decision, config, peer: str, hint: Hint = Hint.HTTP1):
+        self.deps, self.pod, self.decision, self.peer, self.hint = deps, pod, decision, peer, hint
         self.connector, self.pools, self.observers = deps.connector, deps.pools, deps.observers
         self.directory = deps.directory
         self.config = config if isinstance(decision, ToService) else DEFAULT
@@ -38,7 +49,7 @@ class HttpTarget:
         self.endpoints = deps.directory.endpoints_for(decision) if isinstance(decision, ToService) else None
         self.budget = deps.directory.budget_for(decision)
         self._stats: dict = {}  # tls -> RequestStats, made on first use
-        self._meshed_view, self._meshed_cache = None, {}
+        self._hops_view, self._hops = None, {}  # address -> HopFacts, for the current view
         service = decision.service if isinstance(decision, ToService) else None
         route = f"{peer}:{decision.port.port if service is not None else decision.port}"
         # None: no access log and no tracing for this connection's requests
@@ -82,7 +93,26 @@ class HttpTarget:
     async def acquire(self, address):
         """An HTTP/1 connection to `address` of its own, (connection, reused)."""
         return await self.pools.http1.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                              self.config.connect_timeout_s, self._tunnel(address, Hint.HTTP1))
+                                              self.config.connect_timeout_s, lambda: self._open(address))
+
+    async def _open(self, address) -> ResponseReader:
+        """A new HTTP/1 connection to `address`, through the hop the plan gives. On the node
+        (ON_NODE) the destination's side is done here (on_node.py): its policy, its inbound share
+        (the pooled connection is one of its inbound connections, ended by a policy change)."""
+        hop = self.connector.plan(address, self._pod_at(address), Hint.HTTP1)
+        inbound = on_node.admit(self.deps, self.pod, hop) if hop.kind is HopKind.ON_NODE else None
+        try:
+            _, conn = await self.connector.open(self.pod, hop, self.config.connect_timeout_s, ResponseReader)
+        except BaseException:
+            if inbound is not None:
+                inbound.close()
+            raise
+        if inbound is not None:
+            inbound.enter(Phase.HTTP1)
+            inbound.hold(conn.transport)
+            inbound.revoke = conn.transport.abort
+            conn.on_lost = lambda lost: inbound.close(lost.sent, lost.received)
+        return conn
 
     async def acquire_h2(self, address):
         """An HTTP/2 connection to `address` with room for one more stream."""
@@ -112,7 +142,7 @@ class HttpTarget:
             self.observers.metrics.endpoint_ejections_total.labels(self.peer).inc()
 
     def connect_failed(self, state, exc):
-        if state is not None and not isinstance(exc, (HopRefused, HandshakeLimit)):
+        if state is not None and not isinstance(exc, (HopRefused, HandshakeLimit, on_node.OnNodeRefused)):
             self._failed(state)  # the endpoint's fault, not ours or the pod's
         if isinstance(exc, mesh.TunnelError):
             self.observers.metrics.handshake_failed("outbound", exc.reason)
@@ -121,21 +151,27 @@ class HttpTarget:
 
     @staticmethod
     def connect_failure_reason(exc) -> str:
-        if isinstance(exc, HopRefused):
+        if isinstance(exc, (HopRefused, on_node.OnNodeRefused)):
             return exc.reason
         if isinstance(exc, HandshakeLimit):
             return "handshakes limit"
         return "connect failed"
 
-    def _meshed(self, address) -> bool:
-        """Whether requests to `address` go over mutual TLS (for labels), cached per view."""
+    def _hop(self, address) -> HopFacts:
+        """What the hop to `address` means for the counts, cached per view."""
         view = self.directory.view
-        if self._meshed_view is not view:
-            self._meshed_view, self._meshed_cache = view, {}
-        meshed = self._meshed_cache.get(address)
-        if meshed is None:
-            meshed = self._meshed_cache[address] = self.directory.meshed(self._pod_at(address))
-        return meshed
+        if self._hops_view is not view:
+            self._hops_view, self._hops = view, {}
+        facts = self._hops.get(address)
+        if facts is None:
+            hop = self.connector.plan(address, self._pod_at(address), self.hint)
+            inbound = None
+            if hop.kind is HopKind.ON_NODE:
+                local = self.directory.served(hop.destination)
+                inbound = self.observers.metrics.requests("inbound", local, self.pod.identity.uri, False)
+                inbound = (local, inbound)
+            facts = self._hops[address] = HopFacts(hop.kind is HopKind.MESH, inbound)
+        return facts
 
     def _requests(self, tls: bool):
         stats = self._stats.get(tls)
@@ -144,7 +180,10 @@ class HttpTarget:
         return stats
 
     def request_started(self, state, address):
-        self._requests(self._meshed(address)).request()
+        hop = self._hop(address)
+        self._requests(hop.tls).request()
+        if hop.on_node is not None:
+            hop.on_node[1].request()  # the destination's inbound count, as its side of a mesh hop would
         return state.ewma.start() if state is not None else time.monotonic()
 
     def request_finished(self, state, token, status, grpc_status=None):
@@ -164,13 +203,20 @@ class HttpTarget:
     def count_response(self, request, status, address=None, failure=None):
         """A response to count (and tap): HTTP/1 at its head; HTTP/2 at its end, with
         `failure` from the gRPC status and the head's arrival in `request.head_at`."""
-        tls = address is not None and self._meshed(address)
-        self._requests(tls).response(status, request.started, failure, getattr(request, "head_at", None))
+        hop = self._hop(address) if address is not None else NO_HOP
+        tls, head_at = hop.tls, getattr(request, "head_at", None)
+        self._requests(tls).response(status, request.started, failure, head_at)
         if self.log is not None:
             self.log.response(request, status, tls, failure, address)
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
+        if hop.on_node is not None:  # the destination's side: counted (and tapped) as inbound
+            local, inbound = hop.on_node
+            inbound.response(status, request.started, failure, head_at)
+            if tap.subscriptions:
+                source = self.pod.identity.uri
+                tap.publish(lambda: request_event("inbound", local, source, request, status, False))
 
     def count_http2_refusal(self, flood):
         """An HTTP/2 peer (the client, or an endpoint) went over its budget (h2budget.Flood)."""

@@ -225,6 +225,8 @@ class TlsTransport(asyncio.Transport):
                 break
             self._offer_session()
             self._protocol.data_received(data)
+            if not self._in.pending and not self._ssl.pending():
+                break  # all read: no SSLWantReadError raised (and caught) per record
         self._flush()  # post-handshake messages (session tickets, key updates)
 
     def _offer_session(self) -> None:

@@ -8,7 +8,7 @@ pooled per (pod, endpoint).
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httptools
@@ -101,13 +101,20 @@ class ResponseReader(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.writable = asyncio.Event()  # the request's body may be written (our write buffer is low)
         self.writable.set()
+        self.loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() in Python 3.11
+        self.sent = self.received = 0  # bytes, for a hop that counts them (on_node.py)
+        self.on_lost: Callable[["ResponseReader"], None] | None = None
+        self.parser = None
+        self.at_boundary = False  # the parser ended the last response: it can parse the next one
         self._reset(None)
 
     def _reset(self, method: str | None):
         self.method = method
-        self.parser = httptools.HttpResponseParser(self)
-        self.head: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        if not self.at_boundary:  # after a HEAD (whose body the parser awaits) or an interim response
+            self.parser = httptools.HttpResponseParser(self)
+        self.at_boundary = False
+        self.head: asyncio.Future = self.loop.create_future()
+        self.done: asyncio.Future = self.loop.create_future()
         self.pending = bytearray()  # raw bytes read before a sink was attached
         self.sink: asyncio.Transport | None = None
         self.counter = None  # the client connection's stats: bytes written to the client
@@ -122,7 +129,13 @@ class ResponseReader(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
+    def send(self, data: bytes) -> None:
+        """A request's bytes toward the endpoint."""
+        self.sent += len(data)
+        self.transport.write(data)
+
     def data_received(self, data):
+        self.received += len(data)
         if self.sink is not None:
             self.sink.write(data)
             if self.counter is not None:
@@ -154,6 +167,7 @@ class ResponseReader(asyncio.Protocol):
             # Pass the informational response on and wait for the final one.
             self.parser = httptools.HttpResponseParser(self)
             return
+        self.at_boundary = self.status != 101
         self._complete()
 
     def _complete(self):
@@ -171,12 +185,15 @@ class ResponseReader(asyncio.Protocol):
         for future in (self.head, self.done):
             if not future.done():
                 future.set_exception(exc)
+                future.exception()  # an idle connection's loss is no error to log: a waiter still gets it
         if self.transport:
             self.transport.abort()
 
     def connection_lost(self, exc):
         self.writable.set()  # a writer waiting for room learns of the loss from the write
         self._fail(exc or ConnectionError("upstream closed the connection"))
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     def pause_writing(self):
         self.writable.clear()
@@ -212,9 +229,11 @@ class Pool:
     def __init__(self):
         self._idle: dict[tuple, list[ResponseReader]] = {}
 
-    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int],
-                      timeout_s: float, tunnel: Tunnel | None = None) -> tuple[ResponseReader, bool]:
-        """(a connection, whether it was reused)."""
+    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
+                      opener: Callable[[], Awaitable[ResponseReader]] | None = None) -> tuple[ResponseReader, bool]:
+        """(a connection, whether it was reused). `opener` opens a new one, through the hop it
+        plans (called only then: a reused connection plans no hop); by default, a plain
+        connection from `netns_path`."""
         key = (cookie, address)
         idle = self._idle.get(key)
         now = time.monotonic()
@@ -225,7 +244,9 @@ class Pool:
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
                 return conn, True
             conn.transport.close()
-        _, conn = await connect(netns_path, address, timeout_s, ResponseReader, tunnel)
+        if opener is not None:
+            return await opener(), False
+        _, conn = await connect(netns_path, address, timeout_s, ResponseReader)
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:

@@ -1,0 +1,169 @@
+"""One proxy process serving two pods on one veth pair (benchmarks/podpair.py), HTTP/1 keep-alive:
+what a request costs the proxy process in CPU, from the client's request to the app's response.
+
+    h2load --h1 (pod A, 16 connections) -> Proxy (this process) -> nginx (pod B, HTTP/1, "ok")
+
+Modes (pod A is always meshed):
+- mesh: pod B meshed too: A's outbound, the mutual-TLS hop and B's inbound, all in this one process,
+  as when both pods are on one node (the two ends of `make bench`'s mesh CPU, without the kernel's
+  capture);
+- one-hop: the same pods with on-node plaintext on (--on-node-plaintext true): the proxy serves
+  both ends in one pass (hop.py ON_NODE, on_node.py), no TLS;
+- plain: pod B outside the mesh: A's outbound to B's address, plaintext.
+
+CPU: the proxy process's utime + stime (getrusage, every thread: the TLS handshake threads too)
+over the measured requests, after a warm-up; not wall time, so other work on the machine does
+not enter it. Each run is a fresh process (one pair of pods, one proxy); the median of --runs
+runs with min and max. Needs root (network namespaces); nothing leaves the pair.
+
+    python -m benchmarks.proxy_cost [--modes mesh,plain] [--requests 20000] [--runs 5] [--baseline CHECKOUT]
+
+With --baseline, the proxy of another checkout of this repository (e.g. a worktree of an older
+commit) runs in turn with this one, run for run, so that a busy moment of the machine hits both.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONNECTIONS = 16
+WARMUP = 2000
+NGINX_PORT = 8090
+NGINX = """daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off; client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  server {{ listen {port}; location / {{ return 200 "ok\\n"; }} }}
+}}
+"""
+MODES = ("mesh", "one-hop", "plain")
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def h2load(pair, requests: int, connections: int = CONNECTIONS, strict: bool = True) -> float:
+    """Keep-alive HTTP/1 from pod A through the proxy; req/s. `strict`: every request must succeed."""
+    host, port = pair.aim(NGINX_PORT)
+    argv = ["h2load", "--h1", "-n", str(requests), "-c", str(connections), f"http://{host}:{port}/"]
+    done = pair.run_in_a(argv)
+    found = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", done.stdout)
+    if found is None or (strict and int(found[1]) != requests):
+        raise RuntimeError(f"h2load: not every request succeeded\n{done.stdout}{done.stderr}")
+    return float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)[1])
+
+
+async def one_run(requests: int, mode: str) -> dict:
+    """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost."""
+    import dataclasses
+
+    from benchmarks.podpair import PodPair
+    from nodeagent.settings import DEFAULT
+
+    pair = await PodPair(dataclasses.replace(DEFAULT, on_node_plaintext=mode == "one-hop")).start()
+    workdir = tempfile.mkdtemp(prefix="proxy-cost-")
+    with open(f"{workdir}/nginx.conf", "w") as conf:
+        conf.write(NGINX.format(dir=workdir, port=NGINX_PORT))
+    nginx = subprocess.Popen(["ip", "netns", "exec", pair.names[1], "nginx", "-c", f"{workdir}/nginx.conf",
+                              "-p", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if pair._listening(NGINX_PORT):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("nginx in pod B did not start")
+        # Warm-up: the code paths, and the pooled connections in two steps (16 new mutual-TLS
+        # handshakes at once would meet the pods' `handshakes` limit, rightly refused with a 502).
+        for connections in (CONNECTIONS // 2, CONNECTIONS):
+            await asyncio.to_thread(h2load, pair, WARMUP // 2, connections, False)
+        before = cpu_seconds()
+        rate = await asyncio.to_thread(h2load, pair, requests)
+        user, system = (after - start for after, start in zip(cpu_seconds(), before))
+    finally:
+        nginx.terminate()
+        nginx.wait(5)
+        await pair.stop()
+        subprocess.run(["rm", "-rf", workdir])
+    return {"req_per_s": rate, "cpu_us_per_request": (user + system) / requests * 1e6,
+            "system_us_per_request": system / requests * 1e6}
+
+
+def run_child(code: pathlib.Path, mode: str, requests: int) -> dict:
+    """One run in a fresh process importing the `nodeagent` (and podpair) of checkout `code`."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    env.pop("BENCH_PLAIN", None)
+    if mode == "plain":
+        env["BENCH_PLAIN"] = "1"  # podpair: pod B outside the mesh
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "one", str(requests), mode],
+                          capture_output=True, text=True, env=env, cwd=code, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"a {mode} run of {code} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": [round(v, 1) for v in values]}
+
+
+def measure(modes: list[str], requests: int, runs: int, codes: dict[str, pathlib.Path]) -> dict:
+    measured = {(label, mode): [] for label in codes for mode in modes}
+    for _ in range(runs):
+        for mode in modes:
+            for label, code in codes.items():  # in turn: a busy moment hits each
+                measured[label, mode].append(run_child(code, mode, requests))
+    return {f"{label} {mode}": {"requests_per_run": requests,
+                                "req_per_s": summary([r["req_per_s"] for r in results]),
+                                "cpu_us_per_request": summary([r["cpu_us_per_request"] for r in results]),
+                                "system_us_per_request": summary([r["system_us_per_request"] for r in results])}
+            for (label, mode), results in measured.items()}
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["one"]:
+        import uvloop
+
+        print(json.dumps(uvloop.run(one_run(int(sys.argv[2]), sys.argv[3]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline", type=pathlib.Path, help="another checkout to measure in turn")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    codes = {"this checkout": REPO}
+    if args.baseline:
+        codes["baseline"] = args.baseline.resolve()
+    result = measure(modes, args.requests, args.runs, codes)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for label, measured in result.items():
+        rate, cpu, system = measured["req_per_s"], measured["cpu_us_per_request"], measured["system_us_per_request"]
+        print(f"{label:20} proxy CPU {cpu['median']:6.1f} us per request (min {cpu['min']:.1f}, max {cpu['max']:.1f}; "
+              f"kernel {system['median']:.1f}); "
+              f"{rate['median']:6.0f} req/s (min {rate['min']:.0f}, max {rate['max']:.0f}); median of "
+              f"{args.runs} runs x {args.requests} requests")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The issuer Secret's files (trust anchors, issuer certificate and key), watched: a change is
+picked up without a restart.
+
+Kubernetes updates a mounted Secret by swapping a symlink, so the three files change at once,
+but a reader can still catch one file before the swap and the next after it: a set whose key is
+not its certificate's (or that does not parse) is not taken, logged once, and read again at the
+next check; the issuer in use stays. What is taken is handed to `WorkloadIdentities`, which
+issues new certificates from it (established connections keep their TLS sessions; new
+handshakes use the new material).
+"""
+
+import hashlib
+import logging
+from pathlib import Path
+
+from nodeagent.identity.ca import Authority, issuer_from_pem, read_issuer_files
+
+log = logging.getLogger("nodeagent.identity")
+CHECK_S = 2.0  # how often the files are read (a Secret's update reaches the node within a minute)
+
+
+class IssuerFiles:
+    def __init__(self, directory: Path, now: float):
+        self.directory = directory
+        self._seen = self._digest(read_issuer_files(directory))
+        self._refused: bytes | None = None
+        self._next = now + CHECK_S
+
+    @staticmethod
+    def _digest(contents: tuple[bytes, ...]) -> bytes:
+        return hashlib.sha256(b"\0".join(hashlib.sha256(part).digest() for part in contents)).digest()
+
+    def changed(self, now: float) -> tuple[Authority, bytes] | None:
+        """The new issuer and anchors, once the files hold a new consistent set; else None."""
+        if now < self._next:
+            return None
+        self._next = now + CHECK_S
+        try:
+            contents = read_issuer_files(self.directory)
+        except OSError as e:
+            log.warning("the issuer files in %s cannot be read now (%s): the current issuer stays", self.directory, e)
+            return None
+        digest = self._digest(contents)
+        if digest == self._seen or digest == self._refused:
+            return None
+        try:
+            issuer, anchors = issuer_from_pem(*contents)
+        except ValueError as e:
+            self._refused = digest
+            log.error("the issuer files in %s changed but are not usable (%s): the current issuer stays", self.directory,
+                      e)
+            return None
+        self._seen, self._refused = digest, None
+        return issuer, anchors

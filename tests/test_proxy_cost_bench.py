@@ -1,0 +1,22 @@
+"""The one-process HTTP/1 benchmark (benchmarks/proxy_cost.py) runs end to end in every mode
+(no speed is judged). Needs root (it makes two network namespaces), not the lab."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.proxy_cost import MODES
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+def test_the_one_process_http1_benchmark_runs_in_every_mode():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.proxy_cost", "--requests", "300", "--runs", "1",
+                           "--json"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert sorted(result) == sorted(f"this checkout {mode}" for mode in MODES)
+    for measured in result.values():
+        assert measured["cpu_us_per_request"]["median"] > 0 and measured["req_per_s"]["median"] > 0
