@@ -157,6 +157,50 @@ def test_the_agent_holds_identities_only_for_its_nodes_service_accounts(mesh):
         assert set(agent_stats(index)["identities"]) == expected
 
 
+HELD = """
+import os, socket, sys, time
+s = socket.create_connection(({ip!r}, {port}), timeout=5)
+s.sendall(b'a'); assert s.recv(1) == b'a'
+open({marker!r}, 'w').close()  # connected and echoing: the test may change the policy now
+deadline = time.monotonic() + 6  # a policy change applies within a second
+try:
+    while time.monotonic() < deadline:
+        s.sendall(b'b')
+        if s.recv(1) != b'b':
+            print('cut'); sys.exit()
+        time.sleep(0.1)
+except OSError:
+    print('cut'); sys.exit()
+print('alive')
+"""
+
+
+def held_connection_after(lab, client: str, server: str, annotations: dict, tmp_path) -> str:
+    """'cut' or 'alive': an echo connection from `client` to `server`:9000 that was allowed
+    when it opened, once `server`'s annotations become `annotations`."""
+    marker = tmp_path / f"connected-{client}-{server}"
+    marker.unlink(missing_ok=True)  # a call before this one left its own
+    code = HELD.format(ip=lab.plan.pod(server).ip, port=9000, marker=str(marker))
+    outcome = []
+    runner = threading.Thread(target=lambda: outcome.append(py_in(lab, client, code).strip()), daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: marker.exists() or not runner.is_alive(), "the connection to echo")
+        annotate(lab, server, annotations)
+        runner.join(40)
+    finally:
+        annotate(lab, server, {})
+    return outcome[0] if outcome else "no answer"
+
+
+def test_a_policy_change_ends_the_connections_it_no_longer_admits(mesh, tmp_path):
+    """Across nodes (mutual TLS): an allow-list on another port leaves the connection alone; one
+    on its port that names someone else ends it."""
+    other = "spiffe://cluster.local/ns/default/sa/other"
+    assert held_connection_after(mesh, "client-n0-0", "echo-n1-0", {"authz.nodeagent.io/8080": other}, tmp_path) == "alive"
+    assert held_connection_after(mesh, "client-n0-0", "echo-n1-0", {"authz.nodeagent.io/9000": other}, tmp_path) == "cut"
+
+
 @pytest.fixture
 def short_lived_certificates(monkeypatch):
     lab_ops.down()
@@ -186,45 +230,3 @@ def test_renewal_while_a_long_lived_connection_carries_traffic(mesh, short_lived
     # New connections use the new certificates.
     assert curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n1-0').ip}:8080/") == "hello from http-n1-0\n"
 
-
-HELD = """
-import os, socket, sys, time
-s = socket.create_connection(({ip!r}, {port}), timeout=5)
-s.sendall(b'a'); assert s.recv(1) == b'a'
-open({marker!r}, 'w').close()  # connected and echoing: the test may change the policy now
-deadline = time.monotonic() + 6  # a policy change applies within a second
-try:
-    while time.monotonic() < deadline:
-        s.sendall(b'b')
-        if s.recv(1) != b'b':
-            print('cut'); sys.exit()
-        time.sleep(0.1)
-except OSError:
-    print('cut'); sys.exit()
-print('alive')
-"""
-
-
-def held_connection_after(lab, client: str, server: str, annotations: dict, tmp_path) -> str:
-    """'cut' or 'alive': an echo connection from `client` to `server`:9000 that was allowed
-    when it opened, once `server`'s annotations become `annotations`."""
-    marker = tmp_path / f"connected-{client}-{server}"
-    code = HELD.format(ip=lab.plan.pod(server).ip, port=9000, marker=str(marker))
-    outcome = []
-    runner = threading.Thread(target=lambda: outcome.append(py_in(lab, client, code).strip()), daemon=True)
-    runner.start()
-    try:
-        wait_until(lambda: marker.exists() or not runner.is_alive(), "the connection to echo")
-        annotate(lab, server, annotations)
-        runner.join(40)
-    finally:
-        annotate(lab, server, {})
-    return outcome[0] if outcome else "no answer"
-
-
-def test_a_policy_change_ends_the_connections_it_no_longer_admits(mesh, tmp_path):
-    """Across nodes (mutual TLS): an allow-list on another port leaves the connection alone; one
-    on its port that names someone else ends it."""
-    other = "spiffe://cluster.local/ns/default/sa/other"
-    assert held_connection_after(mesh, "client-n0-0", "echo-n1-0", {"authz.nodeagent.io/8080": other}, tmp_path) == "alive"
-    assert held_connection_after(mesh, "client-n0-0", "echo-n1-0", {"authz.nodeagent.io/9000": other}, tmp_path) == "cut"
