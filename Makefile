@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Test-only tools Debian lacks (helm).
+# Test-only tools Debian lacks (helm), and the console's test browser (chromium, playwright-core).
 tools:
 	@bash scripts/install-tools.sh
+	@bash scripts/install-browser.sh
 
 # The test cluster (tests/k8s): Debian's etcd, containerd, runc and CNI plugins, and
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl built from the

@@ -20,6 +20,14 @@ make a configuration look cheaper than it is). The median of --runs runs, with m
     python -m benchmarks.telemetry_cost [--seconds 5] [--runs 5] [--json FILE]
 
 Needs root (two network namespaces; no lab, no BPF); removes everything it made.
+
+    python -m benchmarks.telemetry_cost --hooks [--runs 5]
+
+The event loop's share alone, without the proxy around it, so that a busy machine blurs it
+less: one hop's two hooks (`RequestLog.start` where a request starts, `RequestLog.response`
+where its response is counted) on an HTTP/1 request as wrk sends it, per request, in µs, the
+writers' threads stopped (their queues are emptied between rounds; no I/O). "off" is the target's
+own check of its `log` attribute, as HttpTarget does it.
 """
 
 import argparse
@@ -31,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -163,12 +172,81 @@ async def main_async(args) -> list[dict]:
     return results
 
 
+CHUNK = 2000
+HOOK_CONFIGS = {"off": (False, None), "access log (json)": (True, None), "tracing, 1%": (False, 0.01),
+                "tracing, 100%": (False, 1.0), "both, 1%": (True, 0.01), "both, 100%": (True, 1.0)}
+
+
+def hooks(runs: int, requests: int = 20000) -> str:
+    """Per-request µs of one hop's hooks, each configuration in turn within a run."""
+    import logging
+    import timeit
+
+    from nodeagent.identity import naming
+    from nodeagent.proxy.context import PodContext
+    from nodeagent.proxy.http1 import Request
+    from nodeagent.proxy.limits import PodLimits, Quota
+    from nodeagent.proxy.metrics import Metrics
+    from nodeagent.proxy.problems import ProblemLog
+    from nodeagent.proxy.telemetry import Telemetry
+
+    cluster = view(True)
+    info = cluster.pods["bench/pod-a"]
+    pod = PodContext(info, -1, 1, 0, naming.of_pod(info.namespace, info.service_account), Quota(PodLimits()))
+    headers = [(b"Host", b"127.0.0.1:15001")]  # what wrk sends
+    results = {name: [] for name in HOOK_CONFIGS}
+    for _ in range(runs):
+        for name, (access_log, sampling) in HOOK_CONFIGS.items():
+            settings = replace(parse({}), access_log="/dev/null")
+            if sampling is not None:
+                settings = replace(settings, trace_collector="http://127.0.0.1:9", trace_sampling=sampling)
+            metrics = Metrics()
+            telemetry = Telemetry(settings, metrics, ProblemLog(logging.getLogger("bench")),
+                                  lambda: cluster if access_log else view(False))
+            log = telemetry.requests("outbound", pod, "pod/bench/pod-b", "pod/bench/pod-b:8090")
+            writer, exporter = telemetry.access_log, telemetry.tracer.exporter if telemetry.tracer else None
+            for queue_owner in filter(None, (writer, exporter)):  # a thread never started: nothing written or sent
+                queue_owner._thread = threading.Thread(target=lambda: None)
+            target = type("Target", (), {"log": log})()
+            request = Request(method="GET", url=bytearray(b"/"), headers=headers, started=0.0)
+
+            def one() -> None:
+                request.headers = list(headers)
+                request.span = None
+                if target.log is not None:
+                    target.log.start(request)
+                if target.log is not None:
+                    target.log.response(request, 200, True, None, ("10.255.0.2", 8090))
+
+            def empty() -> None:
+                request.headers = list(headers)
+                request.span = None
+
+            spent = 0.0
+            for _ in range(requests // CHUNK):  # each chunk within the queues' bounds: no drops
+                spent += timeit.timeit(one, number=CHUNK) - timeit.timeit(empty, number=CHUNK)
+                writer.entries.clear()
+                if exporter:
+                    exporter.spans.clear()
+            assert writer.dropped == 0 and (exporter is None or exporter.dropped == 0)
+            results[name].append(spent / (requests // CHUNK * CHUNK) * 1e6)
+    out = [f"One hop's hooks per HTTP/1 request, µs on the event loop (median of {runs} runs of {requests:,}, "
+           "min-max; writers' threads stopped):", "", "| configuration | µs/request | min-max |", "|---|---|---|"]
+    for name, values in results.items():
+        out.append(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", help="write every run's numbers here")
+    parser.add_argument("--hooks", action="store_true", help="only the hooks' cost on the event loop")
     args = parser.parse_args()
+    if args.hooks:
+        print(hooks(args.runs))
+        return
     results = asyncio.run(main_async(args))
     rows = summary(results)
     if args.json:

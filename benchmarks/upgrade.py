@@ -17,6 +17,7 @@ time from SIGTERM to exit (median, min-max).
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def summary(rounds: list[dict]) -> dict:
             "old_agent_drained_s": spread([a["drain_s"] for a in agents])}
 
 
-def run(seconds: float, rounds: int) -> dict:
+def run(seconds: float, rounds: int, logs: Path | None = None) -> dict:
     lab_ops.down()
     saved = lab_ops.AGENT_EXTRA_ARGS
     lab_ops.AGENT_EXTRA_ARGS = [*saved, *drain_timeout_args(seconds)]
@@ -124,6 +125,10 @@ def run(seconds: float, rounds: int) -> dict:
         results = [one_round(lab, seconds) for _ in range(rounds)]
     finally:
         lab_ops.AGENT_EXTRA_ARGS = saved
+        if logs is not None:  # the agents' logs (what each drain left and cut) outlive the lab
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in (lab_ops.STATE_DIR / "logs").glob("agent-*.log"):
+                shutil.copy(log, logs / log.name)
         lab_ops.down()
     return {"rounds": results, "summary": summary(results)}
 
@@ -133,8 +138,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="traffic per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the JSON here too")
+    parser.add_argument("--logs", type=Path, help="copy the agents' logs into this directory")
     args = parser.parse_args()
-    result = run(args.seconds, args.rounds)
+    result = run(args.seconds, args.rounds, args.logs)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text)

@@ -333,7 +333,7 @@ def install(namespace, image, identity_dir, **given):
     click.echo(yaml.safe_dump_all(render(values), sort_keys=False), nl=False)
 
 
-from nodeagent.observe.commands import edges, stat, tap, top  # noqa: E402  (registered below)
+from nodeagent.observe.commands import dashboard, edges, stat, tap, top  # noqa: E402  (registered below)
 
-for _command in (stat, tap, top, edges):
+for _command in (stat, tap, top, edges, dashboard):
     main.add_command(_command)

@@ -148,7 +148,8 @@ def test_merge_counts_a_meshed_edge_once_and_marks_it_verified():
         ("deploy/web", "sts/db", "client", True, 5),
     ]
     # Without the client's agent, the server's view of the mesh edge is kept.
-    assert [(e.src, e.seen_by) for e in edges.merge([server_side])] == [("unmeshed", "server"), ("deploy/web", "server")]
+    assert [(e.src, e.seen_by) for e in edges.merge([server_side])] == [("unmeshed", "server"),
+                                                                         ("deploy/web", "server")]
 
 
 def test_merge_adds_the_same_edge_from_two_agents():

@@ -13,6 +13,7 @@ pinned: a successor adopts it, or the pods fail closed until one comes (README).
 """
 
 import asyncio
+import collections
 import enum
 import logging
 import os
@@ -232,6 +233,9 @@ class Agent:
                 pass
         why = "a second signal" if hurry.is_set() else "the drain deadline"
         if left != 0:
+            left_here = collections.Counter(f"{c.direction.value} {c.phase.value}"
+                                            for c in self.proxy.connections.all())
+            log.warning("draining: left at %s, by direction and phase: %s", why, dict(left_here))
             cut = self.proxy.connections.cut_all("drain deadline")
             log.warning("draining: %s: %d connections cut here, %s in workers (which stop now)", why, cut,
                         "some" if left is None else left - cut)

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import socket
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -28,22 +29,48 @@ def scrape(admin: str, timeout_s: float = 5.0) -> list[tuple[str, dict, float]]:
     return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
+class TapStream:
+    """One agent's /tap, as it happens; `close()` (from any thread) ends it at once."""
+
+    def __init__(self, admin: str, filters: dict, max_events: int, seconds: float):
+        host, _, port = admin.rpartition(":")
+        query = urllib.parse.urlencode({**{k: v for k, v in filters.items() if v}, "max": max_events,
+                                        "seconds": seconds})
+        self.admin, self.closed = admin, False
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=seconds + 10)
+        try:
+            self.conn.request("GET", f"/tap?{query}")
+            self.response = self.conn.getresponse()
+            if self.response.status != 200:
+                raise RuntimeError(f"{admin}: {self.response.status} {self.response.read().decode().strip()}")
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            while line := self.response.readline():
+                if line.strip():
+                    yield json.loads(line)
+        except (OSError, ValueError):
+            if not self.closed:  # a real failure, not our close()
+                raise
+        finally:
+            self.conn.close()
+
+    def close(self) -> None:
+        self.closed = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in readline
+            except OSError:
+                pass
+
+
 def tap_stream(admin: str, filters: dict, max_events: int, seconds: float) -> Iterator[dict]:
     """Events from one agent's /tap, as they happen."""
-    host, _, port = admin.rpartition(":")
-    query = urllib.parse.urlencode({**{k: v for k, v in filters.items() if v}, "max": max_events,
-                                    "seconds": seconds})
-    conn = http.client.HTTPConnection(host, int(port), timeout=seconds + 10)
-    try:
-        conn.request("GET", f"/tap?{query}")
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"{admin}: {response.status} {response.read().decode().strip()}")
-        while line := response.readline():
-            if line.strip():
-                yield json.loads(line)
-    finally:
-        conn.close()
+    yield from TapStream(admin, filters, max_events, seconds)
 
 
 def fetch_json(admin: str, path: str, timeout_s: float = 5.0) -> dict:

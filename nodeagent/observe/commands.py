@@ -162,3 +162,30 @@ def edges(admins, namespace, as_json):
         click.echo(json.dumps([e.as_dict() for e in merged], indent=1))
     else:
         Console().print(views.edges_table(merged))
+
+
+@click.command()
+@admin_option
+@click.option("--port", default=50750, show_default=True, type=click.IntRange(0, 65535),
+              help="The local port to serve on (0: any free one).")
+@click.option("--address", default="127.0.0.1", show_default=True, help="A loopback address to serve on.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.5, 60),
+              help="Seconds between polls of the agents.")
+def dashboard(admins, port, address, interval):
+    """The web console on localhost: namespaces, workloads, golden metrics, the call graph, live tap
+    (read from the agents' admin ports; no Prometheus needed)."""
+    from nodeagent.observe import admin_client, console
+
+    try:
+        server = console.serve(list(admins) or admin_client.default_admins(), address, port, interval)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot serve the console on {address}:{port}: {e}") from e
+    host, bound = server.server_address[:2]
+    click.echo(f"nodeagent console: http://{'localhost' if host == '127.0.0.1' else host}:{bound}/  (Ctrl-C stops it)",
+               err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

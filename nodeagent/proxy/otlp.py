@@ -165,27 +165,28 @@ class SpanExporter:
             self._failed(len(batch), f"the collector answered {status}")
 
     def _post(self, body: bytes) -> int:
-        for attempt in (1, 2):  # a kept-alive connection the collector closed is opened again, once
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=EXPORT_TIMEOUT_S)
-            try:
-                self._conn.request("POST", self.path, body, {"Content-Type": "application/x-protobuf"})
-                response = self._conn.getresponse()
-                response.read()
-                if response.will_close:
-                    self._conn.close()
-                    self._conn = None
-                return response.status
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._conn.close()
-                self._conn = None
-                if attempt == 2:
-                    raise
-            except (OSError, http.client.HTTPException):
-                self._conn.close()
-                self._conn = None
-                raise
-        raise AssertionError("unreachable")
+        """POST one batch; the collector's status. A kept-alive connection the collector has
+        closed meanwhile is opened again, once."""
+        try:
+            return self._post_once(body)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            return self._post_once(body)
+
+    def _post_once(self, body: bytes) -> int:
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=EXPORT_TIMEOUT_S)
+        try:
+            self._conn.request("POST", self.path, body, {"Content-Type": "application/x-protobuf"})
+            response = self._conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            self._conn.close()
+            self._conn = None
+            raise
+        if response.will_close:
+            self._conn.close()
+            self._conn = None
+        return response.status
 
     def _failed(self, count: int, why: str) -> None:
         self.dropped += count

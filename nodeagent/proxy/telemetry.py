@@ -26,6 +26,7 @@ from nodeagent.proxy.accesslog import AccessLog, Entry, Format
 from nodeagent.proxy.otlp import KIND_CLIENT, KIND_SERVER, SpanExporter, SpanRecord, static_attributes
 from nodeagent.proxy.tap import shown_authority, shown_path
 
+MAX_ENDPOINTS_KEPT = 64  # per connection: endpoints whose span attributes are kept
 MAX_HEADER_VALUE = accesslog.MAX_URL_BYTES  # of a header value kept for a line (it is cut again when written)
 
 
@@ -98,7 +99,7 @@ class RequestLog:
     """One client connection's requests, as the access log and tracing record them."""
 
     __slots__ = ("telemetry", "writer", "tracer", "format", "direction", "pod", "destination", "client_addr",
-                 "client_id", "client_workload", "pod_at", "route", "_static")
+                 "client_id", "client_workload", "pod_at", "route", "_static", "_endpoints")
 
     def __init__(self, telemetry: Telemetry, found: Format | None, direction: str, pod, destination: str,
                  client_addr: str, client_id: str, client_workload: str, pod_at: Callable, route: str):
@@ -108,6 +109,8 @@ class RequestLog:
         self.client_workload = client_workload  # "namespace/deploy/web"; "" for a client outside the cluster's pods
         self.pod_at, self.route = pod_at, route
         self._static: bytes | None = None  # the spans' constant attributes, encoded at the first
+        # (address, tls) -> the endpoint's workload and identity, for spans (bounded by the Service's endpoints)
+        self._endpoints: dict = {}
 
     def start(self, request) -> None:
         """A new request (not a retry): its trace context, if tracing is on."""
@@ -118,6 +121,9 @@ class RequestLog:
         """A response was counted: its access log line is queued, its span exported (each
         dropped and counted when its queue is full)."""
         span = request.span
+        exported = span is not None and span.sampled
+        if self.format is None and not exported:
+            return
         authority = user_agent = b""
         for name, value in request.headers:
             lowered = name.lower()
@@ -133,7 +139,7 @@ class RequestLog:
                 self.client_addr, self.client_id, self.destination, authority, request.method,
                 bytes(request.url[:accesslog.MAX_URL_BYTES]), request.version, status, total_s,
                 span.trace_id if span is not None else None, user_agent, tls))
-        if span is not None and span.sampled:
+        if exported:
             self._export(request, span, status, tls, status >= 500 if failure is None else failure, address,
                          authority, now)
 
@@ -148,6 +154,18 @@ class RequestLog:
         self._static = static_attributes(constant)
         return self._static
 
+    def _endpoint(self, address, tls: bool) -> list:
+        """The destination workload and identity of an endpoint, as span attributes."""
+        other = self.pod_at(address) if address is not None else None
+        workload = of_pod(other).key if other is not None else self.destination
+        identity = (naming.of_pod(other.namespace, other.service_account, self.telemetry.trust_domain).uri
+                    if other is not None and tls else "")
+        if len(self._endpoints) >= MAX_ENDPOINTS_KEPT:  # a long connection across many rollouts
+            self._endpoints.clear()
+        found = self._endpoints[(address, tls)] = [("nodeagent.destination.workload", workload),
+                                                   ("nodeagent.destination.identity", identity)]
+        return found
+
     def _export(self, request, span, status, tls, failure, address, authority, now) -> None:
         end_ns = time.time_ns()
         start_ns = end_ns - int((now - request.started) * 1e9)
@@ -156,12 +174,9 @@ class RequestLog:
                     ("server.address", shown_authority(authority)), ("network.protocol.version", request.version),
                     ("http.response.status_code", status)]
         if self.direction == "outbound":
-            kind, other = KIND_CLIENT, self.pod_at(address) if address is not None else None
-            variable.append(("nodeagent.destination.workload", of_pod(other).key if other is not None
-                             else self.destination))
-            variable.append(("nodeagent.destination.identity", naming.of_pod(
-                other.namespace, other.service_account, self.telemetry.trust_domain).uri
-                if other is not None and tls else ""))
+            kind = KIND_CLIENT
+            endpoint = self._endpoints.get((address, tls)) or self._endpoint(address, tls)
+            variable += endpoint
         else:
             kind = KIND_SERVER
         self.tracer.exporter.record(SpanRecord(

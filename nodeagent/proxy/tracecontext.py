@@ -24,7 +24,7 @@ participant; only a sampled span is recorded (exported).
 """
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 TRACEPARENT = b"traceparent"
 B3_SINGLE = b"b3"
@@ -43,16 +43,14 @@ class Style(enum.Enum):
     NEW = "new"  # no parent: a trace this hop starts
 
 
-@dataclass(frozen=True, slots=True)
-class Parent:
+class Parent(NamedTuple):  # a NamedTuple, not a frozen dataclass: made per request, at a fifth of the cost
     style: Style
     trace_id: bytes  # 16 bytes (a 64-bit B3 id is padded on the left with zeros)
     span_id: bytes | None  # 8 bytes; None: B3 carried a sampling state only
     sampled: bool | None  # None: the parent left the decision to us (B3 without a sampling state)
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """This hop's span: recorded (exported) only when `sampled`; always carried on."""
 
     trace_id: bytes
