@@ -21,7 +21,9 @@ def test_the_benchmark_harness_runs_every_mode_and_section_and_writes_its_report
     assert {r["mode"] for r in traffic} == {"none", "node", "sidecar", "haproxy", "node, 1 process"} | FAST
     assert all(r.get("rps", r.get("mib_per_s", r.get("p99_ms"))) for r in traffic)
     meshed = [r for r in traffic if r["mode"] != "none"]
-    assert all(r.get("cpu_us_per_request", r.get("cpu_ms_per_mib")) and r["rss_load_mib"] > 0 for r in meshed)
+    # CPU per request (per MiB for bulk) for every mode with a mesh; 0 is possible where the kernel spliced
+    assert all(r.get("cpu_us_per_request", r.get("cpu_ms_per_mib")) is not None and r["rss_load_mib"] > 0
+               for r in meshed)
     assert {(r["mode"], r["pods"]) for r in results["cost"]} == {(m, n) for m in ("node", "sidecar") for n in (1, 3)}
     assert {r["mode"] for r in results["noisy"]} == {"quiet", "attacked"}
     assert all(r["ok"] and r["agent_rss_peak_mib"] > 0 for r in results["noisy"])
