@@ -22,7 +22,6 @@ from benchmarks.rounds import schedule
 VICTIM, ATTACKER = inlab.CLIENT, "client-n0-1"
 SHORT_TARGET, HOLD_TARGET = "echo-n0-0", "http-n0-1"
 RAMP_S = 2.0  # the held connections are open before the victim starts
-DAEMONSET_MEMORY_LIMIT_MIB = 512  # deploy/helm/nodeagent/templates/daemonset.yaml
 
 
 def _victims(lab, sizes) -> dict[str, dict]:

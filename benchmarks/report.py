@@ -3,6 +3,7 @@ with their min-max (rounds.summarize); ratios are of medians from the same run."
 
 from pathlib import Path
 
+from benchmarks import targets
 from benchmarks.rounds import median, summarize
 
 MODE_ORDER = ("none", "node", "sidecar", "haproxy")
@@ -235,6 +236,7 @@ def markdown(results: dict) -> str:
         + (" (smoke sizes: not a measurement)." if results["smoke"] else ".")
         + f" Each row: the median of {sizes['rounds']} interleaved runs, (min-max) when they differ. "
         f"Sizes: {', '.join(f'{k}={v}' for k, v in sizes.items())}.",
+        "### Against the targets\n\n" + targets.table(results),
         "### Traffic\n\n" + _or_not_run(traffic, traffic_table),
         "### Open-loop latency\n\n" + _or_not_run(traffic, latency_table),
         "### CPU of the mesh's processes (per request; bulk: per MiB)\n\n" + _or_not_run(traffic, cpu_table),
