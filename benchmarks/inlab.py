@@ -252,10 +252,11 @@ def h2load(lab, host, port, requests) -> dict:
     return {"rps": float(finished[3]), "requests": requests}
 
 
-def openloop(lab, host, port, rate, seconds, client=CLIENT) -> dict:
+def openloop(lab, host, port, rate, seconds, client=CLIENT, http2=False) -> dict:
     # Warmed up: this row is steady keep-alive traffic; connection set-up has its own row.
-    out = in_pod(lab, client, [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
-                               "--seconds", str(seconds), "--warmup"], timeout_s=seconds + 60)
+    argv = [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate), "--seconds", str(seconds),
+            "--warmup"] + (["--http2", "--connections", "4"] if http2 else [])
+    out = in_pod(lab, client, argv, timeout_s=seconds + 60)
     result = json.loads(out)
     return {**result, "requests": result["ok"]}
 

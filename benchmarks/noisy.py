@@ -1,7 +1,7 @@
 """The noisy neighbour: does one pod's abuse of its node's proxy reach another pod?
 
 One lab in node mode (2 nodes, 10 pods each). The victim, `client-n0-0`, sends fixed-rate
-HTTP/1.1 (`openloop.py`) to nginx on the same node and on the other node; the attacker,
+HTTP/1.1 and HTTP/2 (`openloop.py`) to nginx on the same node and on the other node; the attacker,
 `client-n0-1` on the same node, runs `attack.py` at the same time: short opaque connections at
 a fixed rate (355/s by default) to `echo-n0-0`, plus idle and slowloris connections to
 `http-n0-1`. Quiet and attacked runs alternate (quiet, attacked, quiet, attacked, ...). Each
@@ -24,19 +24,23 @@ SHORT_TARGET, HOLD_TARGET = "echo-n0-0", "http-n0-1"
 RAMP_S = 2.0  # the held connections are open before the victim starts
 
 
-def _victims(lab, sizes) -> dict[str, dict]:
-    """Both paths at once, each at the victim rate, in the victim pod."""
-    results: dict[str, dict] = {}
+VICTIM_STREAMS = {"http1": ("http", False), "http2": ("h2", True)}  # app port name, h2c
 
-    def one(path: str) -> None:
+
+def _victims(lab, sizes) -> dict[tuple[str, str], dict]:
+    """HTTP/1.1 and HTTP/2 on both paths, all at once, each at the victim rate, in the victim pod."""
+    results: dict[tuple[str, str], dict] = {}
+
+    def one(path: str, proto: str) -> None:
         ip = lab.plan.pod(inlab.PATHS[path]).ip
+        port_name, http2 = VICTIM_STREAMS[proto]
         try:
-            results[path] = inlab.openloop(lab, ip, haproxy.APP_PORTS["http"], sizes.noisy_rate,
-                                           sizes.noisy_seconds, client=VICTIM)
+            results[(path, proto)] = inlab.openloop(lab, ip, haproxy.APP_PORTS[port_name], sizes.noisy_rate,
+                                                    sizes.noisy_seconds, client=VICTIM, http2=http2)
         except Exception as e:  # a victim that failed outright is a result too
-            results[path] = {"failed": str(e)[-300:]}
+            results[(path, proto)] = {"failed": str(e)[-300:]}
 
-    threads = [threading.Thread(target=one, args=(path,)) for path in inlab.PATHS]
+    threads = [threading.Thread(target=one, args=(path, proto)) for path in inlab.PATHS for proto in VICTIM_STREAMS]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -67,12 +71,12 @@ def one_run(lab, sizes, variant: str, index: int) -> list[dict]:
             lines = (lab_ops.STATE_DIR / "logs" / log).read_text().strip().splitlines()
             attack = {f"attack_{k}": v for k, v in json.loads(lines[-1]).items()} if lines else {}
     rows = []
-    for path, result in victims.items():
+    for (path, proto), result in victims.items():
         sent = result.get("sent") or 0
-        row = {"mode": variant, "path": path, "workload": f"victim http1 open-loop {sizes.noisy_rate:g}/s", **result,
+        row = {"mode": variant, "path": path, "workload": f"victim {proto} open-loop {sizes.noisy_rate:g}/s", **result,
                "success_pct": round(100 * result.get("ok", 0) / sent, 2) if sent else 0.0,
                "agent_rss_peak_mib": peak.peak, **attack}
-        print(f"  noisy {variant:9} {path:10} p99={row.get('p99_ms')} ok={row.get('ok')}/{sent} "
+        print(f"  noisy {variant:9} {path:10} {proto} p99={row.get('p99_ms')} ok={row.get('ok')}/{sent} "
               f"agent peak RSS={peak.peak} MiB {attack}", flush=True)
         rows.append(row)
     return rows

@@ -153,13 +153,15 @@ def noisy_table(runs: list[dict], sizes: dict) -> str:
     if not runs:
         return "(not run)"
     rows = summarize(runs)
-    by = {(r["mode"], r["path"]): r for r in rows}
-    lines = ["| path | quiet p50 ms | attacked p50 ms | quiet p99 ms | attacked p99 ms | p99 attacked / quiet | "
-             "success % quiet / attacked | node0 agent peak RSS MiB quiet / attacked |", "|---|---|---|---|---|---|---|---|"]
-    for path in dict.fromkeys(r["path"] for r in rows):
-        quiet, hit = by.get(("quiet", path)), by.get(("attacked", path))
-        lines.append(f"| {path} | {cell(quiet, 'p50_ms', 2)} | {cell(hit, 'p50_ms', 2)} | {cell(quiet, 'p99_ms', 2)} | "
-                     f"{cell(hit, 'p99_ms', 2)} | {_ratio(median(hit or {}, 'p99_ms'), median(quiet or {}, 'p99_ms'))} | "
+    by = {(r["mode"], r["path"], r["workload"].split()[1]): r for r in rows}
+    lines = ["| victim | path | quiet p50 ms | attacked p50 ms | quiet p99 ms | attacked p99 ms | p99 attacked / quiet | "
+             "success % quiet / attacked | node0 agent peak RSS MiB quiet / attacked |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path, proto in dict.fromkeys(key[1:] for key in by):
+        quiet, hit = by.get(("quiet", path, proto)), by.get(("attacked", path, proto))
+        lines.append(f"| {proto} | {path} | {cell(quiet, 'p50_ms', 2)} | {cell(hit, 'p50_ms', 2)} | "
+                     f"{cell(quiet, 'p99_ms', 2)} | {cell(hit, 'p99_ms', 2)} | "
+                     f"{_ratio(median(hit or {}, 'p99_ms'), median(quiet or {}, 'p99_ms'))} | "
                      f"{cell(quiet, 'success_pct', 2)} / {cell(hit, 'success_pct', 2)} | "
                      f"{cell(quiet, 'agent_rss_peak_mib')} / {cell(hit, 'agent_rss_peak_mib')} |")
     hit = next((r for r in rows if r["mode"] == "attacked"), None)

@@ -58,18 +58,18 @@ def table(results: dict) -> str:
 
 
 def _noisy(results: dict) -> list[str]:
-    rows = {(r["mode"], r["path"]): r for r in summarize(results.get("noisy", []))}
+    rows = {(r["mode"], r["path"], r["workload"].split()[1]): r for r in summarize(results.get("noisy", []))}
     if not rows:
         return []
     lines = []
-    for path in ("same-node", "cross-node"):
-        quiet, hit = rows.get(("quiet", path), {}), rows.get(("attacked", path), {})
+    for _, path, proto in [k for k in rows if k[0] == "quiet"]:
+        quiet, hit = rows[("quiet", path, proto)], rows.get(("attacked", path, proto), {})
         success = hit.get("success_pct", {}).get("min") if isinstance(hit.get("success_pct"), dict) else None
         q99, a99 = median(quiet, "p99_ms"), median(hit, "p99_ms")
-        lines.append(f"| noisy neighbour, {path}: victim success 100% in every attacked run | "
+        lines.append(f"| noisy neighbour, {proto} {path}: victim success 100% in every attacked run | "
                      f"{'-' if success is None else f'{success:.2f}% at the least'} | "
                      f"{_verdict(None if success is None else success >= 100)} |")
-        lines.append(f"| noisy neighbour, {path}: victim p99 attacked <= 2x quiet | "
+        lines.append(f"| noisy neighbour, {proto} {path}: victim p99 attacked <= 2x quiet | "
                      f"{'-' if not (q99 and a99) else f'{a99:.2f} vs {q99:.2f} ms ({a99 / q99:.2f}x)'} | "
                      f"{_verdict(None if not (q99 and a99) else a99 <= 2 * q99)} |")
     peak = max((r["agent_rss_peak_mib"]["max"] for r in rows.values() if isinstance(r.get("agent_rss_peak_mib"), dict)),
