@@ -43,20 +43,28 @@ def _grid(rows: list[dict]) -> tuple[list[tuple], dict]:
     return keys, {(r["mode"], r["workload"], r["path"]): r for r in rows}
 
 
+def _mode_grid(rows: list[dict], allowed: tuple[str, ...]) -> tuple[list[str], list[tuple], dict]:
+    """The modes present (in `allowed` order), the (workload, path) keys, (mode, workload, path) -> row."""
+    rows = [r for r in rows if r["mode"] in allowed]
+    return [m for m in allowed if any(r["mode"] == m for r in rows)], *_grid(rows)
+
+
+def _first(by: dict, workload: str, path: str) -> dict:
+    return next(by[k] for k in by if k[1:] == (workload, path))
+
+
 def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
 def traffic_table(rows: list[dict]) -> str:
-    rows = [r for r in rows if r["mode"] in MODE_ORDER]
-    modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)]
-    keys, by = _grid(rows)
+    modes, keys, by = _mode_grid(rows, MODE_ORDER)
     lines = ["| workload | path | unit | " + " | ".join(modes) + " | node / none | node / haproxy |",
              "|---|---|---|" + "---|" * len(modes) + "---|---|"]
     for workload, path in keys:
         if not any((m, workload, path) in by for m in modes if m != "node") and "64 conns" in workload:
             continue  # node only: the worker section's
-        unit, field, _, digits = _main_field(next(by[k] for k in by if k[1:] == (workload, path)))
+        unit, field, _, digits = _main_field(_first(by, workload, path))
         values = {m: median(by.get((m, workload, path), {}), field) for m in modes}
         lines.append(f"| {workload} | {path} | {unit} | "
                      + " | ".join(cell(by.get((m, workload, path)), field, digits) for m in modes)
@@ -82,13 +90,11 @@ def latency_table(rows: list[dict]) -> str:
 
 def cpu_table(rows: list[dict]) -> str:
     """µs of the mesh's CPU per request (per MiB: ms), every mode with a mesh, every workload."""
-    rows = [r for r in rows if r["mode"] in MESH_MODES]
-    modes = [m for m in MESH_MODES if any(r["mode"] == m for r in rows)]
-    keys, by = _grid(rows)
+    modes, keys, by = _mode_grid(rows, MESH_MODES)
     lines = ["| workload | path | unit | " + " | ".join(modes) + " | node / haproxy |",
              "|---|---|---|" + "---|" * len(modes) + "---|"]
     for workload, path in keys:
-        sample = next(by[k] for k in by if k[1:] == (workload, path))
+        sample = _first(by, workload, path)
         field, unit = ("cpu_ms_per_mib", "ms per MiB") if "cpu_ms_per_mib" in sample else \
             ("cpu_us_per_request", "µs per request")
         values = {m: median(by.get((m, workload, path), {}), field) for m in modes}
@@ -100,9 +106,7 @@ def cpu_table(rows: list[dict]) -> str:
 
 def load_memory_table(rows: list[dict]) -> str:
     """Peak RSS of all the mesh's processes (both nodes) while each workload ran."""
-    rows = [r for r in rows if r["mode"] in MESH_MODES]
-    modes = [m for m in MESH_MODES if any(r["mode"] == m for r in rows)]
-    keys, by = _grid(rows)
+    modes, keys, by = _mode_grid(rows, MESH_MODES)
     lines = ["| workload | path | " + " | ".join(f"{m} MiB" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
     for workload, path in keys:
         lines.append(f"| {workload} | {path} | "
@@ -119,7 +123,7 @@ def variants_table(rows: list[dict], columns: tuple[str, ...], spliced: bool) ->
     lines = ["| workload | path | unit | " + " | ".join(present) + (" | spliced MiB |" if spliced else " |"),
              "|---|---|---|" + "---|" * len(present) + ("---|" if spliced else "")]
     for workload, path in keys:
-        unit, field, _, digits = _main_field(next(by[k] for k in by if k[1:] == (workload, path)))
+        unit, field, _, digits = _main_field(_first(by, workload, path))
         cells = {c: next((r for r in rows if (r["mode"], r["workload"], r["path"]) == (c, workload, path)), None)
                  for c in present}
         line = f"| {workload} | {path} | {unit} | " + " | ".join(cell(cells[c], field, digits) for c in present)
