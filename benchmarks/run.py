@@ -33,6 +33,7 @@ from benchmarks.inlab import bulk, h2load, measured, openloop, wrk
 from benchmarks.rounds import schedule
 
 ROOT = Path(__file__).resolve().parent
+ENROL_TIMEOUT_S = 60
 MODES = ("none", "node", "sidecar", "haproxy")
 
 
@@ -228,13 +229,18 @@ def enrol_time_ms(lab) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
             return any(p["pod"] == f"{pod.namespace}/{pod.name}" for p in json.load(response)["pods"])
 
+    def wait(until: bool, step_s: float) -> None:
+        deadline = time.monotonic() + ENROL_TIMEOUT_S
+        while served() != until:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{pod.name}: still {'not ' if until else ''}served after {ENROL_TIMEOUT_S} s")
+            time.sleep(step_s)
+
     lab_ops.label(pod.name, "nodeagent.io/mesh=disabled")
-    while served():
-        time.sleep(0.01)
+    wait(False, 0.01)
     start = time.monotonic()
     lab_ops.label(pod.name, "nodeagent.io/mesh=enabled")
-    while not served():
-        time.sleep(0.005)
+    wait(True, 0.005)
     return round((time.monotonic() - start) * 1000, 1)
 
 
