@@ -33,7 +33,8 @@ def test_the_benchmark_harness_runs_every_mode_and_section_and_writes_its_report
     costs = [r for r in results["conncost"] if r["workload"] == "memory per connection"]
     assert {r["mode"] for r in costs} == {"idle-detecting", "idle-keepalive", "slowloris", "half-handshake"}
     bounds = [r for r in results["conncost"] if r["workload"] == "held at the default limit"]
-    assert all(r["held"] <= r["default_limit"] for r in bounds) and len(bounds) == 4
+    # the proxy's own count is the bound (the client may also see connections in the kernel's accept queue)
+    assert all(r["in_proxy"] <= r["default_limit"] for r in bounds) and len(bounds) == 4
     report = (run / "results.md").read_text()
     for title in ("### Traffic", "### CPU of the mesh", "### Memory of the mesh under load", "### Kernel fast paths",
                   "### Worker processes", "### Cost as pods", "### Noisy neighbour", "### Soak",
