@@ -28,7 +28,6 @@ from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_process
 from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
-from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
@@ -85,7 +84,8 @@ class Agent:
         if not self.config.cgroup.is_dir():
             raise AgentError(f"the pods' cgroup {self.config.cgroup} does not exist")
         try:
-            self.issuer, self.anchors = load_issuer(self.config.identity_dir)
+            # The issuer and the digest its changes are measured from: one read (reload.py).
+            self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
         except (OSError, ValueError) as e:
             raise AgentError(f"cannot load the identity issuer from {self.config.identity_dir}: {e}") from e
 
@@ -112,8 +112,7 @@ class Agent:
         self.adopted_slots = datapath.enrolled_slots()
         for slot in set(self.adopted_slots.values()):
             self.slots.reserve(slot)
-        self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
-        self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
+        self.identities = WorkloadIdentities(*self.issuer_files.current, self.config.cert_lifetime_delta)
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
