@@ -51,7 +51,7 @@ demo: setup
 test: setup tools k8s-tools otelcol
 	$(BIN)/pytest -ra
 
-# The full benchmark (about 10 minutes); results land in benchmarks/results/<stamp>/.
+# The full benchmark (about 30 minutes; sizes in benchmarks/README.md); results land in benchmarks/results/<stamp>/
 bench: setup
 	$(BIN)/python -m benchmarks.run
 

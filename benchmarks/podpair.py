@@ -6,9 +6,9 @@ nothing leaves them), starts the lab's sample servers in pod B (HTTP/1 :8080, h2
 included. Only the data path is stood in for: a client in pod A connects to the outbound
 listener (127.0.0.1:15001 in A) itself, and `original_destination` says where it meant to go.
 
-Used by benchmarks/proxy_cost.py (CPU per request, memory per connection, leaks) and by tests
-that need the whole proxy with no lab (tests/test_podpair.py). Needs root; removes everything
-it made on exit, failure and interrupt.
+Used by benchmarks/proxy_cost.py (CPU per request) and benchmarks/conncost.py (memory per held
+connection, against the per-pod limits). Needs root; removes everything it made on exit and failure (conncost.py removes the
+namespaces of a measurement that was killed).
 """
 
 import asyncio

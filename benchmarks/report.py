@@ -1,9 +1,15 @@
-"""results.json -> a Markdown report and PNG plots, with each mode's ratio to
-no mesh and to HAProxy from the same run."""
+"""results.json -> a Markdown report and PNG plots. Every cell is the median of a row's runs
+with their min-max (rounds.summarize); ratios are of medians from the same run."""
 
 from pathlib import Path
 
+from benchmarks import targets
+from benchmarks.rounds import median, summarize
+
 MODE_ORDER = ("none", "node", "sidecar", "haproxy")
+MESH_MODES = ("node", "sidecar", "haproxy")
+FAST_COLUMNS = ("none", "node", "node, on-node plaintext", "+ splice", "+ splice + skb", "+ splice + skb + loopback")
+WORKER_COLUMNS = ("node, 1 process", "node")
 
 
 def _fmt(value, digits=1) -> str:
@@ -12,134 +18,247 @@ def _fmt(value, digits=1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _main_metric(row: dict) -> tuple[str, float | None, bool]:
-    """(unit, value, higher is better) of one traffic result."""
+def cell(row: dict | None, field: str, digits: int = 1) -> str:
+    """'median (min-max)' of a summarized field; just the value when there was one run."""
+    value = (row or {}).get(field)
+    if not isinstance(value, dict):
+        return "-"
+    if value["n"] == 1 or value["min"] == value["max"]:
+        return _fmt(value["median"], digits)
+    return f"{_fmt(value['median'], digits)} ({_fmt(value['min'], digits)}-{_fmt(value['max'], digits)})"
+
+
+def _main_field(row: dict) -> tuple[str, str, bool, int]:
+    """(unit, field, higher is better, digits) of a traffic row."""
     if "mib_per_s" in row:
-        return "MiB/s", row["mib_per_s"], True
+        return "MiB/s", "mib_per_s", True, 1
     if "rps" in row:
-        return "req/s", row["rps"], True
-    return "p99 ms", row.get("p99_ms"), False
+        return "req/s", "rps", True, 0
+    return "p99 ms", "p99_ms", False, 2
 
 
-def traffic_table(results: dict) -> str:
-    rows = results["traffic"]
-    modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)]
+def _grid(rows: list[dict]) -> tuple[list[tuple], dict]:
+    """(workload, path) keys in first-seen order, and (mode, workload, path) -> row."""
+    keys = list(dict.fromkeys((r["workload"], r["path"]) for r in rows))
+    return keys, {(r["mode"], r["workload"], r["path"]): r for r in rows}
+
+
+def _mode_grid(rows: list[dict], allowed: tuple[str, ...]) -> tuple[list[str], list[tuple], dict]:
+    """The modes present (in `allowed` order), the (workload, path) keys, (mode, workload, path) -> row."""
+    rows = [r for r in rows if r["mode"] in allowed]
+    return [m for m in allowed if any(r["mode"] == m for r in rows)], *_grid(rows)
+
+
+def _first(by: dict, workload: str, path: str) -> dict:
+    return next(by[k] for k in by if k[1:] == (workload, path))
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def traffic_table(rows: list[dict]) -> str:
+    modes, keys, by = _mode_grid(rows, MODE_ORDER)
     lines = ["| workload | path | unit | " + " | ".join(modes) + " | node / none | node / haproxy |",
              "|---|---|---|" + "---|" * len(modes) + "---|---|"]
-    keys = []
-    for r in rows:
-        if (r["workload"], r["path"]) not in keys:
-            keys.append((r["workload"], r["path"]))
     for workload, path in keys:
-        cells = {r["mode"]: r for r in rows if r["workload"] == workload and r["path"] == path}
-        unit = _main_metric(next(iter(cells.values())))[0]
-        values = {m: _main_metric(cells[m])[1] if m in cells else None for m in modes}
-
-        def ratio(a, b):
-            return f"{values[a] / values[b]:.2f}" if values.get(a) and values.get(b) else "-"
-
-        lines.append(f"| {workload} | {path} | {unit} | " + " | ".join(_fmt(values[m]) for m in modes)
-                     + f" | {ratio('node', 'none')} | {ratio('node', 'haproxy')} |")
+        if not any((m, workload, path) in by for m in modes if m != "node") and "64 conns" in workload:
+            continue  # node only: the worker section's
+        unit, field, _, digits = _main_field(_first(by, workload, path))
+        values = {m: median(by.get((m, workload, path), {}), field) for m in modes}
+        lines.append(f"| {workload} | {path} | {unit} | "
+                     + " | ".join(cell(by.get((m, workload, path)), field, digits) for m in modes)
+                     + f" | {_ratio(values.get('node'), values.get('none'))}"
+                     + f" | {_ratio(values.get('node'), values.get('haproxy'))} |")
     return "\n".join(lines)
 
 
-def latency_table(results: dict) -> str:
-    rows = [r for r in results["traffic"] if "open-loop" in r["workload"]]
+def latency_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if "open-loop" in r["workload"] and r["mode"] in MODE_ORDER]
     lines = ["| mode | path | p50 ms | p90 ms | p99 ms | max ms | added p99 vs none | errors |",
              "|---|---|---|---|---|---|---|---|"]
-    base = {r["path"]: r["p99_ms"] for r in rows if r["mode"] == "none"}
+    base = {r["path"]: median(r, "p99_ms") for r in rows if r["mode"] == "none"}
     for r in sorted(rows, key=lambda r: (MODE_ORDER.index(r["mode"]), r["path"])):
-        added = r["p99_ms"] - base[r["path"]] if r["path"] in base and r["p99_ms"] is not None else None
-        lines.append(f"| {r['mode']} | {r['path']} | {_fmt(r['p50_ms'], 2)} | {_fmt(r['p90_ms'], 2)} | "
-                     f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['max_ms'], 2)} | {_fmt(added, 2)} | {r['errors']} |")
+        p99 = median(r, "p99_ms")
+        added = p99 - base[r["path"]] if base.get(r["path"]) is not None and p99 is not None else None
+        errors = median(r, "errors")
+        lines.append(f"| {r['mode']} | {r['path']} | {cell(r, 'p50_ms', 2)} | {cell(r, 'p90_ms', 2)} | "
+                     f"{cell(r, 'p99_ms', 2)} | {cell(r, 'max_ms', 2)} | {_fmt(added, 2)} | "
+                     f"{_fmt(r['errors']['max'], 0) if isinstance(r.get('errors'), dict) else errors} |")
     return "\n".join(lines)
 
 
-def cpu_table(results: dict) -> str:
-    rows = [r for r in results["traffic"] if "keep-alive" in r["workload"] and r["mode"] != "none"]
-    lines = ["| mode | path | req/s | mesh CPU s | mesh CPU ms per 1,000 requests |", "|---|---|---|---|---|"]
-    for r in rows:
-        requests = r["rps"] * results["sizes"]["seconds"]
-        per_k = r["mesh_cpu_s"] * 1000 / (requests / 1000) if requests else None
-        lines.append(f"| {r['mode']} | {r['path']} | {_fmt(r['rps'])} | {_fmt(r['mesh_cpu_s'], 2)} | "
-                     f"{_fmt(per_k, 1)} |")
+def cpu_table(rows: list[dict]) -> str:
+    """µs of the mesh's CPU per request (per MiB: ms), every mode with a mesh, every workload."""
+    modes, keys, by = _mode_grid(rows, MESH_MODES)
+    lines = ["| workload | path | unit | " + " | ".join(modes) + " | node / haproxy |",
+             "|---|---|---|" + "---|" * len(modes) + "---|"]
+    for workload, path in keys:
+        sample = _first(by, workload, path)
+        field, unit = ("cpu_ms_per_mib", "ms per MiB") if "cpu_ms_per_mib" in sample else \
+            ("cpu_us_per_request", "µs per request")
+        values = {m: median(by.get((m, workload, path), {}), field) for m in modes}
+        lines.append(f"| {workload} | {path} | {unit} | "
+                     + " | ".join(cell(by.get((m, workload, path)), field, 1) for m in modes)
+                     + f" | {_ratio(values.get('node'), values.get('haproxy'))} |")
     return "\n".join(lines)
 
 
-def cost_table(results: dict) -> str:
-    rows = results["cost"]
+def load_memory_table(rows: list[dict]) -> str:
+    """Peak RSS of all the mesh's processes (both nodes) while each workload ran."""
+    modes, keys, by = _mode_grid(rows, MESH_MODES)
+    lines = ["| workload | path | " + " | ".join(f"{m} MiB" for m in modes) + " |", "|---|---|" + "---|" * len(modes)]
+    for workload, path in keys:
+        lines.append(f"| {workload} | {path} | "
+                     + " | ".join(cell(by.get((m, workload, path)), "rss_load_mib", 1) for m in modes) + " |")
+    return "\n".join(lines)
+
+
+def variants_table(rows: list[dict], columns: tuple[str, ...], spliced: bool) -> str:
+    present = [c for c in columns if any(r["mode"] == c for r in rows)]
+    own = [c for c in present if c not in MODE_ORDER]
+    if not own:
+        return "(not run)"
+    keys, by = _grid([r for r in rows if r["mode"] in own])
+    lines = ["| workload | path | unit | " + " | ".join(present) + (" | spliced MiB |" if spliced else " |"),
+             "|---|---|---|" + "---|" * len(present) + ("---|" if spliced else "")]
+    for workload, path in keys:
+        unit, field, _, digits = _main_field(_first(by, workload, path))
+        cells = {c: next((r for r in rows if (r["mode"], r["workload"], r["path"]) == (c, workload, path)), None)
+                 for c in present}
+        line = f"| {workload} | {path} | {unit} | " + " | ".join(cell(cells[c], field, digits) for c in present)
+        if spliced:
+            line += " | " + " / ".join(_fmt(median(cells[c] or {}, "spliced_mib")) for c in own)
+        lines.append(line + " |")
+    return "\n".join(lines)
+
+
+def cost_table(runs: list[dict]) -> str:
+    if not runs:
+        return "(not run)"
+    rows = summarize(runs, keys=("mode", "pods"))
     lines = ["| pods per node | node mode RSS MiB | sidecar mode RSS MiB | node / sidecar | node start-up s | "
              "sidecars start-up s | processes (node / sidecar) |", "|---|---|---|---|---|---|---|"]
     for count in sorted({r["pods"] for r in rows}):
-        node = next((r for r in rows if r["mode"] == "node" and r["pods"] == count), {})
-        side = next((r for r in rows if r["mode"] == "sidecar" and r["pods"] == count), {})
-        ratio = f"{node['rss_mib'] / side['rss_mib']:.3f}" if node and side and side["rss_mib"] else "-"
-        lines.append(f"| {count} | {_fmt(node.get('rss_mib'))} | {_fmt(side.get('rss_mib'))} | {ratio} | "
-                     f"{_fmt(node.get('startup_s'), 2)} | {_fmt(side.get('startup_s'), 2)} | "
-                     f"{node.get('processes', '-')} / {side.get('processes', '-')} |")
-    enrol = [r["enrol_ms"] for r in rows if r.get("enrol_ms") is not None]
+        node = next((r for r in rows if r["mode"] == "node" and r["pods"] == count), None)
+        side = next((r for r in rows if r["mode"] == "sidecar" and r["pods"] == count), None)
+        lines.append(f"| {count} | {cell(node, 'rss_mib')} | {cell(side, 'rss_mib')} | "
+                     f"{_ratio(median(node or {}, 'rss_mib'), median(side or {}, 'rss_mib'))} | "
+                     f"{cell(node, 'startup_s', 2)} | {cell(side, 'startup_s', 2)} | "
+                     f"{cell(node, 'processes', 0)} / {cell(side, 'processes', 0)} |")
+    enrol = [r for r in rows if isinstance(r.get("enrol_ms"), dict)]
     if enrol:
-        lines.append(f"\nTime to enrol a pod (label change to served), node mode: {', '.join(map(str, enrol))} ms.")
+        lines.append("\nTime to enrol a pod (label change to served), node mode: "
+                     + ", ".join(f"{cell(r, 'enrol_ms')} ms ({r['pods']} pods)" for r in enrol) + ".")
     return "\n".join(lines)
 
 
-def fast_path_table(results: dict) -> str:
-    """Each fast-path setting beside no mesh, per workload and path; 'spliced' is what the
-    kernel carried past the proxy during that workload."""
-    rows = results.get("fast_paths", [])
-    if not rows:
+def noisy_table(runs: list[dict], sizes: dict) -> str:
+    if not runs:
         return "(not run)"
-    variants = list(dict.fromkeys(r["mode"] for r in rows))
-    lines = ["| workload | path | unit | " + " | ".join(variants) + " | best fast / none | spliced MiB |",
-             "|---|---|---|" + "---|" * len(variants) + "---|---|"]
-    keys = list(dict.fromkeys((r["workload"], r["path"]) for r in rows))
-    for workload, path in keys:
-        cells = {r["mode"]: r for r in rows if r["workload"] == workload and r["path"] == path}
-        unit, _, higher = _main_metric(next(iter(cells.values())))
-        values = {v: _main_metric(cells[v])[1] if v in cells else None for v in variants}
-        fast = [values[v] for v in variants if v.startswith("+") and values[v] is not None]
-        best = (max(fast) if higher else min(fast)) if fast else None
-        ratio = f"{best / values['none']:.2f}" if best and values.get("none") else "-"
-        spliced = " / ".join(_fmt(cells[v].get("spliced_mib")) for v in variants if v.startswith("+") and v in cells)
-        lines.append(f"| {workload} | {path} | {unit} | " + " | ".join(_fmt(values[v]) for v in variants)
-                     + f" | {ratio} | {spliced} |")
+    rows = summarize(runs)
+    by = {(r["mode"], r["path"], r["workload"].split()[1]): r for r in rows}
+    lines = ["| victim | path | quiet p50 ms | attacked p50 ms | quiet p99 ms | attacked p99 ms | p99 attacked / quiet | "
+             "success % quiet / attacked | node0 agent peak RSS MiB quiet / attacked |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path, proto in dict.fromkeys(key[1:] for key in by):
+        quiet, hit = by.get(("quiet", path, proto)), by.get(("attacked", path, proto))
+        lines.append(f"| {proto} | {path} | {cell(quiet, 'p50_ms', 2)} | {cell(hit, 'p50_ms', 2)} | "
+                     f"{cell(quiet, 'p99_ms', 2)} | {cell(hit, 'p99_ms', 2)} | "
+                     f"{_ratio(median(hit or {}, 'p99_ms'), median(quiet or {}, 'p99_ms'))} | "
+                     f"{cell(quiet, 'success_pct', 2)} / {cell(hit, 'success_pct', 2)} | "
+                     f"{cell(quiet, 'agent_rss_peak_mib')} / {cell(hit, 'agent_rss_peak_mib')} |")
+    hit = next((r for r in rows if r["mode"] == "attacked"), None)
+    if hit:
+        lines.append(
+            f"\nThe attack, per run (median (min-max)): short opaque connections {cell(hit, 'attack_short_ok', 0)} "
+            f"answered of {cell(hit, 'attack_short_attempted', 0)} attempted ({sizes.get('attack_rate')}/s); "
+            f"idle connections held at the end {cell(hit, 'attack_idle_held_at_end', 0)} of "
+            f"{cell(hit, 'attack_idle_opened', 0)} opened; slowloris {cell(hit, 'attack_slowloris_held_at_end', 0)} of "
+            f"{cell(hit, 'attack_slowloris_opened', 0)}. The DaemonSet's memory limit is 512 MiB.")
     return "\n".join(lines)
 
 
-def workers_table(results: dict) -> str:
-    rows = results.get("workers", [])
-    if not rows:
+def soak_table(runs: list[dict]) -> str:
+    if not runs:
         return "(not run)"
-    variants = list(dict.fromkeys(r["mode"] for r in rows))
-    lines = ["| workload | path | unit | " + " | ".join(f"{v} (median; runs)" for v in variants) + " |",
-             "|---|---|---|" + "---|" * len(variants)]
-    for workload, path in dict.fromkeys((r["workload"], r["path"]) for r in rows):
-        cells = {r["mode"]: r for r in rows if r["workload"] == workload and r["path"] == path}
-        unit = _main_metric(next(iter(cells.values())))[0]
-
-        def cell(variant):
-            r = cells.get(variant)
-            if r is None:
-                return "-"
-            return f"{_fmt(_main_metric(r)[1], 2 if unit.endswith('ms') else 1)} ({', '.join(_fmt(v, 2 if unit.endswith('ms') else 0) for v in r['runs'])})"
-
-        lines.append(f"| {workload} | {path} | {unit} | " + " | ".join(cell(v) for v in variants) + " |")
+    streams = ("http1_keepalive", "http1_close", "opaque_short", "http2")
+    lines = ["| phase | requests and connections served | errors (" + ", ".join(streams) + ") | peak RSS MiB | "
+             "RSS after MiB |", "|---|---|---|---|---|"]
+    for r in runs:
+        errors = ", ".join(str(r.get(f"{s}_errors", "-")) for s in streams) if "requests" in r else "-"
+        lines.append(f"| {r['workload']} | {_fmt(r.get('requests'), 0)} | {errors} | {_fmt(r.get('rss_peak_mib'))} | "
+                     f"{_fmt(r.get('rss_mib'))} |")
+    phases = [r for r in runs if r["workload"].startswith("phase")]
+    if len(phases) >= 2:
+        growth = phases[-1]["rss_mib"] - phases[0]["rss_mib"]
+        lines.append(f"\nAfter the warm-up phase, the agents' RSS moved by {growth:+.1f} MiB over "
+                     f"{sum(r['requests'] for r in phases[1:]):,} more requests and connections (both agents, "
+                     f"with their workers).")
     return "\n".join(lines)
+
+
+def conncost_table(runs: list[dict]) -> str:
+    if not runs:
+        return "(not run)"
+    measured = summarize([r for r in runs if r["workload"] == "memory per connection"], keys=("mode",))
+    bounds = {r["mode"]: r for r in runs if r["workload"] == "held at the default limit"}
+    lines = ["| held connection | KiB per connection | per-pod limit | default | worst case per pod MiB | "
+             "opened at the default limit: open at the client / in the proxy |", "|---|---|---|---|---|---|"]
+    for r in measured:
+        kib, bound = median(r, "kib_per_connection"), bounds.get(r["mode"], {})
+        limit = bound.get("default_limit") or median(r, "default_limit")
+        worst = kib * limit / 1024 if kib is not None and limit else None
+        lines.append(f"| {r['mode']} | {cell(r, 'kib_per_connection', 1)} | {r['limit']} | {_fmt(limit, 0)} | "
+                     f"{_fmt(worst, 1)} | {bound.get('opened', '-')}: {bound.get('held', '-')} / {bound.get('in_proxy', '-')} |")
+    return "\n".join(lines)
+
+
+def generic_table(runs: list[dict]) -> str:
+    """A section without a table of its own: each row's numbers as median (min-max)."""
+    rows = summarize(runs)
+    fields = list(dict.fromkeys(f for r in rows for f, v in r.items() if isinstance(v, dict)))
+    lines = ["| mode | path | workload | " + " | ".join(fields) + " |", "|---|---|---|" + "---|" * len(fields)]
+    for r in rows:
+        lines.append(f"| {r.get('mode')} | {r.get('path')} | {r.get('workload')} | "
+                     + " | ".join(cell(r, f, 2) for f in fields) + " |")
+    return "\n".join(lines)
+
+
+def _or_not_run(rows: list[dict], table) -> str:
+    return table(rows) if rows else "(not run)"
+
+
+KNOWN = ("machine", "smoke", "sizes", "modes", "section_s", "duration_s", "traffic", "cost", "noisy", "soak", "conncost")
 
 
 def markdown(results: dict) -> str:
-    m = results["machine"]
-    return "\n\n".join([
+    m, sizes = results["machine"], results["sizes"]
+    traffic = summarize(results.get("traffic", []))
+    times = ", ".join(f"{name} {seconds:g} s" for name, seconds in results.get("section_s", {}).items())
+    parts = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}. Run took {results.get('duration_s', '?')} s"
-        + (" (smoke sizes: not a measurement)." if results["smoke"] else "."),
-        "### Traffic\n\n" + traffic_table(results),
-        "### Open-loop latency\n\n" + latency_table(results),
-        "### CPU of the mesh's processes\n\n" + cpu_table(results),
-        "### Kernel fast paths (node mode)\n\n" + fast_path_table(results),
-        "### Worker processes (node mode)\n\n" + workers_table(results),
-        "### Cost as pods per node grow\n\n" + cost_table(results),
-    ]) + "\n"
+        f"Python {m['python']}. Run took {results.get('duration_s', '?')} s ({times})"
+        + (" (smoke sizes: not a measurement)." if results["smoke"] else ".")
+        + f" Each row: the median of {sizes['rounds']} interleaved runs, (min-max) when they differ. "
+        f"Sizes: {', '.join(f'{k}={v}' for k, v in sizes.items())}.",
+        "### Against the targets\n\n" + targets.table(results),
+        "### Traffic\n\n" + _or_not_run(traffic, traffic_table),
+        "### Open-loop latency\n\n" + _or_not_run(traffic, latency_table),
+        "### CPU of the mesh's processes (per request; bulk: per MiB)\n\n" + _or_not_run(traffic, cpu_table),
+        "### Memory of the mesh under load (peak RSS while the workload ran)\n\n"
+        + _or_not_run(traffic, load_memory_table),
+        "### Kernel fast paths (node mode)\n\n" + variants_table(traffic, FAST_COLUMNS, spliced=True),
+        "### Worker processes (node mode; `node` is the default, one per core)\n\n"
+        + variants_table(traffic, WORKER_COLUMNS, spliced=False),
+        "### Cost as pods per node grow (idle)\n\n" + cost_table(results.get("cost", [])),
+        "### Noisy neighbour\n\n" + noisy_table(results.get("noisy", []), sizes),
+        "### Soak\n\n" + soak_table(results.get("soak", [])),
+        "### Memory per held connection\n\n" + conncost_table(results.get("conncost", [])),
+    ]
+    parts += [f"### {name}\n\n" + generic_table(runs) for name, runs in results.items()
+              if name not in KNOWN and isinstance(runs, list) and runs]
+    return "\n\n".join(parts) + "\n"
 
 
 def plots(results: dict, out: Path) -> list[Path]:
@@ -149,33 +268,37 @@ def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    latency = [r for r in results["traffic"] if "open-loop" in r["workload"] and r["path"] == "same-node"]
+    traffic = [r for r in summarize(results.get("traffic", [])) if r["mode"] in MODE_ORDER]
+    latency = [r for r in traffic if "open-loop" in r["workload"] and r["path"] == "same-node"]
     if latency:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.2
         for i, q in enumerate(("p50_ms", "p90_ms", "p99_ms")):
-            ax.bar([x + i * width for x in range(len(latency))], [r[q] or 0 for r in latency], width, label=q[:-3])
+            ax.bar([x + i * width for x in range(len(latency))], [median(r, q) or 0 for r in latency], width,
+                   label=q[:-3])
         ax.set_xticks([x + width for x in range(len(latency))], [r["mode"] for r in latency])
-        ax.set_ylabel("ms")
+        ax.set_ylabel("ms (median of runs)")
         ax.set_title(f"Open-loop latency, same node ({latency[0]['workload']})")
         ax.legend()
         written.append(_save(fig, out / "latency.png"))
-    cost = results["cost"]
+    cost = summarize(results.get("cost", []), keys=("mode", "pods"))
     if cost:
         fig, ax = plt.subplots(figsize=(7, 4))
         for mode in ("node", "sidecar"):
             rows = sorted((r for r in cost if r["mode"] == mode), key=lambda r: r["pods"])
-            ax.plot([r["pods"] for r in rows], [r["rss_mib"] for r in rows], marker="o", label=f"{mode} mode")
+            ax.plot([r["pods"] for r in rows], [median(r, "rss_mib") for r in rows], marker="o", label=f"{mode} mode")
         ax.set_xlabel("pods per node")
         ax.set_ylabel("resident memory of the mesh, MiB")
         ax.set_title("Memory vs pods")
         ax.legend()
         written.append(_save(fig, out / "memory.png"))
-    throughput = [r for r in results["traffic"] if "keep-alive" in r["workload"] and r["path"] == "same-node"]
+    throughput = [r for r in traffic if "16 conns" in r["workload"] and r["path"] == "same-node"]
     if throughput:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([r["mode"] for r in throughput], [r["rps"] for r in throughput])
-        ax.set_ylabel("requests/s")
+        ax.bar([r["mode"] for r in throughput], [median(r, "rps") for r in throughput],
+               yerr=[[median(r, "rps") - r["rps"]["min"] for r in throughput],
+                     [r["rps"]["max"] - median(r, "rps") for r in throughput]], capsize=4)
+        ax.set_ylabel("requests/s (median, min-max)")
         ax.set_title("HTTP/1.1 keep-alive throughput, same node")
         written.append(_save(fig, out / "throughput.png"))
     return written

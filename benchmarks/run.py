@@ -1,335 +1,174 @@
-"""One command, every mode, one run: `make bench` (or `python -m benchmarks.run`).
+"""One command, every mode, interleaved rounds: `make bench` (or `python -m benchmarks.run`).
 
-Modes: none (the physical limit: pod to pod directly), node (one nodeagent per
-simulated node), sidecar (one nodeagent proxy per pod: the same code), haproxy
-(a sidecar chain of HAProxy with mutual TLS, a production C proxy). For each,
-same-node and cross-node paths: HTTP/1.1 keep-alive throughput (wrk), open-loop
-latency at a fixed rate, HTTP/2 (h2load), a new connection per request, opaque
-TCP bulk; the CPU the mesh's processes used for it; then the cost side: resident
-memory and start-up time as pods per node grow, and the time to enrol a pod.
-Writes results/<stamp>/results.json, results.md and PNG plots.
-`--smoke` is the CI run: tiny durations and sizes, it checks the harness only.
+Modes: none (the physical limit: pod to pod directly), node (one nodeagent per simulated
+node), sidecar (one nodeagent proxy per pod: the same code), haproxy (a sidecar chain of
+HAProxy with mutual TLS, a production C proxy), and node mode's variants (kernel fast paths,
+one proxy process). For each, same-node and cross-node paths: HTTP/1.1 keep-alive throughput
+(wrk), open-loop latency at a fixed rate, HTTP/2 (h2load), a new connection per request,
+opaque TCP bulk; per run the CPU the mesh's processes used (per request, per MiB) and their
+peak RSS. Every lab variant runs once per round, rounds repeat (A B C A B C ...), and each
+report row is the median of its runs with min-max (rounds.py). Then the cost side (memory and
+start-up as pods per node grow, the time to enrol a pod), the noisy neighbour (noisy.py), the
+soak (soak.py) and memory per held connection (conncost.py).
+
+Sizes: `--smoke` (the CI run: it checks the harness, it measures nothing), else the full
+sizes; any size can be set with an environment variable `BENCH_<NAME>` (e.g. BENCH_ROUNDS=3
+BENCH_SECONDS=2). Writes results/<stamp>/results.json (every run), results.md and PNG plots.
 """
 
 import argparse
 import json
 import os
 import platform
-import re
-import subprocess
-import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from nodeagent import cgroups
-from nodeagent.identity import ca, naming
 from nodeagent.lab import lab as lab_ops
-from nodeagent.lab import pods
 
-from benchmarks import haproxy, report
+from benchmarks import conncost, inlab, noisy, report, soak
+from benchmarks.inlab import bulk, h2load, measured, openloop, wrk
+from benchmarks.rounds import schedule
 
 ROOT = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+ENROL_TIMEOUT_S = 60
 MODES = ("none", "node", "sidecar", "haproxy")
-# The kernel fast path section: node mode with each setting (same lab layout, same workloads).
-FAST_VARIANTS = {
-    "none": None,
-    "node": [],
-    "node, on-node plaintext": ["--on-node-plaintext", "true"],
-    "+ splice": ["--on-node-plaintext", "true", "--fast-path", "splice"],
-    "+ splice + skb": ["--on-node-plaintext", "true", "--fast-path", "splice,skb"],
-    "+ splice + skb + loopback": ["--on-node-plaintext", "true", "--fast-path", "splice,skb,loopback"],
-}
-# Worker processes: the agent alone, and the default (one per core). Repeated: on a 2-core VM
-# shared with the load generator and the server, one run of a row moves by up to ~15%.
-WORKER_VARIANTS = {"node, 1 process": ["--workers", "1"], "node, 1 per core": []}
-WORKER_REPEATS = 3
-PATHS = {"same-node": "http-n0-0", "cross-node": "http-n1-0"}
-CLIENT = "client-n0-0"
 
 
 @dataclass(frozen=True)
 class Sizes:
+    rounds: int
     seconds: float
     rate: int
     mib: int
     h2_requests: int
     pods: tuple[int, ...]
+    noisy_seconds: float
+    noisy_rate: int  # the victim's requests per second, per protocol and path
+    attack_rate: int  # the attacker's new connections per second
+    attack_idle: int
+    attack_slowloris: int
+    soak_phases: int
+    soak_seconds: float
+    soak_rate: int  # HTTP/1.1 keep-alive requests per second
+    soak_short_rate: int  # new HTTP/1.1 connections per second, and as many opaque ones
+    soak_h2_rate: int  # HTTP/2 requests per second per client (2 clients)
+    conn_count: int  # held connections per memory measurement
 
     @classmethod
-    def of(cls, smoke: bool) -> "Sizes":
-        return cls(1.0, 200, 16, 2000, (1, 3)) if smoke else cls(5.0, 1000, 256, 50000, (1, 10, 50, 100))
+    def of(cls, smoke: bool, env=os.environ) -> "Sizes":
+        sizes = SMOKE if smoke else FULL
+        changes = {}
+        for f in fields(cls):
+            text = env.get(f"BENCH_{f.name.upper()}")
+            if text is not None:
+                kind = {int: int, float: float}.get(f.type)
+                changes[f.name] = tuple(int(n) for n in text.split(",")) if kind is None else kind(text)
+        return cls(**{**sizes.__dict__, **changes})
 
 
-# --- processes and measurements ---
-
-def in_pod(lab, pod_name: str, argv: list[str], timeout_s: float = 300) -> str:
-    pod = lab.plan.pod(pod_name)
-    done = pods.run(pod, lab.pod_cgroup(pod), argv, timeout_s=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[0]} in {pod_name} failed: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-def start_in_pod(lab, pod_name: str, argv: list[str], log: str) -> subprocess.Popen:
-    pod = lab.plan.pod(pod_name)
-    return pods.start(pod, lab.pod_cgroup(pod), argv, lab_ops.STATE_DIR / "logs" / log)
+FULL = Sizes(rounds=3, seconds=4.0, rate=1000, mib=256, h2_requests=20000, pods=(1, 10, 50),
+             noisy_seconds=8.0, noisy_rate=250, attack_rate=355, attack_idle=400, attack_slowloris=400,
+             soak_phases=4, soak_seconds=40.0, soak_rate=1000, soak_short_rate=40, soak_h2_rate=100,
+             conn_count=500)
+SMOKE = Sizes(rounds=1, seconds=1.0, rate=200, mib=16, h2_requests=2000, pods=(1, 3),
+              noisy_seconds=2.0, noisy_rate=100, attack_rate=50, attack_idle=20, attack_slowloris=20,
+              soak_phases=2, soak_seconds=3.0, soak_rate=200, soak_short_rate=20, soak_h2_rate=20,
+              conn_count=50)
 
 
-def mesh_pids(lab, extra: list[int]) -> list[int]:
-    agents = lab.cgroup_root / "agents"
-    return (cgroups.pids_in(agents) if agents.exists() else []) + extra
+# --- the lab variants of the traffic section ---
+
+def workloads(sizes: Sizes) -> dict[str, tuple[str, Callable]]:
+    """id -> (the row's name, run(lab, targets) -> result)."""
+    s = sizes
+    return {
+        "ka16": ("http1 keep-alive (wrk, 16 conns)", lambda lab, t: wrk(lab, *t["http"], s.seconds, 16)),
+        "ka64": ("http1 keep-alive (wrk, 64 conns)", lambda lab, t: wrk(lab, *t["http"], s.seconds, 64)),
+        "openloop": (f"http1 open-loop {s.rate}/s", lambda lab, t: openloop(lab, *t["http"], s.rate, s.seconds)),
+        "h2": ("http2 (h2load, 4 conns x 10 streams)", lambda lab, t: h2load(lab, *t["h2"], s.h2_requests)),
+        "close": ("http1 new connection per request (wrk)",
+                  lambda lab, t: wrk(lab, *t["http"], s.seconds, 8, close=True)),
+        "bulk": (f"opaque tcp bulk {s.mib} MiB", lambda lab, t: bulk(lab, *t["bulk"], s.mib)),
+        "download": (f"opaque tcp download {s.mib} MiB", lambda lab, t: bulk(lab, *t["download"], s.mib, "download")),
+    }
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError):
-            continue
-    return total / CLK_TCK
+TRAFFIC = ("ka16", "openloop", "h2", "close", "bulk", "download")
 
 
-def rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return round(total / 1024, 1)
+@dataclass(frozen=True)
+class LabVariant:
+    name: str  # the report's column
+    mesh: str  # the lab's mesh mode; "haproxy" is no mesh plus the HAProxy chain
+    agent_args: tuple[str, ...] = ()
+    workloads: tuple[str, ...] = TRAFFIC
+    spliced: bool = False  # count what the kernel carried past the proxies
 
 
-def wait_http(url: str, timeout_s: float = 60) -> float:
-    """Seconds until `url` answers 200."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            with urllib.request.urlopen(url, timeout=0.5) as response:
-                if response.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+BASE_VARIANTS = {
+    "none": LabVariant("none", "none"),
+    "node": LabVariant("node", "node", workloads=TRAFFIC + ("ka64",)),  # also the default of both sections below
+    "sidecar": LabVariant("sidecar", "sidecar"),
+    "haproxy": LabVariant("haproxy", "haproxy"),
+}
+# The kernel fast paths: opaque TCP only (HTTP is handled per request in the proxy and its rows
+# did not move with them); `none` and `node` come from the same rounds.
+FAST = ("bulk", "download")
+FAST_VARIANTS = [
+    LabVariant("node, on-node plaintext", "node", ("--on-node-plaintext", "true"), FAST, True),
+    LabVariant("+ splice", "node", ("--on-node-plaintext", "true", "--fast-path", "splice"), FAST, True),
+    LabVariant("+ splice + skb", "node", ("--on-node-plaintext", "true", "--fast-path", "splice,skb"), FAST, True),
+    LabVariant("+ splice + skb + loopback", "node",
+               ("--on-node-plaintext", "true", "--fast-path", "splice,skb,loopback"), FAST, True),
+]
+# Worker processes: the agent alone against the default (one per core: `node`).
+WORKER_VARIANTS = [LabVariant("node, 1 process", "node", ("--workers", "1"), ("ka16", "ka64", "openloop"))]
 
 
-def write_identity() -> None:
-    anchor = ca.Authority.new_anchor(naming.DEFAULT_TRUST_DOMAIN)
-    ca.write_identity_files(lab_ops.identity_dir(), anchor, anchor.new_issuer(naming.DEFAULT_TRUST_DOMAIN))
+@dataclass(frozen=True)
+class Choice:
+    """What to run: the modes, and whether node mode's variants come along."""
+
+    modes: tuple[str, ...] = MODES
+    fast_paths: bool = True
+    workers: bool = True
 
 
-# --- the servers under test ---
-
-NGINX = """worker_processes 1;
-pid {dir}/nginx-{pod}.pid;
-error_log {dir}/nginx-{pod}.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;  # nginx would end HTTP/2 connections after 1000 requests
-    server {{ listen {http}; location / {{ return 200 "ok\\n"; }} }}
-    server {{ listen {h2} http2; location / {{ return 200 "ok\\n"; }} }}
-}}
-"""
+def lab_variants(choice: Choice) -> list[LabVariant]:
+    variants = [BASE_VARIANTS[m] for m in choice.modes]
+    if "node" in choice.modes:
+        variants += (FAST_VARIANTS if choice.fast_paths else []) + (WORKER_VARIANTS if choice.workers else [])
+    return variants
 
 
-def start_servers(lab) -> None:
-    work = lab_ops.STATE_DIR / "bench"
-    work.mkdir(exist_ok=True)
-    for server in PATHS.values():
-        conf = work / f"nginx-{server}.conf"
-        conf.write_text(NGINX.format(dir=work, pod=server, http=haproxy.APP_PORTS["http"],
-                                     h2=haproxy.APP_PORTS["h2"]))
-        start_in_pod(lab, server, ["nginx", "-c", str(conf), "-g", "daemon off;"], f"nginx-{server}.log")
-        start_in_pod(lab, server, ["socat", "-u", f"TCP-LISTEN:{haproxy.APP_PORTS['bulk']},reuseaddr,fork",
-                                   "OPEN:/dev/null"], f"sink-{server}.log")
-        start_in_pod(lab, server, [sys.executable, "-m", "benchmarks.bulk", "serve", str(haproxy.APP_PORTS["download"])],
-                     f"download-{server}.log")
-    for server in PATHS.values():
-        ip = lab.plan.pod(server).ip
-        code = (f"import socket, time\nfor port in {list(haproxy.APP_PORTS.values())}:\n"
-                f"    for _ in range(200):\n        try: socket.create_connection(({ip!r}, port), 1).close(); break\n"
-                f"        except OSError: time.sleep(0.05)")
-        in_pod(lab, CLIENT, [sys.executable, "-c", code])
+def run_variant(variant: LabVariant, sizes: Sizes, round_: int) -> list[dict]:
+    """One lab, every workload of the variant on both paths, then the lab is gone."""
+    mesh = "none" if variant.mesh == "haproxy" else variant.mesh
+    with inlab.serving_lab(mesh, agent_args=variant.agent_args) as lab:
+        offsets, extra = inlab.start_haproxy_chain(lab) if variant.mesh == "haproxy" else (None, [])
+        catalog, rows = workloads(sizes), []
+        for path in inlab.PATHS:
+            t = inlab.targets(lab, offsets, path)
+            for key in variant.workloads:
+                name, run = catalog[key]
+                before = spliced_bytes(lab) if variant.spliced else 0
+                row = measured(lab, variant.name, path, name, lambda: run(lab, t), extra)
+                if variant.spliced:
+                    time.sleep(0.3)  # a connection is counted once the proxy has closed its ends
+                    row["spliced_mib"] = round((spliced_bytes(lab) - before) / 2 ** 20, 1)
+                rows.append({**row, "round": round_})
+        return rows
 
 
-def start_haproxy_chain(lab) -> tuple[dict[str, int], list[int]]:
-    """One client-side HAProxy per path (the client pod's sidecar toward that server), one per server."""
-    work = lab_ops.STATE_DIR / "bench"
-    bundle, client_pem, server_pem = haproxy.write_certificates(work / "haproxy-tls")
-    processes, offsets = [], {}
-    for index, (path, server) in enumerate(PATHS.items()):
-        ip = lab.plan.pod(server).ip
-        (work / f"haproxy-server-{server}.cfg").write_text(haproxy.server_config(ip, bundle, server_pem))
-        processes.append(start_in_pod(lab, server, ["haproxy", "-db", "-f", str(work / f"haproxy-server-{server}.cfg")],
-                                      f"haproxy-server-{server}.log"))
-        client_cfg = haproxy.client_config(ip, bundle, client_pem)
-        offsets[path] = 100 * index  # each path's client-side proxy listens on its own ports
-        for port in haproxy.LOCAL_PORTS.values():
-            client_cfg = client_cfg.replace(f"127.0.0.1:{port}", f"127.0.0.1:{port + offsets[path]}")
-        (work / f"haproxy-client-{path}.cfg").write_text(client_cfg)
-        processes.append(start_in_pod(lab, CLIENT, ["haproxy", "-db", "-f", str(work / f"haproxy-client-{path}.cfg")],
-                                      f"haproxy-client-{path}.log"))
-    time.sleep(0.5)
-    return offsets, [p.pid for p in processes]
-
-
-def targets(lab, mode: str, path: str, offsets: dict) -> dict[str, tuple[str, int]]:
-    if mode == "haproxy":
-        return {name: ("127.0.0.1", port + offsets[path]) for name, port in haproxy.LOCAL_PORTS.items()}
-    ip = lab.plan.pod(PATHS[path]).ip
-    return {name: (ip, port) for name, port in haproxy.APP_PORTS.items()}
-
-
-# --- workloads ---
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    number, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
-    return round(float(number) * _UNITS[unit], 3)
-
-
-def wrk(lab, host, port, seconds, connections, close=False) -> dict:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", f"http://{host}:{port}/"]
-    if close:
-        argv[1:1] = ["-H", "Connection: close"]
-    out = in_pod(lab, CLIENT, argv, timeout_s=seconds + 60)
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])}
-    for pct in ("50", "90", "99"):
-        match = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        result[f"p{pct}_ms"] = _ms(match[1]) if match else None
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    result["errors"] = errors[0] if errors else None
-    return result
-
-
-def h2load(lab, host, port, requests) -> dict:
-    out = in_pod(lab, CLIENT, ["h2load", "-n", str(requests), "-c", "4", "-m", "10", f"http://{host}:{port}/"])
-    finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
-    succeeded = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-    if int(succeeded[1]) != requests:
-        raise RuntimeError(f"h2load: only {succeeded[1]} of {requests} requests succeeded:\n{out[-1500:]}")
-    return {"rps": float(finished[3]), "succeeded": int(succeeded[1]), "requests": requests}
-
-
-def openloop(lab, host, port, rate, seconds) -> dict:
-    # Warmed up: this row is steady keep-alive traffic; connection set-up has its own row.
-    out = in_pod(lab, CLIENT, [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
-                               "--seconds", str(seconds), "--warmup"], timeout_s=seconds + 60)
-    return json.loads(out)
-
-
-def bulk(lab, host, port, mib, direction="upload") -> dict:
-    return json.loads(in_pod(lab, CLIENT, [sys.executable, "-m", "benchmarks.bulk", direction, host, str(port),
-                                           "--mib", str(mib)]))
-
-
-def measured(lab, mode: str, path: str, workload: str, run, extra: list[int]) -> dict:
-    """One workload's result with the CPU the mesh's processes spent on it."""
-    pids = mesh_pids(lab, extra)
-    cpu_before, wall = cpu_seconds(pids), time.monotonic()
-    result = run()
-    print(f"  {mode:8} {path:10} {workload}: {result}", flush=True)
-    return {"mode": mode, "path": path, "workload": workload, **result,
-            "mesh_cpu_s": round(cpu_seconds(mesh_pids(lab, extra)) - cpu_before, 3),
-            "wall_s": round(time.monotonic() - wall, 3)}
-
-
-def traffic(mode: str, sizes: Sizes) -> list[dict]:
-    lab_ops.down()
-    lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="none" if mode == "haproxy" else mode)
-    try:
-        start_servers(lab)
-        offsets, extra = start_haproxy_chain(lab) if mode == "haproxy" else ({}, [])
-        results = []
-        for path in PATHS:
-            t = targets(lab, mode, path, offsets)
-            runs = {
-                "http1 keep-alive (wrk, 16 conns)": lambda: wrk(lab, *t["http"], sizes.seconds, 16),
-                f"http1 open-loop {sizes.rate}/s": lambda: openloop(lab, *t["http"], sizes.rate, sizes.seconds),
-                "http2 (h2load, 4 conns x 10 streams)": lambda: h2load(lab, *t["h2"], sizes.h2_requests),
-                "http1 new connection per request (wrk)": lambda: wrk(lab, *t["http"], sizes.seconds, 8, close=True),
-                f"opaque tcp bulk {sizes.mib} MiB": lambda: bulk(lab, *t["bulk"], sizes.mib),
-                f"opaque tcp download {sizes.mib} MiB": lambda: bulk(lab, *t["download"], sizes.mib, "download"),
-            }
-            results += [measured(lab, mode, path, workload, run, extra) for workload, run in runs.items()]
-        return results
-    finally:
-        lab_ops.down()
-
-
-def fast_paths(sizes: Sizes) -> list[dict]:
-    """Opaque bulk both ways and HTTP, in node mode with each fast-path setting, beside no mesh."""
-    results = []
-    saved = lab_ops.AGENT_EXTRA_ARGS
-    try:
-        for variant, agent_args in FAST_VARIANTS.items():
-            lab_ops.down()
-            lab_ops.AGENT_EXTRA_ARGS = agent_args or []
-            lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="none" if agent_args is None else "node")
-            try:
-                start_servers(lab)
-                for path in PATHS:
-                    t = targets(lab, "node", path, {})
-                    runs = {
-                        f"opaque tcp bulk {sizes.mib} MiB": lambda: bulk(lab, *t["bulk"], sizes.mib),
-                        f"opaque tcp download {sizes.mib} MiB":
-                            lambda: bulk(lab, *t["download"], sizes.mib, "download"),
-                        "http1 keep-alive (wrk, 16 conns)": lambda: wrk(lab, *t["http"], sizes.seconds, 16),
-                        f"http1 open-loop {sizes.rate}/s":
-                            lambda: openloop(lab, *t["http"], sizes.rate, sizes.seconds),
-                    }
-                    for workload, run in runs.items():
-                        before = spliced_bytes(lab) if agent_args is not None else 0
-                        row = measured(lab, variant, path, workload, run, [])
-                        if agent_args is not None:
-                            time.sleep(0.3)  # a connection is counted once the proxy has closed its ends
-                            row["spliced_mib"] = round((spliced_bytes(lab) - before) / 2 ** 20, 1)
-                        results.append(row)
-            finally:
-                lab_ops.down()
-    finally:
-        lab_ops.AGENT_EXTRA_ARGS = saved
-    return results
-
-
-def workers(sizes: Sizes) -> list[dict]:
-    """HTTP keep-alive throughput and open-loop latency with and without worker processes;
-    each row is the median of WORKER_REPEATS runs (all runs kept in `runs`)."""
-    results = []
-    saved = lab_ops.AGENT_EXTRA_ARGS
-    try:
-        for variant, agent_args in WORKER_VARIANTS.items():
-            lab_ops.down()
-            lab_ops.AGENT_EXTRA_ARGS = agent_args
-            lab = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
-            try:
-                start_servers(lab)
-                for path in PATHS:
-                    t = targets(lab, "node", path, {})
-                    runs = {
-                        "http1 keep-alive (wrk, 16 conns)": (lambda: wrk(lab, *t["http"], sizes.seconds, 16), "rps"),
-                        "http1 keep-alive (wrk, 64 conns)": (lambda: wrk(lab, *t["http"], sizes.seconds, 64), "rps"),
-                        f"http1 open-loop {sizes.rate}/s":
-                            (lambda: openloop(lab, *t["http"], sizes.rate, sizes.seconds), "p99_ms"),
-                    }
-                    for workload, (run, key) in runs.items():
-                        rows = [measured(lab, variant, path, workload, run, []) for _ in range(WORKER_REPEATS)]
-                        rows.sort(key=lambda r: r[key])
-                        results.append({**rows[len(rows) // 2], "runs": [r[key] for r in rows]})
-            finally:
-                lab_ops.down()
-    finally:
-        lab_ops.AGENT_EXTRA_ARGS = saved
-    return results
+def traffic(sizes: Sizes, choice: Choice) -> list[dict]:
+    rows = []
+    for round_, variant in schedule(lab_variants(choice), sizes.rounds):
+        print(f"traffic, round {round_ + 1}/{sizes.rounds}: {variant.name}", flush=True)
+        rows += run_variant(variant, sizes, round_)
+    return rows
 
 
 def spliced_bytes(lab) -> int:
@@ -345,12 +184,21 @@ def spliced_bytes(lab) -> int:
 
 # --- cost ---
 
+def cost_section(sizes: Sizes, choice: Choice) -> list[dict]:
+    variants = [(mode, count) for count in sizes.pods for mode in choice.modes if mode in ("node", "sidecar")]
+    rows = []
+    for round_, (mode, count) in schedule(variants, sizes.rounds):
+        print(f"cost, round {round_ + 1}/{sizes.rounds}: {mode} with {count} pods", flush=True)
+        rows.append({**cost(mode, count), "round": round_})
+    return rows
+
+
 def cost(mode: str, pod_count: int) -> dict:
     """Memory and start-up of the mesh for one node with `pod_count` pods; time to enrol one more."""
     lab_ops.down()
     lab = lab_ops.up(nodes=1, pods_per_node=pod_count, mesh="none")
     try:
-        write_identity()
+        inlab.write_identity()
         start = time.monotonic()
         if mode == "node":
             lab_ops.start_agent(lab, lab.plan.nodes[0])
@@ -361,12 +209,12 @@ def cost(mode: str, pod_count: int) -> dict:
                 lab_ops.start_sidecar(lab, pod)
             ports = [lab_ops.sidecar_admin_port(lab, pod) for pod in meshed]
         for port in ports:
-            wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=600)
+            inlab.wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=600)
         startup = time.monotonic() - start
         time.sleep(1.0)  # settle: the loader processes have exited, pools are idle
-        rss = rss_mib(mesh_pids(lab, []))
+        rss = inlab.rss_mib(inlab.mesh_pids(lab))
         enrol_ms = enrol_time_ms(lab) if mode == "node" else None
-        return {"mode": mode, "pods": pod_count, "processes": len(mesh_pids(lab, [])), "rss_mib": rss,
+        return {"mode": mode, "pods": pod_count, "processes": len(inlab.mesh_pids(lab)), "rss_mib": rss,
                 "startup_s": round(startup, 2), "enrol_ms": enrol_ms}
     finally:
         lab_ops.down()
@@ -381,13 +229,18 @@ def enrol_time_ms(lab) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
             return any(p["pod"] == f"{pod.namespace}/{pod.name}" for p in json.load(response)["pods"])
 
+    def wait(until: bool, step_s: float) -> None:
+        deadline = time.monotonic() + ENROL_TIMEOUT_S
+        while served() != until:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{pod.name}: still {'not ' if until else ''}served after {ENROL_TIMEOUT_S} s")
+            time.sleep(step_s)
+
     lab_ops.label(pod.name, "nodeagent.io/mesh=disabled")
-    while served():
-        time.sleep(0.01)
+    wait(False, 0.01)
     start = time.monotonic()
     lab_ops.label(pod.name, "nodeagent.io/mesh=enabled")
-    while not served():
-        time.sleep(0.005)
+    wait(True, 0.005)
     return round((time.monotonic() - start) * 1000, 1)
 
 
@@ -399,49 +252,55 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+# Sections in the order they run; each is (sizes, choice) -> runs (each run a flat dict with a
+# "round"). A new section (e.g. an upgrade under load) is one entry here; report.py shows a
+# section it has no table for generically.
+SECTIONS = {
+    "traffic": traffic,
+    "cost": cost_section,
+    "noisy": noisy.section,
+    "soak": soak.section,
+    "conncost": conncost.section,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that the harness works")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--no-fast-paths", action="store_true", help="skip the kernel fast path section")
-    parser.add_argument("--no-workers", action="store_true", help="skip the worker processes section")
+    parser.add_argument("--no-fast-paths", action="store_true", help="skip the kernel fast path variants")
+    parser.add_argument("--no-workers", action="store_true", help="skip the worker processes variant")
     args = parser.parse_args()
     sizes = Sizes.of(args.smoke)
-    modes = args.modes.split(",")
+    choice = Choice(tuple(args.modes.split(",")), not args.no_fast_paths, not args.no_workers)
+    sections = args.sections.split(",")
+    if unknown := [s for s in sections if s not in SECTIONS] + [m for m in choice.modes if m not in MODES]:
+        parser.error(f"unknown section or mode: {', '.join(unknown)}")
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    results = {"machine": machine(), "smoke": args.smoke, "sizes": sizes.__dict__, "traffic": [], "cost": [],
-               "fast_paths": [], "workers": []}
+    results = {"machine": machine(), "smoke": args.smoke, "sizes": sizes.__dict__, "modes": list(choice.modes),
+               **{name: [] for name in SECTIONS}}
     started = time.monotonic()
 
     def keep() -> None:  # after each part: a run cut short still leaves what it measured
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     try:
-        for mode in modes:
-            print(f"traffic: {mode}", flush=True)
-            results["traffic"] += traffic(mode, sizes)
+        for name in sections:
+            print(f"== {name}", flush=True)
+            part = time.monotonic()
+            results[name] = SECTIONS[name](sizes, choice)
+            results.setdefault("section_s", {})[name] = round(time.monotonic() - part, 1)
             keep()
-        if "node" in modes and not args.no_fast_paths:
-            print("fast paths", flush=True)
-            results["fast_paths"] = fast_paths(sizes)
-            keep()
-        if "node" in modes and not args.no_workers:
-            print("workers", flush=True)
-            results["workers"] = workers(sizes)
-            keep()
-        for mode in [m for m in modes if m in ("node", "sidecar")]:
-            for count in sizes.pods:
-                print(f"cost: {mode} with {count} pods", flush=True)
-                results["cost"].append(cost(mode, count))
     finally:
         lab_ops.down()
     results["duration_s"] = round(time.monotonic() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    keep()
     (out / "results.md").write_text(report.markdown(results))
     report.plots(results, out)
-    print(f"results in {out}")
+    print(f"results in {out} ({results['duration_s']} s)")
 
 
 if __name__ == "__main__":

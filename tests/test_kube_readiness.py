@@ -3,7 +3,7 @@ reports a kind unwatched beyond its bound; ready again, with a log line, when it
 
 import logging
 
-from nodeagent.agent.agent import Agent
+from nodeagent.agent.agent import Agent, Lifecycle
 from nodeagent.settings import AgentSettings
 
 
@@ -21,7 +21,7 @@ def test_readiness_goes_with_the_views_freshness_and_says_why(caplog):
     source = Source()
     agent = Agent(AgentSettings(node_name="node0"), source)
     assert not agent.ready  # nothing served yet
-    agent._served = True
+    agent.lifecycle = Lifecycle.SERVING
     agent._check_source()
     assert agent.ready
     source.current = ["pods: not watched for 75 s (12 failures; last: ApiError: 403: forbidden)"]

@@ -5,12 +5,15 @@ Bounded: a few requests per test; everything is removed after."""
 
 import asyncio
 import os
+import socket
 import sys
+import time
 from dataclasses import replace
 
 import pytest
 
 from benchmarks.podpair import A_IP, B_IP, NAMESPACE, PodPair, pod_object
+from nodeagent import netns
 from nodeagent.cluster.model import ClusterView
 from nodeagent.policy.authz import POLICY_ANNOTATION
 from nodeagent.settings import DEFAULT
@@ -129,3 +132,69 @@ def test_without_on_node_plaintext_same_node_http1_takes_the_mesh_hop():
         assert sample(pair, "request_total", **traffic("outbound", "pod-a", "pod/bench/pod-b", True)) == 1
         assert sample(pair, "tcp_open_total", **traffic("inbound", "pod-b", A_URI, True)) == 1
     asyncio.run(with_pair(replace(DEFAULT, on_node_plaintext=False), scenario))
+
+
+UPGRADE_PORT = 9100
+UPGRADE_REPLY = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n"
+
+
+class UpgradeEcho(asyncio.Protocol):
+    """Pod B's app: answers an Upgrade request with 101, then echoes (as a WebSocket echo would)."""
+
+    def connection_made(self, transport):
+        self.transport, self.upgraded, self.buffer = transport, False, b""
+
+    def data_received(self, data):
+        if self.upgraded:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.upgraded = True
+            self.transport.write(UPGRADE_REPLY + self.buffer.split(b"\r\n\r\n", 1)[1])
+
+
+def socket_in(pair, pod: str) -> socket.socket:
+    """A TCP socket made in `pod`'s network namespace (it stays there whatever thread uses it)."""
+    with netns.entered(netns.named_path(pair.names[0 if pod == "pod-a" else 1])):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    return sock
+
+
+async def settled(check, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def test_an_upgraded_one_hop_connection_gives_the_destinations_inbound_share_back_when_it_ends():
+    """The splice after a 101 replaces the pooled connection's protocol: the destination's inbound
+    Connection must still close with the relay (else each upgrade leaks one of B's share)."""
+    async def scenario(pair):
+        loop = asyncio.get_running_loop()
+        listener = socket_in(pair, "pod-b")
+        listener.bind((B_IP, UPGRADE_PORT))
+        listener.listen(8)
+        app = await loop.create_server(UpgradeEcho, sock=listener)
+        try:
+            _, port = pair.aim(UPGRADE_PORT)
+            for _ in range(2):
+                client = socket_in(pair, "pod-a")
+                await loop.sock_connect(client, ("127.0.0.1", port))
+                reader, writer = await asyncio.open_connection(sock=client)
+                writer.write(b"GET /chat HTTP/1.1\r\nhost: pod-b\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+                assert await asyncio.wait_for(reader.readexactly(len(UPGRADE_REPLY)), 10) == UPGRADE_REPLY
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                assert len(pair.proxy.connections.live(pair.pods["pod-b"].key)) == 1  # B's inbound, held
+                writer.close()
+                await writer.wait_closed()
+                assert await settled(lambda: pair.proxy.open_connections == 0), pair.proxy.connections.all()
+            assert sample(pair, "tcp_close_total", **traffic("inbound", "pod-b", A_URI, False)) == 2
+        finally:
+            app.close()
+    asyncio.run(with_pair(ONE_HOP, scenario))

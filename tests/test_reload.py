@@ -3,6 +3,7 @@ read without a restart, a half-updated set is not taken, and the identities are 
 from it while established connections keep working."""
 
 import asyncio
+import datetime
 import logging
 
 from nodeagent.identity.ca import Authority, write_identity_files
@@ -73,3 +74,42 @@ def test_identities_are_issued_again_from_the_new_issuer_and_established_tunnels
     client.replace_issuer(old_issuer, both)
     results, echoed = asyncio.run(exchange(after.server, client.material(CLIENT).client))
     assert results == [("identity", CLIENT.uri)] and echoed
+
+
+def test_the_first_issuer_and_the_digest_changes_are_measured_from_come_from_one_read(tmp_path):
+    anchor = Authority.new_anchor("cluster.local")
+    first, second = anchor.new_issuer("cluster.local"), anchor.new_issuer("cluster.local")
+    write_identity_files(tmp_path, anchor, first)
+    files = IssuerFiles(tmp_path, now=0)
+    # The Secret changes after that read (while the agent compiles its data path, say).
+    write_identity_files(tmp_path, anchor, second)
+    assert files.current[0].certificate == first.certificate  # what the agent starts with
+    issuer, _ = files.changed(now=CHECK_S)
+    assert issuer.certificate == second.certificate and files.current[0].certificate == second.certificate
+
+
+def test_an_issuer_that_does_not_chain_to_the_anchors_or_is_not_valid_now_is_not_taken(tmp_path, caplog):
+    old, new = Authority.new_anchor("cluster.local"), Authority.new_anchor("cluster.local")
+    write_identity_files(tmp_path, old, old.new_issuer("cluster.local"))
+    files = IssuerFiles(tmp_path, now=0)
+    ca_crt = (tmp_path / "ca.crt").read_bytes()
+    rotated = new.new_issuer("cluster.local")
+    # A torn read: the old ca.crt with the new issuer (its certificate and key agree).
+    (tmp_path / "issuer.crt").write_bytes(rotated.chain_pem())
+    (tmp_path / "issuer.key").write_bytes(rotated.key_pem())
+    with caplog.at_level(logging.ERROR):
+        assert files.changed(now=CHECK_S) is None
+        assert files.changed(now=2 * CHECK_S) is None  # said once
+    assert caplog.text.count("does not chain to any trust anchor") == 1
+    assert files.current[1] == ca_crt
+    expired = old.new_issuer("cluster.local", lifetime=datetime.timedelta(seconds=30))  # began a minute ago
+    (tmp_path / "issuer.crt").write_bytes(expired.chain_pem())
+    (tmp_path / "issuer.key").write_bytes(expired.key_pem())
+    with caplog.at_level(logging.ERROR):
+        assert files.changed(now=3 * CHECK_S) is None
+    assert "not now" in caplog.text
+    (tmp_path / "ca.crt").write_bytes(ca_crt + new.certificate_pem())  # the rest of the update
+    (tmp_path / "issuer.crt").write_bytes(rotated.chain_pem())
+    (tmp_path / "issuer.key").write_bytes(rotated.key_pem())
+    issuer, anchors = files.changed(now=4 * CHECK_S)
+    assert issuer.certificate == rotated.certificate and anchors == ca_crt + new.certificate_pem()

@@ -28,7 +28,6 @@ from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_process
 from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
 from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
-from nodeagent.identity.ca import load_issuer
 from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
@@ -69,6 +68,10 @@ class Agent:
         # Slots of a predecessor's pod entries (netns cookie -> slot), kept for the same pods: an
         # agent still serving them steers by those slots until this one has taken over.
         self.adopted_slots: dict[int, int] = {}
+        # Cookies of the entries and sk_lookup links found at start (a predecessor's): the only ones
+        # this agent ever forgets unserved, once. Entries written later are another agent's (the
+        # predecessor still runs during a handover and may enrol a pod this view lacks yet).
+        self._inherited: set[int] = set()
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
@@ -85,7 +88,8 @@ class Agent:
         if not self.config.cgroup.is_dir():
             raise AgentError(f"the pods' cgroup {self.config.cgroup} does not exist")
         try:
-            self.issuer, self.anchors = load_issuer(self.config.identity_dir)
+            # The issuer and the digest its changes are measured from: one read (reload.py).
+            self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
         except (OSError, ValueError) as e:
             raise AgentError(f"cannot load the identity issuer from {self.config.identity_dir}: {e}") from e
 
@@ -110,10 +114,10 @@ class Agent:
         self.layout = PinLayout(self.config.pin_root, self.config.pin_name)
         datapath = Datapath(self.layout)
         self.adopted_slots = datapath.enrolled_slots()
+        self._inherited = set(self.adopted_slots) | set(datapath.inbound_cookies())
         for slot in set(self.adopted_slots.values()):
             self.slots.reserve(slot)
-        self.identities = WorkloadIdentities(self.issuer, self.anchors, self.config.cert_lifetime_delta)
-        self.issuer_files = IssuerFiles(self.config.identity_dir, time.monotonic())
+        self.identities = WorkloadIdentities(*self.issuer_files.current, self.config.cert_lifetime_delta)
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
@@ -196,22 +200,27 @@ class Agent:
                     self._not_enrolled(pod, NETNS_WITHOUT_POD_IP)  # started, yet never where its IP is
                 self._waiting = True  # not started yet: try again next round
                 continue
-            slot = self.adopted_slots.pop(netns.cookie(f"/proc/self/fd/{fd}"), None)
-            if slot is None:
+            cookie = netns.cookie(f"/proc/self/fd/{fd}")
+            slot = self.adopted_slots.pop(cookie, None)
+            adopted = slot is not None
+            if not adopted:
                 slot = self.slots.take()
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
             except (OSError, naming.IdentityError) as e:
                 log.error("pod %s: cannot enrol: %s", pod.key, e)
                 os.close(fd)
-                self.slots.free(slot)
+                if adopted:
+                    self.adopted_slots[cookie] = slot  # the predecessor's entry still steers by it
+                else:
+                    self.slots.free(slot)
                 self._waiting = True
                 continue
             self.enrolled[uid] = context.cookie
             self.not_enrolled.clear(uid)
             if self.workers:
                 self.workers.add_pod(context)
-        if not self._waiting:
+        if not self._waiting and self._inherited:
             self._forget_stale_enrolments()
 
     async def drain(self, hurry: asyncio.Event) -> None:
@@ -275,16 +284,17 @@ class Agent:
             self._problems = problems
 
     def _forget_stale_enrolments(self) -> None:
-        """Entries (and sk_lookup links) left by a predecessor for pods this agent does not
-        serve. Not while a wanted pod waits for its namespace: its old entry keeps it failing
-        closed until it is served again."""
+        """Entries (and sk_lookup links) found at this agent's start for pods it does not serve,
+        once, after the first reconcile with no wanted pod waiting for its namespace (its old
+        entry keeps it failing closed until it is served again). Never an entry written after the
+        start: during a handover the predecessor may enrol a pod this agent's view lacks yet."""
         served = set(self.proxy.pods)
         datapath = self.proxy.datapath
-        for cookie in set(datapath.enrolled_cookies()) | set(datapath.inbound_cookies()):
-            if cookie not in served:
-                datapath.forget_cookie(cookie)
-                if (slot := self.adopted_slots.pop(cookie, None)) is not None:
-                    self.slots.free(slot)
+        for cookie in self._inherited - served:
+            datapath.forget_cookie(cookie)
+            if (slot := self.adopted_slots.pop(cookie, None)) is not None:
+                self.slots.free(slot)
+        self._inherited = set()
 
     def _reload_issuer(self) -> None:
         """The issuer Secret changed (trust anchors, issuer): new certificates for every identity

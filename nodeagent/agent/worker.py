@@ -84,15 +84,13 @@ class Worker:
     async def run(self) -> None:
         from nodeagent.datapath.control import Datapath
         from nodeagent.datapath.pins import PinLayout
-        from nodeagent.identity.ca import load_issuer
         from nodeagent.identity.reload import IssuerFiles
         from nodeagent.identity.workload import WorkloadIdentities
         from nodeagent.proxy.server import Proxy
 
         s = self.settings
-        issuer, anchors = load_issuer(s.identity_dir)
-        self.identities = WorkloadIdentities(issuer, anchors, s.cert_lifetime_delta)
-        issuer_files = IssuerFiles(s.identity_dir, time.monotonic())
+        issuer_files = IssuerFiles(s.identity_dir, time.monotonic())  # the issuer and its digest: one read
+        self.identities = WorkloadIdentities(*issuer_files.current, s.cert_lifetime_delta)
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
         self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False,
                            processes=s.processes(len(os.sched_getaffinity(0))))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -137,6 +138,39 @@ def issuer_from_pem(anchors: bytes, issuer_crt: bytes, issuer_key: bytes) -> tup
         raise ValueError("issuer.key is not the key of issuer.crt")
     x509.load_pem_x509_certificates(anchors)  # ValueError if the bundle holds no certificate
     return Authority(certificates[0], key, certificates[1:]), anchors
+
+
+def check_chains_to_anchors(issuer: Authority, anchors_pem: bytes, now: datetime.datetime | None = None) -> None:
+    """ValueError unless the issuer's certificate, through its intermediates, was signed by one of
+    the trust anchors and every certificate on that path is valid now: workload certificates
+    issued otherwise would fail every peer's handshake. A Secret read halfway through an update
+    (the old ca.crt with the new issuer) fails here too."""
+    now = now or _now()
+    path = [issuer.certificate, *issuer.chain]
+    for below, above in zip(path, path[1:]):
+        try:
+            below.verify_directly_issued_by(above)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise ValueError(f"issuer.crt's chain is broken at {below.subject.rfc4514_string()}: {e}") from e
+    signers = []
+    for anchor in x509.load_pem_x509_certificates(anchors_pem):
+        try:
+            path[-1].verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        signers.append(anchor)
+    if not signers:
+        raise ValueError("issuer.crt does not chain to any trust anchor in ca.crt")
+    for certificate in path:
+        _check_valid(certificate, now)
+    if not any(a.not_valid_before_utc <= now <= a.not_valid_after_utc for a in signers):
+        raise ValueError("the trust anchor that signed issuer.crt is not valid now")
+
+
+def _check_valid(certificate: x509.Certificate, now: datetime.datetime) -> None:
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise ValueError(f"{certificate.subject.rfc4514_string()} is valid from {certificate.not_valid_before_utc} "
+                         f"to {certificate.not_valid_after_utc}, not now")
 
 
 def write_identity_files(directory: Path, anchor: Authority, issuer: Authority) -> list[Path]:

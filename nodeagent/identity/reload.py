@@ -2,27 +2,34 @@
 picked up without a restart.
 
 Kubernetes updates a mounted Secret by swapping a symlink, so the three files change at once,
-but a reader can still catch one file before the swap and the next after it: a set whose key is
-not its certificate's (or that does not parse) is not taken, logged once, and read again at the
-next check; the issuer in use stays. What is taken is handed to `WorkloadIdentities`, which
-issues new certificates from it (established connections keep their TLS sessions; new
-handshakes use the new material).
+but a reader can still catch one file before the swap and the next after it. A set is taken
+only when its key is its certificate's and the issuer chains to one of its trust anchors, every
+certificate on the way valid now (a torn read, old ca.crt with a new issuer, fails that check);
+anything else is logged once and read again at the next check, and the issuer in use stays.
+What is taken is handed to `WorkloadIdentities`, which issues new certificates from it
+(established connections keep their TLS sessions; new handshakes use the new material).
 """
 
 import hashlib
 import logging
 from pathlib import Path
 
-from nodeagent.identity.ca import Authority, issuer_from_pem, read_issuer_files
+from nodeagent.identity.ca import Authority, issuer_from_pem, read_issuer_files, check_chains_to_anchors
 
 log = logging.getLogger("nodeagent.identity")
 CHECK_S = 2.0  # how often the files are read (a Secret's update reaches the node within a minute)
 
 
 class IssuerFiles:
+    """`current` is the issuer and anchors of the first read, and the changes are measured from
+    that same read: a Secret changed between a load and a later digest would be missed."""
+
     def __init__(self, directory: Path, now: float):
+        """OSError or ValueError if the files cannot be read or do not hold a usable issuer."""
         self.directory = directory
-        self._seen = self._digest(read_issuer_files(directory))
+        contents = read_issuer_files(directory)
+        self.current: tuple[Authority, bytes] = issuer_from_pem(*contents)
+        self._seen = self._digest(contents)
         self._refused: bytes | None = None
         self._next = now + CHECK_S
 
@@ -45,10 +52,12 @@ class IssuerFiles:
             return None
         try:
             issuer, anchors = issuer_from_pem(*contents)
+            check_chains_to_anchors(issuer, anchors)
         except ValueError as e:
             self._refused = digest
             log.error("the issuer files in %s changed but are not usable (%s): the current issuer stays", self.directory,
                       e)
             return None
         self._seen, self._refused = digest, None
+        self.current = issuer, anchors
         return issuer, anchors

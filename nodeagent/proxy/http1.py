@@ -441,17 +441,25 @@ class Http1Server(asyncio.Protocol):
         self.target.request_finished(endpoint, token, status)
         self._write(bytes(conn.pending))  # the 101 head and anything after it
         conn.pending.clear()
-        splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""), on_close=self._relay_closed)
+        # The splice replaces `conn` as the endpoint's protocol, so conn.connection_lost never
+        # runs: what its loss would end (a one-hop inbound Connection) is ended with the relay.
+        lost, conn.on_lost = conn.on_lost, None
+        splice(self.transport, conn.transport, a_first=bytes(self.upgrade_bytes or b""),
+               on_close=lambda client_side: self._relay_closed(client_side, conn, lost))
         self.paused.clear()
         for transport in (self.transport, conn.transport):
             if not transport.is_reading() and not transport.is_closing():
                 transport.resume_reading()
         return Outcome.CLOSE
 
-    def _relay_closed(self, client_side) -> None:
+    def _relay_closed(self, client_side, conn, lost) -> None:
         if self.stats is not None:
             self.stats.read += client_side.bytes_in
             self.stats.written += client_side.peer.bytes_in
+        if lost is not None:  # the endpoint's side closes with the client's (the relay closes both)
+            conn.sent += client_side.bytes_in
+            conn.received += client_side.peer.bytes_in
+            lost(conn)
         if self.on_close:
             self.on_close()
 

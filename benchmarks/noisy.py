@@ -1,0 +1,92 @@
+"""The noisy neighbour: does one pod's abuse of its node's proxy reach another pod?
+
+One lab in node mode (2 nodes, 10 pods each). The victim, `client-n0-0`, sends fixed-rate
+HTTP/1.1 and HTTP/2 (`openloop.py`) to nginx on the same node and on the other node; the attacker,
+`client-n0-1` on the same node, runs `attack.py` at the same time: short opaque connections at
+a fixed rate (355/s by default) to `echo-n0-0`, plus idle and slowloris connections to
+`http-n0-1`. Quiet and attacked runs alternate (quiet, attacked, quiet, attacked, ...). Each
+row: the victim's latency and success, node0's agent peak RSS during the run (against the
+DaemonSet's memory limit), and in attacked runs what the attack got.
+"""
+
+import json
+import sys
+import threading
+import time
+
+from nodeagent.lab import lab as lab_ops
+
+from benchmarks import haproxy, inlab
+from benchmarks.rounds import schedule
+
+VICTIM, ATTACKER = inlab.CLIENT, "client-n0-1"
+SHORT_TARGET, HOLD_TARGET = "echo-n0-0", "http-n0-1"
+RAMP_S = 2.0  # the held connections are open before the victim starts
+
+
+VICTIM_STREAMS = {"http1": ("http", False), "http2": ("h2", True)}  # app port name, h2c
+
+
+def _victims(lab, sizes) -> dict[tuple[str, str], dict]:
+    """HTTP/1.1 and HTTP/2 on both paths, all at once, each at the victim rate, in the victim pod."""
+    results: dict[tuple[str, str], dict] = {}
+
+    def one(path: str, proto: str) -> None:
+        ip = lab.plan.pod(inlab.PATHS[path]).ip
+        port_name, http2 = VICTIM_STREAMS[proto]
+        try:
+            results[(path, proto)] = inlab.openloop(lab, ip, haproxy.APP_PORTS[port_name], sizes.noisy_rate,
+                                                    sizes.noisy_seconds, client=VICTIM, http2=http2)
+        except Exception as e:  # a victim that failed outright is a result too
+            results[(path, proto)] = {"failed": str(e)[-300:]}
+
+    threads = [threading.Thread(target=one, args=(path, proto)) for path in inlab.PATHS for proto in VICTIM_STREAMS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _attack(lab, sizes, log: str):
+    seconds = RAMP_S + sizes.noisy_seconds + 3  # outlasts the victim's run, warm-up included
+    argv = [sys.executable, "-m", "benchmarks.attack", lab.plan.pod(SHORT_TARGET).ip, "--seconds", str(seconds),
+            "--short-port", "9000", "--short-rate", str(sizes.attack_rate),
+            "--hold-host", lab.plan.pod(HOLD_TARGET).ip, "--hold-port", "8080",
+            "--idle", str(sizes.attack_idle), "--slowloris", str(sizes.attack_slowloris)]
+    return inlab.start_in_pod(lab, ATTACKER, argv, log)
+
+
+def one_run(lab, sizes, variant: str, index: int) -> list[dict]:
+    node0 = lab.plan.nodes[0].name
+    attacker, log = None, f"attack-{index}.log"
+    if variant == "attacked":
+        attacker = _attack(lab, sizes, log)
+        time.sleep(RAMP_S)
+    with inlab.PeakRss(lambda: inlab.mesh_pids(lab, node=node0)) as peak:
+        victims = _victims(lab, sizes)
+        attack = {}
+        if attacker is not None:
+            attacker.wait(timeout=sizes.noisy_seconds + 120)
+            lines = (lab_ops.STATE_DIR / "logs" / log).read_text().strip().splitlines()
+            attack = {f"attack_{k}": v for k, v in json.loads(lines[-1]).items()} if lines else {}
+    rows = []
+    for (path, proto), result in victims.items():
+        sent = result.get("sent") or 0
+        row = {"mode": variant, "path": path, "workload": f"victim {proto} open-loop {sizes.noisy_rate:g}/s", **result,
+               "success_pct": round(100 * result.get("ok", 0) / sent, 2) if sent else 0.0,
+               "agent_rss_peak_mib": peak.peak, **attack}
+        print(f"  noisy {variant:9} {path:10} {proto} p99={row.get('p99_ms')} ok={row.get('ok')}/{sent} "
+              f"agent peak RSS={peak.peak} MiB {attack}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def section(sizes, choice) -> list[dict]:
+    if "node" not in choice.modes:
+        return []
+    rows = []
+    with inlab.serving_lab("node", pods_per_node=10) as lab:
+        for index, (round_, variant) in enumerate(schedule(("quiet", "attacked"), sizes.rounds)):
+            rows += [{**row, "round": round_} for row in one_run(lab, sizes, variant, index)]
+    return rows

@@ -1,0 +1,89 @@
+"""The soak: does anything in the agents grow with traffic served? Bounded in time.
+
+One lab in node mode (2 nodes, 5 pods each). The agents' RSS is read idle, then through
+`soak_phases` phases of `soak_seconds` of mixed traffic at constant rates, all at once:
+HTTP/1.1 keep-alive (`openloop.py`, same node), a new HTTP/1.1 connection per request and
+short opaque TCP connections (`attack.py`, cross node: each one an mTLS tunnel), and HTTP/2
+(h2load at a fixed rate, cross node). After each phase (and a short settle) the RSS again,
+then after an idle pause. A leak shows as RSS after each phase rising phase over phase; the
+first phase is the warm-up (pools, caches and allocator arenas reach their working size).
+"""
+
+import json
+import re
+import sys
+import threading
+import time
+
+from benchmarks import haproxy, inlab
+
+SETTLE_S = 2.0
+IDLE_S = 10.0
+H2_CLIENTS = 2
+
+
+def _mixed(lab, sizes) -> dict:
+    """One phase: every stream at once, each bounded by the phase's length."""
+    seconds, same, cross = sizes.soak_seconds, lab.plan.pod("http-n0-0").ip, lab.plan.pod("http-n1-0").ip
+    echo = lab.plan.pod("echo-n1-0").ip
+    out: dict[str, dict] = {}
+    streams = {
+        "http1_keepalive": lambda: inlab.openloop(lab, same, haproxy.APP_PORTS["http"], sizes.soak_rate, seconds),
+        "http1_close": lambda: _attack(lab, cross, haproxy.APP_PORTS["http"], "http", sizes.soak_short_rate, seconds),
+        "opaque_short": lambda: _attack(lab, echo, 9000, "echo", sizes.soak_short_rate, seconds),
+        "http2": lambda: _h2(lab, cross, sizes.soak_h2_rate, seconds),
+    }
+
+    def one(name, run):
+        try:
+            out[name] = run()
+        except Exception as e:  # reported in the row, the other streams go on
+            out[name] = {"failed": str(e)[-300:]}
+
+    threads = [threading.Thread(target=one, args=item) for item in streams.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    row = {}
+    for name, result in out.items():
+        row[f"{name}_ok"] = result.get("ok", 0)
+        row[f"{name}_errors"] = result.get("errors", result.get("failed", 0))  # a count, or why it failed
+    row["requests"] = sum(result.get("ok", 0) for result in out.values())
+    return row
+
+
+def _attack(lab, host, port, kind, rate, seconds) -> dict:
+    out = inlab.in_pod(lab, inlab.CLIENT, [sys.executable, "-m", "benchmarks.attack", host, "--seconds", str(seconds),
+                                           "--short-port", str(port), "--short-kind", kind, "--short-rate", str(rate)],
+                       timeout_s=seconds + 60)
+    result = json.loads(out)
+    return {"ok": result["short_ok"], "failed": result["short_failed"] + result["short_skipped"]}
+
+
+def _h2(lab, host, rate_per_client, seconds) -> dict:
+    out = inlab.in_pod(lab, inlab.CLIENT, ["h2load", "-c", str(H2_CLIENTS), "-m", "10", "--rps", str(rate_per_client),
+                                           "-D", str(int(seconds)), f"http://{host}:{haproxy.APP_PORTS['h2']}/"],
+                       timeout_s=seconds + 60)
+    match = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
+    return {"ok": int(match[2]), "failed": int(match[3])}
+
+
+def section(sizes, choice) -> list[dict]:
+    if "node" not in choice.modes:
+        return []
+    with inlab.serving_lab("node") as lab:
+        time.sleep(SETTLE_S)
+        rows = [{"mode": "soak", "workload": "idle, before", "round": 0, "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))}]
+        for phase in range(sizes.soak_phases):
+            with inlab.PeakRss(lambda: inlab.mesh_pids(lab)) as peak:
+                row = _mixed(lab, sizes)
+            time.sleep(SETTLE_S)
+            rows.append({"mode": "soak", "workload": f"phase {phase + 1}", "round": 0, **row,
+                         "rss_peak_mib": peak.peak, "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))})
+            print(f"  soak {rows[-1]}", flush=True)
+        time.sleep(IDLE_S)
+        rows.append({"mode": "soak", "workload": f"idle, {IDLE_S:g} s after", "round": 0,
+                     "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))})
+        print(f"  soak {rows[-1]}", flush=True)
+    return rows
