@@ -173,3 +173,18 @@ def test_document_round_trips_and_lists_enrolled_pods():
     assert document["peers"] == {"external": {"namespace": "", "workload": "external"}}
     assert edges.from_document(document) == edges.agent_edges([out("tcp_open_total", 1, WEB, "external", False)],
                                                               v, TD)
+
+
+def test_merge_counts_once_a_service_of_several_workloads():
+    """A canary: the client sees `svc/api` (two workloads behind it), each server its own workload;
+    the requests are the client's, counted once, and verified by the servers' identity."""
+    canary = ClusterView(
+        [pod("web-5f-aaaaa", "shop", "10.244.0.10", {"pod-template-hash": "5f", "app": "web", **MESH}, sa="web"),
+         pod("api-v1-6c-bbbbb", "shop", "10.244.1.10", {"pod-template-hash": "6c", "app": "api", **MESH}, sa="api"),
+         pod("api-v2-7d-ccccc", "shop", "10.244.1.11", {"pod-template-hash": "7d", "app": "api", **MESH}, sa="api")],
+        [service("api", "shop", "10.96.0.1", {"app": "api"})])
+    client_side = edges.agent_edges([out("request_total", 100, WEB, "svc/shop/api", True)], canary, TD)
+    server_side = edges.agent_edges([inb("request_total", 60, "shop/api-v1-6c-bbbbb", WEB_ID, True),
+                                     inb("request_total", 40, "shop/api-v2-7d-ccccc", WEB_ID, True)], canary, TD)
+    merged = edges.merge([client_side, server_side])
+    assert [(e.dst, e.seen_by, e.verified, e.requests) for e in merged] == [("svc/api", "client", True, 100)]

@@ -13,7 +13,9 @@ An agent knows two sides of its pods' traffic, both already in its metrics:
 each seen from one side; `merge` joins the reports of every agent: an edge between two meshed
 workloads is counted at the client (where requests to a Service are known) and marked
 `verified` when the server's proxy saw the same client identity; inbound edges no client side
-reported (unmeshed clients, agents not read) are kept as the server saw them.
+reported (unmeshed clients, agents not read) are kept as the server saw them. A Service of several
+workloads (a canary) is `svc/<name>` at the client and each workload at its servers: a server
+edge whose identity the client side named behind that Service is the same traffic, counted once.
 
 Counts are totals since the agents started: requests and responses (HTTP), connections opened
 and open (TCP), bytes read from and written to the client side (counted when a connection
@@ -193,9 +195,19 @@ def merge(reports: list[list[Edge]]) -> list[Edge]:
     for edge in clients:
         if edge.tls:
             client_sides[(edge.client_id, edge.dst_namespace, edge.dst)].append(edge)
+    # A Service of several workloads is `svc/<name>` at the client, its workload at the server:
+    # the client side named the identities behind it, so a server's identity there is a match.
+    by_service = defaultdict(list)
+    for edge in clients:
+        if edge.tls and edge.dst.startswith("svc/"):
+            for server_id in edge.server_id.split(","):
+                by_service[(edge.client_id, edge.dst_namespace, server_id)].append(edge)
     merged = list(clients)
     for edge in servers:
-        matches = client_sides.get((edge.client_id, edge.dst_namespace, edge.dst)) if edge.tls else None
+        matches = None
+        if edge.tls:
+            matches = (client_sides.get((edge.client_id, edge.dst_namespace, edge.dst))
+                       or by_service.get((edge.client_id, edge.dst_namespace, edge.server_id)))
         if matches:
             for match in matches:
                 match.verified = True

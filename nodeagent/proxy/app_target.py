@@ -84,7 +84,7 @@ class AppTarget:
 
     def count_error(self, status, reason) -> None:
         self.observers.metrics.http_error("inbound", self.pod, status, reason)
-        self.observers.problems.warning("http-error", "inbound %s: answered %d: %s", self.pod.key, status, reason)
+        self.observers.problems.warning(f"http-error {self.pod.key}", "inbound %s: answered %d: %s", self.pod.key, status, reason)
 
     def count_limit(self, limit: str) -> None:
         self.observers.metrics.limit_exceeded("inbound", self.pod, limit)

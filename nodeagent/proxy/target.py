@@ -224,7 +224,7 @@ class HttpTarget:
 
     def count_error(self, status, reason):
         self.observers.metrics.http_error("outbound", self.pod, status, reason)
-        self.observers.problems.warning("http-error", "outbound %s: answered %d: %s", self.pod.key, status, reason)
+        self.observers.problems.warning(f"http-error {self.pod.key}", "outbound %s: answered %d: %s", self.pod.key, status, reason)
 
     def count_limit(self, limit: str) -> None:
         self.observers.metrics.limit_exceeded("outbound", self.pod, limit)
