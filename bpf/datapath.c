@@ -261,7 +261,8 @@ int na_sockops_proxy(struct bpf_sock_ops *skops)
 }
 
 /* The proxy's end of a connection accepted on its outbound or inbound listener (both on
- * 127.0.0.1 in the pod, where no process of the pod can listen while the proxy does). */
+ * 127.0.0.1 in the pod). A root process of the pod can join the listener's SO_REUSEPORT group
+ * and accept there too: its sockets then pass for the proxy's here (its own pod's only). */
 static __always_inline int accepted_by_proxy(struct bpf_sock_ops *skops, struct na_pod *pod)
 {
     __u32 zero = 0;

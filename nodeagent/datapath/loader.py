@@ -172,13 +172,27 @@ def check_layout(layout: PinLayout) -> abi.Pins | None:
     finally:
         os.close(fd)
     pins = abi.Pins.from_buffer_copy(raw) if raw is not None and len(raw) == ctypes.sizeof(abi.Pins) else abi.Pins()
+    if pins.layout_version == 0 and raw == bytes(ctypes.sizeof(abi.Pins)) and _nothing_enrolled(layout):
+        return pins  # a first load died between bcc pinning the maps and `write_layout`: compile again
     if pins.layout_version != abi.LAYOUT_VERSION:
         raise LoadError(f"the data path pinned at {layout.node_dir} has layout {pins.layout_version}, this agent's "
                         f"is {abi.LAYOUT_VERSION}: {fix}")
     return pins
 
 
+def _nothing_enrolled(layout: PinLayout) -> bool:
+    """No pod entry and no sk_lookup link: the maps hold nothing a layout could misread."""
+    fd = libbpf.obj_get(str(layout.map("pods_by_netns")))
+    try:
+        entries = next(iter(libbpf.map_keys(fd, 8)), None)
+    finally:
+        os.close(fd)
+    links = layout.sk_lookup_links
+    return entries is None and not (links.exists() and any(links.iterdir()))
+
+
 def write_layout(layout: PinLayout, digest: int) -> None:
+    """This layout's version and the pinned programs' digest (0: unknown, compile again)."""
     fd = libbpf.obj_get(str(layout.map("layout")))
     try:
         libbpf.map_update(fd, abi.u32(0), bytes(abi.Pins(abi.LAYOUT_VERSION, 0, digest)))
@@ -217,6 +231,9 @@ def load(layout: PinLayout, cgroup: Path, mesh_port: int = DEFAULT_MESH_PORT, pr
         raise NeedsCompile(f"the programs pinned at {layout.progs} are not of this build")
     if compiled:
         module, fds, seconds = compile_and_load(layout)
+        # bcc pinned the maps (a new `layout` map holds 0): the layout now, and digest 0 until
+        # every program pin is replaced, so a load that dies halfway is never adopted as a build.
+        write_layout(layout, 0)
         for name, fd in fds.items():
             _replace_pin(fd, layout.prog(name))
     write_layout(layout, digest)

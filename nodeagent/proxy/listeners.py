@@ -2,7 +2,9 @@
 
 Every listener is in a SO_REUSEPORT group: the agent's worker processes each listen on the same
 ports (the kernel spreads the connections over the group, sk_lookup's assignment too), and at an
-upgrade the successor joins the group before the old agent leaves it.
+upgrade the successor joins the group before the old agent leaves it. The cost: a root process
+of the pod (the agent's uid) can join its own pod's group too and, with SO_ATTACH_REUSEPORT_CBPF,
+take all of its connections (README, "Upgrades"); never another pod's.
 
 Closing a listening socket resets every connection still in its accept queue (the kernel has
 completed their handshakes: the clients think they are connected), unless the namespace has
