@@ -509,3 +509,46 @@ def test_a_client_that_expects_100_continue_gets_it_and_its_body_goes_through(pr
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 200 ") == 2
     assert b"hello" in reply
     assert target.statuses == [200, 200]
+
+
+def test_bytes_an_endpoint_sends_on_an_idle_pooled_connection_end_it(proxy_to):
+    """Bytes from an endpoint on an idle pooled connection (here a head announcing 40 bytes of
+    body) answer no request: the connection is closed, not kept to parse the next response as
+    that body; the next request gets a new connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stray_sent, accepted = threading.Event(), []
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    def serve(conn, stray: bool):
+        with conn:
+            try:
+                while conn.recv(65536):
+                    conn.sendall(answer)
+                    if stray:
+                        time.sleep(0.1)  # after the response is relayed and its connection pooled
+                        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n")
+                        stray, _ = False, stray_sent.set()
+            except OSError:
+                pass  # the proxy resets the connection it no longer trusts
+
+    def accept():
+        for index in range(2):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            threading.Thread(target=serve, args=(conn, index == 0), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port, _ = proxy_to(listener.getsockname())
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for _ in range(2):
+                sock.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n\r\nok"):
+                    reply += sock.recv(65536)
+                assert reply.startswith(b"HTTP/1.1 200 ")
+                assert stray_sent.wait(5)
+                time.sleep(0.2)  # the stray head reaches the proxy while the connection is pooled
+        assert len(accepted) == 2
+    finally:
+        listener.close()

@@ -106,10 +106,12 @@ class ResponseReader(asyncio.Protocol):
         self.on_lost: Callable[["ResponseReader"], None] | None = None
         self.parser = None
         self.at_boundary = False  # the parser ended the last response: it can parse the next one
+        self.idle = False  # in a pool: no request is out, so any byte from the endpoint is unsolicited
         self._reset(None)
 
     def _reset(self, method: str | None):
         self.method = method
+        self.idle = False
         if not self.at_boundary:  # after a HEAD (whose body the parser awaits) or an interim response
             self.parser = httptools.HttpResponseParser(self)
         self.at_boundary = False
@@ -136,6 +138,9 @@ class ResponseReader(asyncio.Protocol):
 
     def data_received(self, data):
         self.received += len(data)
+        if self.idle:  # no response of ours (a stray head would be taken for the next response's)
+            self.transport.abort()
+            return
         if self.sink is not None:
             self.sink.write(data)
             if self.counter is not None:
@@ -152,6 +157,11 @@ class ResponseReader(asyncio.Protocol):
             self._fail(ConnectionError(f"malformed response: {e}"))
 
     # httptools callbacks
+    def on_message_begin(self):
+        self.at_boundary = False
+        if self.done.done():  # a message after the response we asked for: the connection is not reused
+            self.transport.abort()
+
     def on_headers_complete(self):
         self.status = self.parser.get_status_code()
         if 100 <= self.status < 200 and self.status != 101:
@@ -253,7 +263,7 @@ class Pool:
         idle = self._idle.setdefault((cookie, address), [])
         if conn.reusable() and len(idle) < POOL_MAX_IDLE:
             conn.sink = conn.counter = None
-            conn.idle_since = time.monotonic()
+            conn.idle, conn.idle_since = True, time.monotonic()
             if not conn.transport.is_reading():
                 conn.transport.resume_reading()  # paused for a slow client: idle, it must see a close
             idle.append(conn)
