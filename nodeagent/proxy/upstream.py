@@ -159,7 +159,9 @@ class ResponseReader(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self):
         self.at_boundary = False
-        if self.done.done():  # a message after the response we asked for: the connection is not reused
+        # A message after the response we asked for: the connection is not reused (a CONNECT's
+        # 2xx is followed by the tunnel's bytes, whatever they look like).
+        if self.done.done() and self.method != "CONNECT":
             self.transport.abort()
 
     def on_headers_complete(self):
