@@ -552,3 +552,32 @@ def test_bytes_an_endpoint_sends_on_an_idle_pooled_connection_end_it(proxy_to):
         assert len(accepted) == 2
     finally:
         listener.close()
+
+
+def test_a_pods_idle_pooled_connections_are_bounded_over_all_its_endpoints(monkeypatch):
+    """POOL_MAX_IDLE_PER_POD: a pod cannot keep more idle connections by spreading them over
+    endpoints (a one-hop one holds a share of its destination's); another pod keeps its own."""
+    from nodeagent.proxy import upstream
+
+    monkeypatch.setattr(upstream, "POOL_MAX_IDLE_PER_POD", 2)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(asyncio.Protocol, "127.0.0.1", 0) for _ in range(3)]
+        addresses = [server.sockets[0].getsockname() for server in servers]
+        pool = Pool()
+        try:
+            conns = [(await pool.acquire(None, 1, address, 1.0))[0] for address in addresses]
+            other, _ = await pool.acquire(None, 2, addresses[0], 1.0)
+            for address, conn in zip(addresses, conns):
+                pool.release(1, address, conn)
+            pool.release(2, addresses[0], other)
+            assert pool.size() == 3 and conns[2].transport.is_closing() and not other.transport.is_closing()
+            assert (await pool.acquire(None, 1, addresses[0], 1.0))[1]  # the kept ones are reused
+            pool.drain()
+            assert pool.size() == 0 and all(c.transport.is_closing() for c in (conns[1], other))
+        finally:
+            for server in servers:
+                server.close()
+
+    asyncio.run(scenario())

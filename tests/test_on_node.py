@@ -200,3 +200,37 @@ def test_an_upgraded_one_hop_connection_gives_the_destinations_inbound_share_bac
         finally:
             app.close()
     asyncio.run(with_pair(ONE_HOP, scenario))
+
+
+def test_a_drain_closes_pooled_one_hop_connections_idle_now_and_busy_after_their_response():
+    """A pooled one-hop connection is one of the destination's inbound connections, with no drain
+    of its own: a drain closes the idle ones at once and the busy ones after their response (else
+    the drain waits its whole deadline for them)."""
+    async def scenario(pair):
+        b = pair.pods["pod-b"].key
+        async with Client(pair) as client:
+            assert (await client.ask())[0] == "200"
+            assert len(pair.proxy.connections.live(b)) == 1  # pooled, idle
+            drain = asyncio.create_task(pair.proxy.drain())
+            assert await settled(lambda: not pair.proxy.connections.live(b), 1.0)
+            assert (await client.ask())[0] == "200"  # a new one-hop connection, not kept after it
+            assert await settled(lambda: not pair.proxy.connections.live(b), 1.0)
+            assert pair.proxy.pools.http1.size() == 0
+        await drain
+    asyncio.run(with_pair(ONE_HOP, scenario))
+
+
+def test_an_idle_pooled_one_hop_connection_ends_after_the_pool_idle_bound_without_traffic(monkeypatch):
+    from nodeagent.proxy import upstream
+
+    monkeypatch.setattr(upstream, "POOL_IDLE_S", 0.3)
+    monkeypatch.setattr(upstream, "SWEEP_S", 0.1, raising=False)  # (raising=False: fails, not errs, before the sweeper)
+
+    async def scenario(pair):
+        b = pair.pods["pod-b"].key
+        async with Client(pair) as client:
+            assert (await client.ask())[0] == "200"
+        assert len(pair.proxy.connections.live(b)) == 1  # pooled, idle, with no traffic after it
+        assert await settled(lambda: not pair.proxy.connections.live(b), 2.0)
+        assert pair.proxy.pools.http1.size() == 0
+    asyncio.run(with_pair(ONE_HOP, scenario))

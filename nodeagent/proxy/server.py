@@ -190,6 +190,8 @@ class Proxy:
         """Stop taking new connections without resetting one: HTTP connections are told to go
         (connection.py), every listener closes once its accept queue is empty (listeners.py)."""
         self.connections.drain()
+        for pools in (self.pools, self.app_pools):
+            pools.http1.drain()  # pooled connections hold no drain open (one-hop ones: the destination's inbound)
         servers = [server for pod in self.pods.values() for server in pod.servers]
         forced = await close_when_drained(servers, LISTENER_DRAIN_S)
         if forced:

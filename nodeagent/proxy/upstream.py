@@ -20,6 +20,8 @@ from nodeagent.proxy.limits import Limit
 
 POOL_IDLE_S = 90.0
 POOL_MAX_IDLE = 64  # idle connections kept per (pod, endpoint)
+POOL_MAX_IDLE_PER_POD = 256  # idle connections kept per pod, all its endpoints together
+SWEEP_S = 10.0  # idle connections are closed POOL_IDLE_S to POOL_IDLE_S + SWEEP_S after their last use
 PENDING_MAX = 64 * 1024  # response bytes read before the client's side is attached; then the endpoint waits
 # The data path's registration of this process's sockets (Datapath.register_proxy_socket),
 # set once by the process's Proxy; None: nothing to tell.
@@ -236,10 +238,23 @@ class ResponseReader(asyncio.Protocol):
 
 class Pool:
     """Idle HTTP/1 connections per (pod netns cookie, endpoint address). A key whose list
-    empties is dropped, so the pool's size is its idle connections, never its history."""
+    empties is dropped, so the pool's size is its idle connections, never its history.
+    Bounded per key (POOL_MAX_IDLE), per pod over all its endpoints (POOL_MAX_IDLE_PER_POD: a
+    one-hop connection holds a share of its destination pod's) and in time (POOL_IDLE_S, swept
+    every SWEEP_S while anything is idle, traffic or not). Draining, nothing is kept."""
 
     def __init__(self):
         self._idle: dict[tuple, list[ResponseReader]] = {}
+        self._per_pod: dict[int, int] = {}  # cookie -> its idle connections, all endpoints
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.draining = False
+
+    def _count(self, cookie: int, delta: int) -> None:
+        count = self._per_pod.get(cookie, 0) + delta
+        if count > 0:
+            self._per_pod[cookie] = count
+        else:
+            self._per_pod.pop(cookie, None)
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
                       opener: Callable[[], Awaitable[ResponseReader]] | None = None) -> tuple[ResponseReader, bool]:
@@ -251,6 +266,7 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            self._count(cookie, -1)
             if not idle:
                 del self._idle[key]
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
@@ -262,17 +278,44 @@ class Pool:
         return conn, False
 
     def release(self, cookie: int, address: tuple[str, int], conn: ResponseReader) -> None:
-        idle = self._idle.setdefault((cookie, address), [])
-        if conn.reusable() and len(idle) < POOL_MAX_IDLE:
+        key = (cookie, address)
+        if (conn.reusable() and not self.draining and len(self._idle.get(key, ())) < POOL_MAX_IDLE
+                and self._per_pod.get(cookie, 0) < POOL_MAX_IDLE_PER_POD):
             conn.sink = conn.counter = None
             conn.idle, conn.idle_since = True, time.monotonic()
             if not conn.transport.is_reading():
                 conn.transport.resume_reading()  # paused for a slow client: idle, it must see a close
-            idle.append(conn)
-        else:
-            if not idle:
-                del self._idle[(cookie, address)]
-            if conn.transport:
+            self._idle.setdefault(key, []).append(conn)
+            self._count(cookie, 1)
+            if self._sweeper is None:
+                self._sweeper = conn.loop.call_later(SWEEP_S, self._sweep)
+        elif conn.transport:
+            conn.transport.close()
+
+    def _sweep(self) -> None:
+        """Close what sat idle POOL_IDLE_S (or was lost); again in SWEEP_S while anything is idle."""
+        self._sweeper = None
+        oldest = time.monotonic() - POOL_IDLE_S
+        for key in list(self._idle):
+            kept = []
+            for conn in self._idle[key]:
+                if conn.reusable() and conn.idle_since > oldest:
+                    kept.append(conn)
+                else:
+                    conn.transport.close()
+                    self._count(key[0], -1)
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+
+    def _close_where(self, doomed: Callable[[tuple], bool]) -> None:
+        for key in [k for k in self._idle if doomed(k)]:
+            idle = self._idle.pop(key)
+            self._count(key[0], -len(idle))
+            for conn in idle:
                 conn.transport.close()
 
     def adopt(self, cookie: int, address: tuple[str, int], sock_transport: asyncio.Transport) -> None:
@@ -283,15 +326,18 @@ class Pool:
         self.release(cookie, address, conn)
 
     def forget_pod(self, cookie: int) -> None:
-        for key in [k for k in self._idle if k[0] == cookie]:
-            for conn in self._idle.pop(key):
-                conn.transport.close()
+        self._close_where(lambda key: key[0] == cookie)
 
     def forget_addresses(self, keep: set[tuple[str, int]]) -> None:
         """Close idle connections to addresses that are no longer endpoints of anything."""
-        for key in [k for k in self._idle if k[1] not in keep]:
-            for conn in self._idle.pop(key):
-                conn.transport.close()
+        self._close_where(lambda key: key[1] not in keep)
+
+    def drain(self) -> None:
+        """The proxy is stopping: idle connections are closed now, busy ones once their response is
+        done (released, not kept): none holds a drain open (a one-hop one is its destination's
+        inbound connection, which has no drain of its own)."""
+        self.draining = True
+        self._close_where(lambda key: True)
 
     def size(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
