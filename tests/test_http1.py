@@ -354,6 +354,7 @@ def test_the_head_goes_out_before_a_body_that_has_not_come(proxy_to):
         reply = b""
         while not reply.endswith(b"hello"):
             reply += sock.recv(65536)
+    server.thread.join(5)  # its result is recorded after its reply is sent
     assert reply.startswith(b"HTTP/1.1 200") and server.result == [b"hello"]
     server.close()
 
