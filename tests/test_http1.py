@@ -582,3 +582,19 @@ def test_a_pods_idle_pooled_connections_are_bounded_over_all_its_endpoints(monke
                 server.close()
 
     asyncio.run(scenario())
+
+
+def test_an_interim_response_and_the_final_one_in_one_read_count_the_final_status(proxy_to):
+    def interim_and_final_at_once(conn):
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
+        return "sent"
+
+    server = RawServer(interim_and_final_at_once)
+    port, target = proxy_to(server.address)
+    reply = raw(port, b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert b"HTTP/1.1 201 Created" in reply and reply.endswith(b"\r\n\r\nok")
+    assert target.statuses == [201]
+    server.close()

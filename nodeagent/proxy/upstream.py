@@ -178,8 +178,8 @@ class ResponseReader(asyncio.Protocol):
 
     def on_message_complete(self):
         if 100 <= self.status < 200 and self.status != 101:
-            # Pass the informational response on and wait for the final one.
-            self.parser = httptools.HttpResponseParser(self)
+            # Pass the informational response on and wait for the final one: the same parser
+            # goes on (a new one would not see the rest of this read, the final head's start).
             return
         self.at_boundary = self.status != 101
         self._complete()
