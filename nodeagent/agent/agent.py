@@ -30,7 +30,8 @@ from nodeagent.identity import naming
 from nodeagent.settings import AgentSettings
 from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
-from nodeagent.agent.reconcile import NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator, plan_changes, refusal
+from nodeagent.agent.reconcile import (ENROLMENT_FAILED, NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator,
+                                       plan_changes, refusal)
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
@@ -208,7 +209,8 @@ class Agent:
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
             except (OSError, naming.IdentityError) as e:
-                log.error("pod %s: cannot enrol: %s", pod.key, e)
+                if self.not_enrolled.note(pod.uid, pod.key, ENROLMENT_FAILED):  # retried every round: said once
+                    log.error("pod %s: cannot enrol: %s", pod.key, e)
                 os.close(fd)
                 if adopted:
                     self.adopted_slots[cookie] = slot  # the predecessor's entry still steers by it

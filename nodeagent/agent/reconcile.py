@@ -40,6 +40,7 @@ class SlotAllocator:
 
 # Why a meshed pod of the node is not enrolled: a fixed set (a metric label).
 HOST_NETWORK = "host-network"  # its namespace is the node's: listeners and sk_lookup would land there
+ENROLMENT_FAILED = "enrolment-failed"  # the proxy could not open its listeners or identity (logged with why)
 NETNS_WITHOUT_POD_IP = "netns-without-pod-ip"  # no process of its cgroup is in a namespace holding its IP (yet)
 
 

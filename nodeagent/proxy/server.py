@@ -4,6 +4,7 @@ gets its narrow, typed deps (context.py), never the Proxy itself.
 """
 
 import asyncio
+import enum
 import logging
 import os
 
@@ -34,6 +35,14 @@ from nodeagent.proxy.upstream import Pool, register_sockets_with
 from nodeagent.settings import DEFAULT, AgentSettings
 
 log = logging.getLogger("nodeagent.proxy")
+
+
+class Migration(enum.Enum):
+    """Whether pods' namespaces hand a closing listener's queue to its reuseport group."""
+
+    UNKNOWN = "not tried yet"
+    ON = "on"
+    UNAVAILABLE = "unavailable"  # /proc/sys is read-only here: tried once, said once
 # Draining, each listener accepts what is queued on it for at most this long before it closes.
 LISTENER_DRAIN_S = 2.0
 
@@ -51,6 +60,7 @@ class Proxy:
         self.metrics = Metrics()
         self.tap = TapHub()
         self.problems = ProblemLog(log)
+        self.migration = Migration.UNKNOWN  # net.ipv4.tcp_migrate_req in the pods' namespaces (add_pod)
         self.telemetry = Telemetry(settings, self.metrics, self.problems, lambda: self.directory.view)
         self.observers = Observers(self.metrics, self.tap, self.problems, self.telemetry)
         self.directory = Directory()
@@ -140,11 +150,24 @@ class Proxy:
 
     # --- pods ---
 
+    def _turn_on_migration(self, netns_path: str) -> None:
+        """A container's /proc/sys is usually read-only (containerd mounts it so unless the
+        container is privileged): then a stopping agent's listeners cannot hand on what is still
+        queued on them at their close. The handover keeps accepting until their queues are seen
+        empty, so that is a narrow window, not a reason to leave pods unmeshed."""
+        try:
+            migrate_queues(netns_path)
+            self.migration = Migration.ON
+        except OSError as e:
+            self.migration = Migration.UNAVAILABLE
+            log.warning("net.ipv4.tcp_migrate_req cannot be turned on in pods' namespaces (%s): a stopping agent "
+                        "resets connections still queued on its listeners when it closes them", e)
+
     async def add_pod(self, info: PodInfo, netns_fd: int, slot: int) -> PodContext:
         """Listeners in the pod first, then the data path steers to them."""
         path = f"/proc/self/fd/{netns_fd}"
-        if self.owns_datapath:
-            migrate_queues(path)  # an agent that stops later hands its queued connections on
+        if self.owns_datapath and self.migration is not Migration.UNAVAILABLE:
+            self._turn_on_migration(path)  # an agent that stops later hands its queued connections on
         outbound_sock = open_listener(path, OUTBOUND_PORT)
         inbound_sock = open_listener(path, INBOUND_PORT)
         mesh_sock = open_listener(path, MESH_PORT, host=info.ip)
