@@ -81,3 +81,18 @@ def test_layout_0_with_nothing_enrolled_is_loaded_again_and_with_an_entry_is_ref
     zero_layout(layout)  # now the maps hold something another layout may have written
     with pytest.raises(loader.LoadError, match="has layout 0"):
         loader.load_in_subprocess(NODE, cgroup, layout.root)
+
+
+def test_scratch_pins_of_dead_compile_checks_are_swept(tmp_path):
+    """`loader --check` pins into a scratch directory it removes in a `finally`; one killed
+    before that left its pins for good. Each names its pid now, and the next check sweeps the dead."""
+    import os
+
+    from nodeagent.datapath import loader
+
+    dead, alive, unnamed = (tmp_path / f"{loader.CHECK_PREFIX}{name}" for name in
+                            ("999999999-abc", f"{os.getpid()}-def", "e693126g"))
+    for scratch in (dead, alive, unnamed):
+        (scratch / "check" / "maps").mkdir(parents=True)
+    loader._sweep_dead_checks(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]

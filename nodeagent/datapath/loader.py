@@ -260,12 +260,27 @@ def load(layout: PinLayout, cgroup: Path, mesh_port: int = DEFAULT_MESH_PORT, pr
             "sk_lookup_links_updated": pods}
 
 
+CHECK_PREFIX = "nodeagent-check-"
+
+
+def _sweep_dead_checks(bpffs: Path) -> None:
+    """Scratch pins of checks whose process died before its `finally` (a SIGKILL): named with
+    their pid, removed once that pid is gone. Unnamed ones predate the pid in the name."""
+    import shutil
+
+    for scratch in bpffs.glob(f"{CHECK_PREFIX}*"):
+        pid = scratch.name[len(CHECK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def check_compiles() -> str:
     """Compile and load every program with its maps pinned in a scratch directory, then remove it."""
     import shutil
     import tempfile
 
-    scratch = Path(tempfile.mkdtemp(prefix="nodeagent-check-", dir=DEFAULT_ROOT.parent))
+    _sweep_dead_checks(DEFAULT_ROOT.parent)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{CHECK_PREFIX}{os.getpid()}-", dir=DEFAULT_ROOT.parent))
     try:
         layout = PinLayout(scratch, "check")
         layout.maps.mkdir(parents=True)
