@@ -180,6 +180,11 @@ def held_connection_after(lab, client: str, server: str, annotations: dict, tmp_
     when it opened, once `server`'s annotations become `annotations`."""
     marker = tmp_path / f"connected-{client}-{server}"
     marker.unlink(missing_ok=True)  # a call before this one left its own
+    # The connection must be admitted when it opens: an earlier test's policy on `server` is
+    # lifted by an annotation the agent sees a moment later, not at once.
+    probe = (f"import socket\ntry:\n    s = socket.create_connection(({lab.plan.pod(server).ip!r}, 9000), timeout=5)\n"
+             f"    s.sendall(b'p'); print(repr(s.recv(1)))\nexcept OSError as error:\n    print(error)")
+    wait_until(lambda: py_in(lab, client, probe).strip() == "b'p'", f"{server}:9000 to admit {client}")
     code = HELD.format(ip=lab.plan.pod(server).ip, port=9000, marker=str(marker))
     outcome = []
     runner = threading.Thread(target=lambda: outcome.append(py_in(lab, client, code).strip()), daemon=True)
