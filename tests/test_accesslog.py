@@ -100,3 +100,39 @@ def test_a_destination_that_cannot_be_opened_counts_its_lines(tmp_path):
     writer.record(entry())
     writer.close()
     assert sum(dropped) == 2 and writer.written == 0
+
+
+def test_a_pod_flooding_a_stuck_writer_leaves_room_for_the_others(tmp_path, monkeypatch):
+    """The writer is stuck on a full pipe while one pod floods: that pod stops at its half of
+    the queue, another pod's lines are all queued, and written once the reader reads again."""
+    monkeypatch.setattr(accesslog, "QUEUE_LINES", 400)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, True)
+    monkeypatch.setattr(accesslog, "open_destination", lambda destination: write_end)
+    dropped = []
+    writer = AccessLog("pipe", dropped.append)
+    big = b"/" + b"x" * 4000
+    read = []
+    try:
+        for _ in range(3000):  # fills the pipe: the writer's thread blocks in write
+            writer.record(entry(pod="flood-0", url=big, user_agent=b"u" * 1000))
+        for status in range(200, 250):
+            writer.record(entry(pod="quiet-0", status=status))
+        assert writer.shares.held(("default", "quiet-0")) == 50
+        assert writer.shares.held(("default", "flood-0")) <= 200
+        reader = threading.Thread(target=lambda: read.append(_read_all(read_end)))
+        reader.start()
+    finally:
+        writer.close(timeout_s=10)  # closes write_end: the reader sees the end
+    reader.join(10)
+    quiet = [json.loads(text)["status"] for text in read[0].decode().splitlines() if '"pod":"quiet-0"' in text]
+    assert quiet == list(range(200, 250))
+    assert sum(dropped) == writer.dropped and writer.dropped + writer.written == 3050
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)

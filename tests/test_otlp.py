@@ -15,6 +15,7 @@ from otel_collector import Collector, free_port
 
 RESOURCE = (("service.name", "nodeagent"), ("k8s.node.name", "node0"))
 STATIC = static_attributes([("nodeagent.direction", "outbound")])
+POD = "default/web-0"
 
 
 def record(i: int = 1, parent: bytes | None = b"\x01" * 8, error: bool = False) -> SpanRecord:
@@ -60,7 +61,7 @@ def test_spans_reach_a_real_collector_with_their_fields():
     with Collector() as collector:
         exporter = counts.exporter(collector.url)
         for i in range(1, 701):  # more than one batch
-            exporter.record(record(i, parent=None if i == 2 else b"\x01" * 8, error=i == 3))
+            exporter.record(record(i, parent=None if i == 2 else b"\x01" * 8, error=i == 3), POD)
         exporter.close(timeout_s=20)
         spans = collector.wait_for_spans(700)
     assert counts.exported == 700 and counts.dropped == 0 and counts.failures == 0
@@ -78,7 +79,7 @@ def test_a_dead_collector_costs_drops_not_waits():
     counts = Counts()
     exporter = counts.exporter(f"http://127.0.0.1:{free_port()}")  # nothing listens
     for i in range(3000):
-        exporter.record(record(i))
+        exporter.record(record(i), POD)
     exporter.close(timeout_s=10)
     assert counts.exported == 0 and counts.dropped == 3000 and counts.failures >= 1
     assert not exporter._thread.is_alive()
@@ -109,7 +110,7 @@ def test_a_collector_that_never_answers_fills_the_queue_and_drops(monkeypatch):
     exporter = counts.exporter(f"http://127.0.0.1:{server.getsockname()[1]}")
     try:
         for i in range(5000):
-            exporter.record(record(i))
+            exporter.record(record(i), POD)
         assert counts.dropped >= 5000 - 600 - otlp.BATCH_SPANS  # the queue, and at most one batch in flight
         assert counts.exported == 0
     finally:
@@ -120,3 +121,17 @@ def test_a_collector_that_never_answers_fills_the_queue_and_drops(monkeypatch):
             conn.close()
         server.close()
     assert counts.dropped == 5000 and counts.failures >= 1 and held
+
+
+def test_a_pod_flooding_a_stuck_collector_leaves_room_for_the_others(monkeypatch):
+    """Half of the queue per pod: a pod's flood drops its own spans; another pod's still queue."""
+    monkeypatch.setattr(otlp, "QUEUE_SPANS", 400)
+    counts = Counts()
+    exporter = counts.exporter(f"http://127.0.0.1:{free_port()}")  # nothing listens; the thread is slow to fail
+    exporter._thread = threading.Thread()  # not started: nothing leaves the queue during the flood
+    for i in range(2000):
+        exporter.record(record(i), "default/flood-0")
+    for i in range(50):
+        exporter.record(record(i), "default/quiet-0")
+    assert exporter.shares.held("default/flood-0") == 200 and exporter.shares.held("default/quiet-0") == 50
+    assert counts.dropped == 1800 and len(exporter.spans) == 250

@@ -12,7 +12,8 @@ head, HTTP/2 at its end); `total_ns` is the time from the request's head to that
 Bounded and off the data path: the proxy only appends a small record to a queue of at most
 QUEUE_LINES; a thread formats and writes them, a batch per write. When the queue is full (the
 disk or the reader of stderr is slower than the traffic) a line is dropped and counted
-(`access_log_dropped_total`), never waited for.
+(`access_log_dropped_total`), never waited for. A pod holds at most half of the queue
+(queue_share.py): a pod logging faster than the writer drops its own lines, not its neighbours'.
 """
 
 import collections
@@ -24,11 +25,13 @@ import time
 from json.encoder import encode_basestring
 from typing import NamedTuple
 
+from nodeagent.proxy.queue_share import QueueShares
 from nodeagent.proxy.tap import MAX_FIELD_CHARS, shown_authority, shown_path
 
 ANNOTATION = "config.nodeagent.io/access-log"
 STDERR = "stderr"
 QUEUE_LINES = 4096  # each record holds at most ~3 cut fields of MAX_FIELD_CHARS: ~1 KiB; ~4 MiB in all
+POD_SHARE = 2  # a pod may hold 1/POD_SHARE of the queue
 FLUSH_S = 0.1  # how long a line may wait in the queue
 MAX_URL_BYTES = 4 * MAX_FIELD_CHARS  # of a request target kept for the line (the query is cut later)
 ERROR_LOG_EVERY_S = 10.0  # a failing destination is logged at most this often (from the writer's thread)
@@ -142,6 +145,7 @@ class AccessLog:
         self.destination = destination
         self.on_drop = on_drop  # lines dropped: called with their number (from either thread)
         self.entries: collections.deque[Entry] = collections.deque()  # appends and pops are thread-safe
+        self.shares = QueueShares(QUEUE_LINES, QUEUE_LINES // POD_SHARE)  # bounds `entries`, per pod and in all
         self.dropped = 0
         self.written = 0
         self._fd: int | None = None
@@ -150,7 +154,7 @@ class AccessLog:
         self._error_logged_at = -ERROR_LOG_EVERY_S
 
     def record(self, entry: Entry) -> None:
-        if len(self.entries) >= QUEUE_LINES:
+        if not self.shares.admit((entry.namespace, entry.pod)):
             self.dropped += 1
             self.on_drop(1)
             return
@@ -172,12 +176,15 @@ class AccessLog:
         self._flush()
 
     def _flush(self) -> None:
-        lines = []
+        lines, pods = [], []
         entries = self.entries
         while entries:
-            lines.append(line(entries.popleft()))
+            entry = entries.popleft()
+            pods.append((entry.namespace, entry.pod))
+            lines.append(line(entry))
         if not lines:
             return
+        self.shares.taken(pods)
         if self._fd is None:  # the destination could not be opened: the lines are lost, and counted
             self.dropped += len(lines)
             self.on_drop(len(lines))

@@ -7,7 +7,9 @@ BATCH_DELAY_S), encodes them into one ExportTraceServiceRequest and posts it wit
 EXPORT_TIMEOUT_S. A slow or dead collector only keeps that thread waiting: meanwhile the queue
 fills, and further spans are dropped and counted (`trace_spans_dropped_total`), never waited
 for. A batch the collector refuses or that fails is dropped and counted too (no retry: the
-spans after it are as valuable, and the queue is the only buffer).
+spans after it are as valuable, and the queue is the only buffer). A pod holds at most half
+of the queue (queue_share.py): one pod's flood of sampled requests drops its own spans,
+not its neighbours'.
 
 Why not the OpenTelemetry SDK: its BatchSpanProcessor is bounded and drops too, but each span
 goes through the SDK's Span object (a lock, attribute validation, a context), about ten times
@@ -26,7 +28,10 @@ from urllib.parse import urlsplit
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from nodeagent.proxy.queue_share import QueueShares
+
 QUEUE_SPANS = 2048  # a record is ~0.5 KiB (ids, a name, ~12 short attributes): ~1 MiB in all
+POD_SHARE = 2  # a pod may hold 1/POD_SHARE of the queue
 BATCH_SPANS = 512
 BATCH_DELAY_S = 1.0
 EXPORT_TIMEOUT_S = 5.0
@@ -116,7 +121,8 @@ class SpanExporter:
         self.host, self.port, self.path = parse_endpoint(endpoint)
         self.resource = resource
         self.on_drop, self.on_export, self.on_failure = on_drop, on_export, on_failure  # counts, from either thread
-        self.spans: collections.deque[SpanRecord] = collections.deque()
+        self.spans: collections.deque[tuple] = collections.deque()  # (pod, SpanRecord)
+        self.shares = QueueShares(QUEUE_SPANS, QUEUE_SPANS // POD_SHARE)  # bounds `spans`, per pod and in all
         self.dropped = self.exported = self.failed_batches = 0
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -124,13 +130,14 @@ class SpanExporter:
         self._conn: http.client.HTTPConnection | None = None
         self._error_logged_at = -ERROR_LOG_EVERY_S
 
-    def record(self, span: SpanRecord) -> None:
-        spans = self.spans
-        if len(spans) >= QUEUE_SPANS:
+    def record(self, span: SpanRecord, pod) -> None:
+        """Queue a span of `pod` (its key: whose share it counts against)."""
+        if not self.shares.admit(pod):
             self.dropped += 1
             self.on_drop(1)
             return
-        spans.append(span)
+        spans = self.spans
+        spans.append((pod, span))
         if len(spans) >= BATCH_SPANS:
             self._wake.set()
         if self._thread is None:
@@ -149,10 +156,13 @@ class SpanExporter:
             self._export_batch()
 
     def _export_batch(self) -> None:
-        batch = []
+        batch, pods = [], []
         spans = self.spans
         while spans and len(batch) < BATCH_SPANS:
-            batch.append(spans.popleft())
+            pod, span = spans.popleft()
+            pods.append(pod)
+            batch.append(span)
+        self.shares.taken(pods)
         try:
             status = self._post(encode(self.resource, batch))
         except (OSError, http.client.HTTPException) as e:

@@ -181,4 +181,4 @@ class RequestLog:
             kind = KIND_SERVER
         self.tracer.exporter.record(SpanRecord(
             span.trace_id, span.span_id, span.parent_id, kind, f"{request.method} {self.route or self.destination}",
-            start_ns, end_ns, self._static or self._static_attributes(), tuple(variable), failure))
+            start_ns, end_ns, self._static or self._static_attributes(), tuple(variable), failure), self.pod.info.key)
