@@ -195,6 +195,43 @@ def soak_table(runs: list[dict]) -> str:
         lines.append(f"\nAfter the warm-up phase, the agents' RSS moved by {growth:+.1f} MiB over "
                      f"{sum(r['requests'] for r in phases[1:]):,} more requests and connections (both agents, "
                      f"with their workers).")
+    if any("memory" in r for r in runs):
+        lines.append("\n" + soak_memory_table(runs))
+    return "\n".join(lines)
+
+
+# What /debug/memory says the agents hold (summed over both agents' processes): (column, key, divisor).
+HELD = (("anonymous MiB", "process_anon_kib", 1024), ("file-backed MiB", "process_file_kib", 1024),
+        ("glibc heap MiB", "heap_heap_kib", 1024), ("in use MiB", "heap_in_use_kib", 1024),
+        ("kept free MiB", "heap_free_kib", 1024), ("mmapped MiB", "heap_mmapped_kib", 1024),
+        ("Python blocks k", "python_blocks", 1000), ("gc objects k", "gc_tracked", 1000),
+        ("HTTP/1 idle pooled", "outbound_http1_idle", 1), ("inbound app HTTP/1 idle", "inbound_app_http1_idle", 1),
+        ("HTTP/2 upstreams", "outbound_http2_connections", 1), ("TLS sessions", "tls_sessions", 1),
+        ("metric samples", "metric_samples", 1), ("connections open", "connections_open", 1))
+
+
+def soak_memory_table(runs: list[dict]) -> str:
+    """Where the RSS is: the allocator, Python's objects, the proxy's tables, per soak row; then
+    the Python types whose counts grew most after the warm-up."""
+    lines = ["| row | RSS MiB | " + " | ".join(name for name, _, _ in HELD) + " |",
+             "|---|---|" + "---|" * len(HELD)]
+    for r in runs:
+        held = r.get("memory", {})
+        lines.append(f"| {r['workload']} | {_fmt(r.get('rss_mib'))} | "
+                     + " | ".join(_fmt(held[key] / div if key in held else None, 1 if div > 1 else 0)
+                                  for _, key, div in HELD) + " |")
+    trimmed = [r["memory"] for r in runs if "trim_rss_before_kib" in r.get("memory", {})]
+    if trimmed:
+        before, after = trimmed[0]["trim_rss_before_kib"] / 1024, trimmed[0]["trim_rss_after_kib"] / 1024
+        lines.append(f"\nmalloc_trim(0) in every process took the agents' RSS from {before:.1f} to {after:.1f} MiB "
+                     f"({after - before:+.1f} MiB).")
+    phases = [r for r in runs if r["workload"].startswith("phase") and "memory" in r]
+    if len(phases) >= 2:
+        first, last = phases[0]["memory"]["types"], phases[-1]["memory"]["types"]
+        grew = sorted(((last.get(t, 0) - first.get(t, 0), t) for t in set(first) | set(last)), reverse=True)[:6]
+        lines.append("\nPython objects by type, after phase 1 -> after the last phase (the most grown among each "
+                     "process's most numerous): " + ", ".join(f"{t} {first.get(t, 0):,} -> {last.get(t, 0):,}"
+                                                               for _, t in grew) + ".")
     return "\n".join(lines)
 
 

@@ -5,8 +5,13 @@ One lab in node mode (2 nodes, 5 pods each). The agents' RSS is read idle, then 
 HTTP/1.1 keep-alive (`openloop.py`, same node), a new HTTP/1.1 connection per request and
 short opaque TCP connections (`attack.py`, cross node: each one an mTLS tunnel), and HTTP/2
 (h2load at a fixed rate, cross node). After each phase (and a short settle) the RSS again,
-then after an idle pause. A leak shows as RSS after each phase rising phase over phase; the
-first phase is the warm-up (pools, caches and allocator arenas reach their working size).
+then after an idle pause, and last after asking each process to give glibc's free memory back
+(malloc_trim, through /debug/memory?trim=1). A leak shows as RSS after each phase rising phase
+over phase; the first phase is the warm-up (pools, caches and allocator arenas reach their
+working size). With each RSS, each agent's /debug/memory (agent/memory.py): glibc's heap
+(in use, kept free), Python's objects by type, the proxy's tables (pools, connections, metric
+series, TLS sessions, ...), so the report says which of them grew. Phases and their length:
+BENCH_SOAK_PHASES, BENCH_SOAK_SECONDS.
 """
 
 import json
@@ -14,12 +19,19 @@ import re
 import sys
 import threading
 import time
+import urllib.request
+from collections import Counter
 
 from benchmarks import haproxy, inlab
 
 SETTLE_S = 2.0
 IDLE_S = 10.0
 H2_CLIENTS = 2
+MEMORY_TIMEOUT_S = 30  # a report walks every Python object of every process
+# The proxy's tables summed over the agents' processes, as the report's columns.
+TABLES = ("connections_open", "outbound_http1_idle", "inbound_app_http1_idle", "outbound_http2_connections",
+          "inbound_app_http2_connections", "tls_sessions", "metric_samples", "metric_series_per_pod",
+          "problem_buckets", "access_log_queued")
 
 
 def _mixed(lab, sizes) -> dict:
@@ -69,21 +81,49 @@ def _h2(lab, host, rate_per_client, seconds) -> dict:
     return {"ok": int(match[2]), "failed": int(match[3])}
 
 
+def memory(lab, trim: bool = False) -> dict:
+    """Both agents' /debug/memory, summed over their processes: the heap, Python's objects, the
+    tables; each process's whole report under "processes"."""
+    processes = []
+    for node in lab.plan.nodes:
+        url = f"http://127.0.0.1:{node.admin_port}/debug/memory" + ("?trim=1" if trim else "")
+        with urllib.request.urlopen(url, timeout=MEMORY_TIMEOUT_S) as response:
+            processes += json.load(response)["processes"]
+    out: Counter = Counter()
+    types: Counter = Counter()
+    for p in processes:
+        out.update({f"process_{k}": v for k, v in p["process"].items()})
+        out.update({f"heap_{k}": v for k, v in (p["allocator"] or {}).items() if k.endswith("_kib")})
+        out.update({"python_blocks": p["python"]["allocated_blocks"], "gc_tracked": p["python"]["gc_tracked"]})
+        out.update({k: v for k, v in p["tables"].items() if k in TABLES and v is not None})
+        types.update(p["python"]["types"])
+        if p.get("trim"):
+            out.update({"trim_rss_before_kib": p["trim"]["rss_before_kib"],
+                        "trim_rss_after_kib": p["trim"]["rss_after_kib"]})
+    return {**out, "types": dict(types), "processes": processes}
+
+
+def _row(lab, workload: str, trim: bool = False, **fields) -> dict:
+    held = memory(lab, trim)  # first: with trim, the RSS below is the one after it
+    row = {"mode": "soak", "workload": workload, "round": 0, **fields,
+           "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab)), "memory": held}
+    print(f"  soak {workload}: rss {row['rss_mib']} MiB, "
+          f"{ {k: v for k, v in held.items() if k not in ('types', 'processes')} }", flush=True)
+    return row
+
+
 def section(sizes, choice) -> list[dict]:
     if "node" not in choice.modes:
         return []
     with inlab.serving_lab("node") as lab:
         time.sleep(SETTLE_S)
-        rows = [{"mode": "soak", "workload": "idle, before", "round": 0, "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))}]
+        rows = [_row(lab, "idle, before")]
         for phase in range(sizes.soak_phases):
             with inlab.PeakRss(lambda: inlab.mesh_pids(lab)) as peak:
-                row = _mixed(lab, sizes)
+                mixed = _mixed(lab, sizes)
             time.sleep(SETTLE_S)
-            rows.append({"mode": "soak", "workload": f"phase {phase + 1}", "round": 0, **row,
-                         "rss_peak_mib": peak.peak, "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))})
-            print(f"  soak {rows[-1]}", flush=True)
+            rows.append(_row(lab, f"phase {phase + 1}", **mixed, rss_peak_mib=peak.peak))
         time.sleep(IDLE_S)
-        rows.append({"mode": "soak", "workload": f"idle, {IDLE_S:g} s after", "round": 0,
-                     "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab))})
-        print(f"  soak {rows[-1]}", flush=True)
+        rows.append(_row(lab, f"idle, {IDLE_S:g} s after"))
+        rows.append(_row(lab, "idle, after malloc_trim", trim=True))
     return rows

@@ -402,3 +402,21 @@ def test_a_pipelined_second_request_is_not_served_and_a_bad_one_gets_400():
     pipelined, garbage = run(scenario)
     assert pipelined.count(b"HTTP/1.1") == 1 and status_of(pipelined) == 200
     assert status_of(garbage) == 400
+
+
+def test_the_admin_listener_reports_memory_and_the_metrics_listener_does_not():
+    class Reporting(StandInAgent):
+        async def memory_report(self, trim: bool = False) -> dict:
+            return {"processes": [{"pid": 1}], "trimmed": trim}
+
+    async def scenario(port, listener, agent):
+        return await request(port, get("/debug/memory")), await request(port, get("/debug/memory?trim=1"))
+
+    plain, trimmed = run(scenario, agent=Reporting())
+    assert status_of(plain) == 200 and json.loads(plain.split(b"\r\n\r\n", 1)[1])["trimmed"] is False
+    assert json.loads(trimmed.split(b"\r\n\r\n", 1)[1])["trimmed"] is True
+
+    async def public(port, listener, agent):
+        return await request(port, get("/debug/memory"))
+
+    assert status_of(run(public, private=False, agent=Reporting())) == 404

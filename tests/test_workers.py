@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -60,6 +61,14 @@ def test_the_agent_runs_its_workers_and_reports_them(lab):
     assert len(pids) == PROCESSES and len(set(pids)) == PROCESSES
     for pid in pids:
         assert os.path.exists(f"/proc/{pid}")
+
+
+def test_debug_memory_answers_for_every_process(lab):
+    url = f"http://127.0.0.1:{lab.plan.nodes[0].admin_port}/debug/memory"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        processes = json.load(response)["processes"]
+    assert [p["pid"] for p in processes] == agent_stats(0)["workers"]
+    assert all(p["tables"]["pods"] == 5 and p["allocator"]["in_use_kib"] > 0 for p in processes)
 
 
 def test_outbound_connections_are_spread_over_the_processes(lab):
@@ -138,3 +147,4 @@ def test_workers_die_with_a_killed_agent_and_its_pods_fail_closed(lab):
     lab_ops.wait_agent_ready(node)
     assert len(agent_stats(0)["workers"]) == PROCESSES
     assert "hello from http-n1-0" in curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n1-0').ip}:8080/")
+

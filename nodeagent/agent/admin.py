@@ -1,8 +1,9 @@
 """The agent's HTTP endpoints, on two listeners.
 
 - admin (`--admin`, loopback only; 127.0.0.1:4191 by default): /live, /ready,
-  /metrics, /stats (JSON), /edges (JSON: observe/edges.py) and /tap (request metadata,
-  JSON lines).
+  /metrics, /stats (JSON), /edges (JSON: observe/edges.py), /tap (request metadata,
+  JSON lines) and /debug/memory (JSON: what each process holds, agent/memory.py;
+  `?trim=1` also returns glibc's free memory to the kernel).
 - metrics (`--metrics`, optional; the pod's or node's address, for Prometheus
   and kubelet probes): /live, /ready and /metrics, nothing else.
 
@@ -214,6 +215,9 @@ class AdminConnection(asyncio.Protocol):
         if target.path == "/tap" and self.listener.private:
             self.task = asyncio.get_running_loop().create_task(self._tap(query))
             return
+        if target.path == "/debug/memory" and self.listener.private:
+            self.task = asyncio.get_running_loop().create_task(self._answer_when_ready(self._memory(query)))
+            return
         handler = self.listener.routes.get(target.path)
         if handler is None:
             self._answer(*self._error(404, "not found\n"))
@@ -295,6 +299,10 @@ class AdminConnection(asyncio.Protocol):
                 self._finish()
         finally:
             agent.proxy.tap.unsubscribe(subscription)
+
+    async def _memory(self, query: dict) -> tuple[int, str, bytes]:
+        report = await self.listener.agent.memory_report(trim=query.get("trim") == "1")
+        return 200, "application/json", json.dumps(report, indent=1).encode()
 
     async def _next_event(self, queue: asyncio.Queue) -> dict:
         """The next event, once the client has taken what was written: while it lags, events

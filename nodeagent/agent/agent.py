@@ -22,6 +22,7 @@ import time
 from nodeagent import cgroups, netns, preflight
 from prometheus_client import CollectorRegistry
 
+from nodeagent.agent import memory
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.merge import Merged, families_of, merge
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
@@ -328,6 +329,13 @@ class Agent:
         families = merge([families_of(self.proxy.metrics.registry)] + [r[0] for r in reports])
         return families, self.proxy.open_connections + sum(r[1] for r in reports)
 
+    async def memory_report(self, trim: bool = False) -> dict:
+        """/debug/memory: what each process holds (agent/memory.py), this one first."""
+        reports = [memory.report(self.proxy, trim_heap=trim)]
+        reports += await self.workers.memory(trim) if self.workers else []
+        return {"node": self.config.node_name, "uptime_s": round(time.time() - self.started, 1),
+                "processes": reports}
+
     async def metrics_registry(self) -> CollectorRegistry:
         registry = CollectorRegistry()
         registry.register(Merged((await self._families())[0]))
@@ -360,6 +368,8 @@ class Agent:
 def run_agent(settings: AgentSettings, source) -> None:
     """Run until SIGTERM or SIGINT, then drain until the deadline or a second signal."""
     import uvloop
+
+    memory.start_tracing()  # only if NODEAGENT_TRACEMALLOC asks for it (workers inherit it)
 
     async def main():
         stop, hurry = asyncio.Event(), asyncio.Event()

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from nodeagent.agent import channel
+from nodeagent.agent import channel, memory
 from nodeagent.agent.merge import families_of
 from nodeagent.settings import AgentSettings
 
@@ -134,6 +134,8 @@ class Worker:
         elif kind == "scrape":
             self.endpoint.post(("scrape", message[1], families_of(self.proxy.metrics.registry),
                                 self.proxy.open_connections))
+        elif kind == "memory":
+            self.endpoint.post(("memory", message[1], memory.report(self.proxy, trim_heap=message[2])))
         elif kind == "tap":
             self._tap(message[1])
         elif kind == "tap-ack":
@@ -180,6 +182,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     message, _ = channel.receive(sock)
     _, index, settings = message
+    memory.start_tracing()  # only if NODEAGENT_TRACEMALLOC asks for it
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the agent decides when we stop (a drain first)

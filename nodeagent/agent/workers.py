@@ -118,11 +118,11 @@ class Workers:
 
     def _handle(self, process: _Process, message) -> None:
         kind = message[0]
-        if kind == "scrape":
-            _, scrape_id, families, open_connections = message
+        if kind in ("scrape", "memory"):
+            scrape_id, reply = message[1], message[2:]
             future, replies = self._scrapes.get(scrape_id, (None, None))
             if future is not None:
-                replies[process.index] = (families, open_connections)
+                replies[process.index] = reply
                 if len(replies) == len(self.processes) and not future.done():
                     future.set_result(None)
         elif kind == "events":
@@ -137,17 +137,25 @@ class Workers:
     async def scrape(self) -> list[tuple[list, int]]:
         """Each live worker's (metric families, open connections); a worker that does not answer
         within SCRAPE_TIMEOUT_S is left out of this scrape."""
+        return await self._gather(("scrape",))
+
+    async def memory(self, trim: bool) -> list[dict]:
+        """Each live worker's memory report (agent/memory.py), as `scrape` gathers."""
+        return [reply[0] for reply in await self._gather(("memory", trim))]
+
+    async def _gather(self, request: tuple) -> list[tuple]:
+        """Ask every worker (`request` with an id after its kind) and collect the replies."""
         if not self.processes:
             return []
         scrape_id = next(self._ids)
         future, replies = self.loop.create_future(), {}
         self._scrapes[scrape_id] = (future, replies)
-        self._broadcast(("scrape", scrape_id))
+        self._broadcast((request[0], scrape_id, *request[1:]))
         try:
             await asyncio.wait_for(asyncio.shield(future), SCRAPE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            log.warning("workers %s did not answer a scrape",
-                        sorted({p.index for p in self.processes} - set(replies)))
+            log.warning("workers %s did not answer a %s",
+                        sorted({p.index for p in self.processes} - set(replies)), request[0])
         finally:
             self._scrapes.pop(scrape_id, None)
         return list(replies.values())
