@@ -5,7 +5,7 @@ Proxy that assembles them (server.py), so what a stage reads and changes is in i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,6 +57,16 @@ class Observers:
     tap: TapHub
     problems: ProblemLog
     telemetry: Telemetry
+
+    async def guarded(self, stage: Awaitable, direction: str, pod: PodContext, clean_up: Callable[[], None]) -> None:
+        """Run one connection's stage so that a bug in it ends that connection (`clean_up`),
+        logged and counted, never the proxy. (A cancellation is not an Exception: it passes.)"""
+        try:
+            await stage
+        except Exception as e:
+            self.problems.exception(direction, e, f"{direction} connection of {pod.key}")
+            self.metrics.tcp_error(direction, pod, "proxy error")
+            clean_up()
 
 
 @dataclass(frozen=True)

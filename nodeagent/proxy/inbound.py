@@ -22,6 +22,7 @@ outside the pod, as without a mesh.
 import asyncio
 import functools
 import ssl
+from collections.abc import Awaitable
 
 from nodeagent.policy.authz import Client
 from nodeagent.ports import PROXY_PORTS
@@ -79,17 +80,12 @@ class _Inbound(asyncio.Protocol):
             if self.conn is not None:
                 self.conn.close(len(self.buffer), 0)
 
-    async def _guarded(self, stage) -> None:
-        """Never let one connection's bug take the proxy down, or pass unlogged."""
-        try:
-            await stage
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.deps.observers.problems.exception("inbound", e, f"inbound connection to {self.pod.key}")
-            self.deps.observers.metrics.tcp_error("inbound", self.pod, "proxy error")
-            self.transport.abort()
-            self.conn.close()
+    def _guarded(self, stage) -> Awaitable:
+        return self.deps.observers.guarded(stage, "inbound", self.pod, self._end_after_a_bug)
+
+    def _end_after_a_bug(self) -> None:
+        self.transport.abort()
+        self.conn.close()
 
     def _admit_connection(self, transport, phase: Phase) -> bool:
         self.transport = transport

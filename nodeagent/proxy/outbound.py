@@ -22,6 +22,7 @@ holds a connection, or the pod's share of detections, for longer.
 import asyncio
 import enum
 import functools
+from collections.abc import Awaitable
 
 from nodeagent.identity import naming
 from nodeagent.proxy import mesh, on_node
@@ -147,20 +148,15 @@ class OutboundAccept(asyncio.Protocol):
             self._start_connect()
             loop.create_task(self._guarded(self._as_opaque()))
 
-    async def _guarded(self, stage) -> None:
-        """Never let one connection's bug take the proxy down, or pass unlogged."""
-        try:
-            await stage
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.deps.observers.problems.exception("outbound", e, f"outbound connection of {self.pod.key}")
-            self.deps.observers.metrics.tcp_error("outbound", self.pod, "proxy error")
-            self.transport.abort()
-            if self.early is not None and self.early.transport is not None:
-                self.early.transport.abort()
-            if not self.conn.closed:
-                self._finish(0, 0)
+    def _guarded(self, stage) -> Awaitable:
+        return self.deps.observers.guarded(stage, "outbound", self.pod, self._end_after_a_bug)
+
+    def _end_after_a_bug(self) -> None:
+        self.transport.abort()
+        if self.early is not None and self.early.transport is not None:
+            self.early.transport.abort()
+        if not self.conn.closed:
+            self._finish(0, 0)
 
     # --- the upstream, opened early or for opaque bytes ---
 
