@@ -175,3 +175,18 @@ def test_the_labs_changes_set_and_remove_keys_and_refuse_what_the_agents_would(t
     assert read_texts(tmp_path)["default-policy"] == "maybe"
     with pytest.raises(ValueError, match="KEY=VALUE"):
         lab_config.parse_changes(["log-level"])
+
+
+def test_run_refuses_to_start_on_a_bad_value_in_the_directory_naming_it(tmp_path):
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    settings_dir = tmp_path / "config"
+    lab_config.write(settings_dir, {"default-policy": "maybe"})
+    args = ["run", "--node-name", "n", "--identity-dir", str(tmp_path), "--cluster-dir", str(tmp_path),
+            "--cgroup", str(tmp_path), "--config-dir", str(settings_dir)]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 2 and "--config-dir" in done.output and "--default-policy" in done.output
+    done = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "missing")])
+    assert done.exit_code == 2 and "cannot read" in done.output
