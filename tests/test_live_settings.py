@@ -4,6 +4,7 @@ directory as the kubelet writes a mounted ConfigMap, and a proxy taking the new 
 import asyncio
 import datetime
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,3 +191,34 @@ def test_run_refuses_to_start_on_a_bad_value_in_the_directory_naming_it(tmp_path
     assert done.exit_code == 2 and "--config-dir" in done.output and "--default-policy" in done.output
     done = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "missing")])
     assert done.exit_code == 2 and "cannot read" in done.output
+
+
+def test_the_agent_applies_a_new_content_to_its_proxy_and_log_level_and_reports_the_rest(tmp_path):
+    import logging
+
+    from nodeagent.agent.agent import Agent
+    from nodeagent.identity.ca import Authority
+    from nodeagent.identity.workload import WorkloadIdentities
+    from nodeagent.proxy.server import Proxy
+
+    anchor = Authority.new_anchor("cluster.local")
+    identities = WorkloadIdentities(anchor.new_issuer("cluster.local"), anchor.certificate_pem())
+    lab_config.write(tmp_path, {})
+    reloads = SettingsReloads(tmp_path, BASE, now=time.monotonic() - CHECK_S)  # due at once
+    root = logging.getLogger()
+    level = root.level
+
+    async def main():
+        agent = Agent(reloads.initial(), None, reloads)
+        agent.proxy = Proxy(None, identities, agent.config)
+        try:
+            lab_config.write(tmp_path, {"max-connections": "9", "log-level": "error", "fast-path": "splice"})
+            agent._reload_settings()
+            assert agent.config.max_connections == 9 and agent.proxy.connections.max_connections == 9
+            assert agent.proxy.settings is agent.config and root.level == logging.ERROR
+            assert agent.config.fast_paths == 0 and set(reloads.needs_restart) == {"fast-path"}
+        finally:
+            agent.proxy.close_listeners()
+            root.setLevel(level)
+
+    asyncio.run(main())
