@@ -46,6 +46,15 @@ LIVE = {
     "trace_sampling": "traces started from now on",
 }
 POLICY_ATTRS = ("default_policy", "cluster_networks")
+UNDECLARED = "not declared live (live_settings.LIVE)"  # a new setting waits for a restart until it is
+
+
+def waits_for_restart(attr: str) -> bool:
+    return attr not in LIVE
+
+
+def why_restart(attr: str) -> str:
+    return NEEDS_RESTART.get(attr, UNDECLARED)
 
 
 @dataclass(frozen=True)
@@ -74,11 +83,11 @@ def plan(running: AgentSettings, base: AgentSettings, texts: Mapping[str, str]) 
     """What a new directory content changes in an agent running with `running` (started from the
     command line's `base`). SettingsError (nothing changes) if any key or value is bad."""
     wanted = overlay(texts, base)
-    kept = {attr: getattr(running, attr) for attr in NEEDS_RESTART}
+    kept = {o.attr: getattr(running, o.attr) for o in model.cluster_options() if waits_for_restart(o.attr)}
     effective = replace(wanted, **kept)
     applied = tuple(o.flag for o in model.cluster_options() if getattr(effective, o.attr) != getattr(running, o.attr))
-    waiting = {o.flag: NEEDS_RESTART[o.attr] for o in model.cluster_options()
-               if o.attr in NEEDS_RESTART and getattr(wanted, o.attr) != getattr(running, o.attr)}
+    waiting = {o.flag: why_restart(o.attr) for o in model.cluster_options()
+               if waits_for_restart(o.attr) and getattr(wanted, o.attr) != getattr(running, o.attr)}
     return Change(effective, wanted, applied, waiting)
 
 
@@ -102,5 +111,3 @@ def check_tables() -> None:
     if both or neither or extra:
         raise AssertionError(f"live_settings tables: both {both}, neither {neither}, not cluster settings {extra}")
 
-
-check_tables()

@@ -69,8 +69,8 @@ def secret_data(values: Values) -> dict:
 
 
 def restart_keys() -> list[str]:
-    """The ConfigMap's keys a running agent cannot take live (live_settings.NEEDS_RESTART)."""
-    return sorted(o.flag for o in settings_model.cluster_options() if o.attr in live_settings.NEEDS_RESTART)
+    """The ConfigMap's keys a running agent cannot take live (all but live_settings.LIVE)."""
+    return sorted(o.flag for o in settings_model.cluster_options() if live_settings.waits_for_restart(o.attr))
 
 
 def config_checksum(values: Values) -> str:
