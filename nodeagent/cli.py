@@ -105,6 +105,17 @@ def label(pod, change):
     click.echo(f"pod/{pod} labeled: {labels}")
 
 
+@lab.command("config")
+@click.argument("changes", nargs=-1)
+@click.option("--no-check", is_flag=True, help="Write even what the agents will refuse (to see them refuse it).")
+def config_(changes, no_check):
+    """Change the agents' cluster settings live: KEY=VALUE sets one (a `nodeagent run` flag's name),
+    KEY- removes it; none: show them. The agents apply what can change live and report what needs a restart."""
+    data = lab_ops.configure(list(changes), check=not no_check) if changes else lab_ops.config.read(lab_ops.config_dir())
+    click.echo("\n".join(f"{key}={value}" for key, value in sorted(data.items())) or "(no setting changed: the "
+               "agents run with their command line's)")
+
+
 @main.command()
 def demo():
     """Bring up a 2-node lab, run traffic of each kind, summarize, tear down."""
@@ -244,6 +255,19 @@ def run(**given):
         agent_settings = dataclasses.replace(agent_settings, cgroup=_default_pods_cgroup())
     elif not agent_settings.cgroup.is_dir():
         raise click.BadParameter(f"{agent_settings.cgroup} is not a directory", param_hint="--cgroup")
+    reloads = None
+    if agent_settings.config_dir:
+        import time
+
+        from nodeagent.agent.config_dir import ConfigDirError, SettingsReloads
+
+        try:
+            reloads = SettingsReloads(agent_settings.config_dir, agent_settings, time.monotonic())
+            agent_settings = reloads.initial()
+        except (OSError, ConfigDirError) as e:
+            raise click.BadParameter(f"cannot read {agent_settings.config_dir}: {e}", param_hint="--config-dir")
+        except settings_model.SettingsError as e:
+            raise click.BadParameter(f"in {agent_settings.config_dir}: {e}", param_hint="--config-dir") from None
     logging.basicConfig(level=agent_settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if agent_settings.cluster_dir:
@@ -258,7 +282,7 @@ def run(**given):
             raise click.ClickException(f"no Kubernetes API configuration: {e}") from e
         source = KubeSource(ApiClient(config_source), agent_settings.mesh_label)
     try:
-        run_agent(agent_settings, source)
+        run_agent(agent_settings, source, reloads)
     except AgentError as e:
         raise click.ClickException(f"agent refused to start: {e}") from e
 

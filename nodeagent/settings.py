@@ -8,8 +8,9 @@ the same keys), and the lab's agent command lines.
 
 Scopes: NODE settings differ per node or per deployment and are given on the command line;
 CLUSTER settings are the same on every node and live in the ConfigMap, keyed by the flag's name
-(`--trust-domain` <-> `trust-domain`). A value is validated where it is parsed: a bad one is an
-error naming the flag, never a silent default.
+(`--trust-domain` <-> `trust-domain`), which the agent reads from `--config-dir` and watches
+(live_settings.py: which of them change live). A value is validated where it is parsed: a bad
+one is an error naming the flag, never a silent default.
 """
 
 import datetime
@@ -269,6 +270,10 @@ OPTIONS: tuple[Option, ...] = (
     _option("pin_root", _path, DEFAULT_PIN_ROOT, Scope.NODE, "Where the data path is pinned on bpffs."),
     _option("identity_dir", _optional_path, None, Scope.NODE,
             "The issuer Secret's files: ca.crt, issuer.crt, issuer.key (see `identity init`).", _show_optional),
+    _option("config_dir", _optional_path, None, Scope.NODE,
+            "The cluster settings as a mounted ConfigMap: one file per setting, named by its flag, over the "
+            "command line's; watched, and a change is applied live (those that cannot be are reported as "
+            "needing a restart: README, Changing settings).", _show_optional),
     _option("admin", _loopback_address, DEFAULT_ADMIN, Scope.NODE,
             "Admin address, loopback only: /live, /ready, /metrics, /stats, /tap.", _print_address,
             metavar="HOST:PORT"),
@@ -347,6 +352,7 @@ class AgentSettings:
     cgroup: Path | None = None
     pin_root: Path = DEFAULT_PIN_ROOT
     identity_dir: Path | None = None
+    config_dir: Path | None = None
     admin: tuple[str, int] = DEFAULT_ADMIN
     metrics: tuple[str, int] | None = None
     sidecar_pod: str | None = None
@@ -435,11 +441,6 @@ def to_args(settings: AgentSettings, scope: Scope | None = None) -> list[str]:
 def config_map(settings: AgentSettings) -> dict[str, str]:
     """The ConfigMap's data: every CLUSTER setting, by its flag's name."""
     return {o.flag: show(settings, o) for o in OPTIONS if o.scope is Scope.CLUSTER}
-
-
-def env_name(option: Option) -> str:
-    """The DaemonSet's environment variable carrying a CLUSTER setting from the ConfigMap."""
-    return option.flag.upper().replace("-", "_")
 
 
 def cluster_options() -> tuple[Option, ...]:

@@ -12,7 +12,7 @@ import yaml
 
 from nodeagent import settings
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, PROCESS_MEMORY_BYTES, automatic_processes
-from nodeagent.deploy.render import Values, render
+from nodeagent.deploy.render import CONFIG_DIR, Values, render, restart_keys
 from nodeagent.identity.ca import Authority
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +91,18 @@ def test_the_charts_settings_are_the_settings_models_with_its_defaults():
     assert chart_values["config"] == settings.config_map(settings.DEFAULT)
 
 
-def test_every_cluster_setting_reaches_the_agents_command_line(identity):
-    daemonset = by_kind(render(values_for(identity, agent={"workers": "3"})))[("DaemonSet", "nodeagent")]
-    container = daemonset["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["valueFrom"].get("configMapKeyRef", {}).get("key") for e in container["env"]}
-    for option in settings.cluster_options():
-        assert f"--{option.flag}=$({settings.env_name(option)})" in container["args"]
-        assert env[settings.env_name(option)] == option.flag
+def test_every_cluster_setting_reaches_the_agent_through_the_mounted_config_map(identity):
+    manifests = by_kind(render(values_for(identity, agent={"workers": "3"})))
+    data = manifests[("ConfigMap", "nodeagent-config")]["data"]
+    assert set(data) == {option.flag for option in settings.cluster_options()} and data["workers"] == "3"
+    spec = manifests[("DaemonSet", "nodeagent")]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert f"--config-dir={CONFIG_DIR}" in container["args"]
+    assert not any(arg.startswith(("--workers", "--log-level")) for arg in container["args"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_DIR)
+    assert "subPath" not in mount  # a subPath mount is never updated by the kubelet
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "nodeagent-config"
 
 
 @needs_helm
@@ -173,14 +178,18 @@ def test_automatic_processes_fit_the_memory_limit():
     assert automatic_processes(8, None) == 8 and automatic_processes(8, "") == 8
 
 
-def test_a_new_configuration_or_issuer_rolls_the_agents(identity):
+def test_a_new_issuer_or_a_setting_that_needs_a_restart_rolls_the_agents_and_no_other(identity):
     def checksum(values):
         daemonset = by_kind(render(values))[("DaemonSet", "nodeagent")]
         return daemonset["spec"]["template"]["metadata"]["annotations"]["nodeagent.io/config-checksum"]
 
     base = checksum(values_for(identity))
     assert checksum(values_for(identity)) == base
-    assert checksum(values_for(identity, agent={"log-level": "debug"})) != base
+    assert checksum(values_for(identity, agent={"log-level": "debug", "pod-limits": "handshakes=3"})) == base
+    for flag in restart_keys():
+        changed = {"workers": "3", "fast-path": "splice", "mesh-label": "a=b", "trust-domain": "example.org",
+                   "access-log": "/var/log/access.log", "trace-collector": "http://127.0.0.1:4318"}[flag]
+        assert checksum(values_for(identity, agent={flag: changed})) != base, flag
     other = Authority.new_anchor("cluster.local")
     assert checksum(dataclasses.replace(values_for(identity), anchors_pem=other.certificate_pem().decode())) != base
 

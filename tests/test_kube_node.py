@@ -161,6 +161,31 @@ def test_meshed_pods_on_the_real_node_reach_a_service_through_the_agent(shop):
     assert stats["ready"] and not stats["view_problems"]
 
 
+def agent_stats(plane) -> dict:
+    return json.loads(plane.kubectl("-n", NAMESPACE, "exec", "ds/nodeagent", "--", "/opt/venv/bin/python", "-c",
+                                    "import urllib.request; print(urllib.request.urlopen("
+                                    "'http://127.0.0.1:4191/stats').read().decode())").stdout)
+
+
+def test_an_edited_config_map_is_taken_by_the_running_agent(shop):
+    """Issue 15: `kubectl edit` of the ConfigMap reaches the agent through its mounted volume (the
+    kubelet's sync: up to a minute or so); live settings apply, the others wait for a restart."""
+    plane = shop
+    (before,) = [p["metadata"]["uid"] for p in pods(plane, NAMESPACE, "app.kubernetes.io/name=nodeagent")]
+    plane.kubectl("-n", NAMESPACE, "patch", "configmap", "nodeagent-config", "--type=merge",
+                  "-p", json.dumps({"data": {"log-level": "debug", "max-connections": "500", "workers": "3"}}))
+    wait_until(lambda: agent_stats(plane)["settings"]["in_use"]["log-level"] == "debug",
+               "the agent to take the new log level", timeout_s=180, plane=plane)
+    settings = agent_stats(plane)["settings"]
+    assert settings["in_use"]["max-connections"] == "500" and set(settings["needs_restart"]) == {"workers"}
+    assert [p["metadata"]["uid"] for p in pods(plane, NAMESPACE, "app.kubernetes.io/name=nodeagent")] == [before]
+    served = logs(plane, "store", "client").count("ok hello from web")
+    wait_until(lambda: logs(plane, "store", "client").count("ok hello from web") > served,
+               "the client's next request through the mesh", timeout_s=30, plane=plane)
+    plane.kubectl("-n", NAMESPACE, "patch", "configmap", "nodeagent-config", "--type=merge",
+                  "-p", json.dumps({"data": {"log-level": "info", "max-connections": "20000", "workers": "0"}}))
+
+
 def test_a_meshed_pod_started_while_the_agent_is_down_is_held_until_it_is_back(shop, tmp_path_factory):
     plane = shop
     # The agent goes away (its DaemonSet selects no node), the node's data path stays pinned.

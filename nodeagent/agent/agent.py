@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import memory
 from nodeagent.agent.admin import serve_admin, serve_metrics
+from nodeagent.agent.config_dir import SettingsCollector, SettingsReloads
 from nodeagent.agent.merge import Merged, families_of, merge
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
 from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
@@ -58,8 +59,9 @@ class Lifecycle(enum.Enum):
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, source):
+    def __init__(self, settings: AgentSettings, source, reloads: SettingsReloads | None = None):
         self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
+        self.reloads = reloads  # --config-dir: the cluster settings, watched (config_dir.py)
         self.source = source
         self.lifecycle = Lifecycle.STARTING
         self._datapath_problem: str | None = None  # the pinned data path is gone (a cleanup ran)
@@ -124,6 +126,8 @@ class Agent:
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
         self.proxy.metrics.registry.register(NodeCollector(self))
+        if self.reloads:
+            self.proxy.metrics.registry.register(SettingsCollector(self.reloads))
         if processes > 1:
             self.workers = Workers(processes - 1, self.config, self.proxy.tap)
             self.workers.start()
@@ -150,6 +154,7 @@ class Agent:
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._reload_issuer()
+                self._reload_settings()
                 self._export_expirations()
                 if self.workers:
                     self.workers.check()
@@ -307,6 +312,20 @@ class Agent:
             count = self.identities.replace_issuer(*changed)
             log.info("the issuer or trust anchors changed: %d identities issued again", count)
 
+    def _reload_settings(self) -> None:
+        """The settings' ConfigMap changed: what can change live is applied here and in every
+        worker (a worker started later gets the new settings); the rest is reported, waiting."""
+        if self.reloads is None:
+            return
+        change = self.reloads.check(self.config, time.monotonic())
+        if change is None or not change.applied:
+            return
+        self.config = change.settings
+        logging.getLogger().setLevel(change.settings.log_level.upper())
+        self.proxy.apply_settings(change.settings)
+        if self.workers:
+            self.workers.reconfigure(change.settings)
+
     def _export_expirations(self) -> None:
         gauge = self.proxy.metrics.identity_cert_expiration_timestamp_seconds
         current = self.identities.expirations()
@@ -360,12 +379,13 @@ class Agent:
                 "tap_subscribers": len(self.proxy.tap.subscriptions) if self.proxy else 0,
                 "tap_events_dropped": self.proxy.tap.dropped if self.proxy else 0,
                 "listeners": [listener.report() for listener in self.listeners],
+                "settings": self.reloads.status(self.config) if self.reloads else None,
                 "counters": [{"name": name, "labels": labels, "value": value}
                              for _, _, _, samples in families for name, labels, value in samples
                              if not name.endswith("_created")]}
 
 
-def run_agent(settings: AgentSettings, source) -> None:
+def run_agent(settings: AgentSettings, source, reloads: SettingsReloads | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain until the deadline or a second signal."""
     import uvloop
 
@@ -376,6 +396,6 @@ def run_agent(settings: AgentSettings, source) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: (hurry if stop.is_set() else stop).set())
-        await Agent(settings, source).run(stop, hurry)
+        await Agent(settings, source, reloads).run(stop, hurry)
 
     uvloop.run(main())

@@ -108,6 +108,11 @@ class Workers:
         self.pods.pop(cookie, None)
         self._broadcast(("remove", cookie, deleted))
 
+    def reconfigure(self, settings: AgentSettings) -> None:
+        """Settings changed live (live_settings.py): every worker applies them; one started later gets them."""
+        self.settings = settings
+        self._broadcast(("reconfigure", settings))
+
     def _tap_changed(self) -> None:
         self._broadcast(("tap", bool(self.tap_hub.subscriptions)))
 

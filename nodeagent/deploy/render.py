@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from nodeagent import live_settings
 from nodeagent import settings as settings_model
 from nodeagent.admission import policy
 from nodeagent.settings import AgentSettings
@@ -35,11 +36,6 @@ class Values:
     anchors_pem: str = ""
     issuer_crt_pem: str = ""
     issuer_key_pem: str = ""
-
-
-def _cluster_options() -> list:
-    """The ConfigMap's settings in key order: the order Helm's `range` walks them."""
-    return sorted(settings_model.cluster_options(), key=lambda option: option.flag)
 
 
 # Pod Security Admission: the agent needs host PID, hostPath mounts and capabilities, which
@@ -72,11 +68,18 @@ def secret_data(values: Values) -> dict:
             "issuer.key": _b64(values.issuer_key_pem)}
 
 
+def restart_keys() -> list[str]:
+    """The ConfigMap's keys a running agent cannot take live (all but live_settings.LIVE)."""
+    return sorted(o.flag for o in settings_model.cluster_options() if live_settings.waits_for_restart(o.attr))
+
+
 def config_checksum(values: Values) -> str:
-    """Changes with the ConfigMap or the issuer Secret, so applying a new configuration rolls
-    the agents (the chart computes the same: sorted compact JSON, as Helm's toJson)."""
-    text = json.dumps({"config": config_data(values), "secret": secret_data(values)}, sort_keys=True,
-                      separators=(",", ":"))
+    """Changes with the ConfigMap's settings that need a restart, or the issuer Secret, so
+    applying such a change rolls the agents (hitlessly); the other settings are taken live from
+    the mounted ConfigMap, with no roll (the chart computes the same: sorted compact JSON, as
+    Helm's toJson)."""
+    config = {key: text for key, text in config_data(values).items() if key in restart_keys()}
+    text = json.dumps({"config": config, "secret": secret_data(values)}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -114,8 +117,7 @@ def render(values: Values) -> list[dict]:
     ]
 
 
-def _config_env(name: str, key: str) -> dict:
-    return {"name": name, "valueFrom": {"configMapKeyRef": {"name": f"{NAME}-config", "key": key}}}
+CONFIG_DIR = "/etc/nodeagent/config"  # the ConfigMap, mounted: the agent watches it (--config-dir)
 
 
 TERMINATION_MARGIN_S = 30  # beyond the drain deadline: the agent cuts what is left and exits
@@ -158,11 +160,9 @@ def daemonset(values: Values) -> dict:
                         "args": ["run", "--kube", "--node-name=$(NODE_NAME)",
                                  "--identity-dir=/var/run/nodeagent/identity",
                                  f"--admin=127.0.0.1:{values.admin_port}", f"--metrics=0.0.0.0:{values.metrics_port}",
-                                 "--pin-root=/sys/fs/bpf/nodeagent",
-                                 *(f"--{o.flag}=$({settings_model.env_name(o)})" for o in _cluster_options())],
+                                 "--pin-root=/sys/fs/bpf/nodeagent", f"--config-dir={CONFIG_DIR}"],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                            *(_config_env(settings_model.env_name(o), o.flag) for o in _cluster_options()),
                             # With --workers 0 the agent runs as many processes as this allows.
                             {"name": "NODEAGENT_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {
                                 "containerName": "agent", "resource": "limits.memory"}}},
@@ -190,6 +190,7 @@ def daemonset(values: Values) -> dict:
                             {"name": "modules", "mountPath": "/lib/modules", "readOnly": True},
                             {"name": "headers", "mountPath": "/usr/src", "readOnly": True},
                             {"name": "identity", "mountPath": "/var/run/nodeagent/identity", "readOnly": True},
+                            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                             {"name": "run", "mountPath": "/run"},
                             {"name": "tmp", "mountPath": "/tmp"},
                         ],
@@ -199,6 +200,7 @@ def daemonset(values: Values) -> dict:
                         # Kernel headers: absent on some nodes (bcc then uses /sys/kernel/kheaders).
                         host("modules", "/lib/modules"), host("headers", "/usr/src", "DirectoryOrCreate"),
                         {"name": "identity", "secret": {"secretName": f"{NAME}-identity-issuer"}},
+                        {"name": "config", "configMap": {"name": f"{NAME}-config"}},
                         {"name": "run", "emptyDir": {"medium": "Memory"}},
                         {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
                     ],

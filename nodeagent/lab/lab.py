@@ -2,6 +2,7 @@
 
 State lives in STATE_DIR (tmpfs, like the namespaces it describes):
 `lab.json` (the plan), `cluster/` (the manifests: the lab's "cluster"),
+`config/` (the agents' settings ConfigMap, as mounted: lab/config.py),
 `logs/` (each pod's workload output). Cleanup never depends on that state:
 `down` also finds the leftovers of a crashed run by the project prefix.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from nodeagent import PREFIX, cgroups, netns
 from nodeagent.datapath import cleanup as datapath_cleanup
 from nodeagent.identity import ca, naming
-from nodeagent.lab import lock, manifests, pods
+from nodeagent.lab import config, lock, manifests, pods
 from nodeagent.lab.plan import (WORKLOAD_BY_KIND, LabPlan, NodePlan, PodPlan, plan_from_dict, plan_lab,
                                 plan_to_dict)
 
@@ -180,6 +181,20 @@ def identity_dir() -> Path:
     return STATE_DIR / "identity"
 
 
+def config_dir() -> Path:
+    """The agents' cluster settings, as the kubelet mounts the ConfigMap (`lab config` changes them)."""
+    return STATE_DIR / "config"
+
+
+def configure(changes: list[str], check: bool = True) -> dict[str, str]:
+    """Change the agents' cluster settings (KEY=VALUE, KEY-); they take them live. The new content."""
+    load()
+    try:
+        return config.change(config_dir(), changes, check)
+    except ValueError as e:
+        raise LabError(str(e)) from e
+
+
 def agent_cgroup(lab: Lab, name: str) -> Path:
     """Agents and sidecars live beside the nodes' pod subtrees, never inside them."""
     return lab.cgroup_root / "agents" / name
@@ -195,8 +210,11 @@ def _start_agent_process(lab: Lab, name: str, args: list[str]) -> subprocess.Pop
     """`nodeagent run` in the background, in a cgroup beside the nodes' pod subtrees."""
     cgroup = agent_cgroup(lab, name)
     cgroup.mkdir(parents=True, exist_ok=True)
+    if not config_dir().exists():
+        config.write(config_dir(), {})  # no setting changed yet: the command line's
     argv = [sys.executable, "-m", "nodeagent", "run", "--cluster-dir", str(lab.cluster_dir), "--pin-root",
-            str(BPF_PIN_ROOT), "--identity-dir", str(identity_dir()), *args, *AGENT_EXTRA_ARGS]
+            str(BPF_PIN_ROOT), "--identity-dir", str(identity_dir()), "--config-dir", str(config_dir()), *args,
+            *AGENT_EXTRA_ARGS]
     with open(STATE_DIR / "logs" / f"agent-{name}.log", "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=lambda: cgroups.join(cgroup))

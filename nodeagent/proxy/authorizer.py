@@ -34,5 +34,10 @@ class Authorizer:
                                              client.identity or client.ip, decision.reason)
         return decision
 
+    def reconfigure(self, default_policy: authz.Mode, cluster_networks: tuple) -> None:
+        """New cluster-wide defaults (live_settings.py): each pod's policy is made again at its next decision."""
+        self.default_policy, self.cluster_networks = default_policy, cluster_networks
+        self._policies.clear()
+
     def forget(self, pod_key: str) -> None:
         self._policies.pop(pod_key, None)

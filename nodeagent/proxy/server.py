@@ -68,7 +68,8 @@ class Proxy:
                                      lambda: self.directory.view, self.observers)
         self.connections = ConnectionTable(settings.max_connections, self._refused, self._cut)
         # Each process watches its share of the agent's memory budget.
-        self.guard = MemoryGuard(settings.memory_budget // max(processes, 1), self.connections, self.observers)
+        self.processes = max(processes, 1)
+        self.guard = MemoryGuard(settings.memory_budget // self.processes, self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
         self.tls_sessions = mesh.SessionCache()
@@ -110,6 +111,25 @@ class Proxy:
             before, after = old.pods.get(pod.key), view.pods.get(pod.key)
             if before is not None and after is not None and before.annotations != after.annotations:
                 pod.quota.limits = self._limits_of(after)
+                self._reauthorize(pod)
+
+    def apply_settings(self, settings: AgentSettings) -> None:
+        """Cluster settings changed live (live_settings.LIVE): established connections keep what
+        they were admitted with; new connections, hops, certificates and traces use the new values.
+        A policy change closes the open inbound connections it refuses, as an annotation change does."""
+        old, self.settings = self.settings, settings
+        self.connections.max_connections = settings.max_connections
+        self.guard.budget = settings.memory_budget // self.processes
+        self.connector.on_node_plaintext = settings.on_node_plaintext
+        self.identities.lifetime = settings.cert_lifetime_delta
+        if self.telemetry.tracer is not None:
+            self.telemetry.tracer.rate = settings.trace_sampling
+        if settings.pod_limits != old.pod_limits:
+            for pod in self.pods.values():
+                pod.quota.limits = self._limits_of(self.view.pods.get(pod.key, pod.info))
+        if (settings.default_policy, settings.cluster_networks) != (old.default_policy, old.cluster_networks):
+            self.authorizer.reconfigure(settings.default_policy, settings.networks)
+            for pod in self.pods.values():
                 self._reauthorize(pod)
 
     def _reauthorize(self, pod: PodContext) -> None:

@@ -22,10 +22,11 @@ pod-security.kubernetes.io/warn: privileged
 {{- required "identity.issuerKeyPEM is empty: make it with `nodeagent identity init` (issuer.key)" .Values.identity.issuerKeyPEM -}}
 {{- end -}}
 
-{{/* The ConfigMap's and the Secret's data as sorted compact JSON, hashed (render.py's config_checksum). */}}
+{{/* The ConfigMap's settings a running agent cannot take live (render.py's restart_keys) and the
+Secret's data as sorted compact JSON, hashed (render.py's config_checksum). */}}
 {{- define "nodeagent.checksum" -}}
 {{- $config := dict -}}
-{{- range $key, $value := .Values.config -}}
+{{- range $key, $value := pick .Values.config "access-log" "fast-path" "mesh-label" "trace-collector" "trust-domain" "workers" -}}
 {{- $_ := set $config $key ($value | toString) -}}
 {{- end -}}
 {{- $secret := dict "ca.crt" (include "nodeagent.anchors" . | b64enc) "issuer.crt" (include "nodeagent.issuerCrt" . | b64enc) "issuer.key" (include "nodeagent.issuerKey" . | b64enc) -}}

@@ -1,0 +1,224 @@
+"""Cluster settings changed while the agent runs: the plan (pure, plain values), the watched
+directory as the kubelet writes a mounted ConfigMap, and a proxy taking the new values."""
+
+import asyncio
+import datetime
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nodeagent import live_settings, settings
+from nodeagent.agent import config_dir
+from nodeagent.lab import config as lab_config
+from nodeagent.agent.config_dir import CHECK_S, ConfigDir, ConfigDirError, SettingsReloads, read_texts
+from nodeagent.policy import authz
+from nodeagent.proxy import limits
+from nodeagent.settings import DEFAULT, SettingsError
+
+BASE = replace(DEFAULT, node_name="node-1", identity_dir=Path("/id"), cluster_dir=Path("/cluster"))
+
+
+def test_every_cluster_setting_is_live_or_waits_for_a_restart_with_a_reason():
+    live_settings.check_tables()
+    cluster = {o.attr for o in settings.cluster_options()}
+    assert set(live_settings.LIVE) | set(live_settings.NEEDS_RESTART) == cluster
+    assert all(reason for reason in {**live_settings.LIVE, **live_settings.NEEDS_RESTART}.values())
+
+
+def test_the_directory_lays_over_the_command_line_and_a_missing_key_keeps_it():
+    base = replace(BASE, log_level="warning", max_connections=10)
+    started = live_settings.overlay({"log-level": "debug\n"}, base)
+    assert started.log_level == "debug" and started.max_connections == 10
+    assert started.node_name == "node-1"  # per-node settings come from the command line only
+
+
+@pytest.mark.parametrize("texts, flag", [
+    ({"log-level": "loud"}, "log-level"),
+    ({"pod-limits": "handshakes=0"}, "pod-limits"),
+    ({"no-such-setting": "1"}, "no-such-setting"),
+    ({"node-name": "elsewhere"}, "node-name"),  # a per-node setting is not the ConfigMap's
+    ({"log-level": "debug", "max-connections": "-1"}, "max-connections"),
+])
+def test_a_bad_key_or_value_refuses_the_whole_set_naming_its_flag(texts, flag):
+    with pytest.raises(SettingsError) as raised:
+        live_settings.plan(BASE, BASE, texts)
+    assert raised.value.flag == flag and f"--{flag}" in str(raised.value)
+
+
+def test_live_settings_are_applied_and_others_wait_with_the_running_value_kept():
+    change = live_settings.plan(BASE, BASE, {"log-level": "debug", "default-policy": "deny", "workers": "3",
+                                             "pod-limits": "outbound-connections=1", "mesh-label": "a=b"})
+    assert change.applied == ("default-policy", "log-level", "pod-limits")
+    assert set(change.needs_restart) == {"mesh-label", "workers"}
+    assert change.settings.workers == BASE.workers and change.settings.mesh_label == BASE.mesh_label
+    assert change.wanted.workers == 3
+    assert change.settings.default_policy is authz.Mode.DENY
+    assert change.settings.pod_limits[limits.Limit.OUTBOUND_CONNECTIONS] == 1
+    assert change.policy_changed
+    applied, waiting = live_settings.describe(BASE, change)
+    assert applied[0].startswith("--default-policy: 'all-unauthenticated' -> 'deny', applied live")
+    assert any(line.startswith("--workers: '0' -> '3' needs a restart") for line in waiting)
+
+
+def test_the_same_content_again_changes_nothing_and_a_restart_only_value_put_back_waits_no_more():
+    once = live_settings.plan(BASE, BASE, {"workers": "3"})
+    assert once.applied == () and once.needs_restart
+    back = live_settings.plan(once.settings, BASE, {})
+    assert back.applied == () and back.needs_restart == {}
+
+
+def test_a_key_removed_from_the_directory_goes_back_to_the_command_lines_value():
+    base = replace(BASE, log_level="warning")
+    running = live_settings.plan(base, base, {"log-level": "debug"}).settings
+    change = live_settings.plan(running, base, {})
+    assert change.applied == ("log-level",) and change.settings.log_level == "warning"
+    assert not change.policy_changed
+
+
+# --- the directory, as the kubelet writes a mounted ConfigMap ---
+
+def kubelet_write(directory: Path, data: dict[str, str], generation: int) -> None:
+    """As the kubelet's AtomicWriter does (lab/config.py writes the lab's so)."""
+    lab_config.write(directory, data)
+    assert (directory / "..data").is_symlink() and len(list(directory.glob("..2*"))) == 1  # the old one went
+
+
+def test_a_generation_is_read_whole_through_the_data_link(tmp_path):
+    kubelet_write(tmp_path, {"log-level": "debug", "workers": "2"}, 1)
+    assert read_texts(tmp_path) == {"log-level": "debug", "workers": "2"}
+    kubelet_write(tmp_path, {"log-level": "info"}, 2)
+    assert read_texts(tmp_path) == {"log-level": "info"}
+
+
+def test_a_plain_directory_is_read_as_it_is_and_hidden_entries_are_not_settings(tmp_path):
+    (tmp_path / "log-level").write_text("debug")
+    (tmp_path / ".hidden").write_text("x")
+    assert read_texts(tmp_path) == {"log-level": "debug"}
+
+
+def test_a_content_no_settings_configmap_could_hold_is_refused(tmp_path):
+    (tmp_path / "log-level").write_bytes(b"x" * (config_dir.MAX_VALUE_BYTES + 1))
+    with pytest.raises(ConfigDirError, match="longer than"):
+        read_texts(tmp_path)
+    (tmp_path / "log-level").write_bytes(b"\xff")
+    with pytest.raises(ConfigDirError, match="UTF-8"):
+        read_texts(tmp_path)
+
+
+def test_each_new_content_is_given_once_and_only_after_the_check_interval(tmp_path):
+    kubelet_write(tmp_path, {"log-level": "info"}, 1)
+    watched = ConfigDir(tmp_path, now=0.0)
+    assert watched.texts == {"log-level": "info"}
+    kubelet_write(tmp_path, {"log-level": "debug"}, 2)
+    assert watched.changed(CHECK_S / 2) is None  # not yet looked at
+    assert watched.changed(CHECK_S) == {"log-level": "debug"}
+    assert watched.changed(2 * CHECK_S) is None
+
+
+def test_reloads_keep_the_settings_in_use_on_a_bad_value_and_say_why_once(tmp_path, caplog):
+    kubelet_write(tmp_path, {"log-level": "info"}, 1)
+    reloads = SettingsReloads(tmp_path, BASE, now=0.0)
+    running = reloads.initial()
+    kubelet_write(tmp_path, {"log-level": "info", "max-connections": "many"}, 2)
+    assert reloads.check(running, CHECK_S) is None
+    assert reloads.check(running, 2 * CHECK_S) is None
+    assert "--max-connections" in reloads.refusal and reloads.counts["refused"] == 1
+    assert sum("refused" in r.message for r in caplog.records) == 1
+    kubelet_write(tmp_path, {"log-level": "debug", "workers": "4"}, 3)
+    change = reloads.check(running, 3 * CHECK_S)
+    assert change.applied == ("log-level",) and reloads.refusal is None
+    assert reloads.needs_restart.keys() == {"workers"}
+    status = reloads.status(change.settings)
+    assert status["in_use"]["log-level"] == "debug" and status["in_use"]["workers"] == "0"
+    assert status["reloads"] == {"applied": 1, "restart": 0, "unchanged": 0, "refused": 1}
+    families = {f.name: f.samples for f in config_dir.SettingsCollector(reloads).collect()}
+    assert [(s.labels, s.value) for s in families["config_needs_restart"]] == [({"setting": "workers"}, 1)]
+
+
+def test_a_proxy_takes_the_live_values(tmp_path):
+    from nodeagent.identity.ca import Authority
+    from nodeagent.identity.workload import WorkloadIdentities
+    from nodeagent.proxy.server import Proxy
+
+    anchor = Authority.new_anchor("cluster.local")
+    identities = WorkloadIdentities(anchor.new_issuer("cluster.local"), anchor.certificate_pem())
+
+    async def main():
+        proxy = Proxy(None, identities, BASE, processes=2)
+        try:
+            change = live_settings.plan(BASE, BASE, {
+                "max-connections": "7", "memory-budget": "64Mi", "on-node-plaintext": "true", "cert-lifetime": "1h",
+                "default-policy": "all-authenticated", "cluster-networks": "10.0.0.0/8"})
+            proxy.apply_settings(change.settings)
+            assert proxy.connections.max_connections == 7
+            assert proxy.guard.budget == (64 << 20) // 2
+            assert proxy.connector.on_node_plaintext is True
+            assert identities.lifetime == datetime.timedelta(hours=1)
+            assert proxy.authorizer.default_policy is authz.Mode.ALL_AUTHENTICATED
+            assert [str(n) for n in proxy.authorizer.cluster_networks] == ["10.0.0.0/8"]
+        finally:
+            proxy.close_listeners()
+
+    asyncio.run(main())
+
+
+def test_the_labs_changes_set_and_remove_keys_and_refuse_what_the_agents_would(tmp_path):
+    assert lab_config.change(tmp_path, ["log-level=debug", "workers=2"]) == {"log-level": "debug", "workers": "2"}
+    assert lab_config.change(tmp_path, ["workers-"]) == {"log-level": "debug"}
+    assert read_texts(tmp_path) == {"log-level": "debug"} and not (tmp_path / "workers").exists()
+    with pytest.raises(ValueError, match="--default-policy"):
+        lab_config.change(tmp_path, ["default-policy=maybe"])
+    assert read_texts(tmp_path) == {"log-level": "debug"}
+    lab_config.change(tmp_path, ["default-policy=maybe"], check=False)
+    assert read_texts(tmp_path)["default-policy"] == "maybe"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        lab_config.parse_changes(["log-level"])
+
+
+def test_run_refuses_to_start_on_a_bad_value_in_the_directory_naming_it(tmp_path):
+    from click.testing import CliRunner
+
+    from nodeagent.cli import main
+
+    settings_dir = tmp_path / "config"
+    lab_config.write(settings_dir, {"default-policy": "maybe"})
+    args = ["run", "--node-name", "n", "--identity-dir", str(tmp_path), "--cluster-dir", str(tmp_path),
+            "--cgroup", str(tmp_path), "--config-dir", str(settings_dir)]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 2 and "--config-dir" in done.output and "--default-policy" in done.output
+    done = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "missing")])
+    assert done.exit_code == 2 and "cannot read" in done.output
+
+
+def test_the_agent_applies_a_new_content_to_its_proxy_and_log_level_and_reports_the_rest(tmp_path):
+    import logging
+
+    from nodeagent.agent.agent import Agent
+    from nodeagent.identity.ca import Authority
+    from nodeagent.identity.workload import WorkloadIdentities
+    from nodeagent.proxy.server import Proxy
+
+    anchor = Authority.new_anchor("cluster.local")
+    identities = WorkloadIdentities(anchor.new_issuer("cluster.local"), anchor.certificate_pem())
+    lab_config.write(tmp_path, {})
+    reloads = SettingsReloads(tmp_path, BASE, now=time.monotonic() - CHECK_S)  # due at once
+    root = logging.getLogger()
+    level = root.level
+
+    async def main():
+        agent = Agent(reloads.initial(), None, reloads)
+        agent.proxy = Proxy(None, identities, agent.config)
+        try:
+            lab_config.write(tmp_path, {"max-connections": "9", "log-level": "error", "fast-path": "splice"})
+            agent._reload_settings()
+            assert agent.config.max_connections == 9 and agent.proxy.connections.max_connections == 9
+            assert agent.proxy.settings is agent.config and root.level == logging.ERROR
+            assert agent.config.fast_paths == 0 and set(reloads.needs_restart) == {"fast-path"}
+        finally:
+            agent.proxy.close_listeners()
+            root.setLevel(level)
+
+    asyncio.run(main())
