@@ -44,7 +44,7 @@ http {{
   access_log off; client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   keepalive_requests 1000000;
-  server {{ listen {port}; location / {{ return 200 "ok\\n"; }} }}
+  server {{ listen {listen}; location / {{ return 200 "ok\\n"; }} }}
 }}
 """
 MODES = ("mesh", "one-hop", "plain")
@@ -77,7 +77,7 @@ async def one_run(requests: int, mode: str) -> dict:
     pair = await PodPair(dataclasses.replace(DEFAULT, on_node_plaintext=mode == "one-hop")).start()
     workdir = tempfile.mkdtemp(prefix="proxy-cost-")
     with open(f"{workdir}/nginx.conf", "w") as conf:
-        conf.write(NGINX.format(dir=workdir, port=NGINX_PORT))
+        conf.write(NGINX.format(dir=workdir, listen=NGINX_PORT))
     nginx = subprocess.Popen(["ip", "netns", "exec", pair.names[1], "nginx", "-c", f"{workdir}/nginx.conf",
                               "-p", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -45,20 +45,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.podpair import A_IP, B_IP, PodPair, pod_object
+from benchmarks.proxy_cost import NGINX, NGINX_PORT
 from nodeagent.cluster.model import ClusterView
 from nodeagent.proxy.accesslog import ANNOTATION
 from nodeagent.settings import parse
 
-NGINX_PORT = 8090
-NGINX = """daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off; client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  keepalive_requests 1000000;
-  server {{ listen {ip}:{port}; location / {{ return 200 "ok\\n"; }} }}
-}}
-"""
 # name: (access log on both pods, trace sampling or None for no --trace-collector)
 CONFIGS = {"off": (False, None), "on, 1% sampled": (True, 0.01), "on, 100% sampled": (True, 1.0),
            "access log only": (True, None), "tracing only, 1%": (False, 0.01), "tracing only, 100%": (False, 1.0)}
@@ -97,7 +88,7 @@ async def one_run(name: str, seconds: float, collector_url: str | None, workdir:
     nginx = None
     try:
         conf = workdir / "nginx.conf"
-        conf.write_text(NGINX.format(dir=workdir, ip=B_IP, port=NGINX_PORT))
+        conf.write_text(NGINX.format(dir=workdir, listen=f"{B_IP}:{NGINX_PORT}"))
         nginx = subprocess.Popen(["ip", "netns", "exec", pair.names[1], "nginx", "-c", str(conf)],
                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):

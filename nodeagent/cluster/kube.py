@@ -203,14 +203,7 @@ class Store:
 
     def replace(self, kind: str, items: list[dict]) -> list[str]:
         """A (re)list: the new set of objects; returns the keys that vanished (deleted meanwhile)."""
-        fresh = Delta()
-        for obj in items:
-            try:
-                key = object_key(obj)
-            except (KeyError, TypeError, AttributeError) as e:
-                fresh.error(f"{kind[:-1]} skipped: {e!r}")
-                continue
-            fresh.parse(kind, key, obj)
+        fresh = Delta().add(kind, items)
         parsed = getattr(fresh, kind)
         with self._lock:
             records, pending = self._records[kind], getattr(self._pending, kind)

@@ -179,18 +179,23 @@ class Delta:
                 self.error(f"{kind[:-1]} {key} skipped: {e!r}")
         getattr(self, kind)[key] = record
 
+    def add(self, kind: str, objects) -> "Delta":
+        """Parse `objects` of `kind` into this delta; one without a usable name is skipped, said."""
+        for obj in objects:
+            try:
+                key = object_key(obj)
+            except (KeyError, TypeError, AttributeError) as e:
+                self.error(f"{kind[:-1]} skipped: {e!r}")
+                continue
+            self.parse(kind, key, obj)
+        return self
+
     @classmethod
     def of_objects(cls, pods=(), services=(), namespaces=(), endpoint_slices=()) -> "Delta":
         delta = cls()
         for kind, objects in (("pods", pods), ("services", services), ("namespaces", namespaces),
                               ("endpointslices", endpoint_slices)):
-            for obj in objects:
-                try:
-                    key = object_key(obj)
-                except (KeyError, TypeError, AttributeError) as e:
-                    delta.error(f"{kind[:-1]} skipped: {e!r}")
-                    continue
-                delta.parse(kind, key, obj)
+            delta.add(kind, objects)
         return delta
 
 
