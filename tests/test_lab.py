@@ -155,3 +155,20 @@ def test_client_probe_reports_failures_instead_of_raising(lab):
     with netns.entered(netns.named_path(pod.netns)):
         result = client.run("http", lab.plan.pod("echo-n0-0").ip, 8080)
     assert not result["ok"] and "ConnectionRefused" in result["detail"]
+
+
+def test_an_agent_that_never_gets_ready_is_an_error_carrying_its_logs_end(tmp_path, monkeypatch):
+    """A failed `up` removes the lab and its logs: the error itself must say why the agent failed."""
+    monkeypatch.setattr(lab_ops, "AGENT_READY_TIMEOUT_S", 0.3)
+    log = tmp_path / "agent-node0.log"
+    log.write_text("x" * 5000 + "\nCgroupError: no cgroup2 mount found\n")
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(lab_ops.LabError) as raised:
+        lab_ops.wait_ready(port, "the agent of node0", log)
+    message = str(raised.value)
+    assert "the agent of node0 is not ready" in message and "CgroupError: no cgroup2 mount found" in message
+    assert len(message) < 3300  # the end of the log, not all of it
+    with pytest.raises(lab_ops.LabError, match="no log"):
+        lab_ops.wait_ready(port, "the sidecar of web-0", tmp_path / "missing.log")

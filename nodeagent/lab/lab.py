@@ -155,7 +155,7 @@ def _build(lab: Lab) -> None:
         for pod in meshed_pods(lab):
             start_sidecar(lab, pod)
         for pod in meshed_pods(lab):
-            wait_ready(sidecar_admin_port(lab, pod), f"the sidecar of {pod.name}")
+            wait_ready(sidecar_admin_port(lab, pod), f"the sidecar of {pod.name}", agent_log(f"sidecar-{pod.name}"))
 
 
 def meshed_pods(lab: Lab) -> list[PodPlan]:
@@ -215,7 +215,7 @@ def _start_agent_process(lab: Lab, name: str, args: list[str]) -> subprocess.Pop
     argv = [sys.executable, "-m", "nodeagent", "run", "--cluster-dir", str(lab.cluster_dir), "--pin-root",
             str(BPF_PIN_ROOT), "--identity-dir", str(identity_dir()), "--config-dir", str(config_dir()), *args,
             *AGENT_EXTRA_ARGS]
-    with open(STATE_DIR / "logs" / f"agent-{name}.log", "ab") as log:
+    with open(agent_log(name), "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=lambda: cgroups.join(cgroup))
 
@@ -232,16 +232,26 @@ def agent_ready(node: NodePlan) -> bool:
     return ready(node.admin_port)
 
 
-def wait_ready(admin_port: int, what: str) -> None:
+def agent_log(name: str) -> Path:
+    """The log of the agent process `name` (a node's name, or sidecar-<pod>)."""
+    return STATE_DIR / "logs" / f"agent-{name}.log"
+
+
+def wait_ready(admin_port: int, what: str, log: Path) -> None:
     deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
     while not ready(admin_port):
         if time.monotonic() > deadline:
-            raise LabError(f"{what} is not ready after {AGENT_READY_TIMEOUT_S:.0f} s (logs: {STATE_DIR / 'logs'})")
+            # The error carries the log's end: a failed `up` removes the lab, logs included.
+            try:
+                tail = log.read_text(errors="replace")[-3000:]
+            except OSError as e:
+                tail = f"(no log: {e})"
+            raise LabError(f"{what} is not ready after {AGENT_READY_TIMEOUT_S:.0f} s; the end of {log}:\n{tail}")
         time.sleep(0.1)
 
 
 def wait_agent_ready(node: NodePlan) -> None:
-    wait_ready(node.admin_port, f"the agent of {node.name}")
+    wait_ready(node.admin_port, f"the agent of {node.name}", agent_log(node.name))
 
 
 def _wait_ready(lab: Lab) -> None:
