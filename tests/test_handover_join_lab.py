@@ -59,11 +59,25 @@ def answers_as_itself(lab, name: str) -> str:
     return curl(lab, "client-n0-0", f"http://{ip}:8081/", "--http2-prior-knowledge")
 
 
-def tcp_connects(lab, name: str) -> bool:
+GREETING = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), 5) as s:
+    if sys.argv[2] == "9000":
+        s.sendall(b"ping")
+    print(s.recv(100).decode().strip())
+"""
+
+
+def tcp_answer(lab, name: str) -> str:
+    """The banner's greeting (it names its pod) or the echo of a ping: what the pod answers."""
     pod = lab.plan.pod(name)
-    port = 9000 if name.startswith("echo") else 2525
-    done = run_in(lab, "client-n0-0", ["python3", "-c", f"import socket; socket.create_connection(('{pod.ip}', {port}), 5).close()"])
-    return done.returncode == 0
+    port = "9000" if name.startswith("echo") else "2525"
+    done = run_in(lab, "client-n0-0", ["python3", "-c", GREETING, pod.ip, port])
+    return done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr.strip()[-200:]}"
+
+
+def tcp_expected(name: str) -> str:
+    return "ping" if name.startswith("echo") else f"220 {name} nodeagent-lab banner ready"
 
 
 def check_every_joining_pod(lab, rounds: int) -> list[str]:
@@ -76,7 +90,7 @@ def check_every_joining_pod(lab, rounds: int) -> list[str]:
                 answer = f"failed: {e}"
             if answer != f"hello from {name}\n":
                 wrong.append(f"{name}: {answer.strip()}")
-        wrong += [f"{name}: refused" for name in TCP if not tcp_connects(lab, name)]
+        wrong += [f"{name}: {answer}" for name in TCP if (answer := tcp_answer(lab, name)) != tcp_expected(name)]
     return wrong
 
 
