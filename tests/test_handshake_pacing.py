@@ -1,7 +1,8 @@
 """A pod's `handshake-rate` (proxy/pacing.py) through the real proxy: two pods in their own
 network namespaces and one real Proxy (benchmarks/podpair.py), real sockets and real mutual-TLS
 handshakes between pod A's outbound and pod B's inbound side. A burst of short opaque
-connections from pod A to pod B's echo server: past the rate, handshakes wait their turn (up to
+connections from pod A to pod B's echo server: past the rate (pod A's `handshake-rate` as
+client, pod B's `inbound-handshake-rate` as server), handshakes wait their turn (up to
 pacing.MAX_WAIT_S), and the rest are refused and counted, on the side whose rate it is. Needs root
 (namespaces), not the lab. Bounded: 12 connections per test, a few seconds."""
 
@@ -22,8 +23,8 @@ from nodeagent.settings import DEFAULT
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 BURST = 12
-RATE = 2  # a burst of 2 at once, then 2 turns within MAX_WAIT_S (at 0.5 and 1.0 s): 4 served of 12
-MESH = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(f"handshake-rate={RATE}"))
+RATE = 2  # a burst of 2 at once, then 1 turn within MAX_WAIT_S (at 0.5 s): 3 served of 12
+MESH = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(f"handshake-rate={RATE}"))  # pod A's
 
 # BURST connections at once from pod A, each one echo of 4 bytes; prints what happened as JSON.
 CLIENT = """
@@ -49,8 +50,17 @@ def sample(pair, name: str, **labels) -> float:
 
 
 def refused(pair, direction: str, pod: str) -> float:
-    return sample(pair, "limit_exceeded_total", direction=direction, namespace=NAMESPACE, pod=pod,
-                  limit="handshake-rate")
+    limit = "handshake-rate" if direction == "outbound" else "inbound-handshake-rate"
+    return sample(pair, "limit_exceeded_total", direction=direction, namespace=NAMESPACE, pod=pod, limit=limit)
+
+
+async def settled(pair, pod: str) -> None:
+    """Every connection of `pod` closed and given back (within a few seconds)."""
+    for _ in range(50):
+        if not pair.proxy.connections.live(pair.pods[pod].key):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{pod} still holds {pair.proxy.connections.live(pair.pods[pod].key)}")
 
 
 async def burst(pair) -> dict:
@@ -74,30 +84,29 @@ async def with_pair(settings, scenario, annotations_b: dict | None = None):
 def test_over_its_rate_a_pods_handshakes_wait_their_turn_then_are_refused_and_counted():
     async def scenario(pair):
         got = await burst(pair)
-        # 2 at once, 2 after waiting; a connection that was accepted in the burst's first
-        # milliseconds may find a little more refilled, never a whole extra second's worth.
-        assert 4 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
-        assert got["seconds"] >= MAX_WAIT_S - 0.1  # the last turn came about a second later
+        # 2 at once, 1 after waiting; connections that arrive spread out (a busy machine) may
+        # find a token more refilled, never a whole extra second's worth (2 more).
+        assert 3 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
+        assert got["seconds"] >= MAX_WAIT_S - 0.1  # the last turn came about half a second later
         assert refused(pair, "outbound", "pod-a") == got["failed"]
         assert refused(pair, "inbound", "pod-b") == 0  # pod B's own rate was never reached
-        await asyncio.sleep(MAX_WAIT_S + 0.1)  # the bucket refills: the pod is served again
+        await asyncio.sleep(1.5)  # the bucket refills: the pod is served again
         again = await burst(pair)
-        assert again["ok"] >= 4, again
-        assert not pair.proxy.connections.live(pair.pods["pod-a"].key)  # every connection settled
+        assert again["ok"] >= 3, again
+        await settled(pair, "pod-a")
     asyncio.run(with_pair(MESH, scenario))
 
 
 def test_a_pods_rate_as_server_is_its_own_and_refusals_count_against_it():
     async def scenario(pair):
         got = await burst(pair)
-        assert 4 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
+        assert 3 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
         assert refused(pair, "inbound", "pod-b") == got["failed"]
         assert refused(pair, "outbound", "pod-a") == 0
-        await asyncio.sleep(0.2)
-        assert not pair.proxy.connections.live(pair.pods["pod-b"].key)
+        await settled(pair, "pod-b")
     # pod A at the default rate (50): only pod B's annotation paces these handshakes
     settings = replace(DEFAULT, on_node_plaintext=False)
-    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/handshake-rate": str(RATE)}))
+    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))
 
 
 def test_the_handshake_threads_run_below_the_event_loops_cpu_priority():

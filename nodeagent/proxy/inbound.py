@@ -7,7 +7,7 @@
 
 Each connection is admitted against the pod's inbound share (proxy/limits.py); a mesh
 handshake holds one of the pod's `handshakes` while it runs (and while it waits for its turn
-under the pod's `handshake-rate`, pacing.py), and both the handshake and the header have a
+under the pod's `inbound-handshake-rate`, pacing.py), and both the handshake and the header have a
 deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
 HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection's
@@ -279,6 +279,8 @@ class MeshAccept(_Inbound):
             return
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
+            if self.eof:  # it closed while it waited for its turn: the handshake would wait for nothing
+                raise ConnectionResetError("the peer closed before its TLS handshake began")
             context = deps.server_context(self.pod)
             tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes))
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
@@ -311,12 +313,12 @@ class MeshAccept(_Inbound):
         await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
 
     async def _turn(self, raw) -> bool:
-        """The pod's turn for a new handshake as server (its `handshake-rate`, pacing.py): the
-        client waits for it, holding one of the pod's `handshakes`; refused if it is too far off."""
+        """The pod's turn for a new handshake as server (its `inbound-handshake-rate`, pacing.py):
+        the client waits for it, holding one of the pod's `handshakes`; refused if it is too far off."""
         loop = asyncio.get_running_loop()
         turn = self.pod.quota.handshake_turn("inbound", loop.time())
         if turn is None:
-            self.deps.connections.refused(self.conn, Refused(Limit.HANDSHAKE_RATE.value))
+            self.deps.connections.refused(self.conn, Refused(Limit.INBOUND_HANDSHAKE_RATE.value))
             self.conn.close(len(self.raw_bytes), 0)
             raw.abort()
             return False

@@ -2,8 +2,8 @@
 
 A pod that reaches a limit gets errors (its new connection reset, its stream refused); no
 other pod does, because each pod's share is counted apart. All are counts of things held at
-once but one, `handshake-rate`: new mutual-TLS handshakes per second, each direction apart
-(pacing.py: over its rate a pod's handshakes wait their turn, up to a second, then are refused). Defaults come from the agent's
+once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
+over its rate a pod's handshakes wait their turn, up to a second, then are refused). Defaults come from the agent's
 `--pod-limits` setting; a pod may set its own with annotations
 (`limits.nodeagent.io/<name>: "<n>"`), as operators size a busy gateway differently from a
 batch job. A bad annotation is reported and the default used.
@@ -13,7 +13,8 @@ batch job. A bad annotation is reported and the default used.
 | outbound-connections | the pod's own connections through the proxy | 1000 |
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
 | handshakes | mutual-TLS handshakes in progress for the pod, either side | 16 |
-| handshake-rate | new mutual-TLS handshakes per second, as client (the pod's own connections) and as server (connections to it), each apart | 50 |
+| handshake-rate | new mutual-TLS handshakes per second for the pod's own connections (as client) | 50 |
+| inbound-handshake-rate | new mutual-TLS handshakes per second of connections to the pod (as server; a meshed client is paced at its own agent too) | 200 |
 | detections | outbound connections whose protocol is not known yet | 100 |
 | http2-streams | open HTTP/2 streams over all the pod's own client connections | 1000 |
 | inbound-http2-streams | open HTTP/2 streams of clients to the pod (apart: its clients cannot use up its own share) | 1000 |
@@ -34,7 +35,8 @@ class Limit(enum.Enum):
     OUTBOUND_CONNECTIONS = "outbound-connections"
     INBOUND_CONNECTIONS = "inbound-connections"
     HANDSHAKES = "handshakes"
-    HANDSHAKE_RATE = "handshake-rate"  # a rate (per second), not a count held: Quota.handshake_turn
+    HANDSHAKE_RATE = "handshake-rate"  # rates (per second), not counts held: Quota.handshake_turn
+    INBOUND_HANDSHAKE_RATE = "inbound-handshake-rate"
     DETECTIONS = "detections"
     HTTP2_STREAMS = "http2-streams"
     INBOUND_HTTP2_STREAMS = "inbound-http2-streams"
@@ -47,10 +49,15 @@ DEFAULTS = MappingProxyType({
     # About 0.4 of a core at both ends of same-node hops on the 2-core test VM; above the soak's
     # 40 new opaque connections a second from one pod (benchmarks/README.md).
     Limit.HANDSHAKE_RATE: 50,
+    # A server pod has many clients, each paced at its own agent: this bounds what clients
+    # outside the mesh (or beyond their own rates, together) can make the node spend on one pod.
+    Limit.INBOUND_HANDSHAKE_RATE: 200,
     Limit.DETECTIONS: 100,
     Limit.HTTP2_STREAMS: 1000,
     Limit.INBOUND_HTTP2_STREAMS: 1000,
 })
+
+RATE_OF = {"outbound": Limit.HANDSHAKE_RATE, "inbound": Limit.INBOUND_HANDSHAKE_RATE}
 
 
 def _value(name: str, text: str) -> int:
@@ -119,12 +126,13 @@ class Quota:
         self.paces: dict[str, Pace] = {}  # direction ("inbound", "outbound") -> its bucket
 
     def handshake_turn(self, direction: str, now: float) -> float | None:
-        """Seconds until the pod's next handshake in `direction` may start, or None: over its
-        `handshake-rate` for longer than a client should wait (pacing.py)."""
+        """Seconds until the pod's next handshake in `direction` ("outbound": as client,
+        "inbound": as server) may start, or None: over that direction's rate for longer than a
+        client should wait (pacing.py)."""
         pace = self.paces.get(direction)
         if pace is None:
             pace = self.paces[direction] = Pace()
-        return pace.turn(now, self.limits[Limit.HANDSHAKE_RATE])
+        return pace.turn(now, self.limits[RATE_OF[direction]])
 
     def take(self, limit: Limit) -> bool:
         """One more of `limit`, if the pod is under it."""
