@@ -111,6 +111,7 @@ def label(pod, change):
 def config_(changes, no_check):
     """Change the agents' cluster settings live: KEY=VALUE sets one (a `nodeagent run` flag's name),
     KEY- removes it; none: show them. The agents apply what can change live and report what needs a restart."""
+    lab_ops.load()  # a lab is up
     data = lab_ops.configure(list(changes), check=not no_check) if changes else lab_ops.config.read(lab_ops.config_dir())
     click.echo("\n".join(f"{key}={value}" for key, value in sorted(data.items())) or "(no setting changed: the "
                "agents run with their command line's)")

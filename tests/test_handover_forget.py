@@ -68,3 +68,12 @@ def test_the_predecessor_never_forgets_what_its_successor_enrolled():
     pins.links.add(104)
     old._forget_stale_enrolments()  # every later reconcile of the old agent
     assert pins.entries == {101: 0, 104: 1} and pins.links == {101, 104}
+
+
+def test_a_pod_an_older_agent_enrolled_since_this_ones_start_keeps_its_slot_and_new_slots_avoid_every_entry():
+    agent = agent_found(Pins({101: 0}))
+    agent.adopted_slots.pop(101)  # served again, in slot 0
+    pinned = {101: 0, 103: 1}  # the older agent enrolled 103 in slot 1 before it saw this one's mark
+    assert agent._new_slot(103, pinned) == 1  # both steer it by one slot
+    assert agent._new_slot(104, {**pinned, 105: 2}) == 3  # never a slot another entry names
+    assert agent._new_slot(106, {106: 3}) == 2  # its entry's slot is this agent's already: a free one

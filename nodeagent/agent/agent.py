@@ -34,6 +34,7 @@ from nodeagent.identity.reload import IssuerFiles
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.agent.reconcile import (ENROLMENT_FAILED, NETNS_WITHOUT_POD_IP, NotEnrolled, SlotAllocator,
                                        plan_changes, refusal)
+from nodeagent.agent.succession import Presence
 from nodeagent.cluster import podfs
 from nodeagent.datapath import abi
 from nodeagent.datapath.control import Datapath
@@ -76,6 +77,8 @@ class Agent:
         # this agent ever forgets unserved, once. Entries written later are another agent's (the
         # predecessor still runs during a handover and may enrol a pod this view lacks yet).
         self._inherited: set[int] = set()
+        self.presence: Presence | None = None  # this agent's mark beside others (succession.py)
+        self._successor = None  # the newer agent that takes new pods instead of this one, if any
         self.started = time.time()
         self.load_report: dict = {}
         self._waiting = False  # a wanted pod whose namespace was not found yet
@@ -116,6 +119,13 @@ class Agent:
                  f"compiled and loaded in {report['compile_and_load_ms']:.0f} ms" if report["compiled"]
                  else "programs adopted as pinned (the same build)", report["created"], report["adopted"])
         self.layout = PinLayout(self.config.pin_root, self.config.pin_name)
+        self.presence = Presence(self.layout)
+        try:
+            if self.presence.announce():  # before the pins are read: an agent beside this one stops enrolling
+                log.info("another agent serves this node: pods that join are enrolled here from %.1f s on",
+                         self.presence.settled_at - time.monotonic())
+        except OSError as e:
+            raise AgentError(f"cannot mark this agent in {self.presence.dir}: {e}") from e
         datapath = Datapath(self.layout)
         self.adopted_slots = datapath.enrolled_slots()
         self._inherited = set(self.adopted_slots) | set(datapath.inbound_cookies())
@@ -151,6 +161,7 @@ class Agent:
                     await self.reconcile()
                 self._check_source()
                 self._check_datapath()
+                self.presence.renew()
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._reload_issuer()
@@ -162,8 +173,10 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), POLL_S)
                 except asyncio.TimeoutError:
                     pass
+            self.presence.withdraw()  # an older agent still serving takes new pods again at once
             await self.drain(hurry or asyncio.Event())
         finally:
+            self.presence.withdraw()
             for server in servers:
                 server.close()
             if self.workers:
@@ -198,6 +211,9 @@ class Agent:
             await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted)
             self.slots.free(slot)
         self._waiting = False
+        # Every agent's entries (one beside this one may have enrolled a pod since this one started).
+        pinned = self.proxy.datapath.enrolled_slots() if changes.enrol else {}
+        takes_new = bool(changes.enrol) and self._takes_new_pods()
         for uid in changes.enrol:
             pod = on_node[uid]
             cgroup = podfs.find_pod_cgroup(self.config.cgroup, uid)
@@ -210,8 +226,13 @@ class Agent:
             cookie = netns.cookie(f"/proc/self/fd/{fd}")
             slot = self.adopted_slots.pop(cookie, None)
             adopted = slot is not None
+            if not adopted and not takes_new:
+                os.close(fd)  # a newer agent enrols it (or, settling, this one next round)
+                if self._successor is None:
+                    self._waiting = True
+                continue
             if not adopted:
-                slot = self.slots.take()
+                slot = self._new_slot(cookie, pinned)
             try:
                 context = await self.proxy.add_pod(pod, fd, slot)
             except (OSError, naming.IdentityError) as e:
@@ -230,6 +251,28 @@ class Agent:
                 self.workers.add_pod(context)
         if not self._waiting and self._inherited:
             self._forget_stale_enrolments()
+
+    def _takes_new_pods(self) -> bool:
+        """False while a newer agent serves beside this one (it enrols new pods alone), and for
+        SETTLE_S after this one's start beside another (succession.py)."""
+        successor = self.presence.successor()
+        if successor != self._successor:
+            if successor:
+                log.info("a newer agent (mark %s) serves this node: pods that join are left to it", successor.name)
+            else:
+                log.info("no newer agent serves this node any more: pods that join are enrolled here again")
+            self._successor = successor
+        return successor is None and self.presence.settled()
+
+    def _new_slot(self, cookie: int, pinned: dict[int, int]) -> int:
+        """The slot of the pod's entry if an older agent enrolled it after this one's start (both
+        then steer it by one slot, and this agent's listener, written last, stays when the older
+        one exits); else a free slot no entry names."""
+        slot = pinned.get(cookie)
+        if slot is not None and not self.slots.in_use(slot):
+            self.slots.reserve(slot)
+            return slot
+        return self.slots.take(excluding=frozenset(pinned.values()))
 
     async def drain(self, hurry: asyncio.Event) -> None:
         """Not ready from here on; every process stops taking connections and tells its HTTP

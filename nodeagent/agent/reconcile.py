@@ -23,12 +23,16 @@ class SlotAllocator:
         self.size = size
         self._used: set[int] = set()
 
-    def take(self) -> int:
+    def take(self, excluding: frozenset[int] = frozenset()) -> int:
+        """The lowest free slot not in `excluding` (those another agent's entries name)."""
         for slot in range(self.size):
-            if slot not in self._used:
+            if slot not in self._used and slot not in excluding:
                 self._used.add(slot)
                 return slot
         raise RuntimeError(f"all {self.size} pod slots are in use")
+
+    def in_use(self, slot: int) -> bool:
+        return slot in self._used
 
     def reserve(self, slot: int) -> None:
         """A slot a predecessor's entry holds: not given to another pod."""

@@ -4,6 +4,8 @@
     <root>/<node>/progs/<program>     pinned by the loader
     <root>/<node>/links/<hook>        cgroup links: connect4, connect6, getpeername4, sockops
     <root>/<node>/links/sk_lookup/<netns cookie>   one per pod network namespace
+    <root>/<node>/agents/<start ns>-<pid>          an empty directory: a running agent's mark
+                                                   (agent/succession.py)
 
 Pinned links keep programs attached while no agent runs (so enrolled pods fail
 closed) and let a restarted agent find and update them instead of attaching twice.
@@ -44,6 +46,10 @@ class PinLayout:
     @property
     def sk_lookup_links(self) -> Path:
         return self.links / "sk_lookup"
+
+    @property
+    def agents(self) -> Path:
+        return self.node_dir / "agents"
 
     def map(self, name: str) -> Path:
         return self.maps / name

@@ -6,8 +6,9 @@
   proven, and the tunnel header names the destination port.
 
 Each connection is admitted against the pod's inbound share (proxy/limits.py); a mesh
-handshake holds one of the pod's `handshakes` while it runs, and both the handshake and the
-header have a deadline. The proxy's own ports are never a destination (a connection to one
+handshake holds one of the pod's `handshakes` while it runs (and while it waits for its turn
+under the pod's `inbound-handshake-rate`, pacing.py), and both the handshake and the header have a
+deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
 HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection's
 protocol comes from the tunnel header's hint or, for a plaintext client or an early tunnel,
@@ -27,7 +28,8 @@ from collections.abc import Awaitable
 from nodeagent.policy.authz import Client
 from nodeagent.ports import PROXY_PORTS
 from nodeagent.proxy import mesh
-from nodeagent.proxy.connection import Direction, Phase
+from nodeagent.proxy.connection import Direction, Phase, Refused
+from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.app_target import AppTarget
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.errors import REASON_HEADER
@@ -273,8 +275,12 @@ class MeshAccept(_Inbound):
 
     async def _serve(self, raw):
         deps = self.deps
+        if not await self._turn(raw):
+            return
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
+            if self.eof:  # it closed while it waited for its turn: the handshake would wait for nothing
+                raise ConnectionResetError("the peer closed before its TLS handshake began")
             context = deps.server_context(self.pod)
             tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes))
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
@@ -305,3 +311,20 @@ class MeshAccept(_Inbound):
         if self._proxy_port(tls, port):
             return
         await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
+
+    async def _turn(self, raw) -> bool:
+        """The pod's turn for a new handshake as server (its `inbound-handshake-rate`, pacing.py):
+        the client waits for it, holding one of the pod's `handshakes`; refused if it is too far off."""
+        loop = asyncio.get_running_loop()
+        turn = self.pod.quota.handshake_turn("inbound", loop.time())
+        if turn is None:
+            self.deps.connections.refused(self.conn, Refused(Limit.INBOUND_HANDSHAKE_RATE.value))
+            self.conn.close(len(self.raw_bytes), 0)
+            raw.abort()
+            return False
+        if turn > 0:
+            await asyncio.sleep(turn)
+        if raw.is_closing():  # the client gave up meanwhile
+            self.conn.close(len(self.raw_bytes), 0)
+            return False
+        return True

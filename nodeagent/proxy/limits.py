@@ -1,7 +1,9 @@
 """Per-pod limits: how much of the shared proxy one pod may hold at once. Pure.
 
 A pod that reaches a limit gets errors (its new connection reset, its stream refused); no
-other pod does, because each pod's share is counted apart. Defaults come from the agent's
+other pod does, because each pod's share is counted apart. All are counts of things held at
+once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
+over its rate a pod's handshakes wait their turn, up to a second, then are refused). Defaults come from the agent's
 `--pod-limits` setting; a pod may set its own with annotations
 (`limits.nodeagent.io/<name>: "<n>"`), as operators size a busy gateway differently from a
 batch job. A bad annotation is reported and the default used.
@@ -11,6 +13,8 @@ batch job. A bad annotation is reported and the default used.
 | outbound-connections | the pod's own connections through the proxy | 1000 |
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
 | handshakes | mutual-TLS handshakes in progress for the pod, either side | 16 |
+| handshake-rate | new mutual-TLS handshakes per second for the pod's own connections (as client) | 50 |
+| inbound-handshake-rate | new mutual-TLS handshakes per second of connections to the pod (as server; a meshed client is paced at its own agent too) | 200 |
 | detections | outbound connections whose protocol is not known yet | 100 |
 | http2-streams | open HTTP/2 streams over all the pod's own client connections | 1000 |
 | inbound-http2-streams | open HTTP/2 streams of clients to the pod (apart: its clients cannot use up its own share) | 1000 |
@@ -21,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from nodeagent.proxy.pacing import Pace
+
 ANNOTATION_PREFIX = "limits.nodeagent.io/"
 MAX_VALUE = 1_000_000
 
@@ -29,6 +35,8 @@ class Limit(enum.Enum):
     OUTBOUND_CONNECTIONS = "outbound-connections"
     INBOUND_CONNECTIONS = "inbound-connections"
     HANDSHAKES = "handshakes"
+    HANDSHAKE_RATE = "handshake-rate"  # rates (per second), not counts held: Quota.handshake_turn
+    INBOUND_HANDSHAKE_RATE = "inbound-handshake-rate"
     DETECTIONS = "detections"
     HTTP2_STREAMS = "http2-streams"
     INBOUND_HTTP2_STREAMS = "inbound-http2-streams"
@@ -38,10 +46,18 @@ DEFAULTS = MappingProxyType({
     Limit.OUTBOUND_CONNECTIONS: 1000,
     Limit.INBOUND_CONNECTIONS: 1000,
     Limit.HANDSHAKES: 16,
+    # About 0.4 of a core at both ends of same-node hops on the 2-core test VM; above the soak's
+    # 40 new opaque connections a second from one pod (benchmarks/README.md).
+    Limit.HANDSHAKE_RATE: 50,
+    # A server pod has many clients, each paced at its own agent: this bounds what clients
+    # outside the mesh (or beyond their own rates, together) can make the node spend on one pod.
+    Limit.INBOUND_HANDSHAKE_RATE: 200,
     Limit.DETECTIONS: 100,
     Limit.HTTP2_STREAMS: 1000,
     Limit.INBOUND_HTTP2_STREAMS: 1000,
 })
+
+RATE_OF = {"outbound": Limit.HANDSHAKE_RATE, "inbound": Limit.INBOUND_HANDSHAKE_RATE}
 
 
 def _value(name: str, text: str) -> int:
@@ -100,13 +116,23 @@ def from_annotations(annotations: Mapping[str, str], defaults: PodLimits) -> tup
 
 
 class Quota:
-    """What one pod holds of each limit right now."""
+    """What one pod holds of each limit right now, and its pace of handshakes."""
 
-    __slots__ = ("limits", "held")
+    __slots__ = ("limits", "held", "paces")
 
     def __init__(self, limits: PodLimits):
         self.limits = limits
         self.held = dict.fromkeys(Limit, 0)
+        self.paces: dict[str, Pace] = {}  # direction ("inbound", "outbound") -> its bucket
+
+    def handshake_turn(self, direction: str, now: float) -> float | None:
+        """Seconds until the pod's next handshake in `direction` ("outbound": as client,
+        "inbound": as server) may start, or None: over that direction's rate for longer than a
+        client should wait (pacing.py)."""
+        pace = self.paces.get(direction)
+        if pace is None:
+            pace = self.paces[direction] = Pace()
+        return pace.turn(now, self.limits[RATE_OF[direction]])
 
     def take(self, limit: Limit) -> bool:
         """One more of `limit`, if the pod is under it."""

@@ -37,6 +37,7 @@ from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
 from nodeagent.proxy.routing import ToPod, ToService
 from nodeagent.proxy.target import HttpTarget, peer_label
 from nodeagent.proxy.tap import tls_event
+from nodeagent.proxy.upstream import HandshakeLimit
 
 CONNECT_ATTEMPTS = 3  # opaque TCP: endpoints tried before the client is reset
 EAGER_CONNECT_DELAY_S = 0.003
@@ -236,8 +237,8 @@ class OutboundAccept(asyncio.Protocol):
         if isinstance(error, mesh.TunnelError):
             observers.metrics.handshake_failed("outbound", error.reason)
             observers.problems.warning("tls", "outbound TLS handshake refused: %s", error)
-        if reason == "handshakes limit":
-            observers.metrics.limit_exceeded("outbound", self.pod, "handshakes")
+        if isinstance(error, HandshakeLimit):
+            observers.metrics.limit_exceeded("outbound", self.pod, error.limit.value)
         observers.metrics.tcp_error("outbound", self.pod, reason)
 
     # --- opaque ---

@@ -147,6 +147,8 @@ class HttpTarget:
         if isinstance(exc, mesh.TunnelError):
             self.observers.metrics.handshake_failed("outbound", exc.reason)
             self.observers.problems.warning("tls", "outbound TLS handshake refused: %s", exc)
+        if isinstance(exc, HandshakeLimit):
+            self.count_limit(exc.limit.value)
         self.observers.metrics.tcp_error("outbound", self.pod, self.connect_failure_reason(exc))
 
     @staticmethod
@@ -154,7 +156,7 @@ class HttpTarget:
         if isinstance(exc, (HopRefused, on_node.OnNodeRefused)):
             return exc.reason
         if isinstance(exc, HandshakeLimit):
-            return "handshakes limit"
+            return f"{exc.limit.value} limit"
         return "connect failed"
 
     def _hop(self, address) -> HopFacts:

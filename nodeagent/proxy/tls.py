@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import functools
 import logging
+import os
 import ssl
 import time
 
@@ -348,15 +349,33 @@ def run_inline(work, then) -> None:
     then(work())
 
 
+HANDSHAKE_NICENESS = 10  # added to the process's: below the event loop's thread, not starved
+
+
+def _yield_to_the_loop() -> None:
+    """A handshake thread's CPU priority, below the event loop's (Linux: a thread's nice value is
+    its own). A handshake costs milliseconds of CPU, a request a fraction of one: when the CPU is
+    short, the loop that serves every pod's requests runs first, and new connections wait."""
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HANDSHAKE_NICENESS))
+    except OSError as e:
+        log.warning("TLS handshake threads run at the event loop's CPU priority: %s", e)
+
+
 class HandshakeThreads:
     """Handshake steps on a few threads, off the event loop: OpenSSL releases the GIL while it
-    computes, so the loop keeps serving every other connection meanwhile. How many steps may be
-    queued is bounded by the pods' `handshakes` limits, not here."""
+    computes, so the loop keeps serving every other connection meanwhile, and the threads run at
+    a lower CPU priority than the loop. How many steps may be queued is bounded by the pods'
+    `handshakes` limits and their `handshake-rate` (pacing.py), not here."""
 
     def __init__(self, threads: int = 2):
         import concurrent.futures
 
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tls-handshake")
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tls-handshake",
+                                                          initializer=_yield_to_the_loop)
 
     def __call__(self, work, then) -> None:
         loop = asyncio.get_running_loop()

@@ -47,7 +47,12 @@ class Tunnel:
 
 
 class HandshakeLimit(ConnectionRefusedError):
-    """The source pod has its limit of mutual-TLS handshakes in progress."""
+    """The source pod has its limit of mutual-TLS handshakes in progress, or is over its rate of
+    new ones for longer than MAX_WAIT_S (`limit` says which)."""
+
+    def __init__(self, message: str, limit: Limit = Limit.HANDSHAKES):
+        super().__init__(message)
+        self.limit = limit
 
 
 async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_s: float) -> socket.socket:
@@ -69,6 +74,16 @@ async def open_socket(netns_path: str | None, address: tuple[str, int], timeout_
     return sock
 
 
+async def _wait_turn(quota, loop) -> None:
+    """The source pod's turn for a new handshake (its `handshake-rate`, pacing.py): at once, after
+    a wait, or HandshakeLimit if it is over its rate for too long."""
+    turn = quota.handshake_turn("outbound", loop.time())
+    if turn is None:
+        raise HandshakeLimit("the pod is over its rate of new mutual-TLS handshakes", Limit.HANDSHAKE_RATE)
+    if turn > 0:
+        await asyncio.sleep(turn)
+
+
 async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: float, factory,
                   tunnel: Tunnel | None = None) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection from the pod to `address`: plain, or through a mutual-TLS
@@ -79,8 +94,10 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
     if tunnel is None:
         sock = await open_socket(netns_path, address, timeout_s)
         return await loop.create_connection(factory, sock=sock)
-    if tunnel.quota is not None and not tunnel.quota.take(Limit.HANDSHAKES):
-        raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached")
+    if tunnel.quota is not None:
+        await _wait_turn(tunnel.quota, loop)
+        if not tunnel.quota.take(Limit.HANDSHAKES):
+            raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached")
     try:
         sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
         transport, protocol = await loop.create_connection(factory, sock=sock)

@@ -1,0 +1,119 @@
+"""Pods that join the mesh during a handover's overlap (issue 15): the new agent runs beside the
+old one, several pods are labelled into the mesh, then the old agent drains and exits. Every
+pod must answer as itself all along (never through another pod's listener: two agents choosing
+slots on their own gave two pods one slot) and after the old agent's exit (whose listener, if it
+was written into a pod's slot last, left the slot empty: inbound connections refused). The
+pinned entries must name one slot per pod, the one the remaining agent serves it by."""
+
+import ctypes
+import os
+import signal
+import time
+
+import pytest
+
+from nodeagent.datapath import abi, libbpf
+from nodeagent.datapath.pins import PinLayout
+from nodeagent.lab import lab as lab_ops
+from nodeagent.lab import upgrade as lab_upgrade
+from nodeagent.lab.plan import MESH_LABEL
+from test_proxy import agent_stats, curl, run_in, wait_until
+
+pytestmark = pytest.mark.privileged
+
+HTTP = ["http-n0-0", "http-n0-1"]
+H2C = ["h2c-n0-0", "h2c-n0-1"]
+TCP = ["echo-n0-0", "echo-n0-1", "banner-n0-0", "banner-n0-1"]
+JOINING = HTTP + H2C + TCP
+OVERLAP_S = 2.0  # both agents poll the manifests every 0.25 s: each has enrolled what it will
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab_ops.down()
+    try:
+        yield lab_ops.up(nodes=1, pods_per_node=10, mesh="node")
+    finally:
+        lab_ops.down()
+
+
+def pinned_slots(lab) -> dict[str, int]:
+    """Pod IP -> the slot sk_lookup steers it by (pods_by_ip)."""
+    fd = libbpf.obj_get(str(PinLayout(lab_ops.BPF_PIN_ROOT, "node0").map("pods_by_ip")))
+    try:
+        slots = {}
+        for name in JOINING:
+            ip = lab.plan.pod(name).ip
+            raw = libbpf.map_lookup(fd, bytes(int(part) for part in ip.split(".")), ctypes.sizeof(abi.Pod))
+            if raw is not None:
+                slots[name] = abi.Pod.from_buffer_copy(raw).slot
+        return slots
+    finally:
+        os.close(fd)
+
+
+def answers_as_itself(lab, name: str) -> str:
+    ip = lab.plan.pod(name).ip
+    if name in HTTP:
+        return curl(lab, "client-n0-0", f"http://{ip}:8080/")
+    return curl(lab, "client-n0-0", f"http://{ip}:8081/", "--http2-prior-knowledge")
+
+
+GREETING = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), 5) as s:
+    if sys.argv[2] == "9000":
+        s.sendall(b"ping")
+    print(s.recv(100).decode().strip())
+"""
+
+
+def tcp_answer(lab, name: str) -> str:
+    """The banner's greeting (it names its pod) or the echo of a ping: what the pod answers."""
+    pod = lab.plan.pod(name)
+    port = "9000" if name.startswith("echo") else "2525"
+    done = run_in(lab, "client-n0-0", ["python3", "-c", GREETING, pod.ip, port])
+    return done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr.strip()[-200:]}"
+
+
+def tcp_expected(name: str) -> str:
+    return "ping" if name.startswith("echo") else f"220 {name} nodeagent-lab banner ready"
+
+
+def check_every_joining_pod(lab, rounds: int) -> list[str]:
+    wrong = []
+    for _ in range(rounds):  # new connections: the kernel picks within each listener's group
+        for name in HTTP + H2C:
+            try:
+                answer = answers_as_itself(lab, name)
+            except AssertionError as e:  # curl failed (refused, reset)
+                answer = f"failed: {e}"
+            if answer != f"hello from {name}\n":
+                wrong.append(f"{name}: {answer.strip()}")
+        wrong += [f"{name}: {answer}" for name in TCP if (answer := tcp_answer(lab, name)) != tcp_expected(name)]
+    return wrong
+
+
+def test_pods_joining_during_the_overlap_are_served_as_themselves_before_and_after_the_old_agent_exits(lab):
+    node = lab.plan.nodes[0]
+    for name in JOINING:
+        lab_ops.label(name, f"{MESH_LABEL}=disabled")
+    wait_until(lambda: not pinned_slots(lab), "the pods out of the mesh")
+    (old,) = lab_upgrade.agent_pids(lab, node.name)
+    new = lab_ops.start_agent(lab, node).pid
+    wait_until(lambda: lab_upgrade.ready_as(node.admin_port, new), "the new agent ready", 60)
+    for name in JOINING:
+        lab_ops.label(name, f"{MESH_LABEL}=enabled")
+    wait_until(lambda: len(pinned_slots(lab)) == len(JOINING), "every joining pod enrolled")
+    time.sleep(OVERLAP_S)
+    during = check_every_joining_pod(lab, rounds=3)
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: lab_upgrade._gone(old), "the old agent's exit", 60)
+    after = check_every_joining_pod(lab, rounds=3)
+    assert (during, after) == ([], []), f"during the overlap: {during}; after the old agent's exit: {after}"
+    slots = pinned_slots(lab)
+    assert len(set(slots.values())) == len(JOINING), slots  # one slot each
+    stats = agent_stats(0)
+    assert stats["workers"][0] == new
+    served = {p["pod"].split("/")[-1]: p["slot"] for p in stats["pods"]}
+    assert {name: served[name] for name in JOINING} == slots  # the slots it steers by are its own

@@ -1,0 +1,121 @@
+"""A pod's `handshake-rate` (proxy/pacing.py) through the real proxy: two pods in their own
+network namespaces and one real Proxy (benchmarks/podpair.py), real sockets and real mutual-TLS
+handshakes between pod A's outbound and pod B's inbound side. A burst of short opaque
+connections from pod A to pod B's echo server: past the rate (pod A's `handshake-rate` as
+client, pod B's `inbound-handshake-rate` as server), handshakes wait their turn (up to
+pacing.MAX_WAIT_S), and the rest are refused and counted, on the side whose rate it is. Needs root
+(namespaces), not the lab. Bounded: 12 connections per test, a few seconds."""
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+
+from benchmarks.podpair import A_IP, B_IP, NAMESPACE, PodPair, pod_object
+from nodeagent.cluster.model import ClusterView
+from nodeagent.proxy import limits
+from nodeagent.proxy.pacing import MAX_WAIT_S
+from nodeagent.settings import DEFAULT
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+BURST = 12
+RATE = 2  # a burst of 2 at once, then 1 turn within MAX_WAIT_S (at 0.5 s): 3 served of 12
+MESH = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(f"handshake-rate={RATE}"))  # pod A's
+
+# BURST connections at once from pod A, each one echo of 4 bytes; prints what happened as JSON.
+CLIENT = """
+import json, socket, sys, threading, time
+results = []
+def one():
+    try:
+        with socket.create_connection(("127.0.0.1", {port}), timeout=5) as s:
+            s.sendall(b"ping")
+            results.append(s.recv(4) == b"ping")
+    except OSError:
+        results.append(False)
+start = time.monotonic()
+threads = [threading.Thread(target=one) for _ in range({count})]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({{"ok": results.count(True), "failed": results.count(False), "seconds": time.monotonic() - start}}))
+"""
+
+
+def sample(pair, name: str, **labels) -> float:
+    return pair.proxy.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def refused(pair, direction: str, pod: str) -> float:
+    limit = "handshake-rate" if direction == "outbound" else "inbound-handshake-rate"
+    return sample(pair, "limit_exceeded_total", direction=direction, namespace=NAMESPACE, pod=pod, limit=limit)
+
+
+async def settled(pair, pod: str) -> None:
+    """Every connection of `pod` closed and given back (within a few seconds)."""
+    for _ in range(50):
+        if not pair.proxy.connections.live(pair.pods[pod].key):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{pod} still holds {pair.proxy.connections.live(pair.pods[pod].key)}")
+
+
+async def burst(pair) -> dict:
+    _, port = pair.aim("echo")
+    done = await pair.run_in_a_async([sys.executable, "-c", CLIENT.format(port=port, count=BURST)], timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def with_pair(settings, scenario, annotations_b: dict | None = None):
+    pair = await PodPair(settings).start()
+    try:
+        b = pod_object("pod-b", B_IP)
+        b["metadata"]["annotations"] = annotations_b or {}
+        pair.proxy.update_view(ClusterView([pod_object("pod-a", A_IP), b]))
+        return await scenario(pair)
+    finally:
+        await pair.stop()
+
+
+def test_over_its_rate_a_pods_handshakes_wait_their_turn_then_are_refused_and_counted():
+    async def scenario(pair):
+        got = await burst(pair)
+        # 2 at once, 1 after waiting; connections that arrive spread out (a busy machine) may
+        # find a token more refilled, never a whole extra second's worth (2 more).
+        assert 3 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
+        assert got["seconds"] >= MAX_WAIT_S - 0.1  # the last turn came about half a second later
+        assert refused(pair, "outbound", "pod-a") == got["failed"]
+        assert refused(pair, "inbound", "pod-b") == 0  # pod B's own rate was never reached
+        await asyncio.sleep(1.5)  # the bucket refills: the pod is served again
+        again = await burst(pair)
+        assert again["ok"] >= 3, again
+        await settled(pair, "pod-a")
+    asyncio.run(with_pair(MESH, scenario))
+
+
+def test_a_pods_rate_as_server_is_its_own_and_refusals_count_against_it():
+    async def scenario(pair):
+        got = await burst(pair)
+        assert 3 <= got["ok"] <= 5 and got["ok"] + got["failed"] == BURST, got
+        assert refused(pair, "inbound", "pod-b") == got["failed"]
+        assert refused(pair, "outbound", "pod-a") == 0
+        await settled(pair, "pod-b")
+    # pod A at the default rate (50): only pod B's annotation paces these handshakes
+    settings = replace(DEFAULT, on_node_plaintext=False)
+    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))
+
+
+def test_the_handshake_threads_run_below_the_event_loops_cpu_priority():
+    from nodeagent.proxy import tls
+
+    async def niceness_on_a_handshake_thread():
+        got = asyncio.get_running_loop().create_future()
+        tls.handshake_threads()(lambda: os.getpriority(os.PRIO_PROCESS, 0), got.set_result)
+        return await got
+
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    assert asyncio.run(niceness_on_a_handshake_thread()) == min(19, here + tls.HANDSHAKE_NICENESS)
