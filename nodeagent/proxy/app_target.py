@@ -12,9 +12,11 @@ import time
 from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.retry import Retries
 from nodeagent.proxy.tap import request_event
+from nodeagent.proxy.target_counts import TargetCounts
 
 
-class AppTarget:
+class AppTarget(TargetCounts):
+    direction = "inbound"
     request_timeout_s = None  # the client side's Service sets the timeout
 
     def __init__(self, deps, pod, port: int, peer: str, tls: bool, client_ip: str):
@@ -81,16 +83,3 @@ class AppTarget:
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("inbound", self.pod, self.peer, request, status, self.tls))
-
-    def count_error(self, status, reason) -> None:
-        self.observers.metrics.http_error("inbound", self.pod, status, reason)
-        self.observers.problems.warning(f"http-error {self.pod.key}", "inbound %s: answered %d: %s", self.pod.key, status, reason)
-
-    def count_limit(self, limit: str) -> None:
-        self.observers.metrics.limit_exceeded("inbound", self.pod, limit)
-
-    def count_cut(self, reason: str) -> None:
-        self.observers.metrics.tcp_error("inbound", self.pod, reason)
-
-    def count_http2_refusal(self, flood) -> None:
-        self.observers.metrics.http2_flood("inbound", self.pod, flood)

@@ -19,6 +19,7 @@ from nodeagent.proxy.retry import RequestFacts, Retries, Verdict
 from nodeagent.proxy.routing import ToPod, ToService
 from nodeagent.proxy.service_config import DEFAULT
 from nodeagent.proxy.tap import request_event
+from nodeagent.proxy.target_counts import TargetCounts
 from nodeagent.proxy.upstream import HandshakeLimit, ResponseReader
 
 
@@ -39,7 +40,9 @@ def peer_label(decision) -> str:
     return "external"
 
 
-class HttpTarget:
+class HttpTarget(TargetCounts):
+    direction = "outbound"
+
     def __init__(self, deps, pod, decision, config, peer: str, hint: Hint = Hint.HTTP1):
         self.deps, self.pod, self.decision, self.peer, self.hint = deps, pod, decision, peer, hint
         self.connector, self.pools, self.observers = deps.connector, deps.pools, deps.observers
@@ -219,18 +222,3 @@ class HttpTarget:
             if tap.subscriptions:
                 source = self.pod.identity.uri
                 tap.publish(lambda: request_event("inbound", local, source, request, status, False))
-
-    def count_http2_refusal(self, flood):
-        """An HTTP/2 peer (the client, or an endpoint) went over its budget (h2budget.Flood)."""
-        self.observers.metrics.http2_flood("outbound", self.pod, flood)
-
-    def count_error(self, status, reason):
-        self.observers.metrics.http_error("outbound", self.pod, status, reason)
-        self.observers.problems.warning(f"http-error {self.pod.key}", "outbound %s: answered %d: %s", self.pod.key, status, reason)
-
-    def count_limit(self, limit: str) -> None:
-        self.observers.metrics.limit_exceeded("outbound", self.pod, limit)
-
-    def count_cut(self, reason: str) -> None:
-        """A response cut short after its head was sent (no error response possible)."""
-        self.observers.metrics.tcp_error("outbound", self.pod, reason)
