@@ -186,6 +186,101 @@ def test_an_edited_config_map_is_taken_by_the_running_agent(shop):
                   "-p", json.dumps({"data": {"log-level": "info", "max-connections": "20000", "workers": "0"}}))
 
 
+# Requests to the Service for at most LOAD_S or until /tmp/stop exists, each on a new connection
+# and on one kept-alive connection (opened again when the proxy asks it to close); then one line
+# of counts. A reset is any ConnectionResetError (http.client's RemoteDisconnected is one).
+LOAD_S = 240
+LOAD = """
+import http.client, json, os, time
+host = os.environ["WEB_SERVICE_HOST"]
+counts = {kind: {"ok": 0, "failed": 0, "resets": 0} for kind in ("new connection", "keep-alive")}
+errors, kept, said = [], None, False
+def get(connection):
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    good = response.status == 200 and response.read().startswith(b"hello from web")
+    return good, response.will_close
+deadline = time.monotonic() + %d
+while time.monotonic() < deadline and not os.path.exists("/tmp/stop"):
+    for kind in counts:
+        try:
+            if kind == "new connection":
+                connection = http.client.HTTPConnection(host, 80, timeout=5)
+                good, _ = get(connection)
+                connection.close()
+            else:
+                kept = kept or http.client.HTTPConnection(host, 80, timeout=5)
+                good, closing = get(kept)
+                if closing:
+                    kept.close()
+                    kept = None
+            counts[kind]["ok" if good else "failed"] += 1
+        except Exception as e:
+            counts[kind]["resets" if isinstance(e, ConnectionResetError) else "failed"] += 1
+            errors.append(kind + ": " + repr(e))
+            if kind == "keep-alive":
+                kept = None
+    if not said and sum(c["ok"] for c in counts.values()) >= 2:
+        print("started", flush=True)
+        said = True
+    time.sleep(0.02)
+print("summary " + json.dumps({"counts": counts, "errors": errors[:20]}), flush=True)
+time.sleep(3600)
+""" % LOAD_S
+
+
+def agent_pods(plane) -> list[dict]:
+    return pods(plane, NAMESPACE, "app.kubernetes.io/name=nodeagent")
+
+
+def running(pod: dict) -> bool:
+    return any("running" in c.get("state", {}) for c in pod.get("status", {}).get("containerStatuses", []))
+
+
+def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
+    """A change of the pod template (same image) rolls the DaemonSet with maxSurge 1: the new
+    agent pod runs beside the old one on the node (no hostPort, no hostNetwork: nothing keeps
+    them apart), takes over, and the old one drains and exits; a client sending requests all
+    along sees no failure and no reset."""
+    plane = shop
+    (old,) = agent_pods(plane)
+    load = python_pod("load", "store", LOAD, {"app": "load"})
+    load["spec"]["restartPolicy"] = "Never"
+    plane.kubectl("apply", "-f", "-", input=json.dumps(load))
+    wait_until(lambda: "started" in logs(plane, "store", "load"), "the load's first requests", timeout_s=180,
+               plane=plane)
+    plane.kubectl("-n", NAMESPACE, "patch", "daemonset", "nodeagent", "--type=merge", "-p", json.dumps(
+        {"spec": {"template": {"metadata": {"annotations": {"nodeagent.test/roll": "1"}}}}}))
+    side_by_side, old_logs, started = False, "", time.monotonic()
+    while True:  # what the node runs, every 0.25 s, until the old agent pod is gone
+        now = {p["metadata"]["name"]: p for p in agent_pods(plane)}
+        new = [p for name, p in now.items() if name != old["metadata"]["name"]]
+        if old["metadata"]["name"] in now:
+            side_by_side |= bool(new) and running(new[0]) and running(now[old["metadata"]["name"]])
+            if now[old["metadata"]["name"]]["metadata"].get("deletionTimestamp"):
+                old_logs = plane.kubectl("-n", NAMESPACE, "logs", old["metadata"]["name"], check=False).stdout or old_logs
+        elif new and ready(new[0]):
+            break
+        assert time.monotonic() - started < 300, plane.kubectl("get", "pods", "-A", "-o", "wide").stdout
+        time.sleep(0.25)
+    rolled_s = time.monotonic() - started
+    stats = agent_stats(plane)  # the new agent's: it serves every meshed pod, the load's too
+    assert {p["pod"] for p in stats["pods"]} == {"store/web", "store/client", "store/load"} and stats["ready"]
+    time.sleep(3)  # the load goes on through the new agent alone
+    plane.kubectl("-n", "store", "exec", "load", "--", "/opt/venv/bin/python", "-c", "open('/tmp/stop', 'w')")
+    summary = wait_until(lambda: re.search(r"^summary (.*)$", logs(plane, "store", "load"), re.M),
+                         "the load's counts", timeout_s=30, plane=plane)
+    result = json.loads(summary.group(1))
+    print(f"rolled in {rolled_s:.1f} s: {result}")
+    assert side_by_side, "the new agent pod never ran beside the old one"
+    assert "draining" in old_logs, old_logs[-2000:]  # the old agent drained on SIGTERM
+    status = json.loads(plane.kubectl("-n", NAMESPACE, "get", "daemonset", "nodeagent", "-o", "json").stdout)["status"]
+    assert (status["updatedNumberScheduled"], status["numberAvailable"]) == (1, 1), status
+    for kind, counts in result["counts"].items():
+        assert counts["ok"] > 0 and (counts["failed"], counts["resets"]) == (0, 0), (kind, result)
+    plane.kubectl("-n", "store", "delete", "pod", "load", "--wait=false")
+
+
 def test_a_meshed_pod_started_while_the_agent_is_down_is_held_until_it_is_back(shop, tmp_path_factory):
     plane = shop
     # The agent goes away (its DaemonSet selects no node), the node's data path stays pinned.
