@@ -4,6 +4,7 @@ writer's bounds (a full queue drops and counts; a failing destination drops and 
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -136,3 +137,19 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def test_a_new_destination_takes_the_lines_written_after_it_and_the_old_file_is_closed(tmp_path):
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    writer = AccessLog(str(first), [].append)
+    writer.record(entry(status=200))
+    deadline = time.monotonic() + 5
+    while writer.written < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    old_fd = writer._fd
+    writer.retarget(str(second))
+    writer.record(entry(status=404))
+    writer.close()
+    assert [json.loads(text)["status"] for text in first.read_text().splitlines()] == [200]
+    assert [json.loads(text)["status"] for text in second.read_text().splitlines()] == [404]
+    assert not os.path.exists(f"/proc/self/fd/{old_fd}") or os.readlink(f"/proc/self/fd/{old_fd}") != str(first)

@@ -151,7 +151,8 @@ def test_a_proxy_takes_the_live_values(tmp_path):
         try:
             change = live_settings.plan(BASE, BASE, {
                 "max-connections": "7", "memory-budget": "64Mi", "on-node-plaintext": "true", "cert-lifetime": "1h",
-                "default-policy": "all-authenticated", "cluster-networks": "10.0.0.0/8"})
+                "default-policy": "all-authenticated", "cluster-networks": "10.0.0.0/8",
+                "access-log": str(tmp_path / "access.log")})
             proxy.apply_settings(change.settings)
             assert proxy.connections.max_connections == 7
             assert proxy.guard.budget == (64 << 20) // 2
@@ -159,6 +160,7 @@ def test_a_proxy_takes_the_live_values(tmp_path):
             assert identities.lifetime == datetime.timedelta(hours=1)
             assert proxy.authorizer.default_policy is authz.Mode.ALL_AUTHENTICATED
             assert [str(n) for n in proxy.authorizer.cluster_networks] == ["10.0.0.0/8"]
+            assert proxy.telemetry.access_log.destination == str(tmp_path / "access.log")
         finally:
             proxy.close_listeners()
 

@@ -149,6 +149,7 @@ class AccessLog:
         self.dropped = 0
         self.written = 0
         self._fd: int | None = None
+        self._opened: str | None = None  # the destination `_fd` was opened for (the writer thread's)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error_logged_at = -ERROR_LOG_EVERY_S
@@ -166,16 +167,31 @@ class AccessLog:
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def retarget(self, destination: str) -> None:
+        """Lines written from now on go to `destination` (the settings changed live): the writer
+        opens it before its next write, and closes the old one."""
+        self.destination = destination
+
+    def _open(self) -> None:
+        destination = self.destination
         try:
-            self._fd = open_destination(self.destination)
+            fd = open_destination(destination)
         except OSError as e:
-            self._error(f"cannot open {self.destination}: {e}")
+            fd = None
+            self._error(f"cannot open {destination}: {e}")
+        old, self._fd, self._opened = self._fd, fd, destination
+        if old is not None and old != 2:
+            os.close(old)
+
+    def _run(self) -> None:
+        self._open()
         while not self._stop.wait(FLUSH_S):
             self._flush()
         self._flush()
 
     def _flush(self) -> None:
+        if self.destination != self._opened:
+            self._open()
         lines, pods = [], []
         entries = self.entries
         while entries:
