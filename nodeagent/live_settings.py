@@ -27,7 +27,6 @@ NEEDS_RESTART = {
                     "on every node at once, with an issuer of that domain",
     "fast_paths": "which BPF programs are attached, and the data path's config, are set when the data path loads",
     "workers": "the proxy processes start with the agent, and each holds connections of its own",
-    "trace_collector": "each process's span exporter is made for its collector at start",
 }
 # attr -> where the new value takes effect.
 LIVE = {
@@ -43,6 +42,8 @@ LIVE = {
     "memory_budget": "the memory guard's next check",
     "drain_timeout": "the next drain (the DaemonSet's terminationGracePeriodSeconds follows only at install)",
     "trace_sampling": "traces started from now on",
+    "trace_collector": "connections opened from now on are traced (or not, when emptied); spans are posted to the "
+                       "new collector from the next batch on",
     "access_log": "lines written from now on, established connections' too (each process's writer opens the new "
                   "destination before its next write)",
 }

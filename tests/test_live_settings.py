@@ -224,3 +224,33 @@ def test_the_agent_applies_a_new_content_to_its_proxy_and_log_level_and_reports_
             root.setLevel(level)
 
     asyncio.run(main())
+
+
+def test_tracing_turned_on_off_and_moved_live_keeps_one_exporter_per_process():
+    from nodeagent.identity.ca import Authority
+    from nodeagent.identity.workload import WorkloadIdentities
+    from nodeagent.proxy.otlp import parse_endpoint
+    from nodeagent.proxy.server import Proxy
+
+    anchor = Authority.new_anchor("cluster.local")
+    identities = WorkloadIdentities(anchor.new_issuer("cluster.local"), anchor.certificate_pem())
+
+    async def main():
+        proxy = Proxy(None, identities, BASE)
+        telemetry = proxy.telemetry
+        try:
+            assert telemetry.tracer is None
+            on = live_settings.plan(BASE, BASE, {"trace-collector": "http://127.0.0.1:14318", "trace-sampling": "0.5"})
+            proxy.apply_settings(on.settings)
+            tracer = telemetry.tracer
+            assert tracer.rate == 0.5 and tracer.exporter.target == parse_endpoint("http://127.0.0.1:14318")
+            proxy.apply_settings(live_settings.plan(on.settings, BASE, {}).settings)
+            assert telemetry.tracer is None  # new connections untraced; the old ones keep `tracer`
+            moved = live_settings.plan(BASE, BASE, {"trace-collector": "http://127.0.0.2:4318/x"})
+            proxy.apply_settings(moved.settings)
+            assert telemetry.tracer is tracer and tracer.exporter.target == ("127.0.0.2", 4318, "/x")
+            assert tracer.rate == BASE.trace_sampling
+        finally:
+            proxy.close_listeners()
+
+    asyncio.run(main())

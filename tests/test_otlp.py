@@ -135,3 +135,17 @@ def test_a_pod_flooding_a_stuck_collector_leaves_room_for_the_others(monkeypatch
         exporter.record(record(i), "default/quiet-0")
     assert exporter.shares.held("default/flood-0") == 200 and exporter.shares.held("default/quiet-0") == 50
     assert counts.dropped == 1800 and len(exporter.spans) == 250
+
+
+def test_a_new_collector_takes_the_batches_posted_after_it():
+    counts = Counts()
+    with Collector() as first, Collector() as second:
+        exporter = counts.exporter(first.url)
+        exporter.record(record(1), POD)
+        assert [span["Name"] for span in first.wait_for_spans(1)] == ["GET svc/default/api:1"]
+        exporter.retarget(second.url)
+        exporter.record(record(2), POD)
+        exporter.close(timeout_s=20)
+        assert [span["Name"] for span in second.wait_for_spans(1)] == ["GET svc/default/api:2"]
+        assert len(first.wait_for_spans(1)) == 1  # nothing more went to the first
+    assert counts.exported == 2 and counts.dropped == 0

@@ -118,7 +118,7 @@ class SpanExporter:
     Started at the first span."""
 
     def __init__(self, endpoint: str, resource: tuple, on_drop, on_export, on_failure):
-        self.host, self.port, self.path = parse_endpoint(endpoint)
+        self.target = parse_endpoint(endpoint)  # (host, port, path): one value, swapped whole by retarget
         self.resource = resource
         self.on_drop, self.on_export, self.on_failure = on_drop, on_export, on_failure  # counts, from either thread
         self.spans: collections.deque[tuple] = collections.deque()  # (pod, SpanRecord)
@@ -128,7 +128,12 @@ class SpanExporter:
         self._wake = threading.Event()
         self._stop = False
         self._conn: http.client.HTTPConnection | None = None
+        self._conn_target: tuple | None = None  # the target `_conn` is open to (the thread's)
         self._error_logged_at = -ERROR_LOG_EVERY_S
+
+    def retarget(self, endpoint: str) -> None:
+        """Batches posted from now on go to `endpoint` (the settings changed live)."""
+        self.target = parse_endpoint(endpoint)
 
     def record(self, span: SpanRecord, pod) -> None:
         """Queue a span of `pod` (its key: whose share it counts against)."""
@@ -183,10 +188,15 @@ class SpanExporter:
             return self._post_once(body)
 
     def _post_once(self, body: bytes) -> int:
+        host, port, path = target = self.target
+        if self._conn is not None and self._conn_target != target:
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=EXPORT_TIMEOUT_S)
+            self._conn = http.client.HTTPConnection(host, port, timeout=EXPORT_TIMEOUT_S)
+            self._conn_target = target
         try:
-            self._conn.request("POST", self.path, body, {"Content-Type": "application/x-protobuf"})
+            self._conn.request("POST", path, body, {"Content-Type": "application/x-protobuf"})
             response = self._conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException):
@@ -206,8 +216,7 @@ class SpanExporter:
         now = time.monotonic()
         if now - self._error_logged_at >= ERROR_LOG_EVERY_S:  # this thread's own rate limit
             self._error_logged_at = now
-            log.warning("tracing: export to http://%s:%d%s failed (%s): %d spans dropped", self.host, self.port,
-                        self.path, why, count)
+            log.warning("tracing: export to http://%s:%d%s failed (%s): %d spans dropped", *self.target, why, count)
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Post what is queued, then stop (waiting at most `timeout_s`)."""

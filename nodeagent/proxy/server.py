@@ -122,9 +122,7 @@ class Proxy:
         self.guard.budget = settings.memory_budget // self.processes
         self.connector.on_node_plaintext = settings.on_node_plaintext
         self.identities.lifetime = settings.cert_lifetime_delta
-        if self.telemetry.tracer is not None:
-            self.telemetry.tracer.rate = settings.trace_sampling
-        self.telemetry.access_log.retarget(settings.access_log)
+        self.telemetry.reconfigure(settings)
         if settings.pod_limits != old.pod_limits:
             for pod in self.pods.values():
                 pod.quota.limits = self._limits_of(self.view.pods.get(pod.key, pod.info))

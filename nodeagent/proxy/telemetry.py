@@ -36,12 +36,27 @@ class Telemetry:
         self.view = view  # the current ClusterView (annotations change; inbound clients are found by address)
         self.trust_domain = settings.trust_domain
         self.access_log = AccessLog(settings.access_log, self._dropped_lines)
-        self.tracer = None
-        if settings.trace_collector:
+        self.tracer: Tracer | None = None  # what new connections use; None: tracing off
+        self._made: Tracer | None = None  # the one tracer ever made (kept while tracing is off: see reconfigure)
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings) -> None:
+        """--access-log, --trace-collector, --trace-sampling, at start and when they change live.
+        Connections opened before a change keep the tracer they started with: tracing turned off,
+        their spans still go to the one exporter, so a process never has more than one."""
+        self.access_log.retarget(settings.access_log)
+        if not settings.trace_collector:
+            self.tracer = None
+            return
+        if self._made is None:
             resource = (("service.name", "nodeagent"), ("k8s.node.name", settings.node_name or ""))
+            metrics = self.metrics
             exporter = SpanExporter(settings.trace_collector, resource, metrics.trace_spans_dropped_total.inc,
                                     metrics.trace_spans_exported_total.inc, metrics.trace_export_failures_total.inc)
-            self.tracer = Tracer(exporter, settings.trace_sampling)
+            self._made = Tracer(exporter, settings.trace_sampling)
+        self._made.exporter.retarget(settings.trace_collector)
+        self._made.rate = settings.trace_sampling
+        self.tracer = self._made
 
     def _dropped_lines(self, count: int) -> None:
         self.metrics.access_log_dropped_total.inc(count)
@@ -74,8 +89,8 @@ class Telemetry:
 
     def close(self) -> None:
         self.access_log.close()
-        if self.tracer is not None:
-            self.tracer.exporter.close()
+        if self._made is not None:
+            self._made.exporter.close()
 
 
 class Tracer:

@@ -26,7 +26,7 @@ pod-security.kubernetes.io/warn: privileged
 Secret's data as sorted compact JSON, hashed (render.py's config_checksum). */}}
 {{- define "nodeagent.checksum" -}}
 {{- $config := dict -}}
-{{- range $key, $value := pick .Values.config "fast-path" "mesh-label" "trace-collector" "trust-domain" "workers" -}}
+{{- range $key, $value := pick .Values.config "fast-path" "mesh-label" "trust-domain" "workers" -}}
 {{- $_ := set $config $key ($value | toString) -}}
 {{- end -}}
 {{- $secret := dict "ca.crt" (include "nodeagent.anchors" . | b64enc) "issuer.crt" (include "nodeagent.issuerCrt" . | b64enc) "issuer.key" (include "nodeagent.issuerKey" . | b64enc) -}}
