@@ -77,6 +77,7 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path, monkeypatch):
     """The writer is stuck (its destination's reader is not reading): records still return at
     once, beyond QUEUE_LINES they are dropped and counted."""
     monkeypatch.setattr(accesslog, "QUEUE_LINES", 50)
+    monkeypatch.setattr(accesslog, "POD_FLOOR", 4)
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, True)
     monkeypatch.setattr(accesslog, "open_destination", lambda destination: write_end)

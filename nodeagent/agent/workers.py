@@ -163,7 +163,7 @@ class Workers:
                         sorted({p.index for p in self.processes} - set(replies)), request[0])
         finally:
             self._scrapes.pop(scrape_id, None)
-        return list(replies.values())
+        return [replies[index] for index in sorted(replies)]  # in the workers' order, whoever answered first
 
     # --- life and death ---
 

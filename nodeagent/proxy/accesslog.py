@@ -32,6 +32,7 @@ ANNOTATION = "config.nodeagent.io/access-log"
 STDERR = "stderr"
 QUEUE_LINES = 4096  # each record holds at most ~3 cut fields of MAX_FIELD_CHARS: ~1 KiB; ~4 MiB in all
 POD_SHARE = 2  # a pod may hold 1/POD_SHARE of the queue
+POD_FLOOR = 32  # and may always queue this many, even past the queue's bound (queue_share.py)
 FLUSH_S = 0.1  # how long a line may wait in the queue
 MAX_URL_BYTES = 4 * MAX_FIELD_CHARS  # of a request target kept for the line (the query is cut later)
 ERROR_LOG_EVERY_S = 10.0  # a failing destination is logged at most this often (from the writer's thread)
@@ -145,7 +146,7 @@ class AccessLog:
         self.destination = destination
         self.on_drop = on_drop  # lines dropped: called with their number (from either thread)
         self.entries: collections.deque[Entry] = collections.deque()  # appends and pops are thread-safe
-        self.shares = QueueShares(QUEUE_LINES, QUEUE_LINES // POD_SHARE)  # bounds `entries`, per pod and in all
+        self.shares = QueueShares(QUEUE_LINES, QUEUE_LINES // POD_SHARE, POD_FLOOR)  # bounds `entries`, per pod and in all
         self.dropped = 0
         self.written = 0
         self._fd: int | None = None

@@ -32,6 +32,7 @@ from nodeagent.proxy.queue_share import QueueShares
 
 QUEUE_SPANS = 2048  # a record is ~0.5 KiB (ids, a name, ~12 short attributes): ~1 MiB in all
 POD_SHARE = 2  # a pod may hold 1/POD_SHARE of the queue
+POD_FLOOR = 32  # and may always queue this many, even past the queue's bound (queue_share.py)
 BATCH_SPANS = 512
 BATCH_DELAY_S = 1.0
 EXPORT_TIMEOUT_S = 5.0
@@ -122,7 +123,7 @@ class SpanExporter:
         self.resource = resource
         self.on_drop, self.on_export, self.on_failure = on_drop, on_export, on_failure  # counts, from either thread
         self.spans: collections.deque[tuple] = collections.deque()  # (pod, SpanRecord)
-        self.shares = QueueShares(QUEUE_SPANS, QUEUE_SPANS // POD_SHARE)  # bounds `spans`, per pod and in all
+        self.shares = QueueShares(QUEUE_SPANS, QUEUE_SPANS // POD_SHARE, POD_FLOOR)  # bounds `spans`, per pod and in all
         self.dropped = self.exported = self.failed_batches = 0
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
