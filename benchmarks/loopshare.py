@@ -11,6 +11,7 @@ the connections served per second, the proxy process's CPU (every thread: the TL
 threads too) in cores, and its event loop's lag: how late a 2 ms timer fires, p50 and p99. Every
 request of every pod waits that long before the loop gets to it. Variants:
 
+- `quiet (no attack)`: the proxy as built, pod A silent: the loop's lag on this machine as it is;
 - `unpaced, threads at loop priority`: no handshake-rate (1,000,000/s), handshake threads at nice 0
   (the proxy before pacing);
 - `unpaced, threads niced`: only the handshake threads' lower priority;
@@ -36,7 +37,9 @@ import uvloop
 from benchmarks.podpair import PodPair
 
 PROBE_S = 0.002
+QUIET = "quiet (no attack)"
 VARIANTS = {
+    QUIET: ("", None),
     "unpaced, threads at loop priority": ("handshake-rate=1000000", 0),
     "unpaced, threads niced": ("handshake-rate=1000000", None),
     "paced (default), threads at loop priority": ("", 0),
@@ -62,7 +65,7 @@ def _percentile(values: list, p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else 0.0
 
 
-async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: float) -> dict:
+async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: float, quiet: bool = False) -> dict:
     """One fresh proxy (and its handshake threads) in this process."""
     from nodeagent.proxy import limits, tls
     from nodeagent.settings import DEFAULT
@@ -77,12 +80,13 @@ async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: f
         stop, samples = asyncio.Event(), []
         probe = asyncio.get_running_loop().create_task(_lag(stop, samples))
         cpu = _cpu()
-        done = await pair.run_in_a_async([sys.executable, "-m", "benchmarks.attack", host, "--seconds", str(seconds),
-                                          "--short-port", str(port), "--short-rate", str(rate)], timeout=seconds + 60)
+        argv = [sys.executable, "-m", "benchmarks.attack", host, "--seconds", str(seconds), "--short-port", str(port),
+                "--short-rate", str(rate)]
+        done = await pair.run_in_a_async(["sleep", str(seconds)] if quiet else argv, timeout=seconds + 60)
         cpu = _cpu() - cpu
         stop.set()
         await probe
-        attack = json.loads(done.stdout.strip().splitlines()[-1])
+        attack = {"short_ok": 0} if quiet else json.loads(done.stdout.strip().splitlines()[-1])
         return {"served_per_s": attack["short_ok"] / seconds, "cores": cpu / seconds,
                 "lag_p50_ms": _percentile(samples, 0.5), "lag_p99_ms": _percentile(samples, 0.99)}
     finally:
@@ -116,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         pod_limits, niceness = VARIANTS[args.one]
-        print(json.dumps(uvloop.run(one_run(pod_limits, niceness, args.rate, args.seconds))))
+        print(json.dumps(uvloop.run(one_run(pod_limits, niceness, args.rate, args.seconds, args.one == QUIET))))
         return
     results: dict[str, list] = {name: [] for name in VARIANTS}
     for _ in range(args.runs):
