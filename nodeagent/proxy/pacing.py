@@ -1,10 +1,10 @@
 """A pod's pace of new mutual-TLS handshakes: a token bucket that schedules rather than refuses. Pure.
 
 A mesh handshake is the costliest thing a connection asks of the agent: about 8-10 ms of CPU
-for both ends of a same-node hop on this project's 2-core test VM, against about 0.2 ms to accept
-and refuse a connection (benchmarks/README.md, "Noisy neighbour"). A pod that opens short
-connections as fast as it can would take that CPU from every other pod of the node; the
-`handshakes` limit bounds how many run at once, not how many a second.
+for both ends of a same-node hop on this project's 2-core test VM, against a fraction of a
+millisecond to accept and refuse a connection (benchmarks/README.md, "Noisy neighbour"). A pod
+that opens short connections as fast as it can would take that CPU from every other pod of the
+node; the `handshakes` limit bounds how many run at once, not how many a second.
 
 So each pod has a rate per direction (the `handshake-rate` and `inbound-handshake-rate` limits,
 per second). A pod
