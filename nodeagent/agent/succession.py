@@ -2,12 +2,13 @@
 
 During a handover the old and the new agent serve a node together for a few seconds. If both
 enrolled a pod that joins then, each would choose a counter slot of its own (two pods could get
-one slot, and one's inbound connections reach the other's listener) and write its own listener
-into the pod's sk_lookup entry (the old agent's, if written last, leaves the entry empty when it
-exits: inbound connections refused). So only the newest agent takes new pods: each agent marks
-its presence on bpffs, `<pins>/agents/<start ns>-<pid>` (a directory whose mtime it renews every
-poll while serving, removed when it drains or exits), and an agent that sees a newer mark renewed
-within STALE_S leaves new pods to that agent; it keeps serving those it has until it drains.
+one slot: sk_lookup steers both by whichever listener was written there last) and write its own
+listener into the pod's sk_lookup entry (the old agent's, if written last, leaves the entry empty
+when it exits: inbound connections refused). So only the newest agent takes new pods: each agent
+marks its presence on bpffs, `<pins>/agents/<start ns since boot>-<pid>` (a directory whose mtime
+it renews every poll, removed when it drains or exits), and an agent that sees a newer mark
+renewed within STALE_S leaves new pods to that agent; it keeps serving those it has until it
+drains.
 
 A mark not renewed for STALE_S (its agent was killed, or hangs) is ignored, so the older agent
 takes new pods again, and is removed by the next agent to start.
@@ -62,7 +63,8 @@ class Presence:
 
     def __init__(self, layout: PinLayout, own: Mark | None = None):
         self.dir: Path = layout.agents
-        self.own = own or Mark(time.time_ns(), os.getpid())
+        # CLOCK_BOOTTIME: one clock for the node's processes that a wall-clock step never reorders.
+        self.own = own or Mark(time.clock_gettime_ns(time.CLOCK_BOOTTIME), os.getpid())
         self.settled_at = 0.0  # time.monotonic() from which this agent takes new pods
 
     def announce(self) -> bool:
