@@ -194,11 +194,13 @@ LOAD = """
 import http.client, json, os, time
 host = os.environ["WEB_SERVICE_HOST"]
 counts = {kind: {"ok": 0, "failed": 0, "resets": 0} for kind in ("new connection", "keep-alive")}
-errors, kept, said = [], None, False
+errors, kept, said, by = [], None, False, {}
 def get(connection):
     connection.request("GET", "/")
     response = connection.getresponse()
-    good = response.status == 200 and response.read().startswith(b"hello from web")
+    body = response.read().decode()
+    good = response.status == 200 and body.startswith("hello from web")
+    by[body.split()[-1]] = by.get(body.split()[-1], 0) + 1
     return good, response.will_close
 deadline = time.monotonic() + %d
 while time.monotonic() < deadline and not os.path.exists("/tmp/stop"):
@@ -224,7 +226,7 @@ while time.monotonic() < deadline and not os.path.exists("/tmp/stop"):
         print("started", flush=True)
         said = True
     time.sleep(0.02)
-print("summary " + json.dumps({"counts": counts, "errors": errors[:20]}), flush=True)
+print("summary " + json.dumps({"counts": counts, "answered_by": by, "errors": errors[:20]}), flush=True)
 time.sleep(3600)
 """ % LOAD_S
 
@@ -241,7 +243,8 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
     """A change of the pod template (same image) rolls the DaemonSet with maxSurge 1: the new
     agent pod runs beside the old one on the node (no hostPort, no hostNetwork: nothing keeps
     them apart), takes over, and the old one drains and exits; a client sending requests all
-    along sees no failure and no reset."""
+    along sees no failure and no reset. A server pod that joins the Service while both agents run
+    is enrolled by the new agent alone (agent/succession.py) and answers after the old one exits."""
     plane = shop
     (old,) = agent_pods(plane)
     load = python_pod("load", "store", LOAD, {"app": "load"})
@@ -252,11 +255,14 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
     plane.kubectl("-n", NAMESPACE, "patch", "daemonset", "nodeagent", "--type=merge", "-p", json.dumps(
         {"spec": {"template": {"metadata": {"annotations": {"nodeagent.test/roll": "1"}}}}}))
     side_by_side, old_logs, started = False, "", time.monotonic()
+    joiner = python_pod("web-joiner", "store", SERVER, {"app": "web"})
     while True:  # what the node runs, every 0.25 s, until the old agent pod is gone
         now = {p["metadata"]["name"]: p for p in agent_pods(plane)}
         new = [p for name, p in now.items() if name != old["metadata"]["name"]]
         if old["metadata"]["name"] in now:
-            side_by_side |= bool(new) and running(new[0]) and running(now[old["metadata"]["name"]])
+            if not side_by_side and new and running(new[0]) and running(now[old["metadata"]["name"]]):
+                side_by_side = True
+                plane.kubectl("apply", "-f", "-", input=json.dumps(joiner))  # joins during the overlap
             if now[old["metadata"]["name"]]["metadata"].get("deletionTimestamp"):
                 old_logs = plane.kubectl("-n", NAMESPACE, "logs", old["metadata"]["name"], check=False).stdout or old_logs
         elif new and ready(new[0]):
@@ -264,9 +270,12 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
         assert time.monotonic() - started < 300, plane.kubectl("get", "pods", "-A", "-o", "wide").stdout
         time.sleep(0.25)
     rolled_s = time.monotonic() - started
-    stats = agent_stats(plane)  # the new agent's: it serves every meshed pod, the load's too
-    assert {p["pod"] for p in stats["pods"]} == {"store/web", "store/client", "store/load"} and stats["ready"]
-    time.sleep(3)  # the load goes on through the new agent alone
+    wait_until(lambda: [p for p in pods(plane, "store", "app=web") if p["metadata"]["name"] == "web-joiner" and ready(p)],
+               "the joining pod Ready", timeout_s=120, plane=plane)
+    stats = agent_stats(plane)  # the new agent's: it serves every meshed pod
+    assert {p["pod"] for p in stats["pods"]} == {f"store/{name}" for name in ("web", "client", "load", "web-joiner")}
+    assert stats["ready"]
+    time.sleep(4)  # the load goes on through the new agent alone, to both servers
     plane.kubectl("-n", "store", "exec", "load", "--", "/opt/venv/bin/python", "-c", "open('/tmp/stop', 'w')")
     summary = wait_until(lambda: re.search(r"^summary (.*)$", logs(plane, "store", "load"), re.M),
                          "the load's counts", timeout_s=30, plane=plane)
@@ -274,11 +283,13 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
     print(f"rolled in {rolled_s:.1f} s: {result}")
     assert side_by_side, "the new agent pod never ran beside the old one"
     assert "draining" in old_logs, old_logs[-2000:]  # the old agent drained on SIGTERM
+    assert "store/web-joiner" not in old_logs  # the new agent enrolled the joining pod alone
+    assert result["answered_by"].get("web-joiner", 0) > 0, result
     status = json.loads(plane.kubectl("-n", NAMESPACE, "get", "daemonset", "nodeagent", "-o", "json").stdout)["status"]
     assert (status["updatedNumberScheduled"], status["numberAvailable"]) == (1, 1), status
     for kind, counts in result["counts"].items():
         assert counts["ok"] > 0 and (counts["failed"], counts["resets"]) == (0, 0), (kind, result)
-    plane.kubectl("-n", "store", "delete", "pod", "load", "--wait=false")
+    plane.kubectl("-n", "store", "delete", "pod", "load", "web-joiner", "--wait=false")
 
 
 def test_a_meshed_pod_started_while_the_agent_is_down_is_held_until_it_is_back(shop, tmp_path_factory):
