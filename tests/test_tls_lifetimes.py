@@ -239,3 +239,36 @@ def test_the_session_cache_is_bounded_and_expires_by_its_clock():
     assert cache.get(contexts[3], "s") is None and cache.get(contexts[4], "s") is not None
     clock.t += 100  # past every ticket's lifetime
     assert cache.get(contexts[4], "s") is None and cache.get(contexts[2], "s") is None and len(cache) == 0
+
+
+def test_full_handshakes_against_processes_with_their_own_ticket_keys_leave_no_memory_behind(pki):
+    """A node's agent and workers each issue tickets under keys of their own, so a client's
+    session from one is a full handshake at another; the client keeps each full handshake's
+    session. CPython 3.11's SSLObject.session leaked a copy per read (gh-116810, ~6 KB): the
+    soak's client-side agent grew ~15 MiB per 90 s. glibc's bytes in use stay put here."""
+    from nodeagent.agent import memory
+
+    anchors, issuer = pki
+    processes = [identities(issuer, anchors, SERVER) for _ in range(2)]  # the same identity, two ticket keys
+    client = identities(issuer, anchors, CLIENT)
+    sessions = mesh.SessionCache()
+    rounds = 300
+
+    async def scenario():
+        servers = [await serve(lambda p=p: p.material(SERVER).server) for p in processes]
+        reused, echoed = [], []
+        for i in range(rounds + 20):
+            if i == 20:  # warmed up: contexts, caches and the allocator's working set
+                before = memory.allocator()["in_use_kib"]
+            sslobj, ok = await connect(servers[i % 2][1], client.material(CLIENT).client, sessions)
+            reused.append(sslobj.session_reused)
+            echoed.append(ok)
+        grown = memory.allocator()["in_use_kib"] - before
+        for listener, _, _ in servers:
+            listener.close()
+        return reused, echoed, grown
+
+    reused, echoed, grown = asyncio.run(scenario())
+    assert all(echoed) and not any(reused)  # every one a full handshake, its session kept
+    assert len(sessions) == 1
+    assert grown < 600, f"{grown} KiB in use after {rounds} full handshakes"  # the leak: ~1,800 KiB

@@ -51,6 +51,12 @@ def _libssl() -> ctypes.CDLL:
     lib.SSL_SESSION_get_time.restype, lib.SSL_SESSION_get_time.argtypes = ctypes.c_long, [ctypes.c_void_p]
     lib.SSL_SESSION_get_protocol_version.restype = ctypes.c_int
     lib.SSL_SESSION_get_protocol_version.argtypes = [ctypes.c_void_p]
+    lib.SSL_get1_session.restype, lib.SSL_get1_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    lib.SSL_SESSION_free.restype, lib.SSL_SESSION_free.argtypes = None, [ctypes.c_void_p]
+    lib.SSL_SESSION_get_timeout.restype, lib.SSL_SESSION_get_timeout.argtypes = ctypes.c_long, [ctypes.c_void_p]
+    lib.SSL_SESSION_get_ticket_lifetime_hint.restype = ctypes.c_ulong
+    lib.SSL_SESSION_get_ticket_lifetime_hint.argtypes = [ctypes.c_void_p]
+    lib.SSL_SESSION_has_ticket.restype, lib.SSL_SESSION_has_ticket.argtypes = ctypes.c_int, [ctypes.c_void_p]
     return lib
 
 
@@ -78,7 +84,45 @@ def _session_of(session: ssl.SSLSession) -> int | None:
     return None
 
 
-def resume(sslobj: ssl.SSLObject, context: ssl.SSLContext, session: ssl.SSLSession) -> bool:
+class Session:
+    """A client's resumable TLS 1.3 session, taken from OpenSSL itself (SSL_get1_session), with
+    the fields of ssl.SSLSession that the session cache reads. Not `SSLObject.session`: CPython
+    3.11 copies the session there and never frees the copy (gh-116810), about 6 KB per read
+    (the peer's chain); a client read it after each full handshake, and behind a node whose
+    processes each have their own ticket keys about half of the resumptions are full handshakes.
+    This object holds one reference of its own, given back when it goes."""
+
+    __slots__ = ("pointer", "time", "timeout", "ticket_lifetime_hint", "has_ticket")
+
+    def __init__(self, pointer: int):
+        lib = _libssl()
+        self.pointer = pointer
+        self.time = lib.SSL_SESSION_get_time(pointer)
+        self.timeout = lib.SSL_SESSION_get_timeout(pointer)
+        self.ticket_lifetime_hint = lib.SSL_SESSION_get_ticket_lifetime_hint(pointer)
+        self.has_ticket = lib.SSL_SESSION_has_ticket(pointer) == 1
+
+    def __del__(self):
+        _libssl().SSL_SESSION_free(self.pointer)
+
+
+def session_of(sslobj: ssl.SSLObject, context: ssl.SSLContext) -> Session | None:
+    """A client connection's current TLS 1.3 session, without CPython's leaking copy; None where
+    the connection's SSL* cannot be confirmed (then it is never resumed either)."""
+    pointer = _ssl_of(sslobj, context)
+    if pointer is None:
+        return None
+    lib = _libssl()
+    session = lib.SSL_get1_session(pointer)
+    if not session:
+        return None
+    if lib.SSL_SESSION_get_protocol_version(session) != TLS1_3_VERSION:
+        lib.SSL_SESSION_free(session)
+        return None
+    return Session(session)
+
+
+def resume(sslobj: ssl.SSLObject, context: ssl.SSLContext, session: "Session | ssl.SSLSession") -> bool:
     """Offer `session` for resumption on a client SSLObject that has not started its handshake.
 
     Not through `wrap_bio(session=...)`: CPython before 3.12.5 and 3.13 (gh-116810) copies the
@@ -86,7 +130,8 @@ def resume(sslobj: ssl.SSLObject, context: ssl.SSLContext, session: ssl.SSLSessi
     the proxy grew by 6.5 KB per mesh connection and 120 MiB per 20,000. OpenSSL 3 needs no copy,
     so the session goes to SSL_set_session directly, once both pointers are confirmed; where they
     are not, the handshake is a full one (False)."""
-    pointer, session_pointer = _ssl_of(sslobj, context), _session_of(session)
+    pointer = _ssl_of(sslobj, context)
+    session_pointer = session.pointer if isinstance(session, Session) else _session_of(session)
     if pointer is None or session_pointer is None:
         return False
     return _libssl().SSL_set_session(pointer, session_pointer) == 1
@@ -235,7 +280,7 @@ class TlsTransport(asyncio.Transport):
         close): once one is in, the resumable session goes to `on_session`, once."""
         if self.on_session is None:
             return
-        session = self._ssl.session
+        session = session_of(self._ssl, self._ssl.context)
         if session is not None and session.has_ticket:
             callback, self.on_session = self.on_session, None
             callback(session)
@@ -396,7 +441,7 @@ def handshake_threads() -> HandshakeThreads:
 
 async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, server_side: bool,
                     timeout_s: float, server_hostname: str | None = None, initial: bytes = b"",
-                    session: ssl.SSLSession | None = None, run_step=None) -> TlsTransport:
+                    session: "Session | ssl.SSLSession | None" = None, run_step=None) -> TlsTransport:
     """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
     `initial`: bytes already read from `raw` (a ClientHello that arrived early);
     `session`: a client's earlier session with the same server, to resume;
