@@ -256,21 +256,24 @@ def run(**given):
         agent_settings = dataclasses.replace(agent_settings, cgroup=_default_pods_cgroup())
     elif not agent_settings.cgroup.is_dir():
         raise click.BadParameter(f"{agent_settings.cgroup} is not a directory", param_hint="--cgroup")
+    # The command line's level until the directory is read: its refusal, if any, is logged.
+    logging.basicConfig(level=agent_settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reloads = None
     if agent_settings.config_dir:
         import time
 
-        from nodeagent.agent.config_dir import ConfigDirError, SettingsReloads
+        from nodeagent.agent.config_dir import SettingsReloads
 
         try:
-            reloads = SettingsReloads(agent_settings.config_dir, agent_settings, time.monotonic())
-            agent_settings = reloads.initial()
-        except (OSError, ConfigDirError) as e:
+            reloads = SettingsReloads(agent_settings.config_dir, agent_settings, time.monotonic(),
+                                      agent_settings.state_dir)
+        except OSError as e:
             raise click.BadParameter(f"cannot read {agent_settings.config_dir}: {e}", param_hint="--config-dir")
-        except settings_model.SettingsError as e:
-            raise click.BadParameter(f"in {agent_settings.config_dir}: {e}", param_hint="--config-dir") from None
-    logging.basicConfig(level=agent_settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # A bad content is refused as at runtime, and the agent starts from the last good one
+        # (a ConfigMap edit must not crash-loop every agent that restarts after it).
+        agent_settings = reloads.initial()
+        logging.getLogger().setLevel(agent_settings.log_level.upper())
     if agent_settings.cluster_dir:
         source = ManifestDirSource(agent_settings.cluster_dir, agent_settings.mesh_label)
     else:

@@ -274,6 +274,11 @@ OPTIONS: tuple[Option, ...] = (
             "The cluster settings as a mounted ConfigMap: one file per setting, named by its flag, over the "
             "command line's; watched, and a change is applied live (those that cannot be are reported as "
             "needing a restart: README, Changing settings).", _show_optional),
+    _option("state_dir", _optional_path, None, Scope.NODE,
+            "A writable directory kept across the agent's restarts on this node (the DaemonSet's hostPath "
+            "/var/lib/nodeagent): the last --config-dir content applied is copied there, and an agent that "
+            "starts while the directory holds a bad one starts from it (README, Changing settings).",
+            _show_optional),
     _option("admin", _loopback_address, DEFAULT_ADMIN, Scope.NODE,
             "Admin address, loopback only: /live, /ready, /metrics, /stats, /tap.", _print_address,
             metavar="HOST:PORT"),
@@ -353,6 +358,7 @@ class AgentSettings:
     pin_root: Path = DEFAULT_PIN_ROOT
     identity_dir: Path | None = None
     config_dir: Path | None = None
+    state_dir: Path | None = None
     admin: tuple[str, int] = DEFAULT_ADMIN
     metrics: tuple[str, int] | None = None
     sidecar_pod: str | None = None

@@ -163,6 +163,10 @@ def test_the_daemonset_starts_on_stock_nodes(identity):
     assert security["appArmorProfile"] == {"type": "Unconfined"} and security["seccompProfile"]["type"] == "Unconfined"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["headers"]["hostPath"] == {"path": "/usr/src", "type": "DirectoryOrCreate"}
+    # The last settings applied outlive the pod: a new agent on a bad ConfigMap starts from them.
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/nodeagent", "type": "DirectoryOrCreate"}
+    assert "--state-dir=/var/lib/nodeagent" in container["args"]
+    assert {"name": "state", "mountPath": "/var/lib/nodeagent"} in container["volumeMounts"]
     assert container["startupProbe"]["httpGet"]["path"] == "/live"
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
     assert "initialDelaySeconds" not in container["livenessProbe"]  # the startup probe holds it

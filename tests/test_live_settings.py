@@ -180,19 +180,57 @@ def test_the_labs_changes_set_and_remove_keys_and_refuse_what_the_agents_would(t
         lab_config.parse_changes(["log-level"])
 
 
-def test_run_refuses_to_start_on_a_bad_value_in_the_directory_naming_it(tmp_path):
+def test_an_agent_starting_on_a_bad_content_refuses_it_as_at_runtime_and_starts_from_the_last_good(
+        tmp_path, caplog):
+    settings_dir, state = tmp_path / "config", tmp_path / "state"
+    state.mkdir()
+    kubelet_write(settings_dir, {"max-connections": "500", "workers": "3"}, 1)
+    first = SettingsReloads(settings_dir, BASE, now=0.0, state_dir=state)
+    assert first.initial().max_connections == 500 and first.status(BASE)["started_from"] == "directory"
+    kubelet_write(settings_dir, {"max-connections": "600", "workers": "3"}, 2)
+    assert first.check(BASE, CHECK_S).settings.max_connections == 600  # applied: the new last good
+    kubelet_write(settings_dir, {"max-connections": "many", "workers": "4"}, 3)
+    assert first.check(BASE, 2 * CHECK_S) is None
+
+    restarted = SettingsReloads(settings_dir, BASE, now=0.0, state_dir=state)  # an OOM kill, a reboot, a roll
+    running = restarted.initial()
+    assert (running.max_connections, running.workers) == (600, 3)
+    assert "--max-connections" in restarted.refusal and restarted.counts["refused"] == 1
+    assert restarted.status(running)["started_from"] == "last-good"
+    assert any("refused" in r.message and "--max-connections" in r.message for r in caplog.records)
+    assert restarted.check(running, CHECK_S) is None and restarted.counts["refused"] == 1  # reported once
+    kubelet_write(settings_dir, {"max-connections": "700"}, 4)  # fixed: taken live as usual
+    change = restarted.check(running, 2 * CHECK_S)
+    assert change.settings.max_connections == 700 and restarted.refusal is None
+
+    kubelet_write(settings_dir, {"max-connections": "many"}, 5)
+    new_node = SettingsReloads(settings_dir, BASE, now=0.0, state_dir=tmp_path / "empty")
+    assert new_node.initial() == BASE and new_node.status(BASE)["started_from"] == "command-line"
+    kubelet_write(settings_dir, {"log-level": "x" * (config_dir.MAX_VALUE_BYTES + 1)}, 6)  # refused, not fatal
+    no_copy = SettingsReloads(settings_dir, BASE, now=0.0)
+    assert no_copy.initial() == BASE and "longer than" in no_copy.refusal
+
+
+def test_run_starts_on_a_bad_content_but_not_on_a_bad_flag_or_a_missing_directory(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
+    from nodeagent.agent import agent
     from nodeagent.cli import main
 
+    started = []
+    monkeypatch.setattr(agent, "run_agent", lambda settings_, source, reloads: started.append((settings_, reloads)))
     settings_dir = tmp_path / "config"
     lab_config.write(settings_dir, {"default-policy": "maybe"})
     args = ["run", "--node-name", "n", "--identity-dir", str(tmp_path), "--cluster-dir", str(tmp_path),
             "--cgroup", str(tmp_path), "--config-dir", str(settings_dir)]
     done = CliRunner().invoke(main, args)
-    assert done.exit_code == 2 and "--config-dir" in done.output and "--default-policy" in done.output
+    assert done.exit_code == 0, done.output
+    [(running, reloads)] = started
+    assert running.default_policy is DEFAULT.default_policy and "--default-policy" in reloads.refusal
+    done = CliRunner().invoke(main, [*args, "--default-policy", "maybe"])  # the operator's own invocation
+    assert done.exit_code == 2 and "--default-policy" in done.output
     done = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "missing")])
-    assert done.exit_code == 2 and "cannot read" in done.output
+    assert done.exit_code == 2 and "cannot read" in done.output and len(started) == 1
 
 
 def test_the_agent_applies_a_new_content_to_its_proxy_and_log_level_and_reports_the_rest(tmp_path):

@@ -14,8 +14,11 @@ talks to the API (the mesh label picks what its cluster view watches). The cost 
 kubelet's delay of up to a minute or so; settings are not changed often.
 """
 
+import enum
 import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -65,10 +68,16 @@ class ConfigDir:
     caller validates it and keeps its settings when it is not)."""
 
     def __init__(self, directory: Path, now: float):
-        """OSError or ConfigDirError if it cannot be read."""
+        """OSError if it cannot be read; a content no settings ConfigMap could hold is kept in
+        `error` (and `texts` left empty)."""
         self.directory = directory
-        self.texts = read_texts(directory)
-        self._seen = _digest(self.texts)
+        self.error: ConfigDirError | None = None
+        try:
+            self.texts = read_texts(directory)
+            self._seen = _digest(self.texts)
+        except ConfigDirError as e:
+            self.error, self.texts = e, {}
+            self._seen = hashlib.sha256(str(e).encode()).digest()
         self._next = now + CHECK_S
 
     def changed(self, now: float) -> dict[str, str] | None:
@@ -96,22 +105,97 @@ class ConfigDir:
         return texts
 
 
+class LastGood:
+    """The last content of the directory this node's agent applied, copied to the agent's state
+    directory (`--state-dir`, a hostPath on the node: it outlives the container and the pod).
+    An agent that starts while the directory holds a bad content starts from it instead of
+    refusing to start (every agent that (re)starts after a bad edit would crash-loop, and its
+    pods fail closed). Written whole (a temporary file renamed over it), so an agent killed
+    mid-write leaves the previous copy; the surge roll's two agents write the same content."""
+
+    NAME = "config-last-good.json"
+
+    def __init__(self, state_dir: Path | None):
+        self.path = state_dir / self.NAME if state_dir else None
+
+    def save(self, texts: dict[str, str]) -> None:
+        if self.path is None:
+            return
+        staged = self.path.with_name(f".{self.NAME}.{os.getpid()}")
+        try:
+            staged.write_text(json.dumps(texts, sort_keys=True))
+            os.replace(staged, self.path)
+        except OSError as e:  # the copy only helps a later start: the agent runs on without it
+            log.warning("settings: cannot keep a copy of the settings applied in %s: %s", self.path, e)
+
+    def load(self) -> dict[str, str] | None:
+        """The copy, or None when there is none (or it is not a copy we wrote: logged)."""
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            texts = json.loads(self.path.read_bytes()[:MAX_KEYS * (MAX_VALUE_BYTES + 256)])
+        except (OSError, ValueError) as e:
+            log.warning("settings: the copy of the last settings applied, %s, cannot be read: %s", self.path, e)
+            return None
+        if not (isinstance(texts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in texts.items())):
+            log.warning("settings: %s is not a copy of settings applied: ignored", self.path)
+            return None
+        return texts
+
+
+class Start(enum.Enum):
+    """Where the settings an agent started with came from."""
+    DIRECTORY = "directory"  # the directory's content, valid
+    LAST_GOOD = "last-good"  # the directory's was refused: the last content applied on this node
+    COMMAND_LINE = "command-line"  # refused, and no valid copy: the command line's values and defaults
+
+
 class SettingsReloads:
     """The agent's side: the directory over the command line's settings (`base`), each new
     content validated and planned (live_settings.plan), what happened counted and kept for
     /stats and /metrics. A refused content changes nothing and leaves readiness alone."""
 
-    def __init__(self, directory: Path, base: AgentSettings, now: float):
-        """OSError or ConfigDirError if the directory cannot be read; `initial` validates it."""
+    def __init__(self, directory: Path, base: AgentSettings, now: float, state_dir: Path | None = None):
+        """OSError if the directory cannot be read (the command line names no directory we can
+        read: the agent does not start); `initial` validates its content."""
         self.files = ConfigDir(directory, now)
         self.base = base
+        self.last_good = LastGood(state_dir)
         self.counts = {"applied": 0, "restart": 0, "unchanged": 0, "refused": 0}
         self.refusal: str | None = None  # why the directory's current content is not in use
         self.needs_restart: dict[str, str] = {}  # flag -> why its wanted value waits
+        self.start = Start.DIRECTORY
 
     def initial(self) -> AgentSettings:
-        """The settings to start with; SettingsError names a bad key or value (the agent does not start)."""
-        return live_settings.overlay(self.files.texts, self.base)
+        """The settings to start with: the directory's over the command line's; if its content
+        is bad, refused as at runtime (logged naming the flag, counted, in /stats) and the agent
+        starts from the last content applied on this node, else from the command line alone."""
+        try:
+            if self.files.error is not None:
+                raise self.files.error
+            wanted = live_settings.overlay(self.files.texts, self.base)
+        except (ConfigDirError, SettingsError) as e:
+            self._refuse(f"{self.files.directory}: {e}" if isinstance(e, SettingsError) else str(e))
+            return self._fallback()
+        self.last_good.save(self.files.texts)
+        return wanted
+
+    def _fallback(self) -> AgentSettings:
+        texts = self.last_good.load()
+        if texts is not None:
+            try:
+                settings_ = live_settings.overlay(texts, self.base)
+            except SettingsError as e:  # a copy of another version's settings, say
+                log.warning("settings: the last settings applied on this node (%s) are refused too: %s",
+                            self.last_good.path, e)
+            else:
+                self.start = Start.LAST_GOOD
+                log.warning("settings: starting from the last settings applied on this node (%s)",
+                            self.last_good.path)
+                return settings_
+        self.start = Start.COMMAND_LINE
+        log.warning("settings: starting from the command line's settings and the defaults alone")
+        return self.base
 
     def check(self, running: AgentSettings, now: float) -> live_settings.Change | None:
         """A change to apply, once the directory holds a new valid content; else None."""
@@ -128,6 +212,7 @@ class SettingsReloads:
             self._refuse(f"{self.files.directory}: {e}")
             return None
         self.refusal = None
+        self.last_good.save(texts)
         self.needs_restart = change.needs_restart
         applied, waiting = live_settings.describe(running, change)
         for line in applied:
@@ -144,7 +229,8 @@ class SettingsReloads:
         log.error("settings: the new ConfigMap is refused, the settings in use stay: %s", why)
 
     def status(self, running: AgentSettings) -> dict:
-        return {"directory": str(self.files.directory), "reloads": dict(self.counts), "refused": self.refusal,
+        return {"directory": str(self.files.directory), "started_from": self.start.value,
+                "reloads": dict(self.counts), "refused": self.refusal,
                 "needs_restart": dict(self.needs_restart),
                 "in_use": {o.flag: settings.show(running, o) for o in settings.cluster_options()}}
 

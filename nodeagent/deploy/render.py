@@ -118,6 +118,7 @@ def render(values: Values) -> list[dict]:
 
 
 CONFIG_DIR = "/etc/nodeagent/config"  # the ConfigMap, mounted: the agent watches it (--config-dir)
+STATE_DIR = "/var/lib/nodeagent"  # on the node: what an agent keeps for the next one (--state-dir)
 
 
 TERMINATION_MARGIN_S = 30  # beyond the drain deadline: the agent cuts what is left and exits
@@ -160,7 +161,8 @@ def daemonset(values: Values) -> dict:
                         "args": ["run", "--kube", "--node-name=$(NODE_NAME)",
                                  "--identity-dir=/var/run/nodeagent/identity",
                                  f"--admin=127.0.0.1:{values.admin_port}", f"--metrics=0.0.0.0:{values.metrics_port}",
-                                 "--pin-root=/sys/fs/bpf/nodeagent", f"--config-dir={CONFIG_DIR}"],
+                                 "--pin-root=/sys/fs/bpf/nodeagent", f"--config-dir={CONFIG_DIR}",
+                                 f"--state-dir={STATE_DIR}"],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             # With --workers 0 the agent runs as many processes as this allows.
@@ -193,6 +195,7 @@ def daemonset(values: Values) -> dict:
                             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                             {"name": "run", "mountPath": "/run"},
                             {"name": "tmp", "mountPath": "/tmp"},
+                            {"name": "state", "mountPath": STATE_DIR},
                         ],
                     }],
                     "volumes": [
@@ -203,6 +206,9 @@ def daemonset(values: Values) -> dict:
                         {"name": "config", "configMap": {"name": f"{NAME}-config"}},
                         {"name": "run", "emptyDir": {"medium": "Memory"}},
                         {"name": "tmp", "emptyDir": {}},  # the root filesystem is read-only
+                        # The last settings applied, for an agent that starts on a bad ConfigMap
+                        # (a new pod, or after a reboot, too: not an emptyDir).
+                        host("state", STATE_DIR, "DirectoryOrCreate"),
                     ],
                 },
             },
