@@ -263,11 +263,11 @@ def run(**given):
     if agent_settings.config_dir:
         import time
 
-        from nodeagent.agent.config_dir import SettingsReloads
+        from nodeagent.agent.config_dir import SettingsReloads, termination_grace
 
         try:
             reloads = SettingsReloads(agent_settings.config_dir, agent_settings, time.monotonic(),
-                                      agent_settings.state_dir)
+                                      agent_settings.state_dir, termination_grace(os.environ))
         except OSError as e:
             raise click.BadParameter(f"cannot read {agent_settings.config_dir}: {e}", param_hint="--config-dir")
         # A bad content is refused as at runtime, and the agent starts from the last good one

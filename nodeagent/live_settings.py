@@ -6,7 +6,8 @@ The ConfigMap is a directory of files, one per CLUSTER setting, named by its fla
 holds overrides the flag; a key it lacks keeps the command line's value, else the default. A new
 directory is validated whole (`plan`): one bad value refuses the whole set, naming its flag, and
 the settings in use stay. Of a valid set, each setting in LIVE is applied to the running agent
-and its workers (established connections keep what they were admitted with; new connections and
+and its workers (established connections keep what they were admitted with, but for those a new
+policy refuses and those a lowered memory budget makes the memory guard cut; new connections and
 new certificates use the new value); each in NEEDS_RESTART keeps its running value and is
 reported, with the reason, until a restart takes it (the DaemonSet rolls hitlessly).
 """
@@ -39,8 +40,10 @@ LIVE = {
     "pod_limits": "every pod's next admission (pods' own annotations still win); what a pod holds over a lowered "
                   "limit stays, and it gets no more until under it",
     "max_connections": "the node's next admission",
-    "memory_budget": "the memory guard's next check",
-    "drain_timeout": "the next drain (the DaemonSet's terminationGracePeriodSeconds follows only at install)",
+    "memory_budget": "the memory guard's next check (a process left above its share cuts the established "
+                     "connections holding the most buffered bytes, as in any memory emergency)",
+    "drain_timeout": "the next drain (the DaemonSet's terminationGracePeriodSeconds follows only at install: "
+                     "a longer drain than it allows is warned of)",
     "trace_sampling": "traces started from now on",
     "trace_collector": "connections opened from now on are traced (or not, when emptied); spans are posted to the "
                        "new collector from the next batch on",
@@ -48,6 +51,11 @@ LIVE = {
                   "destination before its next write)",
 }
 POLICY_ATTRS = ("default_policy", "cluster_networks")
+# The DaemonSet's terminationGracePeriodSeconds is drain-timeout plus this, set at install; the
+# chart also gives it to the agent in GRACE_ENV, so a drain-timeout raised live beyond what the
+# kubelet waits for is told (a drain that long is SIGKILLed before its deadline).
+TERMINATION_MARGIN_S = 30
+GRACE_ENV = "NODEAGENT_TERMINATION_GRACE_S"
 UNDECLARED = "not declared live (live_settings.LIVE)"  # a new setting waits for a restart until it is
 
 
@@ -91,6 +99,18 @@ def plan(running: AgentSettings, base: AgentSettings, texts: Mapping[str, str]) 
     waiting = {o.flag: why_restart(o.attr) for o in model.cluster_options()
                if waits_for_restart(o.attr) and getattr(wanted, o.attr) != getattr(running, o.attr)}
     return Change(effective, wanted, applied, waiting)
+
+
+def drain_beyond_grace(drain_timeout: float, grace_s: float | None) -> str | None:
+    """Why a drain of `drain_timeout` would be SIGKILLed by the kubelet before its deadline, or
+    None (also when the pod's grace period is not known)."""
+    if grace_s is None or drain_timeout + TERMINATION_MARGIN_S <= grace_s:
+        return None
+    return (f"--drain-timeout {model.BY_FLAG['drain-timeout'].show(drain_timeout)} is longer than this pod's "
+            f"terminationGracePeriodSeconds ({grace_s:.0f} s) allows ({max(grace_s - TERMINATION_MARGIN_S, 0):.0f} s "
+            f"with the {TERMINATION_MARGIN_S} s margin): a drain that long is killed (SIGKILL) before its deadline, "
+            f"its connections reset; the grace period follows only with helm upgrade / nodeagent install, "
+            f"which rolls the agents")
 
 
 def describe(running: AgentSettings, change: Change) -> tuple[list[str], list[str]]:

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nodeagent import settings
+from nodeagent import live_settings, settings
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, PROCESS_MEMORY_BYTES, automatic_processes
 from nodeagent.deploy.render import CONFIG_DIR, Values, render, restart_keys
 from nodeagent.identity.ca import Authority
@@ -170,8 +170,10 @@ def test_the_daemonset_starts_on_stock_nodes(identity):
     assert container["startupProbe"]["httpGet"]["path"] == "/live"
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 300
     assert "initialDelaySeconds" not in container["livenessProbe"]  # the startup probe holds it
-    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    env = {e["name"]: e.get("valueFrom", e.get("value")) for e in container["env"]}
     assert env[MEMORY_LIMIT_ENV] == {"resourceFieldRef": {"containerName": "agent", "resource": "limits.memory"}}
+    # The agent knows its grace period, to warn of a drain-timeout raised live beyond it.
+    assert env[live_settings.GRACE_ENV] == str(pod["terminationGracePeriodSeconds"]) == "630"
 
 
 def test_automatic_processes_fit_the_memory_limit():

@@ -292,3 +292,26 @@ def test_tracing_turned_on_off_and_moved_live_keeps_one_exporter_per_process():
             proxy.close_listeners()
 
     asyncio.run(main())
+
+
+def test_a_drain_timeout_raised_beyond_the_pods_grace_period_is_warned_of_at_start_and_live(tmp_path, caplog):
+    assert live_settings.drain_beyond_grace(600.0, 630.0) is None
+    assert live_settings.drain_beyond_grace(3600.0, None) is None  # not told: nothing to say
+    assert "terminationGracePeriodSeconds (630 s) allows (600 s" in live_settings.drain_beyond_grace(601.0, 630.0)
+    assert config_dir.termination_grace({live_settings.GRACE_ENV: "630"}) == 630.0
+    assert config_dir.termination_grace({}) is None and config_dir.termination_grace({"x": "y"}) is None
+    assert config_dir.termination_grace({live_settings.GRACE_ENV: "soon"}) is None
+
+    kubelet_write(tmp_path, {"drain-timeout": "10m"}, 1)
+    reloads = SettingsReloads(tmp_path, BASE, now=0.0, grace_s=630.0)
+    running = reloads.initial()
+    assert not [r for r in caplog.records if "SIGKILL" in r.message]
+    kubelet_write(tmp_path, {"drain-timeout": "1h"}, 2)
+    change = reloads.check(running, CHECK_S)
+    assert change.settings.drain_timeout == 3600.0  # applied: the next drain takes it, as documented
+    [warning] = [r for r in caplog.records if "SIGKILL" in r.message]
+    assert warning.levelname == "WARNING" and "--drain-timeout 1h" in warning.message
+    assert "(630 s)" in warning.message
+    restarted = SettingsReloads(tmp_path, BASE, now=0.0, grace_s=630.0)
+    restarted.initial()
+    assert len([r for r in caplog.records if "SIGKILL" in r.message]) == 2

@@ -105,6 +105,16 @@ class ConfigDir:
         return texts
 
 
+def termination_grace(environ) -> float | None:
+    """The pod's terminationGracePeriodSeconds, as the chart passes it (GRACE_ENV); None if not."""
+    text = environ.get(live_settings.GRACE_ENV)
+    try:
+        return float(text) if text else None
+    except ValueError:
+        log.warning("settings: %s=%r is not a number of seconds: ignored", live_settings.GRACE_ENV, text)
+        return None
+
+
 class LastGood:
     """The last content of the directory this node's agent applied, copied to the agent's state
     directory (`--state-dir`, a hostPath on the node: it outlives the container and the pod).
@@ -155,7 +165,8 @@ class SettingsReloads:
     content validated and planned (live_settings.plan), what happened counted and kept for
     /stats and /metrics. A refused content changes nothing and leaves readiness alone."""
 
-    def __init__(self, directory: Path, base: AgentSettings, now: float, state_dir: Path | None = None):
+    def __init__(self, directory: Path, base: AgentSettings, now: float, state_dir: Path | None = None,
+                 grace_s: float | None = None):
         """OSError if the directory cannot be read (the command line names no directory we can
         read: the agent does not start); `initial` validates its content."""
         self.files = ConfigDir(directory, now)
@@ -165,6 +176,7 @@ class SettingsReloads:
         self.refusal: str | None = None  # why the directory's current content is not in use
         self.needs_restart: dict[str, str] = {}  # flag -> why its wanted value waits
         self.start = Start.DIRECTORY
+        self.grace_s = grace_s  # the pod's terminationGracePeriodSeconds, when the chart tells it
 
     def initial(self) -> AgentSettings:
         """The settings to start with: the directory's over the command line's; if its content
@@ -178,6 +190,7 @@ class SettingsReloads:
             self._refuse(f"{self.files.directory}: {e}" if isinstance(e, SettingsError) else str(e))
             return self._fallback()
         self.last_good.save(self.files.texts)
+        self._warn_drain(wanted)
         return wanted
 
     def _fallback(self) -> AgentSettings:
@@ -192,10 +205,17 @@ class SettingsReloads:
                 self.start = Start.LAST_GOOD
                 log.warning("settings: starting from the last settings applied on this node (%s)",
                             self.last_good.path)
+                self._warn_drain(settings_)
                 return settings_
         self.start = Start.COMMAND_LINE
         log.warning("settings: starting from the command line's settings and the defaults alone")
+        self._warn_drain(self.base)
         return self.base
+
+    def _warn_drain(self, settings_: AgentSettings) -> None:
+        why = live_settings.drain_beyond_grace(settings_.drain_timeout, self.grace_s)
+        if why:
+            log.warning("settings: %s", why)
 
     def check(self, running: AgentSettings, now: float) -> live_settings.Change | None:
         """A change to apply, once the directory holds a new valid content; else None."""
@@ -219,6 +239,8 @@ class SettingsReloads:
             log.info("settings: %s", line)
         for line in waiting:
             log.warning("settings: %s", line)
+        if "drain-timeout" in change.applied:
+            self._warn_drain(change.settings)
         outcome = "applied" if change.applied else "restart" if change.needs_restart else "unchanged"
         self.counts[outcome] += 1
         return change

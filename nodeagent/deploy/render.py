@@ -121,7 +121,7 @@ CONFIG_DIR = "/etc/nodeagent/config"  # the ConfigMap, mounted: the agent watche
 STATE_DIR = "/var/lib/nodeagent"  # on the node: what an agent keeps for the next one (--state-dir)
 
 
-TERMINATION_MARGIN_S = 30  # beyond the drain deadline: the agent cuts what is left and exits
+TERMINATION_MARGIN_S = live_settings.TERMINATION_MARGIN_S  # beyond the drain deadline: the agent cuts and exits
 
 
 def termination_grace_s(drain_timeout: float) -> int:
@@ -165,6 +165,9 @@ def daemonset(values: Values) -> dict:
                                  f"--state-dir={STATE_DIR}"],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            # The grace period, for the agent to warn of a drain-timeout raised live beyond it.
+                            {"name": live_settings.GRACE_ENV,
+                             "value": str(termination_grace_s(values.settings.drain_timeout))},
                             # With --workers 0 the agent runs as many processes as this allows.
                             {"name": "NODEAGENT_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {
                                 "containerName": "agent", "resource": "limits.memory"}}},
