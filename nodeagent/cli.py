@@ -107,7 +107,8 @@ def label(pod, change):
 
 @lab.command("config")
 @click.argument("changes", nargs=-1)
-@click.option("--no-check", is_flag=True, help="Write even what the agents will refuse (to see them refuse it).")
+@click.option("--no-check", is_flag=True,
+              help="Write even what the agents will refuse (to see them refuse it); keys are checked still.")
 def config_(changes, no_check):
     """Change the agents' cluster settings live: KEY=VALUE sets one (a `nodeagent run` flag's name),
     KEY- removes it; none: show them. The agents apply what can change live and report what needs a restart."""

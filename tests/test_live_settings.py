@@ -315,3 +315,53 @@ def test_a_drain_timeout_raised_beyond_the_pods_grace_period_is_warned_of_at_sta
     restarted = SettingsReloads(tmp_path, BASE, now=0.0, grace_s=630.0)
     restarted.initial()
     assert len([r for r in caplog.records if "SIGKILL" in r.message]) == 2
+
+
+def test_a_key_that_is_not_a_plain_file_name_is_never_written_even_unchecked(tmp_path):
+    directory = tmp_path / "lab" / "config"
+    lab_config.change(directory, ["log-level=debug"])
+    for key in ("../../escaped", "../escaped", "..data", ".hidden", "a/b", "a..b", "sp ace", ""):
+        with pytest.raises(ValueError, match="plain file name"):
+            lab_config.change(directory, [f"{key}=1"], check=False)
+    with pytest.raises(ValueError, match="plain file name"):
+        lab_config.write(directory, {"../../escaped": "1"})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "..20" not in p.as_posix()) == [
+        "lab", "lab/config", "lab/config/..data", "lab/config/log-level"]
+    assert read_texts(directory) == {"log-level": "debug"}
+    assert config_dir.plain_key("drain-timeout") and config_dir.plain_key("a.b_c-1")
+
+
+def test_the_reader_ignores_and_reports_an_entry_that_is_not_a_settings_file(tmp_path, caplog):
+    (tmp_path / "log-level").write_text("debug")
+    (tmp_path / "sp ace").write_text("x")
+    (tmp_path / "sub").mkdir()
+    generation = config_dir.read_generation(tmp_path)
+    assert generation.texts == {"log-level": "debug"}
+    assert generation.ignored == ["'sp ace': not a plain key name", "'sub': not a regular file"]
+    reloads = SettingsReloads(tmp_path, BASE, now=0.0)
+    assert reloads.initial().log_level == "debug" and reloads.refusal is None
+    assert reloads.status(BASE)["ignored"] == generation.ignored
+    assert any("ignored" in r.message and "'sp ace'" in r.message for r in caplog.records)
+
+
+def test_an_unreadable_directory_is_counted_and_warned_of_after_a_few_reads_at_most_once_a_minute(tmp_path, caplog):
+    settings_dir = tmp_path / "config"
+    kubelet_write(settings_dir, {"log-level": "info"}, 1)
+    reloads = SettingsReloads(settings_dir, BASE, now=0.0)
+    running = reloads.initial()
+    settings_dir.rename(tmp_path / "gone")  # a broken mount, say
+    warnings = lambda: [r for r in caplog.records if r.levelname == "WARNING" and "cannot be read" in r.message]  # noqa: E731
+    checks = [CHECK_S * k for k in range(1, 41)]  # 80 s
+    for now in checks[:2]:
+        assert reloads.check(running, now) is None
+    assert reloads.files.unreadable == 2 and warnings() == []  # a swap mid-read fails one read, not a warning
+    for now in checks[2:]:
+        assert reloads.check(running, now) is None
+    assert reloads.files.unreadable == 40 and reloads.status(running)["unreadable"] == 40
+    assert len(warnings()) == 2 and "3 reads in a row" in warnings()[0].message  # at 6 s, then at 66 s
+    families = {f.name: f.samples for f in config_dir.SettingsCollector(reloads).collect()}
+    assert families["config_dir_unreadable"][0].value == 40
+    (tmp_path / "gone").rename(settings_dir)
+    kubelet_write(settings_dir, {"log-level": "debug"}, 2)
+    assert reloads.check(running, 41 * CHECK_S).settings.log_level == "debug"
+    assert reloads.files._failing == 0

@@ -1,8 +1,9 @@
 """The cluster settings' directory (`--config-dir`: the ConfigMap mounted as a volume), watched.
 
 The kubelet writes a mounted ConfigMap as one file per key in a timestamped directory and
-swaps the `..data` symlink to it, so a new generation appears at once, within about a minute
-of the ConfigMap's change (its sync period plus its cache). Every key is read from the
+swaps the `..data` symlink to it, so a new generation appears at once, up to about 2 minutes
+after the ConfigMap's change by default (its sync period, 1 min plus jitter, plus its cache's
+delay: a watch's propagation, or up to the cache's TTL, 1 min, under the TTL strategy). Every key is read from the
 generation `..data` points to when the read starts, so a read never mixes two generations; a
 generation removed while it was read is read again at the next check. A directory without
 `..data` (written by hand, or the lab's before its first change) is read as it is.
@@ -11,7 +12,7 @@ Why a mounted volume and not an API watch of the ConfigMap: the files are read t
 the lab and on a cluster (the lab writes them as the kubelet does), they need no RBAC rule, no
 reflector and no namespace or name given to the agent, and the agent starts from them before it
 talks to the API (the mesh label picks what its cluster view watches). The cost is the
-kubelet's delay of up to a minute or so; settings are not changed often.
+kubelet's delay of up to about 2 minutes; settings are not changed often.
 """
 
 import enum
@@ -19,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -31,21 +34,45 @@ CHECK_S = 2.0  # how often the directory is read
 DATA_LINK = "..data"
 MAX_KEYS = 64  # a ConfigMap holds at most 1 MiB; the settings are about twenty short values
 MAX_VALUE_BYTES = 4096
+KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")  # a ConfigMap key, as the API server checks it
+UNREADABLE_WARN_AFTER = 3  # failed reads in a row before a warning: the kubelet's swap fails one at most
+UNREADABLE_WARN_EVERY_S = 60.0  # then at most one warning a minute while it stays unreadable
 
 
 class ConfigDirError(ValueError):
     pass
 
 
-def read_texts(directory: Path) -> dict[str, str]:
-    """key -> text of one generation of the directory. OSError if it cannot be read now
-    (a generation swapped away mid-read), ConfigDirError if it holds more than a ConfigMap of
-    settings could."""
+def plain_key(name: str) -> bool:
+    """A key that names a file in the directory itself: a ConfigMap key's characters, no leading
+    dot (the kubelet's own entries, `..data`, start with one), no `..`, no `/`."""
+    return KEY.fullmatch(name) is not None and not name.startswith(".") and ".." not in name
+
+
+@dataclass
+class Generation:
+    texts: dict[str, str]  # key -> text
+    ignored: list[str] = field(default_factory=list)  # entries that are no setting's file (names, why)
+
+
+def read_generation(directory: Path) -> Generation:
+    """One generation of the directory: key -> text, and the entries ignored (not a plain key's
+    name, or not a regular file). OSError if it cannot be read now (a generation swapped away
+    mid-read), ConfigDirError if it holds more than a ConfigMap of settings could."""
     link = directory / DATA_LINK
     root = directory / link.readlink() if link.is_symlink() else directory
-    names = sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".") and entry.is_file())
-    if len(names) > MAX_KEYS:
-        raise ConfigDirError(f"{directory}: {len(names)} keys, more than the {MAX_KEYS} a settings ConfigMap has")
+    names, ignored = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue  # the kubelet's generations and links, hidden files: not settings
+        if not plain_key(entry.name):
+            ignored.append(f"{entry.name!r}: not a plain key name")
+        elif not entry.is_file():
+            ignored.append(f"{entry.name!r}: not a regular file")
+        else:
+            names.append(entry.name)
+    if len(names) + len(ignored) > MAX_KEYS:
+        raise ConfigDirError(f"{directory}: {len(names) + len(ignored)} keys, more than the {MAX_KEYS} a settings ConfigMap has")
     texts = {}
     for name in names:
         with open(root / name, "rb") as file:
@@ -56,11 +83,16 @@ def read_texts(directory: Path) -> dict[str, str]:
             texts[name] = data.decode()
         except UnicodeDecodeError:
             raise ConfigDirError(f"{directory}: {name}: not UTF-8 text") from None
-    return texts
+    return Generation(texts, ignored)
 
 
-def _digest(texts: dict[str, str]) -> bytes:
-    return hashlib.sha256(repr(sorted(texts.items())).encode()).digest()
+def read_texts(directory: Path) -> dict[str, str]:
+    """key -> text of one generation of the directory (read_generation's, ignored entries left out)."""
+    return read_generation(directory).texts
+
+
+def _digest(generation: Generation) -> bytes:
+    return hashlib.sha256(repr((sorted(generation.texts.items()), generation.ignored)).encode()).digest()
 
 
 class ConfigDir:
@@ -72,9 +104,14 @@ class ConfigDir:
         `error` (and `texts` left empty)."""
         self.directory = directory
         self.error: ConfigDirError | None = None
+        self.ignored: list[str] = []  # the current content's entries that are no setting's file
+        self.unreadable = 0  # failed reads, since start (config_dir_unreadable_total)
+        self._failing = 0  # failed reads in a row
+        self._warned_at: float | None = None
         try:
-            self.texts = read_texts(directory)
-            self._seen = _digest(self.texts)
+            generation = read_generation(directory)
+            self._take(generation)
+            self._seen = _digest(generation)
         except ConfigDirError as e:
             self.error, self.texts = e, {}
             self._seen = hashlib.sha256(str(e).encode()).digest()
@@ -87,22 +124,44 @@ class ConfigDir:
             return None
         self._next = now + CHECK_S
         try:
-            texts = read_texts(self.directory)
-        except OSError as e:  # the kubelet swapped generations while we read: next check
-            log.debug("the settings in %s cannot be read now (%s): read again in %.0f s", self.directory, e, CHECK_S)
+            generation = read_generation(self.directory)
+        except OSError as e:
+            self._unreadable(e, now)
             return None
         except ConfigDirError as e:
+            self._failing = 0
             digest = hashlib.sha256(str(e).encode()).digest()
             if digest != self._seen:
                 self._seen = digest
                 raise
             return None
-        digest = _digest(texts)
+        self._failing = 0
+        digest = _digest(generation)
         if digest == self._seen:
             return None
         self._seen = digest
-        self.texts = texts
-        return texts
+        self._take(generation)
+        return self.texts
+
+    def _take(self, generation: Generation) -> None:
+        self.texts, self.ignored = generation.texts, generation.ignored
+        if self.ignored:  # the API server admits no such key: a directory written by other hands
+            log.warning("settings: %s: ignored, not a setting's file: %s", self.directory, "; ".join(self.ignored))
+
+    def _unreadable(self, error: OSError, now: float) -> None:
+        """One failed read: the kubelet swapped generations while we read (the next check reads
+        the new one), or the directory is gone or unreadable (a broken mount, permissions),
+        which would otherwise go unnoticed while the agent runs on its settings: counted, and
+        warned of once it fails a few times in a row, at most once a minute."""
+        self.unreadable += 1
+        self._failing += 1
+        if self._failing < UNREADABLE_WARN_AFTER:
+            log.debug("the settings in %s cannot be read now (%s): read again in %.0f s", self.directory, error,
+                      CHECK_S)
+        elif self._warned_at is None or now - self._warned_at >= UNREADABLE_WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("settings: %s cannot be read (%d reads in a row failed, %s): the settings in use stay; "
+                        "changes to the ConfigMap are not seen", self.directory, self._failing, error)
 
 
 def termination_grace(environ) -> float | None:
@@ -252,7 +311,8 @@ class SettingsReloads:
 
     def status(self, running: AgentSettings) -> dict:
         return {"directory": str(self.files.directory), "started_from": self.start.value,
-                "reloads": dict(self.counts), "refused": self.refusal,
+                "reloads": dict(self.counts), "refused": self.refusal, "ignored": list(self.files.ignored),
+                "unreadable": self.files.unreadable,
                 "needs_restart": dict(self.needs_restart),
                 "in_use": {o.flag: settings.show(running, o) for o in settings.cluster_options()}}
 
@@ -278,3 +338,8 @@ class SettingsCollector:
         for flag in self.reloads.needs_restart:
             waiting.add_metric([flag], 1)
         yield waiting
+        unreadable = CounterMetricFamily("config_dir_unreadable", "Reads of the settings' directory that failed "
+                                         "(one now and then: the kubelet swapped it mid-read; many in a row: a "
+                                         "broken mount, changes unseen)")
+        unreadable.add_metric([], self.reloads.files.unreadable)
+        yield unreadable

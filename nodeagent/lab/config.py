@@ -22,8 +22,21 @@ def read(directory: Path) -> dict[str, str]:
     return read_texts(directory) if directory.exists() else {}
 
 
+def check_keys(keys) -> None:
+    """ValueError for a key that is not a plain file name (`../x` would be written outside the
+    generation and linked outside the directory), whatever --no-check says: the API server
+    refuses such ConfigMap keys too."""
+    from nodeagent.agent.config_dir import plain_key
+
+    bad = sorted(key for key in keys if not plain_key(key))
+    if bad:
+        raise ValueError(f"not written: {', '.join(map(repr, bad))}: a key is a plain file name of letters, digits, "
+                         "'-', '_' and '.' (no leading '.', no '..')")
+
+
 def write(directory: Path, data: dict[str, str]) -> None:
     """Replace the directory's content with `data`, atomically for a reader that goes through `..data`."""
+    check_keys(data)
     directory.mkdir(parents=True, exist_ok=True)
     link = directory / DATA_LINK
     old = os.readlink(link) if link.is_symlink() else None
@@ -62,9 +75,12 @@ def parse_changes(changes: list[str]) -> dict[str, str | None]:
 
 def change(directory: Path, changes: list[str], check: bool = True) -> dict[str, str]:
     """Apply KEY=VALUE / KEY- changes to the directory; the new content. With `check`, a content
-    the agents would refuse is refused here first (ValueError naming the flag), unwritten."""
+    the agents would refuse is refused here first (ValueError naming the flag), unwritten; a key
+    that is not a plain file name is refused even without it."""
     data = read(directory)
-    for key, value in parse_changes(changes).items():
+    parsed = parse_changes(changes)
+    check_keys(parsed)
+    for key, value in parsed.items():
         if value is None:
             data.pop(key, None)
         else:
