@@ -5,14 +5,17 @@ a restart is reported, and a bad value is refused with the settings in use kept.
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import pytest
 
 from nodeagent.lab import lab as lab_ops
-from test_proxy import wait_until
+from test_proxy import _agent_pid, wait_until
 
 pytestmark = pytest.mark.privileged
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -23,12 +26,15 @@ ATTEMPTS = 6  # new connections tried after each change
 def lab():
     lab_ops.down()
     saved = lab_ops.AGENT_EXTRA_ARGS
-    lab_ops.AGENT_EXTRA_ARGS = [*saved, "--workers=2"]  # the agent and one worker: both must take the change
+    state = tempfile.mkdtemp(prefix="nodeagent-state-")  # the agents' last good settings (both write the same)
+    # The agent and one worker: both must take the change.
+    lab_ops.AGENT_EXTRA_ARGS = [*saved, "--workers=2", f"--state-dir={state}"]
     try:
         yield lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
     finally:
         lab_ops.AGENT_EXTRA_ARGS = saved
         lab_ops.down()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 class Client:
@@ -153,3 +159,31 @@ def test_a_setting_that_needs_a_restart_is_reported_and_a_bad_value_keeps_the_se
     settings = stats(node0)["settings"]
     assert settings["needs_restart"] == {} and settings["refused"] is None
     assert settings["in_use"]["max-connections"] == "20000"
+
+
+def test_an_agent_started_again_on_a_bad_content_starts_from_the_last_good_one_and_serves(lab):
+    """A node's agent killed (OOM, reboot) while the ConfigMap holds a bad value: its successor
+    refuses the value as a running agent does, starts from the last content applied, and serves."""
+    node0 = lab.plan.nodes[0]
+    echo1 = f"{lab.plan.pod('echo-n1-0').ip}:9000"
+    configure(lab, "max-connections=500")
+    configure(lab, "max-connections=many", check=False)
+    pid = _agent_pid(lab, node0.name)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+               "node0's agent to die", 10)
+    log_from = len(agent_log(node0))
+    lab_ops.start_agent(lab, node0)
+    lab_ops.wait_agent_ready(node0)  # it started, on the bad content
+    settings = stats(node0)["settings"]
+    assert settings["started_from"] == "last-good" and "--max-connections" in settings["refused"]
+    assert settings["in_use"]["max-connections"] == "500"
+    assert sample(metrics(node0), "config_reloads_total", result="refused") == 1
+    assert "settings: the new ConfigMap is refused" in agent_log(node0)[log_from:]
+    client = Client(lab, "client-n0-0")
+    try:
+        assert client.open_many("restarted", echo1) == ["ok"] * ATTEMPTS  # its pods are served
+    finally:
+        client.close()
+    configure(lab, "max-connections-")  # fixed: taken live
+    assert stats(node0)["settings"]["refused"] is None
