@@ -365,3 +365,12 @@ def test_an_unreadable_directory_is_counted_and_warned_of_after_a_few_reads_at_m
     kubelet_write(settings_dir, {"log-level": "debug"}, 2)
     assert reloads.check(running, 41 * CHECK_S).settings.log_level == "debug"
     assert reloads.files._failing == 0
+
+
+def test_a_last_good_copy_that_is_not_ours_is_ignored(tmp_path, caplog):
+    kubelet_write(tmp_path / "config", {"max-connections": "many"}, 1)
+    for text in ("[1, 2]", "{not json", " " * (config_dir.MAX_COPY_BYTES + 1)):
+        (tmp_path / config_dir.LastGood.NAME).write_text(text)
+        reloads = SettingsReloads(tmp_path / "config", BASE, now=0.0, state_dir=tmp_path)
+        assert reloads.initial() == BASE and reloads.start is config_dir.Start.COMMAND_LINE
+    assert sum("last settings applied" in r.message or "not a copy" in r.message for r in caplog.records) == 3

@@ -34,6 +34,7 @@ CHECK_S = 2.0  # how often the directory is read
 DATA_LINK = "..data"
 MAX_KEYS = 64  # a ConfigMap holds at most 1 MiB; the settings are about twenty short values
 MAX_VALUE_BYTES = 4096
+MAX_COPY_BYTES = MAX_KEYS * 6 * (MAX_VALUE_BYTES + 256)  # a last-good copy: JSON escapes a byte in 6 at most
 KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")  # a ConfigMap key, as the API server checks it
 UNREADABLE_WARN_AFTER = 3  # failed reads in a row before a warning: the kubelet's swap fails one at most
 UNREADABLE_WARN_EVERY_S = 60.0  # then at most one warning a minute while it stays unreadable
@@ -202,7 +203,11 @@ class LastGood:
         if self.path is None or not self.path.exists():
             return None
         try:
-            texts = json.loads(self.path.read_bytes()[:MAX_KEYS * (MAX_VALUE_BYTES + 256)])
+            with open(self.path, "rb") as file:
+                data = file.read(MAX_COPY_BYTES + 1)
+            if len(data) > MAX_COPY_BYTES:
+                raise ValueError(f"longer than the {MAX_COPY_BYTES} bytes of a settings ConfigMap's copy")
+            texts = json.loads(data)
         except (OSError, ValueError) as e:
             log.warning("settings: the copy of the last settings applied, %s, cannot be read: %s", self.path, e)
             return None
