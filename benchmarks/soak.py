@@ -94,6 +94,7 @@ def memory(lab, trim: bool = False) -> dict:
     for p in processes:
         out.update({f"process_{k}": v for k, v in p["process"].items()})
         out.update({f"heap_{k}": v for k, v in (p["allocator"] or {}).items() if k.endswith("_kib")})
+        out.update({"heap_arenas": len((p["allocator"] or {}).get("arenas", ()))})
         out.update({"python_blocks": p["python"]["allocated_blocks"], "gc_tracked": p["python"]["gc_tracked"]})
         out.update({k: v for k, v in p["tables"].items() if k in TABLES and v is not None})
         types.update(p["python"]["types"])

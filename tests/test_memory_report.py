@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 
 from nodeagent.agent import memory
 from nodeagent.identity.ca import Authority
@@ -19,6 +20,9 @@ def test_the_report_reads_the_kernel_glibc_and_python():
     assert heap["heap_kib"] >= heap["in_use_kib"] > 0
     assert report["python"]["allocated_blocks"] > 0 and report["python"]["types"]
     assert report["tables"] == {} and report["tracemalloc"] is None and "trim" not in report
+    arenas = heap["arenas"]  # per arena, adding up to mallinfo2's total
+    assert arenas[0]["arena"] == 0 and all(a["heap_kib"] >= a["free_kib"] >= 0 for a in arenas)
+    assert abs(sum(a["heap_kib"] for a in arenas) - heap["heap_kib"]) <= max(64, heap["heap_kib"] // 20)
 
 
 class Held:
@@ -74,3 +78,14 @@ def test_every_table_it_names_resolves_on_a_real_proxy():
     assert not missing, missing
     assert tables["connections_open"] == 0 and tables["outbound_http1_idle"] == 0
     assert tables["metric_samples"] >= 0 and isinstance(tables["metric_samples_by_family"], dict)
+
+
+def test_a_thread_that_allocates_shows_as_an_arena_of_its_own():
+    before = len(memory.arenas())
+    held = []
+    worker = threading.Thread(target=lambda: held.extend(bytearray(1000) for _ in range(20_000)))
+    worker.start()
+    worker.join()
+    after = memory.arenas()
+    assert len(after) >= max(before, 2) and sum(a["heap_kib"] for a in after[1:]) >= 19_000
+    del held

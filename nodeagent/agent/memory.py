@@ -2,7 +2,8 @@
 /debug/memory (loopback only), each process of the agent answering for itself.
 
 Read on request, nothing kept between requests: the process's RSS, glibc's heap (mallinfo2:
-what the allocator holds from the kernel, what is in use, what it keeps free), Python's
+what the allocator holds from the kernel, what is in use, what it keeps free; malloc_info:
+the same per arena), Python's
 objects (allocated blocks, the most numerous types), the sizes of the proxy's tables (pools,
 connections, metric series, caches), and, only when the process started with
 NODEAGENT_TRACEMALLOC=<frames> set, Python's largest allocation sites (tracemalloc slows every
@@ -16,6 +17,7 @@ import os
 import sys
 import tracemalloc
 from collections import Counter
+from xml.etree import ElementTree
 
 TRACE_ENV = "NODEAGENT_TRACEMALLOC"  # frames per traced allocation; unset or 0: no tracing
 TOP = 15
@@ -32,6 +34,11 @@ def _libc():
         libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _MallInfo2
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.open_memstream.restype = ctypes.c_void_p
+        libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        libc.free.argtypes = [ctypes.c_void_p]
         return libc
     except (OSError, AttributeError):  # not glibc, or glibc before 2.33
         return None
@@ -69,7 +76,30 @@ def allocator() -> dict | None:
     info = _LIBC.mallinfo2()
     return {"heap_kib": info.arena // 1024, "in_use_kib": info.uordblks // 1024, "free_kib": info.fordblks // 1024,
             "free_chunks": info.ordblks, "top_releasable_kib": info.keepcost // 1024,
-            "mmapped_kib": info.hblkhd // 1024, "mmapped_blocks": info.hblks}
+            "mmapped_kib": info.hblkhd // 1024, "mmapped_blocks": info.hblks, "arenas": arenas()}
+
+
+def arenas() -> list[dict]:
+    """Each glibc arena (the main one, 0, and one per thread that needed its own, up to 8 per
+    core): what it holds from the kernel and what of that sits free in its bins (KiB), from
+    malloc_info. Freed memory returns to the arena it came from, so free memory piling up in
+    one arena is not used by the others."""
+    buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = _LIBC.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    if not stream:
+        return []
+    _LIBC.malloc_info(0, stream)
+    _LIBC.fclose(stream)
+    try:
+        document = ElementTree.fromstring(ctypes.string_at(buffer, size.value))
+    finally:
+        _LIBC.free(ctypes.cast(buffer, ctypes.c_void_p))
+    out = []
+    for heap in document.findall("heap"):
+        free = sum(int(t.get("size")) for t in heap.findall("total") if t.get("type") in ("fast", "rest"))
+        system = next((int(t.get("size")) for t in heap.findall("system") if t.get("type") == "current"), 0)
+        out.append({"arena": int(heap.get("nr")), "heap_kib": system // 1024, "free_kib": free // 1024})
+    return out
 
 
 def python_objects(top: int = TOP) -> dict:
