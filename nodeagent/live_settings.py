@@ -37,8 +37,8 @@ LIVE = {
     "cluster_networks": "as default-policy",
     "on_node_plaintext": "hops planned from now on",
     "log_level": "every process's log at once",
-    "pod_limits": "every pod's next admission (pods' own annotations still win); what a pod holds over a lowered "
-                  "limit stays, and it gets no more until under it",
+    "pod_limits": "every pod's next admission (its Namespace's limit annotations still win; a pod's own may only "
+                  "lower); what a pod holds over a lowered limit stays, and it gets no more until under it",
     "max_connections": "the node's next admission",
     "memory_budget": "the memory guard's next check (a process left above its share cuts the established "
                      "connections holding the most buffered bytes, as in any memory emergency)",

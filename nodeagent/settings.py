@@ -316,8 +316,8 @@ OPTIONS: tuple[Option, ...] = (
             "Proxy processes, this one included (0: one per core the agent may use); sidecar mode runs one."),
     _option("log_level", _log_level, "info", Scope.CLUSTER, "Log level: " + ", ".join(LOG_LEVELS) + "."),
     _option("pod_limits", _pod_limits, PodLimits(), Scope.CLUSTER,
-            "Each pod's share of the node's proxy, NAME=N,... (pods may set their own with "
-            "limits.nodeagent.io/NAME annotations; README, Per-pod limits): " + PodLimits().show() + ".",
+            "Each pod's share of the node's proxy, NAME=N,... (limits.nodeagent.io/NAME annotations on a "
+            "Namespace set its pods' limits; on a pod they may only lower; README, Per-pod limits): " + PodLimits().show() + ".",
             lambda limits: limits.show(), metavar="NAME=N,..."),
     _option("max_connections", _int_range(1, 1_000_000), 20000, Scope.CLUSTER,
             "Client connections the node's proxy holds at once, all pods together (each pod also has its own "

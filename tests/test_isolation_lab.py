@@ -11,6 +11,7 @@ import time
 import pytest
 
 from nodeagent.lab import lab as lab_ops
+from nodeagent.lab import manifests
 from test_mtls_lab import annotate
 from test_proxy import ECHO_VIP, HTTP_VIP, agent_stats, counter, curl, py_in, run_in, wait_until
 
@@ -88,11 +89,21 @@ def opaque_connections(lab, pod: str, count: int) -> tuple[int, int]:
     return int(ok), int(failed)
 
 
+def annotate_namespace(lab, name: str, annotations: dict) -> None:
+    """Limits above the node's defaults are an operator's: on the Namespace (a pod's own only lower)."""
+    import yaml
+
+    path = lab.cluster_dir / "namespaces" / f"{name}.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["metadata"]["annotations"] = annotations
+    manifests.write_manifest(lab.cluster_dir, manifest)
+
+
 def test_memory_stays_flat_over_20000_opaque_connections(lab):
     """Each short opaque connection through the mesh used to stay in memory for an hour (the idle
     check's timer held it): 55-80 KB per connection, 1,304 MB after 15,000."""
     # As many handshakes a second as the client can make: this measures memory, not pacing.
-    annotate(lab, "client-n0-0", {"limits.nodeagent.io/handshake-rate": "100000"})
+    annotate_namespace(lab, "default", {"limits.nodeagent.io/handshake-rate": "100000"})
     try:
         assert opaque_connections(lab, "client-n0-0", 2000) == (2000, 0)  # warm-up (the annotation applies)
         before = agent_rss(0)
@@ -101,7 +112,7 @@ def test_memory_stays_flat_over_20000_opaque_connections(lab):
         assert grown < 8 * MIB, f"the agent grew by {grown / MIB:.1f} MiB over 20,000 connections"
         assert agent_stats(0)["open_connections"] < 50  # all closed and forgotten
     finally:
-        annotate(lab, "client-n0-0", {})
+        annotate_namespace(lab, "default", {})
 
 
 HOLD = """

@@ -43,6 +43,7 @@ def summary(view: ClusterView) -> dict:
     return {"pods": dict(view.pods), "services": dict(view.services), "by_ip": dict(view.pod_by_ip),
             "by_address": dict(view.service_by_address), "unserved": dict(view.unserved),
             "namespaces": dict(view.namespace_labels),
+            "namespace_annotations": dict(view.namespace_annotations),
             "endpoints": {(s.key, p.port): view.endpoints(s, p) for s in view.services.values() for p in s.ports},
             "meshed": {k: view.meshed(p) for k, p in view.pods.items()}}
 

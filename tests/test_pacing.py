@@ -85,7 +85,7 @@ def test_the_quota_keeps_one_pace_per_direction_each_under_its_own_limit():
 def test_the_rates_are_limits_like_the_others():
     assert limits.PodLimits()[Limit.HANDSHAKE_RATE] == 50
     assert limits.PodLimits()[Limit.INBOUND_HANDSHAKE_RATE] == 200
-    pod_limits, errors = limits.from_annotations({"limits.nodeagent.io/handshake-rate": "500"}, limits.PodLimits())
+    pod_limits, errors = limits.from_annotations({}, limits.PodLimits(), {"limits.nodeagent.io/handshake-rate": "500"})
     assert pod_limits[Limit.HANDSHAKE_RATE] == 500 and not errors
     with pytest.raises(ValueError, match="not in 1"):
         limits.parse("handshake-rate=0")

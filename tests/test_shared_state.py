@@ -63,13 +63,40 @@ def test_limits_parse_and_name_what_is_wrong():
             limits.parse(text)
 
 
-def test_a_pods_annotations_override_the_defaults_and_bad_ones_are_reported():
+def test_a_pods_annotations_lower_the_defaults_and_bad_ones_are_reported():
     defaults = limits.parse("handshakes=8")
     pod_limits, errors = limits.from_annotations({"limits.nodeagent.io/handshakes": "2",
                                                   "limits.nodeagent.io/detections": "lots",
                                                   "limits.nodeagent.io/speed": "1", "other": "x"}, defaults)
     assert pod_limits[Limit.HANDSHAKES] == 2 and pod_limits[Limit.DETECTIONS] == 100
     assert len(errors) == 2 and all("using the default" in e for e in errors)
+
+
+def test_a_pods_own_annotations_cannot_raise_its_limits():
+    """A pod's author could switch off pacing and every per-pod limit of the shared proxy."""
+    defaults = PodLimits()
+    asked = {f"limits.nodeagent.io/{limit.value}": str(limits.MAX_VALUE) for limit in Limit}
+    pod_limits, errors = limits.from_annotations(asked, defaults)
+    assert pod_limits == defaults
+    assert len(errors) == len(Limit) and all("may only lower" in e for e in errors)
+    equal = {"limits.nodeagent.io/handshakes": str(defaults[Limit.HANDSHAKES])}  # not a raise
+    assert limits.from_annotations(equal, defaults) == (defaults, [])
+
+
+def test_a_namespaces_annotations_raise_or_lower_and_its_pods_may_lower_below_them():
+    defaults = limits.parse("handshakes=8,detections=100")
+    namespace = {"limits.nodeagent.io/handshakes": "64", "limits.nodeagent.io/detections": "10",
+                 "limits.nodeagent.io/handshake-rate": "0"}
+    pod_limits, errors = limits.from_annotations({}, defaults, namespace)
+    assert pod_limits[Limit.HANDSHAKES] == 64 and pod_limits[Limit.DETECTIONS] == 10
+    assert pod_limits[Limit.HANDSHAKE_RATE] == 50 and errors == [
+        "namespace annotation limits.nodeagent.io/handshake-rate: handshake-rate: 0 is not in 1..1000000; "
+        "using the node's default"]
+    pod = {"limits.nodeagent.io/handshakes": "32", "limits.nodeagent.io/detections": "50"}
+    pod_limits, errors = limits.from_annotations(pod, defaults, namespace)
+    assert pod_limits[Limit.HANDSHAKES] == 32  # below its namespace's 64, above the node's 8: granted
+    assert pod_limits[Limit.DETECTIONS] == 10  # above its namespace's 10: ignored
+    assert len(errors) == 2 and "above 10" in errors[1]
 
 
 def test_a_quota_holds_up_to_its_limit_and_refuses_to_give_more_than_it_took():

@@ -123,8 +123,15 @@ def service_info(obj: dict) -> ServiceInfo | None:
                        dict(meta.get("annotations") or {}), ips)
 
 
-def namespace_labels(obj: dict) -> dict:
-    return dict(obj["metadata"].get("labels") or {})
+@dataclass(frozen=True)
+class NamespaceInfo:
+    labels: dict
+    annotations: dict  # operators' (a Namespace is cluster-scoped): may raise its pods' limits
+
+
+def namespace_info(obj: dict) -> NamespaceInfo:
+    meta = obj["metadata"]
+    return NamespaceInfo(dict(meta.get("labels") or {}), dict(meta.get("annotations") or {}))
 
 
 def slice_info(obj: dict) -> SliceInfo:
@@ -145,7 +152,7 @@ def object_key(obj: dict) -> str:
     return f"{meta.get('namespace', '')}/{meta['name']}" if meta.get("namespace") else meta["name"]
 
 
-PARSERS = {"pods": pod_info, "services": service_info, "namespaces": namespace_labels,
+PARSERS = {"pods": pod_info, "services": service_info, "namespaces": namespace_info,
            "endpointslices": slice_info}
 
 
@@ -210,6 +217,7 @@ class ClusterView:
         self.pods: dict[str, PodInfo] = {}
         self.services: dict[str, ServiceInfo] = {}
         self.namespace_labels: dict[str, dict] = {}
+        self.namespace_annotations: dict[str, dict] = {}
         self.slices: dict[str, SliceInfo] = {}
         self._slices_of: dict[str, frozenset] = {}  # service key -> keys of its IPv4 slices
         self._by_ip: dict[str, PodInfo] = {}
@@ -239,8 +247,8 @@ class ClusterView:
         """The next view: this one with `delta`'s records put in or taken out."""
         view = object.__new__(ClusterView)
         view.__dict__.update(self.__dict__)
-        for name in ("pods", "services", "namespace_labels", "slices", "_slices_of", "_by_ip", "_by_address",
-                     "unserved", "_endpoints"):
+        for name in ("pods", "services", "namespace_labels", "namespace_annotations", "slices", "_slices_of",
+                     "_by_ip", "_by_address", "unserved", "_endpoints"):
             setattr(view, name, dict(getattr(self, name)))
         view.version = self.version + 1
         view.delta = delta
@@ -251,11 +259,13 @@ class ClusterView:
     def _absorb(self, delta: Delta) -> None:
         touched_services: set[str] = set()  # whose cached endpoints are out of date
         touched_namespaces: set[str] = set()
-        for key, labels in delta.namespaces.items():
-            if labels is None:
+        for key, namespace in delta.namespaces.items():
+            if namespace is None:
                 self.namespace_labels.pop(key, None)
+                self.namespace_annotations.pop(key, None)
             else:
-                self.namespace_labels[key] = labels
+                self.namespace_labels[key] = namespace.labels
+                self.namespace_annotations[key] = namespace.annotations
         for key, pod in delta.pods.items():
             old = self.pods.pop(key, None)
             self.unserved.pop(f"pod {key}", None)

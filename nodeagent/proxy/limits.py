@@ -4,9 +4,11 @@ A pod that reaches a limit gets errors (its new connection reset, its stream ref
 other pod does, because each pod's share is counted apart. All are counts of things held at
 once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
 over its rate a pod's handshakes wait their turn, up to a second, then are refused). Defaults come from the agent's
-`--pod-limits` setting; a pod may set its own with annotations
-(`limits.nodeagent.io/<name>: "<n>"`), as operators size a busy gateway differently from a
-batch job. A bad annotation is reported and the default used.
+`--pod-limits` setting. An annotation `limits.nodeagent.io/<name>: "<n>"` on a Namespace sets the
+limit of its pods, up or down (operators size a busy gateway's namespace differently from a
+batch job's; a Namespace is cluster-scoped, so a pod's author normally cannot edit it). The same
+annotation on a pod may only lower that pod's limit: one its author could raise would protect
+nobody from that pod. A bad annotation, or a pod's asking to raise, is reported and ignored.
 
 | limit | counts | default |
 |---|---|---|
@@ -101,17 +103,40 @@ def parse(text: str, base: PodLimits = PodLimits()) -> PodLimits:
     return PodLimits(values)
 
 
-def from_annotations(annotations: Mapping[str, str], defaults: PodLimits) -> tuple[PodLimits, list[str]]:
-    """The pod's limits, and one message per annotation that was ignored."""
-    values, errors = dict(defaults.values), []
+def _annotated(annotations: Mapping[str, str]):
+    """(key, limit, value) for each limit annotation; ValueError items for bad ones."""
     for key, text in annotations.items():
         if not key.startswith(ANNOTATION_PREFIX):
             continue
         try:
             limit = _limit(key[len(ANNOTATION_PREFIX):])
-            values[limit] = _value(limit.value, text)
+            yield key, limit, _value(limit.value, text)
         except ValueError as e:
-            errors.append(f"{key}: {e}; using the default")
+            yield key, None, e
+
+
+def from_annotations(annotations: Mapping[str, str], defaults: PodLimits,
+                     namespace_annotations: Mapping[str, str] = MappingProxyType({})) -> tuple[PodLimits, list[str]]:
+    """The pod's limits, and one message per annotation that was ignored.
+
+    The limits are the node's `defaults`, set to what the pod's Namespace's annotations say (up or
+    down: a Namespace is edited by operators, not by the pod's author), then lowered by the pod's
+    own annotations. A pod's annotation may only lower: the proxy is shared, and a limit its
+    author could raise would protect nobody from that pod. A raise it asks is ignored, said."""
+    values, errors = dict(defaults.values), []
+    for key, limit, value in _annotated(namespace_annotations):
+        if limit is None:
+            errors.append(f"namespace annotation {key}: {value}; using the node's default")
+        else:
+            values[limit] = value
+    for key, limit, value in _annotated(annotations):
+        if limit is None:
+            errors.append(f"{key}: {value}; using the default")
+        elif value > values[limit]:
+            errors.append(f"{key}: {value} would raise the limit above {values[limit]}: a pod may only lower "
+                          f"its limits (the annotation on its Namespace may raise them); using {values[limit]}")
+        else:
+            values[limit] = value
     return PodLimits(values), errors
 
 

@@ -112,6 +112,9 @@ class Proxy:
             if before is not None and after is not None and before.annotations != after.annotations:
                 pod.quota.limits = self._limits_of(after)
                 self._reauthorize(pod)
+            elif after is not None and (old.namespace_annotations.get(after.namespace)
+                                        != view.namespace_annotations.get(after.namespace)):
+                pod.quota.limits = self._limits_of(after)
 
     def apply_settings(self, settings: AgentSettings) -> None:
         """Cluster settings changed live (live_settings.LIVE): established connections keep what
@@ -140,7 +143,8 @@ class Proxy:
                     connection.revoke()
 
     def _limits_of(self, info: PodInfo) -> limits.PodLimits:
-        pod_limits, errors = limits.from_annotations(info.annotations, self.settings.pod_limits)
+        pod_limits, errors = limits.from_annotations(info.annotations, self.settings.pod_limits,
+                                                     self.view.namespace_annotations.get(info.namespace, {}))
         for error in errors:
             self.problems.warning("limits", "pod %s: %s", info.key, error)
         return pod_limits
