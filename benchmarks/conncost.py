@@ -44,7 +44,7 @@ KINDS = {
     "idle-detecting": Limit.DETECTIONS,
     "idle-keepalive": Limit.OUTBOUND_CONNECTIONS,
     "slowloris": Limit.OUTBOUND_CONNECTIONS,
-    "half-handshake": Limit.HANDSHAKES,
+    "half-handshake": Limit.INBOUND_HANDSHAKES,
 }
 OVER = 50  # connections beyond the limit in `bound`
 SETTLE_MAX_S = 5.0  # well inside the 10 s timeouts that would start closing what is measured

@@ -162,7 +162,7 @@ def test_the_node_limit_holds_across_pods():
 def test_a_phase_holds_its_share_until_the_connection_leaves_it():
     refusals = []
     table = ConnectionTable(100, lambda pod, direction, limit: refusals.append(limit))
-    pod = Pod("p", "detections=1,handshakes=1")
+    pod = Pod("p", "detections=1,inbound-handshakes=1")
     first = table.admit(pod, Direction.OUTBOUND, Phase.DETECTING)
     assert table.admit(pod, Direction.OUTBOUND, Phase.DETECTING) is None and refusals == ["detections"]
     assert pod.quota.held[Limit.OUTBOUND_CONNECTIONS] == 1  # the refused one gave its connection back
@@ -172,8 +172,9 @@ def test_a_phase_holds_its_share_until_the_connection_leaves_it():
     other = table.admit(pod, Direction.INBOUND, Phase.AUTHORIZING)
     with pytest.raises(Refused):
         other.enter(Phase.HANDSHAKING)
+    assert pod.quota.held[Limit.HANDSHAKES] == 0  # the pod's own, as client: its clients never take them
     mesh.close()
-    assert pod.quota.held[Limit.HANDSHAKES] == 0
+    assert pod.quota.held[Limit.INBOUND_HANDSHAKES] == 0
 
 
 def test_a_connection_is_counted_and_closed_exactly_once():

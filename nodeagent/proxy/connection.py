@@ -48,7 +48,8 @@ class Phase(enum.Enum):
 
 
 # What a phase holds of the pod's share while the connection is in it.
-PHASE_HOLDS = {Phase.DETECTING: Limit.DETECTIONS, Phase.HANDSHAKING: Limit.HANDSHAKES}
+# HANDSHAKING is inbound only: a pod's own handshakes (as client) are counted apart, in upstream.connect.
+PHASE_HOLDS = {Phase.DETECTING: Limit.DETECTIONS, Phase.HANDSHAKING: Limit.INBOUND_HANDSHAKES}
 CONNECTION_LIMIT = {Direction.INBOUND: Limit.INBOUND_CONNECTIONS, Direction.OUTBOUND: Limit.OUTBOUND_CONNECTIONS}
 
 

@@ -83,6 +83,7 @@ class Timeouts:
 
     detect_s: float = 10.0  # the client's first bytes (with a partial prefix too); then it is opaque
     handshake_s: float = 10.0  # a mutual-TLS handshake and the tunnel header after it
+    client_hello_s: float = 2.0  # inbound mesh: the ClientHello's first bytes (a mesh client sends it at once)
     app_connect_s: float = 1.0  # inbound: the pod's own app
     deny_detect_s: float = 1.0  # a refused client, to learn whether it speaks HTTP (for a 403)
     inbound_idle_s: float = 3600.0  # an inbound opaque connection with no byte either way (outbound: per Service)

@@ -6,9 +6,11 @@
   proven, and the tunnel header names the destination port.
 
 Each connection is admitted against the pod's inbound share (proxy/limits.py); a mesh
-handshake holds one of the pod's `handshakes` while it runs (and while it waits for its turn
-under the pod's `inbound-handshake-rate`, pacing.py), and both the handshake and the header have a
-deadline. The proxy's own ports are never a destination (a connection to one
+handshake holds one of the pod's `inbound-handshakes` while it runs (and while it waits for its
+turn under the pod's `inbound-handshake-rate`, pacing.py): its clients cannot take the pod's own
+`handshakes` as client. A mesh client sends its ClientHello at once, so one silent for
+`client_hello_s` is dropped (an idle connection to the mesh port holds a handshake); then the
+handshake and the header have a deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
 HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection's
 protocol comes from the tunnel header's hint or, for a plaintext client or an early tunnel,
@@ -270,12 +272,13 @@ class MeshAccept(_Inbound):
             super().data_received(data)
         elif len(self.raw_bytes) < READ_AHEAD_MAX:
             self.raw_bytes += data
+            self._more.set()
         else:
             self.transport.pause_reading()  # the handshake resumes it
 
     async def _serve(self, raw):
         deps = self.deps
-        if not await self._turn(raw):
+        if not await self._hello(raw) or not await self._turn(raw):
             return
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
@@ -312,9 +315,28 @@ class MeshAccept(_Inbound):
             return
         await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
 
+    async def _hello(self, raw) -> bool:
+        """The ClientHello's first bytes, within `client_hello_s`: a silent client is dropped before
+        it takes a turn, and gives back the pod's handshake it holds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deps.timeouts.client_hello_s
+        try:
+            while not self.raw_bytes and not self.eof:
+                self._more.clear()
+                await asyncio.wait_for(self._more.wait(), max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            self.deps.observers.metrics.handshake_failed("inbound", "no ClientHello")
+            self.deps.observers.problems.warning("tls-hello", "pod %s: mesh connection from %s dropped: no ClientHello "
+                                                 "in %.1f s", self.pod.key, raw.get_extra_info("peername"),
+                                                 self.deps.timeouts.client_hello_s)
+            self.conn.close(0, 0)
+            raw.abort()
+            return False
+        return True
+
     async def _turn(self, raw) -> bool:
         """The pod's turn for a new handshake as server (its `inbound-handshake-rate`, pacing.py):
-        the client waits for it, holding one of the pod's `handshakes`; refused if it is too far off."""
+        the client waits for it, holding one of the pod's `inbound-handshakes`; refused if it is too far off."""
         loop = asyncio.get_running_loop()
         turn = self.pod.quota.handshake_turn("inbound", loop.time())
         if turn is None:

@@ -14,7 +14,8 @@ nobody from that pod. A bad annotation, or a pod's asking to raise, is reported 
 |---|---|---|
 | outbound-connections | the pod's own connections through the proxy | 1000 |
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
-| handshakes | mutual-TLS handshakes in progress for the pod, either side | 16 |
+| handshakes | mutual-TLS handshakes in progress for the pod's own connections (as client) | 16 |
+| inbound-handshakes | mutual-TLS handshakes in progress of connections to the pod (as server; apart: clients that hold them cannot stop the pod's own) | 64 |
 | handshake-rate | new mutual-TLS handshakes per second for the pod's own connections (as client) | 50 |
 | inbound-handshake-rate | new mutual-TLS handshakes per second of connections to the pod (as server; a meshed client is paced at its own agent too) | 200 |
 | detections | outbound connections whose protocol is not known yet | 100 |
@@ -37,6 +38,7 @@ class Limit(enum.Enum):
     OUTBOUND_CONNECTIONS = "outbound-connections"
     INBOUND_CONNECTIONS = "inbound-connections"
     HANDSHAKES = "handshakes"
+    INBOUND_HANDSHAKES = "inbound-handshakes"
     HANDSHAKE_RATE = "handshake-rate"  # rates (per second), not counts held: Quota.handshake_turn
     INBOUND_HANDSHAKE_RATE = "inbound-handshake-rate"
     DETECTIONS = "detections"
@@ -48,6 +50,9 @@ DEFAULTS = MappingProxyType({
     Limit.OUTBOUND_CONNECTIONS: 1000,
     Limit.INBOUND_CONNECTIONS: 1000,
     Limit.HANDSHAKES: 16,
+    # Room for the turns its inbound-handshake-rate gives ahead (200/s x pacing.MAX_WAIT_S = 100 at
+    # most), less; a silent client is dropped after Timeouts.client_hello_s.
+    Limit.INBOUND_HANDSHAKES: 64,
     # About 0.4 of a core at both ends of same-node hops on the 2-core test VM; above the soak's
     # 40 new opaque connections a second from one pod (benchmarks/README.md).
     Limit.HANDSHAKE_RATE: 50,
