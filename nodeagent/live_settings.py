@@ -39,7 +39,8 @@ LIVE = {
     "log_level": "every process's log at once",
     "pod_limits": "every pod's next admission (its Namespace's limit annotations still win; a pod's own may only "
                   "lower); what a pod holds over a lowered limit stays, and it gets no more until under it",
-    "max_connections": "the node's next admission",
+    "max_connections": "the node's next admission (each proxy process admits its share: the value divided by "
+                       "their number)",
     "memory_budget": "the memory guard's next check (a process left above its share cuts the established "
                      "connections holding the most buffered bytes, as in any memory emergency)",
     "drain_timeout": "the next drain (the DaemonSet's terminationGracePeriodSeconds follows only at install: "

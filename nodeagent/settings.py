@@ -320,8 +320,8 @@ OPTIONS: tuple[Option, ...] = (
             "Namespace set its pods' limits; on a pod they may only lower; README, Per-pod limits): " + PodLimits().show() + ".",
             lambda limits: limits.show(), metavar="NAME=N,..."),
     _option("max_connections", _int_range(1, 1_000_000), 20000, Scope.CLUSTER,
-            "Client connections the node's proxy holds at once, all pods together (each pod also has its own "
-            "limit)."),
+            "Client connections the node's proxy holds at once, all pods together (each proxy process its share; "
+            "each pod also has its own limit, per process)."),
     _option("memory_budget", parse_size, 400 << 20, Scope.CLUSTER,
             "Resident memory the agent (all its processes) aims to stay under: near it, new connections are "
             "refused and those holding the most buffered bytes are cut (keep it below the container's limit).",

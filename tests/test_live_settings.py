@@ -153,8 +153,10 @@ def test_a_proxy_takes_the_live_values(tmp_path):
                 "max-connections": "7", "memory-budget": "64Mi", "on-node-plaintext": "true", "cert-lifetime": "1h",
                 "default-policy": "all-authenticated", "cluster-networks": "10.0.0.0/8",
                 "access-log": str(tmp_path / "access.log")})
+            # Node-wide, --max-connections is shared out over the processes (each its own table).
+            assert proxy.connections.max_connections == BASE.max_connections // 2
             proxy.apply_settings(change.settings)
-            assert proxy.connections.max_connections == 7
+            assert proxy.connections.max_connections == 7 // 2
             assert proxy.guard.budget == (64 << 20) // 2
             assert proxy.connector.on_node_plaintext is True
             assert identities.lifetime == datetime.timedelta(hours=1)

@@ -65,9 +65,10 @@ class TapForward:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, index: int, settings: AgentSettings):
+    def __init__(self, sock: socket.socket, index: int, settings: AgentSettings, processes: int):
         self.index = index
         self.settings = settings
+        self.processes = processes  # the agent's count, this one included (its share of node-wide bounds)
         self.sock = sock
         self.stop = asyncio.Event()
         self.loop = asyncio.get_running_loop()
@@ -93,7 +94,7 @@ class Worker:
         self.identities = WorkloadIdentities(*issuer_files.current, s.cert_lifetime_delta)
         datapath = Datapath(PinLayout(s.pin_root, s.pin_name))
         self.proxy = Proxy(datapath, self.identities, s, owns_datapath=False,
-                           processes=s.processes(len(os.sched_getaffinity(0))))
+                           processes=self.processes)
         self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{self.index}")
         self.endpoint.post(("ready", self.index))
         try:
@@ -185,7 +186,7 @@ def main() -> None:
     _die_with_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
     message, _ = channel.receive(sock)
-    _, index, settings = message
+    _, index, settings, processes = message
     memory.start_tracing()  # only if NODEAGENT_TRACEMALLOC asks for it
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -194,7 +195,7 @@ def main() -> None:
     import uvloop
 
     async def run():
-        await Worker(sock, index, settings).run()
+        await Worker(sock, index, settings, processes).run()
 
     uvloop.run(run())
 

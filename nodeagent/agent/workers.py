@@ -51,7 +51,7 @@ def view_message(previous, view) -> tuple:
 
 
 class _Process:
-    def __init__(self, index: int, settings: AgentSettings, on_message):
+    def __init__(self, index: int, settings: AgentSettings, processes: int, on_message):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with child:
             self.popen = subprocess.Popen([sys.executable, "-m", "nodeagent.agent.worker", str(child.fileno())],
@@ -60,7 +60,9 @@ class _Process:
         self.tap_dropped = 0  # tap events the worker dropped, as it last reported
         self.endpoint = channel.Endpoint(parent, lambda message, fds: on_message(self, message, fds),
                                          name=f"agent-worker{index}")
-        self.endpoint.post(("settings", index, settings))
+        # The agent's count of proxy processes (automatic_processes may cap it by memory): each
+        # process's share of the node's connections and memory budget is divided by it.
+        self.endpoint.post(("settings", index, settings, processes))
 
 
 class Workers:
@@ -81,7 +83,7 @@ class Workers:
         self.processes = [self._spawn(i + 1) for i in range(self.count)]
 
     def _spawn(self, index: int) -> _Process:
-        process = _Process(index, self.settings, self._from_worker)
+        process = _Process(index, self.settings, self.count + 1, self._from_worker)
         if self.view is not None:
             process.endpoint.post(("view", self.view))
         for pod in self.pods.values():

@@ -66,9 +66,10 @@ class Proxy:
         self.directory = Directory()
         self.authorizer = Authorizer(settings.default_policy, settings.networks, settings.trust_domain,
                                      lambda: self.directory.view, self.observers)
-        self.connections = ConnectionTable(settings.max_connections, self._refused, self._cut)
-        # Each process watches its share of the agent's memory budget.
+        # Each process holds its share of the node's connections and watches its share of the
+        # agent's memory budget: the node-wide bounds hold with any number of processes.
         self.processes = max(processes, 1)
+        self.connections = ConnectionTable(self._share(settings.max_connections), self._refused, self._cut)
         self.guard = MemoryGuard(settings.memory_budget // self.processes, self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
@@ -121,7 +122,7 @@ class Proxy:
         they were admitted with; new connections, hops, certificates and traces use the new values.
         A policy change closes the open inbound connections it refuses, as an annotation change does."""
         old, self.settings = self.settings, settings
-        self.connections.max_connections = settings.max_connections
+        self.connections.max_connections = self._share(settings.max_connections)
         self.guard.budget = settings.memory_budget // self.processes
         self.connector.on_node_plaintext = settings.on_node_plaintext
         self.identities.lifetime = settings.cert_lifetime_delta
@@ -141,6 +142,11 @@ class Proxy:
             if connection.direction is Direction.INBOUND and connection.revoke is not None:
                 if not self.authorizer.authorize(pod, connection.port, connection.peer).allowed:
                     connection.revoke()
+
+    def _share(self, node_connections: int) -> int:
+        """This process's part of `--max-connections` (the kernel spreads connections over the
+        processes' SO_REUSEPORT listeners)."""
+        return max(1, node_connections // self.processes)
 
     def _limits_of(self, info: PodInfo) -> limits.PodLimits:
         pod_limits, errors = limits.from_annotations(info.annotations, self.settings.pod_limits,
