@@ -97,6 +97,9 @@ def test_over_its_rate_a_pods_handshakes_wait_their_turn_then_are_refused_and_co
         got = await burst(pair)
         assert_paced(got)
         assert refused(pair, "outbound", "pod-a") == got["failed"]
+        # each refused connection is one connection the proxy could not serve (it was counted twice)
+        assert sample(pair, "tcp_errors_total", direction="outbound", namespace=NAMESPACE, pod="pod-a",
+                      reason="handshake-rate limit") == got["failed"]
         assert refused(pair, "inbound", "pod-b") == 0  # pod B's own rate was never reached
         await asyncio.sleep(1.5)  # the bucket refills: the pod is served again
         again = await burst(pair)

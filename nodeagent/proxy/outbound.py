@@ -239,7 +239,9 @@ class OutboundAccept(asyncio.Protocol):
             observers.problems.warning("tls", "outbound TLS handshake refused: %s", error)
         if isinstance(error, HandshakeLimit):
             observers.metrics.limit_exceeded("outbound", self.pod, error.limit.value)
-        observers.metrics.tcp_error("outbound", self.pod, reason)
+        # Not a tcp_error here: an attempt is not a connection. The client connection is counted
+        # once, by _as_opaque, if no attempt succeeds (an HTTP client's early connection that
+        # fails is no error of its: its requests go over the pool).
 
     # --- opaque ---
 
