@@ -206,6 +206,8 @@ def up(plane, images: list[Path]) -> str:
     forwarding = ip_forwarding()
     _save_sysctls(state)
     _share_bpffs(state)
+    if not AGENT_STATE_DIR.exists():
+        (state / "agent-state-dir-made").touch()  # removed at down, with the agents' settings copy
     config = containerd_config(state)
     containerd = start_process(state, "containerd", ["containerd", "--config", str(config)])
     plane.processes["containerd"] = containerd
@@ -242,6 +244,7 @@ def up(plane, images: list[Path]) -> str:
 # The DaemonSet's --pin-root: its agent's data path stays pinned after it stops (by design: its
 # pods fail closed); the node's is removed with the node.
 AGENT_PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
+AGENT_STATE_DIR = Path("/var/lib/nodeagent")  # the DaemonSet's hostPath (--state-dir): the kubelet makes it
 
 
 def _remove_agent_datapath() -> None:
@@ -311,6 +314,8 @@ def down(state: Path) -> None:
     _restore_sysctls(state)
     if (state / "bpffs-was-private").exists():
         subprocess.run(["mount", "--make-private", "/sys/fs/bpf"], capture_output=True)
+    if (state / "agent-state-dir-made").exists():
+        shutil.rmtree(AGENT_STATE_DIR, ignore_errors=True)
     remove_links()
     _remove_kubelet_chains()
 
