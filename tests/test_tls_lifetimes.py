@@ -157,6 +157,8 @@ def test_a_ticket_outlives_neither_its_lifetime_on_the_server_nor_in_the_client_
 
 @pytest.mark.parametrize("how", ["dropped and issued again", "renewed"])
 def test_a_server_that_let_its_certificate_go_resumes_none_of_its_old_sessions(pki, how):
+    # With OpenSSL's random keys per context. With the agent's ticket secret (proxy/tickets.py)
+    # the keys stay and old tickets resume, their peer certificates checked: test_ticket_keys.py.
     anchors, issuer = pki
     clock = Clock()
     server = identities(issuer, anchors, SERVER, clock=clock)

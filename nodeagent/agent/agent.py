@@ -41,6 +41,7 @@ from nodeagent.datapath.control import Datapath
 from nodeagent.datapath.loader import LoadError, load_same_build_here
 from nodeagent.datapath.pins import PinLayout
 from nodeagent.datapath.programs import CONNECT4
+from nodeagent.proxy import tickets
 from nodeagent.proxy.server import Proxy
 
 log = logging.getLogger("nodeagent.agent")
@@ -85,6 +86,7 @@ class Agent:
         self.not_enrolled = NotEnrolled()
         self._exported: set[str] = set()  # identities whose expiry gauge is set
         self.workers: Workers | None = None
+        self.tickets = tickets.Rotation()  # the TLS ticket secret every process derives its keys from
         self.listeners: list = []  # admin.Listener: the admin port's and the metrics port's
 
     def preflight(self) -> None:
@@ -132,6 +134,7 @@ class Agent:
         for slot in set(self.adopted_slots.values()):
             self.slots.reserve(slot)
         self.identities = WorkloadIdentities(*self.issuer_files.current, self.config.cert_lifetime_delta)
+        self.identities.use_ticket_secret(self.tickets.secret)
         processes = self.config.processes(
             automatic_processes(len(os.sched_getaffinity(0)), os.environ.get(MEMORY_LIMIT_ENV)))
         self.proxy = Proxy(datapath, self.identities, self.config, processes=processes)
@@ -139,7 +142,7 @@ class Agent:
         if self.reloads:
             self.proxy.metrics.registry.register(SettingsCollector(self.reloads))
         if processes > 1:
-            self.workers = Workers(processes - 1, self.config, self.proxy.tap)
+            self.workers = Workers(processes - 1, self.config, self.proxy.tap, self.tickets.secret)
             self.workers.start()
         servers = []
         for serve, address in ((serve_admin, self.config.admin), (serve_metrics, self.config.metrics)):
@@ -165,6 +168,7 @@ class Agent:
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._reload_issuer()
+                self._rotate_ticket_secret()
                 self._reload_settings()
                 self._export_expirations()
                 if self.workers:
@@ -354,6 +358,15 @@ class Agent:
         if changed is not None:
             count = self.identities.replace_issuer(*changed)
             log.info("the issuer or trust anchors changed: %d identities issued again", count)
+
+    def _rotate_ticket_secret(self) -> None:
+        """Every ROTATE_EVERY_S, new ticket keys in every process (proxy/tickets.py)."""
+        secret = self.tickets.due()
+        if secret is not None:
+            self.identities.use_ticket_secret(secret)
+            if self.workers:
+                self.workers.rotate_ticket_secret(secret)
+            log.info("TLS ticket keys rotated in every process: each client's next handshake is a full one")
 
     def _reload_settings(self) -> None:
         """The settings' ConfigMap changed: what can change live is applied here and in every

@@ -3,7 +3,7 @@
 Started by the agent (`agent/workers.py`) with one end of a channel
 (`agent/channel.py`); it never talks to the cluster, never loads or writes the
 data path's enrolment: the agent sends it its settings (again when they change
-live), the cluster view (whole once, then the deltas that change it), and
+live), its TLS ticket secret (again when it rotates), the cluster view (whole once, then the deltas that change it), and
 each pod to serve (with an fd on the pod's network namespace). It opens its
 own SO_REUSEPORT listeners in each pod, next to the agent's, so the kernel
 spreads the pods' connections over the processes. It answers the agent's
@@ -142,6 +142,8 @@ class Worker:
         elif kind == "tap-ack":
             if self.tap_forward is not None and self.tap_forward.generation == message[1]:
                 self.tap_forward.acknowledged()
+        elif kind == "ticket-secret":
+            self.identities.use_ticket_secret(message[1])
         elif kind == "reconfigure":
             self.settings = message[1]
             logging.getLogger().setLevel(self.settings.log_level.upper())

@@ -11,6 +11,8 @@ process beyond that.
 
 The view goes to a worker whole once, when it starts; after that each change as the
 Delta that made the agent's next view, which the worker applies to its own copy.
+The agent's TLS ticket secret goes to each worker before anything else (and again when
+the agent rotates it), so that every process resumes the others' tickets (proxy/tickets.py).
 A worker that dies is started again and given the current view and pods; its
 connections are lost (as with a restarted sidecar). Scrapes and tap gather the
 workers' metrics and events into the agent's.
@@ -66,8 +68,9 @@ class _Process:
 
 
 class Workers:
-    def __init__(self, count: int, settings: AgentSettings, tap_hub):
+    def __init__(self, count: int, settings: AgentSettings, tap_hub, ticket_secret=None):
         self.count = count
+        self.ticket_secret = ticket_secret  # proxy/tickets.py: every process's ticket keys derive from it
         self.settings = settings
         self.tap_hub = tap_hub
         self.loop = asyncio.get_running_loop()
@@ -84,6 +87,8 @@ class Workers:
 
     def _spawn(self, index: int) -> _Process:
         process = _Process(index, self.settings, self.count + 1, self._from_worker)
+        if self.ticket_secret is not None:  # before any pod: the first contexts get the keys
+            process.endpoint.post(("ticket-secret", self.ticket_secret))
         if self.view is not None:
             process.endpoint.post(("view", self.view))
         for pod in self.pods.values():
@@ -114,6 +119,11 @@ class Workers:
         """Settings changed live (live_settings.py): every worker applies them; one started later gets them."""
         self.settings = settings
         self._broadcast(("reconfigure", settings))
+
+    def rotate_ticket_secret(self, secret) -> None:
+        """The agent's new ticket secret (proxy/tickets.py), for every worker and those started later."""
+        self.ticket_secret = secret
+        self._broadcast(("ticket-secret", secret))
 
     def _tap_changed(self) -> None:
         self._broadcast(("tap", bool(self.tap_hub.subscriptions)))

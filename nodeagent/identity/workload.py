@@ -4,16 +4,20 @@ replaced, never changed, so established connections keep theirs.
 
 Session resumption never outlives what a certificate proved: a server context's
 tickets live at most the certificate's life left at its renewal (and at most
-MAX_SESSION_LIFETIME_S); its replacement (renewal, or the identity dropped and
-issued again) has new ticket keys, so the old tickets no longer resume; and
-`on_retire` tells the client-side session cache to forget the sessions of a
-context that goes.
+MAX_SESSION_LIFETIME_S); a resumed session whose peer certificate has expired
+is refused on both sides (proxy/tls.py); `on_retire` tells the client-side
+session cache to forget the sessions of a context that goes. The server
+contexts' ticket keys are the agent's (proxy/tickets.py: the same in each of
+its processes, per identity and trust-anchor bundle, rotated by the agent),
+so a ticket resumes in whichever process the kernel picks, across a
+renewal too; never under other trust anchors.
 
 The agent asks `allow()` for exactly the identities of its node's pods and
 can obtain nothing else: `material()` refuses any other identity.
 """
 
 import datetime
+import logging
 import os
 import ssl
 import tempfile
@@ -24,8 +28,10 @@ from pathlib import Path
 
 from nodeagent.identity import naming
 from nodeagent.identity.ca import DAY, Authority, certificate_pem, key_pem, new_key
+from nodeagent.proxy import tickets
 from nodeagent.proxy.tls import limit_session_lifetime
 
+log = logging.getLogger("nodeagent.identity")
 RENEW_AT = 0.7
 MAX_SESSION_LIFETIME_S = 7200  # OpenSSL's default, kept as the ceiling
 _PRIVATE_TMP = "/run" if os.access("/run", os.W_OK) else None
@@ -77,6 +83,7 @@ class WorkloadIdentities:
         self._allowed: set[naming.Identity] = set()
         self._material: dict[naming.Identity, Material] = {}
         self.issued = 0
+        self.ticket_secret: tickets.TicketSecret | None = None  # None: OpenSSL's random keys per context
         # Called with each Material that goes (renewed, dropped): its sessions must go too.
         self.on_retire: list[Callable[[Material], None]] = []
 
@@ -111,6 +118,20 @@ class WorkloadIdentities:
             self._replace(identity)
         return len(held)
 
+    def use_ticket_secret(self, secret: tickets.TicketSecret) -> None:
+        """The agent's ticket secret (at start, and each rotation): installed on every server
+        context held now and built from now on."""
+        self.ticket_secret = secret
+        for material in self._material.values():
+            self._install_ticket_keys(material.identity, material.server)
+
+    def _install_ticket_keys(self, identity: naming.Identity, server: ssl.SSLContext) -> None:
+        if self.ticket_secret is None:
+            return
+        if not tickets.install(server, tickets.ticket_keys(self.ticket_secret, identity.uri, self.anchors_pem)):
+            log.warning("cannot set the agent's TLS ticket keys in this Python: tickets of %s resume "
+                        "only in the process that issued them", identity)
+
     def _replace(self, identity: naming.Identity) -> Material:
         new = self._issue(identity)
         old, self._material[identity] = self._material.get(identity), new
@@ -134,6 +155,7 @@ class WorkloadIdentities:
             cert_file.write_bytes(certificate_pem(certificate) + self.issuer.chain_pem())
             server, client = _contexts(str(cert_file), str(key_file), self.anchors_pem,
                                        session_lifetime_s(self.lifetime.total_seconds()))
+        self._install_ticket_keys(identity, server)
         self.issued += 1
         return Material(identity, certificate.not_valid_before_utc.timestamp(),
                         certificate.not_valid_after_utc.timestamp(), certificate.serial_number, server, client)
