@@ -194,3 +194,13 @@ class InProcessServer:
         self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux)
         self.listener.close()
         self.thread.join(5)
+
+
+def test_the_benchmark_runs_and_only_the_shared_keys_resume_across_processes():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ticket_sharing", "20", "1"], capture_output=True,
+                         text=True, timeout=120, check=True, cwd=SERVER_SCRIPT.parent.parent).stdout
+    report = json.loads(out)
+    share = {mode: float(report[mode]["resumed_share"].split()[0])
+             for mode in ("own keys per process", "the agent's shared keys")}
+    assert share["the agent's shared keys"] == 0.95  # all but the first of 20
+    assert share["own keys per process"] < 0.9
