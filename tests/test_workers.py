@@ -4,6 +4,8 @@ connections, and the agent's metrics, tap and supervision cover them all."""
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -11,8 +13,13 @@ import urllib.request
 
 import pytest
 
+from nodeagent import netns
+from nodeagent.identity import ca, naming
+from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.lab import lab as lab_ops
 from nodeagent.observe import admin_client
+from nodeagent.ports import MESH_PORT
+from nodeagent.proxy import mesh
 from test_proxy import agent_stats, curl, py_in, wait_until
 
 pytestmark = pytest.mark.privileged
@@ -95,6 +102,44 @@ def test_inbound_connections_steered_by_sk_lookup_are_spread_too(lab):
         finally:
             process.kill()
             process.wait()
+    finally:
+        lab_ops.label("client-n1-0", "nodeagent.io/mesh=enabled")
+        wait_until(lambda: any(p["pod"] == "default/client-n1-0" for p in agent_stats(1)["pods"]), "meshed again")
+
+
+def mesh_client(lab, pod_name: str, address: tuple[str, int], context: ssl.SSLContext,
+                session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool]:
+    """One mutual-TLS connection to a mesh port from `pod_name`'s network namespace (the pod
+    unmeshed: nothing redirects it): the session after it, and whether it was resumed."""
+    with netns.entered(netns.named_path(lab.plan.pod(pod_name).netns)):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.connect(address)
+    with context.wrap_socket(raw, server_hostname="mesh", session=session) as tls:
+        tls.sendall(mesh.encode_header(9000, 0) + b"ping")
+        try:
+            tls.recv(4)  # the tickets come before any answer (or the close)
+        except (OSError, ssl.SSLError):
+            pass
+        return tls.session, tls.session_reused
+
+
+def test_a_mesh_client_resumes_its_session_whichever_process_takes_the_connection(lab):
+    """The agent's ticket keys are every process's (proxy/tickets.py): with keys of their own,
+    about 2/3 of these resumptions would land on another process and be full handshakes."""
+    issuer, anchors = ca.load_issuer(lab_ops.identity_dir())
+    client = WorkloadIdentities(issuer, anchors)
+    identity = naming.of_pod("default", "client-n1-0")
+    client.allow({identity})
+    context = client.material(identity).client
+    echo = (lab.plan.pod("echo-n0-0").ip, MESH_PORT)
+    try:
+        lab_ops.label("client-n1-0", "nodeagent.io/mesh=disabled")
+        wait_until(lambda: all(p["pod"] != "default/client-n1-0" for p in agent_stats(1)["pods"]), "unmeshed")
+        session, reused = mesh_client(lab, "client-n1-0", echo, context, None)
+        assert not reused and session.has_ticket
+        resumed = [mesh_client(lab, "client-n1-0", echo, context, session)[1] for _ in range(30)]
+        assert all(resumed), f"{resumed.count(True)} of {len(resumed)} resumed"
     finally:
         lab_ops.label("client-n1-0", "nodeagent.io/mesh=enabled")
         wait_until(lambda: any(p["pod"] == "default/client-n1-0" for p in agent_stats(1)["pods"]), "meshed again")
