@@ -20,6 +20,7 @@ from nodeagent.lab import lab as lab_ops
 from nodeagent.observe import admin_client
 from nodeagent.ports import MESH_PORT
 from nodeagent.proxy import mesh
+from nodeagent.settings import DEFAULT
 from test_proxy import agent_stats, curl, py_in, wait_until
 
 pytestmark = pytest.mark.privileged
@@ -76,6 +77,10 @@ def test_debug_memory_answers_for_every_process(lab):
         processes = json.load(response)["processes"]
     assert [p["pid"] for p in processes] == agent_stats(0)["workers"]
     assert all(p["tables"]["pods"] == 5 and p["allocator"]["in_use_kib"] > 0 for p in processes)
+    # Node-wide bounds are shared out by the agent's count of processes (each worker admitted the
+    # whole --max-connections, and counted the processes itself).
+    assert all(p["tables"]["connections_max"] == DEFAULT.max_connections // PROCESSES for p in processes)
+    assert all(p["tables"]["memory_budget"] == DEFAULT.memory_budget // PROCESSES for p in processes)
 
 
 def test_outbound_connections_are_spread_over_the_processes(lab):

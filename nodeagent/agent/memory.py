@@ -165,6 +165,8 @@ def proxy_tables(proxy) -> dict:
         "view_services": len(view.services),
         "view_slices": len(view.slices),
         "connections_open": proxy.connections.open_count,
+        "connections_max": proxy.connections.max_connections,  # this process's share of the node's
+        "memory_budget": proxy.guard.budget,  # and of the memory budget
         "connections_listed": _sum_len(getattr(proxy.connections, "_live", None)),
         **pools,
         "tls_sessions": _len(proxy.tls_sessions, "_sessions"),
