@@ -8,6 +8,7 @@ pinned entries must name one slot per pod, the one the remaining agent serves it
 import ctypes
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -117,3 +118,34 @@ def test_pods_joining_during_the_overlap_are_served_as_themselves_before_and_aft
     assert stats["workers"][0] == new
     served = {p["pod"].split("/")[-1]: p["slot"] for p in stats["pods"]}
     assert {name: served[name] for name in JOINING} == slots  # the slots it steers by are its own
+
+
+def test_pods_left_to_a_newer_agent_that_goes_away_are_enrolled_by_the_older_one(lab):
+    """A newer agent's mark makes this one leave joining pods to it; when that agent goes (its
+    mark removed: a rollback, a crash found by the next start, a drain) this one enrols them at
+    once, though the cluster view has not moved since."""
+    name = "echo-n0-0"
+    layout = PinLayout(lab_ops.BPF_PIN_ROOT, "node0")
+    lab_ops.label(name, f"{MESH_LABEL}=disabled")
+    wait_until(lambda: name not in pinned_slots(lab), f"{name} out of the mesh")
+    mark = layout.agents / f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}-{os.getpid()}"  # newer than the agent's
+    mark.mkdir()
+    stop = threading.Event()
+    renewing = threading.Thread(target=_renew, args=(mark, stop), daemon=True)
+    renewing.start()
+    try:
+        lab_ops.label(name, f"{MESH_LABEL}=enabled")
+        time.sleep(2.0)  # the agent has read the label (it polls every 0.25 s) and left the pod alone
+        assert name not in pinned_slots(lab)
+    finally:
+        stop.set()
+        renewing.join(5)
+        mark.rmdir()
+    wait_until(lambda: name in pinned_slots(lab), f"{name} enrolled by the remaining agent")
+    assert curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n0-0').ip}:8080/")  # the agent still serves
+
+
+def _renew(mark, stop: threading.Event) -> None:
+    """As a live agent does: the mark's mtime renewed every 0.25 s, until told to stop."""
+    while not stop.wait(0.25):
+        os.utime(mark)

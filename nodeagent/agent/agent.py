@@ -160,7 +160,7 @@ class Agent:
                     await self.reconcile()
                     if self.lifecycle is Lifecycle.STARTING:
                         self.lifecycle = Lifecycle.SERVING  # ready once the first complete view is served
-                elif self._waiting:
+                elif self._waiting or self._successor_left():
                     await self.reconcile()
                 self._check_source()
                 self._check_datapath()
@@ -255,6 +255,12 @@ class Agent:
                 self.workers.add_pod(context)
         if not self._waiting and self._inherited:
             self._forget_stale_enrolments()
+
+    def _successor_left(self) -> bool:
+        """The newer agent this one left new pods to is gone (drained, rolled back, or dead: its
+        mark not renewed): the pods it was to enrol are this agent's again, though the view has
+        not moved."""
+        return self._successor is not None and self.presence.successor() != self._successor
 
     def _takes_new_pods(self) -> bool:
         """False while a newer agent serves beside this one (it enrols new pods alone), and for
