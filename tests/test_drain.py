@@ -156,3 +156,33 @@ def test_an_http2_client_that_follows_goaway_loses_no_request_to_a_drain():
         lt.stop()
     assert counts["failed"] == 0 and counts["resets"] == 0, counts
     assert counts["requests"] > 100 and counts["connections"] == len(accepted) >= 3
+
+
+def test_a_departed_pods_descriptor_is_released_after_its_last_connection_not_before():
+    """remove_pod retires the pod's context: its HTTP connections are asked to end, and what they
+    use of it (the netns descriptor) is released only once none is left. The same pod joining
+    again is a new context, whose connections keep nothing of the old one alive."""
+    table = ConnectionTable(100, lambda *a: None)
+    released, asked = [], []
+    old = Pod("a")
+    http = table.admit(old, Direction.INBOUND, Phase.HTTP1)
+    http.drains_with(lambda: asked.append("http"))
+    opaque = table.admit(old, Direction.OUTBOUND, Phase.OPAQUE)
+    table.retire(old, lambda: released.append("old"))
+    assert asked == ["http"] and released == [] and table.retired() == 1
+    again = Pod("a")  # joined again: the same key, a new context
+    table.admit(again, Direction.INBOUND, Phase.HTTP1)
+    http.close()
+    assert released == []  # the opaque connection still uses it
+    opaque.close()
+    assert released == ["old"] and table.retired() == 0
+    assert table.count("shop/a") == 1  # the new context's connection is untouched
+
+
+def test_a_departed_pod_without_connections_is_released_at_once():
+    table = ConnectionTable(100, lambda *a: None)
+    released = []
+    other = table.admit(Pod("b"), Direction.INBOUND, Phase.OPAQUE)
+    table.retire(Pod("a"), lambda: released.append("a"))
+    assert released == ["a"] and table.retired() == 0
+    other.close()

@@ -1,8 +1,11 @@
 """Mutual TLS and authorization between lab pods on two simulated nodes."""
 
+import json
 import os
 import socket
 import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -235,3 +238,63 @@ def test_renewal_while_a_long_lived_connection_carries_traffic(mesh, short_lived
     # New connections use the new certificates.
     assert curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n1-0').ip}:8080/") == "hello from http-n1-0\n"
 
+
+
+KEPT_ALIVE = """
+import http.client, json, time
+stop_after = time.monotonic() + {seconds}
+conn, answers = http.client.HTTPConnection({ip!r}, 8080, timeout=10), []
+while time.monotonic() < stop_after:
+    for attempt in (1, 2):  # an idle kept-alive connection the server closed: open another, as clients do
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            break
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            conn.close()
+            conn = http.client.HTTPConnection({ip!r}, 8080, timeout=10)
+    answers.append((time.time(), response.status))
+    if response.getheader("connection", "").lower() == "close":
+        conn.close()
+        conn = http.client.HTTPConnection({ip!r}, 8080, timeout=10)
+    time.sleep(0.05)
+print(json.dumps(answers))
+"""
+
+
+def retired_pods(node_index: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{4191 + node_index}/debug/memory", timeout=30) as response:
+        return sum(p["tables"]["pods_retired"] for p in json.load(response)["processes"])
+
+
+def test_a_pod_that_leaves_and_joins_again_serves_a_kept_alive_client_as_before(mesh):
+    """A server pod leaves the mesh and joins again while a client keeps a connection alive to it.
+    Its agent asks the departed pod's HTTP connections to end, and releases what they held (the
+    pod's namespace descriptor: connections opened into the pod through a number closed early
+    went wherever the number pointed next) once they have. Before the pod leaves and once it
+    has joined again, every request is answered 200. (In between, the two agents read the change
+    a moment apart: a mesh hop to a pod its agent no longer serves is refused.)"""
+    outcome = []
+    code = KEPT_ALIVE.format(ip=mesh.plan.pod("http-n1-0").ip, seconds=8)
+    runner = threading.Thread(target=lambda: outcome.append(py_in(mesh, "client-n0-0", code).strip()), daemon=True)
+    runner.start()
+    try:
+        time.sleep(1.5)
+        left_at = time.time()
+        lab_ops.label("http-n1-0", "nodeagent.io/mesh=disabled")
+        wait_until(lambda: not meshed_on(1, "default/http-n1-0"), "http-n1-0 to leave")
+        wait_until(lambda: retired_pods(1) == 0, "the departed pod's connections to end")
+        lab_ops.label("http-n1-0", "nodeagent.io/mesh=enabled")
+        wait_until(lambda: meshed_on(1, "default/http-n1-0") and meshed_on(0, "default/client-n0-0"),
+                   "http-n1-0 to rejoin")
+        settled_at = time.time() + 1.0  # both agents have read the label (they poll every 0.25 s)
+    finally:
+        lab_ops.label("http-n1-0", "nodeagent.io/mesh=enabled")
+        runner.join(30)
+    assert outcome, "the client did not finish"
+    answers = json.loads(outcome[0])
+    before = [status for at, status in answers if at < left_at]
+    after = [status for at, status in answers if at > settled_at]
+    assert len(before) > 10 and len(after) > 10, answers
+    assert set(before) == {200} and set(after) == {200}, answers

@@ -172,6 +172,7 @@ def proxy_tables(proxy) -> dict:
         "tls_sessions": _len(proxy.tls_sessions, "_sessions"),
         "identities": _len(proxy.identities, "_material"),
         "pods": len(proxy.pods),
+        "pods_retired": proxy.connections.retired(),  # departed, with connections not ended yet
         "endpoint_sets": _len(directory, "_endpoint_sets"),
         "service_configs": _len(directory, "_configs"),
         "retry_budgets": _len(directory, "_budgets"),

@@ -10,7 +10,11 @@ everything it held and counts it (tcp_close, bytes). Nothing else counts opens a
     inbound:  HANDSHAKING (mesh) -> AUTHORIZING -> OPAQUE | HTTP1 | HTTP2 (or REFUSING) -> CLOSED
 
 The table also knows each pod's live connections: a pod's policy change closes the ones it no
-longer admits, and a pod's departure closes all of them.
+longer admits. A pod that leaves the mesh is retired (`retire`): its HTTP connections are asked
+to end at their next clean point (as in a drain), the others end when their peers end them, and
+what they still use of the pod (its network namespace's descriptor, to open connections from or
+into the pod) is released only when the last of them closes: a descriptor closed earlier is
+reused by the process for something else, possibly another pod's namespace.
 
 Draining (the agent stops or hands over): `drain()` tells every connection that knows how to
 end well (HTTP/1: `Connection: close` on its next response; HTTP/2: GOAWAY) to do so, now and
@@ -151,6 +155,7 @@ class ConnectionTable:
         self.open_count = 0
         self.drain_state = Drain.SERVING
         self._live: dict[str, dict[Connection, None]] = {}  # pod key -> its connections, insertion-ordered
+        self._retired: dict[object, Callable[[], None]] = {}  # a departed pod (its context) -> its release
 
     def admit(self, pod, direction: Direction, phase: Phase) -> Connection | None:
         """A new client connection in `phase`, or None (refused, already reported)."""
@@ -184,6 +189,28 @@ class ConnectionTable:
             live.pop(connection, None)
             if not live:
                 del self._live[connection.pod.key]
+        if self._retired and connection.pod in self._retired and not self._holds(connection.pod):
+            self._retired.pop(connection.pod)()
+
+    def retire(self, pod, release: Callable[[], None]) -> None:
+        """`pod` (its context) left: its connections that can end well are asked to, and
+        `release` runs when the last of its connections has closed (now, if it has none). A pod
+        that joins again is a new context: its connections are not these."""
+        mine = [c for c in self._live.get(pod.key, ()) if c.pod is pod]
+        if not mine:
+            release()
+            return
+        self._retired[pod] = release
+        for connection in mine:
+            if connection.on_drain is not None:
+                connection.on_drain()
+
+    def retired(self) -> int:
+        """Departed pods whose connections have not all ended yet (/debug/memory, tests)."""
+        return len(self._retired)
+
+    def _holds(self, pod) -> bool:
+        return any(c.pod is pod for c in self._live.get(pod.key, ()))
 
     def drain(self) -> None:
         """Ask every connection that can end well to do so (later ones as they reach such a phase)."""

@@ -5,6 +5,7 @@ gets its narrow, typed deps (context.py), never the Proxy itself.
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 
@@ -235,7 +236,9 @@ class Proxy:
         if deleted and self.owns_datapath:
             self.datapath.detach_inbound(cookie)
         self.metrics.forget_pod(pod.key)
-        os.close(pod.netns_fd)
+        # Its connections still open may open others from or into its namespace: the descriptor
+        # is closed after the last of them (a number closed now would be reused at once).
+        self.connections.retire(pod, functools.partial(_close_netns, pod))
         log.info("pod %s %s", pod.key, "deleted" if deleted else "left the mesh")
 
     async def drain(self) -> None:
@@ -257,3 +260,8 @@ class Proxy:
             for server in pod.servers:
                 server.close()
         self.telemetry.close()  # the access log lines still queued are written
+
+
+def _close_netns(pod) -> None:
+    os.close(pod.netns_fd)
+    pod.netns_fd = -1  # a stray use finds no descriptor (/proc/self/fd/-1), never another's
