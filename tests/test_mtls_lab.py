@@ -209,37 +209,6 @@ def test_a_policy_change_ends_the_connections_it_no_longer_admits(mesh, tmp_path
     assert held_connection_after(mesh, "client-n0-0", "echo-n1-0", {"authz.nodeagent.io/9000": other}, tmp_path) == "cut"
 
 
-@pytest.fixture
-def short_lived_certificates(monkeypatch):
-    lab_ops.down()
-    monkeypatch.setattr(lab_ops, "AGENT_EXTRA_ARGS", ["--cert-lifetime", "4s"])
-    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
-    yield created
-    lab_ops.down()
-
-
-LONG_LIVED = """
-import socket, time
-s = socket.create_connection(({ip!r}, 9000), timeout=10)
-ok = 0
-for i in range(24):  # 6 s of traffic on one connection, across renewals at 2.8 s and later
-    s.sendall(b"tick-%03d" % i)
-    ok += s.recv(100) == b"tick-%03d" % i
-    time.sleep(0.25)
-print(ok)
-"""
-
-
-def test_renewal_while_a_long_lived_connection_carries_traffic(mesh, short_lived_certificates):
-    lab = short_lived_certificates
-    issued = agent_stats(1)["certificates_issued"]
-    assert py_in(lab, "client-n0-0", LONG_LIVED.format(ip=lab.plan.pod("echo-n1-0").ip)).strip() == "24"
-    assert agent_stats(1)["certificates_issued"] > issued  # renewed meanwhile
-    # New connections use the new certificates.
-    assert curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n1-0').ip}:8080/") == "hello from http-n1-0\n"
-
-
-
 KEPT_ALIVE = """
 import http.client, json, time
 stop_after = time.monotonic() + {seconds}
@@ -298,3 +267,35 @@ def test_a_pod_that_leaves_and_joins_again_serves_a_kept_alive_client_as_before(
     after = [status for at, status in answers if at > settled_at]
     assert len(before) > 10 and len(after) > 10, answers
     assert set(before) == {200} and set(after) == {200}, answers
+
+
+@pytest.fixture
+def short_lived_certificates(monkeypatch):
+    lab_ops.down()
+    monkeypatch.setattr(lab_ops, "AGENT_EXTRA_ARGS", ["--cert-lifetime", "4s"])
+    created = lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
+    yield created
+    lab_ops.down()
+
+
+LONG_LIVED = """
+import socket, time
+s = socket.create_connection(({ip!r}, 9000), timeout=10)
+ok = 0
+for i in range(24):  # 6 s of traffic on one connection, across renewals at 2.8 s and later
+    s.sendall(b"tick-%03d" % i)
+    ok += s.recv(100) == b"tick-%03d" % i
+    time.sleep(0.25)
+print(ok)
+"""
+
+
+def test_renewal_while_a_long_lived_connection_carries_traffic(mesh, short_lived_certificates):
+    lab = short_lived_certificates
+    issued = agent_stats(1)["certificates_issued"]
+    assert py_in(lab, "client-n0-0", LONG_LIVED.format(ip=lab.plan.pod("echo-n1-0").ip)).strip() == "24"
+    assert agent_stats(1)["certificates_issued"] > issued  # renewed meanwhile
+    # New connections use the new certificates.
+    assert curl(lab, "client-n0-0", f"http://{lab.plan.pod('http-n1-0').ip}:8080/") == "hello from http-n1-0\n"
+
+
