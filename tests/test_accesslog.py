@@ -73,16 +73,23 @@ def test_writer_appends_lines_to_a_file_off_the_callers_thread(tmp_path):
     assert writer._thread is not None and writer._thread.ident not in callers
 
 
-def test_a_full_queue_drops_and_counts_without_waiting(tmp_path, monkeypatch):
-    """The writer is stuck (its destination's reader is not reading): records still return at
-    once, beyond QUEUE_LINES they are dropped and counted."""
-    monkeypatch.setattr(accesslog, "QUEUE_LINES", 50)
-    monkeypatch.setattr(accesslog, "POD_FLOOR", 4)
+def stuck_writer(monkeypatch, queue_lines: int, floor: int | None = None):
+    """An AccessLog writing into a pipe nobody reads yet (its writes block once the pipe is
+    full): (the writer, the list its drops are reported to, the pipe's read end)."""
+    monkeypatch.setattr(accesslog, "QUEUE_LINES", queue_lines)
+    if floor is not None:
+        monkeypatch.setattr(accesslog, "POD_FLOOR", floor)
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, True)
     monkeypatch.setattr(accesslog, "open_destination", lambda destination: write_end)
     dropped = []
-    writer = AccessLog("pipe", dropped.append)
+    return AccessLog("pipe", dropped.append), dropped, read_end
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(tmp_path, monkeypatch):
+    """The writer is stuck (its destination's reader is not reading): records still return at
+    once, beyond QUEUE_LINES they are dropped and counted."""
+    writer, dropped, read_end = stuck_writer(monkeypatch, queue_lines=50, floor=4)
     big = b"/" + b"x" * 4000
     try:
         for _ in range(5000):  # far more than the pipe's 64 KiB and the queue take: never blocks
@@ -107,12 +114,7 @@ def test_a_destination_that_cannot_be_opened_counts_its_lines(tmp_path):
 def test_a_pod_flooding_a_stuck_writer_leaves_room_for_the_others(tmp_path, monkeypatch):
     """The writer is stuck on a full pipe while one pod floods: that pod stops at its half of
     the queue, another pod's lines are all queued, and written once the reader reads again."""
-    monkeypatch.setattr(accesslog, "QUEUE_LINES", 400)
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, True)
-    monkeypatch.setattr(accesslog, "open_destination", lambda destination: write_end)
-    dropped = []
-    writer = AccessLog("pipe", dropped.append)
+    writer, dropped, read_end = stuck_writer(monkeypatch, queue_lines=400)
     big = b"/" + b"x" * 4000
     read = []
     try:
