@@ -149,3 +149,50 @@ def _renew(mark, stop: threading.Event) -> None:
     """As a live agent does: the mark's mtime renewed every 0.25 s, until told to stop."""
     while not stop.wait(0.25):
         os.utime(mark)
+
+
+LEAVE_JOIN_ROUNDS = 5
+LEAVE_JOIN_GAP_S = 0.3  # random gaps up to this: shorter and longer than an agent's poll (0.25 s)
+
+
+def test_pods_leaving_and_joining_again_during_the_overlap_stay_enrolled_after_the_old_agent_exits(lab):
+    """Pods served by the old agent leave the mesh and join it again, in random order with random
+    gaps, while the new agent runs beside it. The two agents read the cluster at their own
+    moments: one may see a leave and a join the other never saw, or see them later. Whatever each
+    saw, an entry the new agent relies on must never be removed by the old one (on the leave it
+    saw late, or at its exit): every pod is served after the old agent's exit."""
+    import random
+
+    node = lab.plan.nodes[0]
+    wait_until(lambda: len(pinned_slots(lab)) == len(JOINING), "every pod enrolled")
+    (old,) = lab_upgrade.agent_pids(lab, node.name)
+    new = lab_ops.start_agent(lab, node).pid
+    wait_until(lambda: lab_upgrade.ready_as(node.admin_port, new), "the new agent ready", 60)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(LEAVE_JOIN_ROUNDS):
+        pods = rng.sample(JOINING, 3)
+        events = pods + pods  # each pod's first event is its leave, its second its join
+        rng.shuffle(events)
+        out = set()
+        for name in events:
+            value = "enabled" if name in out else "disabled"
+            (out.discard if name in out else out.add)(name)
+            lab_ops.label(name, f"{MESH_LABEL}={value}")
+            time.sleep(rng.uniform(0, LEAVE_JOIN_GAP_S))
+    try:
+        wait_until(lambda: len(pinned_slots(lab)) == len(JOINING), "every pod enrolled again", 10)
+    except AssertionError:
+        missing = sorted(set(JOINING) - set(pinned_slots(lab)))
+        raise AssertionError(f"seed {seed}: not enrolled again after 10 s: {missing}") from None
+    time.sleep(OVERLAP_S)
+    during = check_every_joining_pod(lab, rounds=1)
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: lab_upgrade._gone(old), "the old agent's exit", 60)
+    after = check_every_joining_pod(lab, rounds=2)
+    assert (during, after) == ([], []), \
+        f"seed {seed}: during the overlap: {during}; after the old agent's exit: {after}"
+    slots = pinned_slots(lab)
+    assert len(set(slots.values())) == len(JOINING), slots
+    served = {p["pod"].split("/")[-1]: p["slot"] for p in agent_stats(0)["pods"]}
+    assert {name: served[name] for name in JOINING} == slots

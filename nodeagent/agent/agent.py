@@ -207,12 +207,17 @@ class Agent:
         # Identities only for the ServiceAccounts of meshed pods on this node, never others.
         self.identities.allow({self.proxy.identity_of(on_node[uid]) for uid in wanted})
         changes = plan_changes(set(self.enrolled), wanted, set(on_node))
+        # Beside a newer agent, the pinned entries are its own (it adopted or rewrote them): it
+        # removes them when its view has the pod leave. This agent's view may see a leave late,
+        # or one the newer agent never saw (a leave and a join between two of its polls): removing
+        # the entries then would leave a pod the newer agent serves unsteered (refused), for good.
+        keep_entries = bool(changes.release) and self.presence.successor() is not None
         for uid in changes.release:
             cookie = self.enrolled.pop(uid)
             slot = self.proxy.pods[cookie].slot
             if self.workers:
                 self.workers.remove_pod(cookie, deleted=uid in changes.deleted)
-            await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted)
+            await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted, keep_entries=keep_entries)
             self.slots.free(slot)
         self._waiting = False
         # Every agent's entries (one beside this one may have enrolled a pod since this one started).

@@ -220,12 +220,14 @@ class Proxy:
         log.info("pod %s enrolled (slot %d, netns cookie %d)", info.key, slot, cookie)
         return pod
 
-    async def remove_pod(self, cookie: int, deleted: bool) -> None:
+    async def remove_pod(self, cookie: int, deleted: bool, keep_entries: bool = False) -> None:
         """Leave the mesh (the data path first, then the listeners). A deleted
-        pod's sk_lookup link goes too; a pod that only left keeps it, idle."""
+        pod's sk_lookup link goes too; a pod that only left keeps it, idle.
+        `keep_entries`: the data path is left as it is (a newer agent's, agent.py)."""
         pod = self.pods.pop(cookie)
         self.directory.unserve(pod.key)
-        if self.owns_datapath:
+        owns_entries = self.owns_datapath and not keep_entries
+        if owns_entries:
             self.datapath.forget(cookie, pod.info.ip)
         for server in pod.servers:
             server.close()
@@ -233,7 +235,7 @@ class Proxy:
             pools.http1.forget_pod(cookie)
             pools.http2.forget_pod(cookie)
         self.authorizer.forget(pod.key)
-        if deleted and self.owns_datapath:
+        if deleted and owns_entries:
             self.datapath.detach_inbound(cookie)
         self.metrics.forget_pod(pod.key)
         # Its connections still open may open others from or into its namespace: the descriptor
