@@ -17,7 +17,7 @@ from pathlib import Path
 from nodeagent.identity.ca import Authority, issuer_from_pem, read_issuer_files, check_chains_to_anchors
 
 log = logging.getLogger("nodeagent.identity")
-CHECK_S = 2.0  # how often the files are read (a Secret's update reaches the node within a minute)
+CHECK_S = 2.0  # how often the files are read (the kubelet brings a Secret's update to the node in up to ~2 minutes: its sync period plus its cache)
 
 
 class IssuerFiles:
