@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from conftest import lab_fixture
 from nodeagent.lab import lab as lab_ops
 from test_proxy import _agent_pid, wait_until
 
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.privileged
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab_ops.down()
-    try:
-        yield lab_ops.up(nodes=2, pods_per_node=5, mesh="node")
-    finally:
-        lab_ops.down()
+lab = lab_fixture(nodes=2, pods_per_node=5, mesh="node")
 
 
 def in_pod(lab, pod_name: str, argv: list[str], **popen) -> subprocess.Popen:

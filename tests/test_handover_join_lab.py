@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import lab_fixture
 from nodeagent.datapath import abi, libbpf
 from nodeagent.datapath.pins import PinLayout
 from nodeagent.lab import lab as lab_ops
@@ -29,13 +30,7 @@ JOINING = HTTP + H2C + TCP
 OVERLAP_S = 2.0  # both agents poll the manifests every 0.25 s: each has enrolled what it will
 
 
-@pytest.fixture(scope="module")
-def lab():
-    lab_ops.down()
-    try:
-        yield lab_ops.up(nodes=1, pods_per_node=10, mesh="node")
-    finally:
-        lab_ops.down()
+lab = lab_fixture(nodes=1, pods_per_node=10, mesh="node")
 
 
 def pinned_slots(lab) -> dict[str, int]:

@@ -329,15 +329,23 @@ def test_the_request_timeout_bounds_the_whole_exchange_not_only_the_head(proxy_t
     server.close()
 
 
+
+def recv_through_head(sock) -> bytes:
+    """Read until a whole head (through its blank line) has come: the head and what followed it."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return received
+
 def test_the_head_goes_out_before_a_body_that_has_not_come(proxy_to):
     """Head and body share a write when the body is there (one TLS record on a mesh hop), but
     the head never waits for the body: the client may be waiting for the head's answer."""
     head_seen = threading.Event()
 
     def reads_head_then_body(conn):
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += conn.recv(65536)
+        received = recv_through_head(conn)
         head_seen.set()
         body = received.split(b"\r\n\r\n", 1)[1]
         while len(body) < 5:
@@ -468,9 +476,7 @@ def test_a_client_gone_mid_request_takes_its_endpoint_connection_along():
 
 def test_connect_is_a_tunnel_once_the_endpoint_says_2xx(proxy_to):
     def forward_proxy(conn):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(65536)
+        head = recv_through_head(conn)
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         data = head.split(b"\r\n\r\n", 1)[1]
         while len(data) < 10:
@@ -482,9 +488,7 @@ def test_connect_is_a_tunnel_once_the_endpoint_says_2xx(proxy_to):
     port, _ = proxy_to(server.address)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"CONNECT db.example:5432 HTTP/1.1\r\nhost: db.example:5432\r\n\r\nhello")
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            reply += sock.recv(65536)
+        reply = recv_through_head(sock)
         sock.sendall(b"world")
         while not reply.endswith(b"HELLOWORLD"):
             chunk = sock.recv(65536)
@@ -586,9 +590,7 @@ def test_a_pods_idle_pooled_connections_are_bounded_over_all_its_endpoints(monke
 
 def test_an_interim_response_and_the_final_one_in_one_read_count_the_final_status(proxy_to):
     def interim_and_final_at_once(conn):
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += conn.recv(65536)
+        recv_through_head(conn)
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
         return "sent"
 

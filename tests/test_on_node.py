@@ -17,6 +17,7 @@ from nodeagent import netns
 from nodeagent.cluster.model import ClusterView
 from nodeagent.policy.authz import POLICY_ANNOTATION
 from nodeagent.settings import DEFAULT
+from test_http1 import UPGRADE_ECHO_REPLY, UpgradeEcho
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -137,25 +138,6 @@ def test_without_on_node_plaintext_same_node_http1_takes_the_mesh_hop():
 
 
 UPGRADE_PORT = 9100
-UPGRADE_REPLY = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n"
-
-
-class UpgradeEcho(asyncio.Protocol):
-    """Pod B's app: answers an Upgrade request with 101, then echoes (as a WebSocket echo would)."""
-
-    def connection_made(self, transport):
-        self.transport, self.upgraded, self.buffer = transport, False, b""
-
-    def data_received(self, data):
-        if self.upgraded:
-            self.transport.write(data)
-            return
-        self.buffer += data
-        if b"\r\n\r\n" in self.buffer:
-            self.upgraded = True
-            self.transport.write(UPGRADE_REPLY + self.buffer.split(b"\r\n\r\n", 1)[1])
-
-
 def socket_in(pair, pod: str) -> socket.socket:
     """A TCP socket made in `pod`'s network namespace (it stays there whatever thread uses it)."""
     with netns.entered(netns.named_path(pair.names[0 if pod == "pod-a" else 1])):
@@ -189,7 +171,7 @@ def test_an_upgraded_one_hop_connection_gives_the_destinations_inbound_share_bac
                 await loop.sock_connect(client, ("127.0.0.1", port))
                 reader, writer = await asyncio.open_connection(sock=client)
                 writer.write(b"GET /chat HTTP/1.1\r\nhost: pod-b\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
-                assert await asyncio.wait_for(reader.readexactly(len(UPGRADE_REPLY)), 10) == UPGRADE_REPLY
+                assert await asyncio.wait_for(reader.readexactly(len(UPGRADE_ECHO_REPLY)), 10) == UPGRADE_ECHO_REPLY
                 writer.write(b"ping")
                 assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
                 assert len(pair.proxy.connections.live(pair.pods["pod-b"].key)) == 1  # B's inbound, held
