@@ -3,8 +3,8 @@
 A pod that reaches a limit gets errors (its new connection reset, its stream refused); no
 other pod does, because each pod's share is counted apart. All are counts of things held at
 once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
-over its rate a pod's handshakes wait their turn, up to a second, then are refused). Defaults come from the agent's
-`--pod-limits` setting. An annotation `limits.nodeagent.io/<name>: "<n>"` on a Namespace sets the
+over its rate a pod's handshakes wait their turn, up to half a second, then are refused).
+Defaults come from the agent's `--pod-limits` setting. An annotation `limits.nodeagent.io/<name>: "<n>"` on a Namespace sets the
 limit of its pods, up or down (operators size a busy gateway's namespace differently from a
 batch job's; a Namespace is cluster-scoped, so a pod's author normally cannot edit it). The same
 annotation on a pod may only lower that pod's limit: one its author could raise would protect
