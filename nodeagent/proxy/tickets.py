@@ -21,11 +21,13 @@ from the handshake threads: not worth it for one handshake per client per ROTATE
 
 import ctypes
 import hashlib
-import hmac
 import logging
 import os
 import ssl
 import time
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from nodeagent.proxy.tls import _libssl, _ssl_ctx
 
@@ -63,11 +65,7 @@ def ticket_keys(secret: TicketSecret, identity_uri: str, anchors_pem: bytes) -> 
     """The 80 bytes one server identity's contexts use under `anchors_pem`: HKDF-Expand
     (RFC 5869, SHA-256) of the secret, so every process of the agent derives the same."""
     info = b"nodeagent ticket keys\0" + hashlib.sha256(anchors_pem).digest() + identity_uri.encode()
-    out, block = b"", b""
-    for counter in range(1, 1 + -(-TICKET_KEYS_BYTES // hashlib.sha256().digest_size)):
-        block = hmac.new(secret.value, block + info + bytes([counter]), hashlib.sha256).digest()
-        out += block
-    return out[:TICKET_KEYS_BYTES]
+    return HKDFExpand(hashes.SHA256(), TICKET_KEYS_BYTES, info).derive(secret.value)
 
 
 def install(context: ssl.SSLContext, keys: bytes) -> bool:
