@@ -12,7 +12,7 @@ import pytest
 from nodeagent.identity import naming
 from nodeagent.identity.ca import Authority
 from nodeagent.identity.workload import RENEW_AT, WorkloadIdentities, session_lifetime_s
-from nodeagent.proxy import mesh, tls
+from nodeagent.proxy import mesh, openssl, tls
 from nodeagent.proxy.relay import Holding
 from test_mtls import SERVER, CLIENT, Clock, EchoAfterHandshake, identities
 
@@ -71,7 +71,7 @@ def test_server_tickets_live_no_longer_than_the_certificate_has_left_at_renewal(
     assert session_lifetime_s(10) == int((1 - RENEW_AT) * 10) == 3
     for seconds, expected in ((24 * 3600, 7200), (600, 180), (10, 3)):
         server = short_lived(issuer, anchors, SERVER, seconds)
-        assert tls.session_lifetime(server.material(SERVER).server) == expected
+        assert openssl.session_lifetime(server.material(SERVER).server) == expected
     # Under a second left: no tickets at all.
     tiny = short_lived(issuer, anchors, SERVER, 2)
     assert tiny.material(SERVER).server.num_tickets == 0
@@ -79,7 +79,7 @@ def test_server_tickets_live_no_longer_than_the_certificate_has_left_at_renewal(
 
 def test_where_the_lifetime_cannot_be_set_no_tickets_are_issued(monkeypatch, pki):
     anchors, issuer = pki
-    monkeypatch.setattr(tls, "_ssl_ctx", lambda context: None)  # a Python laid out otherwise
+    monkeypatch.setattr(openssl, "ssl_ctx", lambda context: None)  # a Python laid out otherwise
     server = identities(issuer, anchors, SERVER)
     assert server.material(SERVER).server.num_tickets == 0
 

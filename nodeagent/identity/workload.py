@@ -5,7 +5,7 @@ replaced, never changed, so established connections keep theirs.
 Session resumption never outlives what a certificate proved: a server context's
 tickets live at most the certificate's life left at its renewal (and at most
 MAX_SESSION_LIFETIME_S); a resumed session whose peer certificate has expired
-is refused on both sides (proxy/tls.py); `on_retire` tells the client-side
+is refused on both sides (proxy/tls_sessions.py); `on_retire` tells the client-side
 session cache to forget the sessions of a context that goes. The server
 contexts' ticket keys are the agent's (proxy/tickets.py: the same in each of
 its processes, per identity and trust-anchor bundle, rotated by the agent),
@@ -29,7 +29,7 @@ from pathlib import Path
 from nodeagent.identity import naming
 from nodeagent.identity.ca import DAY, Authority, certificate_pem, key_pem, new_key
 from nodeagent.proxy import tickets
-from nodeagent.proxy.tls import limit_session_lifetime
+from nodeagent.proxy.openssl import limit_session_lifetime
 
 log = logging.getLogger("nodeagent.identity")
 RENEW_AT = 0.7

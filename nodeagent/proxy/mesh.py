@@ -18,8 +18,8 @@ import struct
 import time
 
 from nodeagent.identity import naming
-from nodeagent.proxy import tls
-from nodeagent.proxy.tls import SessionExpired, handshake, peer_not_after
+from nodeagent.proxy.tls import handshake
+from nodeagent.proxy.tls_sessions import Session, SessionExpired, peer_not_after
 
 MAGIC = b"NAGT"
 VERSION = 1
@@ -87,9 +87,9 @@ class SessionCache:
 
     def __init__(self, size: int = 1024, clock=time.time):
         self.size, self.clock = size, clock
-        self._sessions: dict[tuple[int, str], tuple[tls.Session, float]] = {}  # -> (session, expiry)
+        self._sessions: dict[tuple[int, str], tuple[Session, float]] = {}  # -> (session, expiry)
 
-    def get(self, context: ssl.SSLContext, server: str) -> "tls.Session | None":
+    def get(self, context: ssl.SSLContext, server: str) -> "Session | None":
         key = (id(context), server)  # a session holds its context: the id is not reused meanwhile
         session, expires = self._sessions.get(key, (None, 0.0))
         if session is not None and self.clock() >= expires:
@@ -97,7 +97,7 @@ class SessionCache:
             return None
         return session
 
-    def put(self, context: ssl.SSLContext, server: str, session: "tls.Session | None",
+    def put(self, context: ssl.SSLContext, server: str, session: "Session | None",
             server_not_after: float | None) -> None:
         if session is None or not session.has_ticket or server_not_after is None:
             return
@@ -140,7 +140,7 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
     if sessions is not None and not ssl_object.session_reused:
         # Only a full handshake's session is kept, and then offered again and again while it is
         # valid (TLS 1.3 tickets resume more than once here; no early data, so no replay). It is
-        # taken from OpenSSL (tls.session_of), never through CPython 3.11's SSLObject.session,
+        # taken from OpenSSL (tls_sessions.session_of), never through CPython 3.11's SSLObject.session,
         # which leaks a copy per read (gh-116810).
         not_after = peer_not_after(ssl_object)
         tls.on_session = lambda session: sessions.put(context, server, session, not_after)

@@ -29,7 +29,7 @@ import time
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from nodeagent.proxy.tls import _libssl, _ssl_ctx
+from nodeagent.proxy.openssl import libssl, ssl_ctx
 
 log = logging.getLogger("nodeagent.tls")
 
@@ -74,10 +74,10 @@ def install(context: ssl.SSLContext, keys: bytes) -> bool:
     resumption within one process only). Set on a live context too (a rotation): a handshake
     running meanwhile may issue or read a ticket under half-copied keys, which then does not
     decrypt, a full handshake the next time, nothing worse (fixed-size buffers)."""
-    pointer = _ssl_ctx(context)
+    pointer = ssl_ctx(context)
     if pointer is None or len(keys) != TICKET_KEYS_BYTES:
         return False
-    lib = _libssl()
+    lib = libssl()
     lib.SSL_CTX_ctrl.restype, lib.SSL_CTX_ctrl.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_int,
                                                                           ctypes.c_long, ctypes.c_void_p]
     # With no buffer, OpenSSL answers the length it expects: its layout, checked, not assumed.
