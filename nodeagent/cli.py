@@ -264,7 +264,7 @@ def run(**given):
     if agent_settings.config_dir:
         import time
 
-        from nodeagent.agent.config_dir import SettingsReloads, termination_grace
+        from nodeagent.agent.settings_reloads import SettingsReloads, termination_grace
 
         try:
             reloads = SettingsReloads(agent_settings.config_dir, agent_settings, time.monotonic(),

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from nodeagent import live_settings, settings
-from nodeagent.agent import config_dir
+from nodeagent.agent import config_dir, last_good, settings_reloads
 from nodeagent.lab import config as lab_config
-from nodeagent.agent.config_dir import CHECK_S, ConfigDir, ConfigDirError, SettingsReloads, read_texts
+from nodeagent.agent.config_dir import CHECK_S, ConfigDir, ConfigDirError, read_texts
+from nodeagent.agent.settings_reloads import SettingsReloads
 from nodeagent.policy import authz
 from nodeagent.proxy import limits
 from nodeagent.settings import DEFAULT, SettingsError
@@ -134,7 +135,7 @@ def test_reloads_keep_the_settings_in_use_on_a_bad_value_and_say_why_once(tmp_pa
     status = reloads.status(change.settings)
     assert status["in_use"]["log-level"] == "debug" and status["in_use"]["workers"] == "0"
     assert status["reloads"] == {"applied": 1, "restart": 0, "unchanged": 0, "refused": 1}
-    families = {f.name: f.samples for f in config_dir.SettingsCollector(reloads).collect()}
+    families = {f.name: f.samples for f in settings_reloads.SettingsCollector(reloads).collect()}
     assert [(s.labels, s.value) for s in families["config_needs_restart"]] == [({"setting": "workers"}, 1)]
 
 
@@ -300,9 +301,9 @@ def test_a_drain_timeout_raised_beyond_the_pods_grace_period_is_warned_of_at_sta
     assert live_settings.drain_beyond_grace(600.0, 630.0) is None
     assert live_settings.drain_beyond_grace(3600.0, None) is None  # not told: nothing to say
     assert "terminationGracePeriodSeconds (630 s) allows (600 s" in live_settings.drain_beyond_grace(601.0, 630.0)
-    assert config_dir.termination_grace({live_settings.GRACE_ENV: "630"}) == 630.0
-    assert config_dir.termination_grace({}) is None and config_dir.termination_grace({"x": "y"}) is None
-    assert config_dir.termination_grace({live_settings.GRACE_ENV: "soon"}) is None
+    assert settings_reloads.termination_grace({live_settings.GRACE_ENV: "630"}) == 630.0
+    assert settings_reloads.termination_grace({}) is None and settings_reloads.termination_grace({"x": "y"}) is None
+    assert settings_reloads.termination_grace({live_settings.GRACE_ENV: "soon"}) is None
 
     kubelet_write(tmp_path, {"drain-timeout": "10m"}, 1)
     reloads = SettingsReloads(tmp_path, BASE, now=0.0, grace_s=630.0)
@@ -361,7 +362,7 @@ def test_an_unreadable_directory_is_counted_and_warned_of_after_a_few_reads_at_m
         assert reloads.check(running, now) is None
     assert reloads.files.unreadable == 40 and reloads.status(running)["unreadable"] == 40
     assert len(warnings()) == 2 and "3 reads in a row" in warnings()[0].message  # at 6 s, then at 66 s
-    families = {f.name: f.samples for f in config_dir.SettingsCollector(reloads).collect()}
+    families = {f.name: f.samples for f in settings_reloads.SettingsCollector(reloads).collect()}
     assert families["config_dir_unreadable"][0].value == 40
     (tmp_path / "gone").rename(settings_dir)
     kubelet_write(settings_dir, {"log-level": "debug"}, 2)
@@ -371,8 +372,8 @@ def test_an_unreadable_directory_is_counted_and_warned_of_after_a_few_reads_at_m
 
 def test_a_last_good_copy_that_is_not_ours_is_ignored(tmp_path, caplog):
     kubelet_write(tmp_path / "config", {"max-connections": "many"}, 1)
-    for text in ("[1, 2]", "{not json", " " * (config_dir.MAX_COPY_BYTES + 1)):
-        (tmp_path / config_dir.LastGood.NAME).write_text(text)
+    for text in ("[1, 2]", "{not json", " " * (last_good.MAX_COPY_BYTES + 1)):
+        (tmp_path / last_good.LastGood.NAME).write_text(text)
         reloads = SettingsReloads(tmp_path / "config", BASE, now=0.0, state_dir=tmp_path)
-        assert reloads.initial() == BASE and reloads.start is config_dir.Start.COMMAND_LINE
+        assert reloads.initial() == BASE and reloads.start is settings_reloads.Start.COMMAND_LINE
     assert sum("last settings applied" in r.message or "not a copy" in r.message for r in caplog.records) == 3

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import memory
 from nodeagent.agent.admin import serve_admin, serve_metrics
-from nodeagent.agent.config_dir import SettingsCollector, SettingsReloads
+from nodeagent.agent.settings_reloads import SettingsCollector, SettingsReloads
 from nodeagent.agent.merge import Merged, families_of, merge
 from nodeagent.agent.workers import MEMORY_LIMIT_ENV, Workers, automatic_processes
 from nodeagent.agent.node_metrics import NodeCollector, pod_kernel_counters
@@ -63,7 +63,7 @@ class Lifecycle(enum.Enum):
 class Agent:
     def __init__(self, settings: AgentSettings, source, reloads: SettingsReloads | None = None):
         self.config = settings  # validated (settings.py); cgroup resolved to the pods' cgroup
-        self.reloads = reloads  # --config-dir: the cluster settings, watched (config_dir.py)
+        self.reloads = reloads  # --config-dir: the cluster settings, watched (settings_reloads.py)
         self.source = source
         self.lifecycle = Lifecycle.STARTING
         self._datapath_problem: str | None = None  # the pinned data path is gone (a cleanup ran)

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from nodeagent.identity.ca import Authority, issuer_from_pem, read_issuer_files, check_chains_to_anchors
+from nodeagent.periodic import Every
 
 log = logging.getLogger("nodeagent.identity")
 CHECK_S = 2.0  # how often the files are read (the kubelet brings a Secret's update to the node in up to ~2 minutes: its sync period plus its cache)
@@ -31,7 +32,7 @@ class IssuerFiles:
         self.current: tuple[Authority, bytes] = issuer_from_pem(*contents)
         self._seen = self._digest(contents)
         self._refused: bytes | None = None
-        self._next = now + CHECK_S
+        self._poll = Every(CHECK_S, now)
 
     @staticmethod
     def _digest(contents: tuple[bytes, ...]) -> bytes:
@@ -39,9 +40,8 @@ class IssuerFiles:
 
     def changed(self, now: float) -> tuple[Authority, bytes] | None:
         """The new issuer and anchors, once the files hold a new consistent set; else None."""
-        if now < self._next:
+        if not self._poll.due(now):
             return None
-        self._next = now + CHECK_S
         try:
             contents = read_issuer_files(self.directory)
         except OSError as e:
