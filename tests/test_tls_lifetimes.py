@@ -101,7 +101,7 @@ def test_resumption_is_allowed_while_both_certificates_are_valid(pki):
     assert (first.session_reused, second.session_reused) == (False, True)
     assert results == [("identity", CLIENT.uri)] * 2
     # The client keeps the session until the earlier of its ticket's end and the server certificate's.
-    expires = sessions._sessions[(id(client.material(CLIENT).client), "10.244.0.9")][1]
+    expires = sessions._sessions[(client.material(CLIENT).client, "10.244.0.9")][1]
     assert expires <= first.session.time + 7200
 
 
@@ -211,6 +211,53 @@ def test_the_client_cache_forgets_the_sessions_of_a_renewed_or_dropped_certifica
     assert asyncio.run(scenario()) == [1, 0, 1, 0]
 
 
+def test_a_session_that_arrives_after_its_certificate_was_retired_is_not_kept(pki):
+    """The session comes with the server's first bytes, which on an idle tunnel can be long after
+    the handshake: if the client's certificate was renewed or dropped meanwhile, the session must
+    not be cached (under a context that may be freed and its id given to another identity)."""
+    anchors, issuer = pki
+    server = identities(issuer, anchors, SERVER)
+    client = identities(issuer, anchors, CLIENT)
+    sessions = mesh.SessionCache()
+
+    async def scenario():
+        listener, port, _ = await serve(lambda: server.material(SERVER).server)
+        loop = asyncio.get_running_loop()
+        transport, holding = await loop.create_connection(Holding, "127.0.0.1", port)
+        context = client.material(CLIENT).client
+        tunnel = await mesh.client_handshake(transport, holding, context, SERVER, 9000, 0, 5, sessions, "10.244.0.9")
+        holding.transport = tunnel
+        sessions.retire(context)  # before the server's first bytes (and its tickets) came
+        tunnel.write(b"ping")
+        for _ in range(500):
+            if holding.buffer or holding.eof or holding.lost:
+                break
+            await asyncio.sleep(0.01)
+        tunnel.close()
+        listener.close()
+        return bytes(holding.buffer), len(sessions)
+
+    assert asyncio.run(scenario()) == (b"ping", 0)
+
+
+def test_sessions_are_kept_per_context_object_not_per_id():
+    class Context:  # weakly referenceable, as ssl.SSLContext is
+        pass
+
+    class Session:
+        has_ticket, time, timeout, ticket_lifetime_hint = True, time.time(), 7200, 100
+
+    cache = mesh.SessionCache()
+    first = Context()
+    cache.put(first, "s", Session(), time.time() + 60)
+    assert cache.get(first, "s") is not None
+    stranger = Context()  # another identity's context; an equal id would once have matched
+    assert cache.get(stranger, "s") is None
+    cache.retire(first)
+    cache.put(first, "s", Session(), time.time() + 60)
+    assert len(cache) == 0
+
+
 def test_the_proxy_wires_its_session_cache_to_its_identities(pki):
     from nodeagent.proxy.server import Proxy
 
@@ -220,7 +267,7 @@ def test_the_proxy_wires_its_session_cache_to_its_identities(pki):
     async def scenario():
         proxy = Proxy(None, workload)
         context = workload.material(CLIENT).client
-        proxy.tls_sessions._sessions[(id(context), "10.244.0.9")] = (object(), time.time() + 60)
+        proxy.tls_sessions._sessions[(context, "10.244.0.9")] = (object(), time.time() + 60)
         workload.allow(set())
         return len(proxy.tls_sessions)
 

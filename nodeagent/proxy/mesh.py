@@ -16,6 +16,7 @@ import asyncio
 import ssl
 import struct
 import time
+import weakref
 
 from nodeagent.identity import naming
 from nodeagent.proxy.tls import handshake
@@ -83,14 +84,21 @@ class SessionCache:
     session), which is most of a handshake's cost. A session is offered only while its ticket
     lives and the server certificate it proved is valid; the sessions of a client certificate go
     when it is renewed or its identity dropped (`retire`, from WorkloadIdentities.on_retire).
-    At most `size` sessions, the oldest out first."""
+    At most `size` sessions, the oldest out first.
+
+    Keyed by the context object, not its id: a cached session does not keep its context alive
+    (tls_sessions.Session holds OpenSSL's pointer only), and a freed context's id can be reused
+    by another identity's context, which must never be offered the first one's session."""
 
     def __init__(self, size: int = 1024, clock=time.time):
         self.size, self.clock = size, clock
-        self._sessions: dict[tuple[int, str], tuple[Session, float]] = {}  # -> (session, expiry)
+        self._sessions: dict[tuple[ssl.SSLContext, str], tuple[Session, float]] = {}  # -> (session, expiry)
+        # A session can arrive after its client certificate was retired (the server's first
+        # bytes come late on an idle tunnel): it must not be cached then.
+        self._retired: "weakref.WeakSet[ssl.SSLContext]" = weakref.WeakSet()
 
     def get(self, context: ssl.SSLContext, server: str) -> "Session | None":
-        key = (id(context), server)  # a session holds its context: the id is not reused meanwhile
+        key = (context, server)
         session, expires = self._sessions.get(key, (None, 0.0))
         if session is not None and self.clock() >= expires:
             del self._sessions[key]
@@ -99,20 +107,21 @@ class SessionCache:
 
     def put(self, context: ssl.SSLContext, server: str, session: "Session | None",
             server_not_after: float | None) -> None:
-        if session is None or not session.has_ticket or server_not_after is None:
+        if session is None or not session.has_ticket or server_not_after is None or context in self._retired:
             return
         if len(self._sessions) >= self.size:
             self._sessions.pop(next(iter(self._sessions)))
         # The server's ticket lifetime (not the client's own session timeout), and its certificate.
         ticket_end = session.time + min(session.timeout, session.ticket_lifetime_hint)
-        self._sessions[(id(context), server)] = (session, min(ticket_end, server_not_after))
+        self._sessions[(context, server)] = (session, min(ticket_end, server_not_after))
 
     def forget(self, context: ssl.SSLContext, server: str) -> None:
-        self._sessions.pop((id(context), server), None)
+        self._sessions.pop((context, server), None)
 
     def retire(self, context: ssl.SSLContext) -> None:
         """The client certificate behind `context` is renewed or its identity dropped."""
-        for key in [key for key in self._sessions if key[0] == id(context)]:
+        self._retired.add(context)
+        for key in [key for key in self._sessions if key[0] is context]:
             del self._sessions[key]
 
     def __len__(self) -> int:
