@@ -102,6 +102,19 @@ def _int_range(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+# Certificates carry whole seconds: below 2 s one is expired when issued (a "10ms" typo would mint
+# a certificate per connection and fail every handshake). Above a year, a stolen workload key
+# stays good for longer than any issuer is normally kept (Linkerd's issuer default: 1 year).
+CERT_LIFETIME_MIN_S, CERT_LIFETIME_MAX_S = 2.0, 366 * 24 * 3600.0
+
+
+def _cert_lifetime(value: str) -> float:
+    seconds = parse_duration(value)
+    if not CERT_LIFETIME_MIN_S <= seconds <= CERT_LIFETIME_MAX_S:
+        raise ValueError(f"{value} is not between 2s and 366 days (8784h)")
+    return seconds
+
+
 def _address(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
@@ -294,7 +307,8 @@ OPTIONS: tuple[Option, ...] = (
             metavar="KEY=VALUE"),
     _option("trust_domain", _text, naming.DEFAULT_TRUST_DOMAIN, Scope.CLUSTER,
             "The SPIFFE trust domain of workload identities."),
-    _option("cert_lifetime", parse_duration, 24 * 3600.0, Scope.CLUSTER, "Workload certificate lifetime.",
+    _option("cert_lifetime", _cert_lifetime, 24 * 3600.0, Scope.CLUSTER,
+            "Workload certificate lifetime, 2s to 8784h (renewed at 70% of it; short ones are for tests).",
             _print_duration, metavar="DURATION"),
     _option("default_policy", _policy, authz.Mode.ALL_UNAUTHENTICATED, Scope.CLUSTER,
             "Inbound policy of pods that set none: " + ", ".join(m.value for m in authz.Mode) + ".",

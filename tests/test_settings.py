@@ -32,6 +32,8 @@ def test_text_is_parsed_and_validated_per_flag():
     ("fast-path", "splice,warp", "'warp': a list of splice, skb, loopback"),
     ("fast-path", "skb", "skb and loopback come on top of splice"),
     ("cert-lifetime", "forever", "not a duration"),
+    ("cert-lifetime", "10ms", "not between 2s and 366 days"),  # expired when issued: a certificate per connection
+    ("cert-lifetime", "100000h", "not between 2s and 366 days"),
     ("default-policy", "open", "one of all-unauthenticated"),
     ("workers", "999", "not in 0..256"),
     ("admin", "localhost", "not HOST:PORT"),
