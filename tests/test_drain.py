@@ -186,3 +186,18 @@ def test_a_departed_pod_without_connections_is_released_at_once():
     table.retire(Pod("a"), lambda: released.append("a"))
     assert released == ["a"] and table.retired() == 0
     other.close()
+
+
+def test_a_connection_that_becomes_http_after_its_pod_left_is_asked_to_end_at_once():
+    """Still authorizing (or detecting) when its pod retired: nothing could ask it then, so it is
+    asked as soon as it can end well, or it would keep the departed pod's context alive."""
+    table = ConnectionTable(100, lambda *a: None)
+    released, asked = [], []
+    pod = Pod("a")
+    late = table.admit(pod, Direction.INBOUND, Phase.AUTHORIZING)
+    table.retire(pod, lambda: released.append("a"))
+    late.enter(Phase.HTTP1)
+    late.drains_with(lambda: asked.append("late"))
+    assert asked == ["late"] and released == []
+    late.close()
+    assert released == ["a"] and table.retired() == 0

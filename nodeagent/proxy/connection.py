@@ -84,9 +84,10 @@ class Connection:
         self.on_drain: Callable[[], None] | None = None  # asks it to end at its next clean point
 
     def drains_with(self, on_drain: Callable[[], None]) -> None:
-        """How this connection ends well (an HTTP server's drain); called at once if the table drains."""
+        """How this connection ends well (an HTTP server's drain); called at once if the table
+        drains or its pod has left (it was still detecting or handshaking when the pod retired)."""
         self.on_drain = on_drain
-        if self.table.drain_state is Drain.DRAINING:
+        if self.table.drain_state is Drain.DRAINING or self.pod in self.table._retired:
             on_drain()
 
     def hold(self, transport) -> None:
