@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime
+import gc
 
 import pytest
 
@@ -315,3 +316,38 @@ def test_resumed_tunnels_do_not_leak_and_keep_resuming(pki):
     grown = _rss() - before
     assert reused >= 1400, reused  # resumption still works
     assert grown < 8 << 20, f"grew {grown >> 20} MiB over 1,500 resumed tunnels"
+
+
+def test_a_handshake_that_times_out_leaves_no_unread_error_to_log(pki):
+    """A peer that stalls its handshake is a hostile pod's cheap trick: its timeout is counted and
+    logged by the proxy's rate-limited problem log, not once more per connection by asyncio
+    ("Future exception was never retrieved", at ERROR)."""
+    anchor, issuer, _, _ = pki
+    server = identities(issuer, anchor.certificate_pem(), SERVER)
+    reported = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: reported.append(context.get("message")))
+        outcomes = []
+
+        class Stalled(asyncio.Protocol):
+            def connection_made(self, transport):
+                async def serve():
+                    try:
+                        await handshake(transport, self, server.material(SERVER).server, True, 0.2)
+                    except asyncio.TimeoutError:
+                        outcomes.append("timed out")
+                loop.create_task(serve())
+
+        listener = await loop.create_server(Stalled, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname())
+        writer.write(b"\x16\x03")  # a ClientHello begun, never finished
+        await asyncio.sleep(0.5)
+        writer.close()
+        listener.close()
+        gc.collect()
+        await asyncio.sleep(0.05)
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["timed out"] and reported == []

@@ -159,6 +159,9 @@ async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context:
     try:
         await asyncio.wait_for(asyncio.shield(shaking.done), timeout_s)
     except BaseException:
+        # Cancelled first: the abort's connection_lost would set an exception on it that nobody
+        # reads, and asyncio logs each such one at ERROR, unthrottled (a hostile peer's stalls).
+        shaking.done.cancel()
         raw.abort()
         raise
     if sslobj.session_reused:
