@@ -164,7 +164,7 @@ class Agent:
                     await self.reconcile()
                 self._check_source()
                 self._check_datapath()
-                self.presence.renew()
+                self.presence.renew(serving=self.lifecycle is Lifecycle.SERVING)
                 for identity in self.identities.renew_due():
                     log.info("certificate for %s renewed", identity)
                 self._reload_issuer()

@@ -12,6 +12,13 @@ drains.
 
 A mark not renewed for STALE_S (its agent was killed, or hangs) is ignored, so the older agent
 takes new pods again, and is removed by the next agent to start.
+
+A new agent that cannot serve (no complete view: broken RBAC, an API server it cannot reach)
+would hold new pods back for as long as a stuck roll lasts, unserved. So a starting agent renews
+its mark for STARTING_S at most; then it lets the mark lapse (the older agent takes new pods
+again) until it serves, when its mark is live again and it settles once more before enrolling a
+new pod (the older agent may be enrolling one in the same poll; the newer agent finds that pod's
+pinned entry and shares its slot, agent.py `_new_slot`).
 """
 
 import os
@@ -23,6 +30,7 @@ from nodeagent.datapath.pins import PinLayout
 
 STALE_S = 5.0  # a mark not renewed for this long is a dead agent's (agents renew every 0.25 s)
 SETTLE_S = 1.0  # a new agent beside a live one takes new pods this long after its mark (below)
+STARTING_S = 30.0  # a starting agent holds an older one's new pods back this long at most
 
 
 @dataclass(frozen=True, order=True)
@@ -61,11 +69,14 @@ class Presence:
     pod; the new agent must find that pod's pinned entry (and take its slot) rather than choose
     a slot of its own for it at the same moment."""
 
-    def __init__(self, layout: PinLayout, own: Mark | None = None):
+    def __init__(self, layout: PinLayout, own: Mark | None = None, clock=time.monotonic):
         self.dir: Path = layout.agents
         # CLOCK_BOOTTIME: one clock for the node's processes that a wall-clock step never reorders.
         self.own = own or Mark(time.clock_gettime_ns(time.CLOCK_BOOTTIME), os.getpid())
-        self.settled_at = 0.0  # time.monotonic() from which this agent takes new pods
+        self.clock = clock
+        self.settled_at = 0.0  # clock() from which this agent takes new pods
+        self.announced_at = 0.0
+        self.lapsed = False  # starting for longer than STARTING_S: the mark is left to go stale
 
     def announce(self) -> bool:
         """Mark this agent (first: before the pins are read) and remove dead agents' marks; True
@@ -77,10 +88,20 @@ class Presence:
         for mark in set(others) - live(others, now):
             self._remove(mark)
         beside = bool(live(others, now))
-        self.settled_at = time.monotonic() + (SETTLE_S if beside else 0.0)
+        self.announced_at = self.clock()
+        self.settled_at = self.announced_at + (SETTLE_S if beside else 0.0)
         return beside
 
-    def renew(self) -> None:
+    def renew(self, serving: bool) -> None:
+        """Each poll. A starting agent stops renewing after STARTING_S; serving again renews, and
+        then it settles before enrolling a new pod, as at a start beside another agent."""
+        now = self.clock()
+        if not serving and now - self.announced_at >= STARTING_S:
+            self.lapsed = True
+            return
+        if self.lapsed:
+            self.lapsed = False
+            self.settled_at = now + SETTLE_S
         try:
             os.utime(self.dir / self.own.name)
         except FileNotFoundError:  # removed by `nodeagent cleanup` (the data path is gone too)
@@ -94,7 +115,7 @@ class Presence:
         return successor(self.own, self._read(), time.time())
 
     def settled(self) -> bool:
-        return time.monotonic() >= self.settled_at
+        return self.clock() >= self.settled_at
 
     def _read(self) -> dict[Mark, float]:
         marks = {}
