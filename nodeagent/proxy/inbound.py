@@ -296,6 +296,7 @@ class MeshAccept(_Inbound):
             self.conn.close(len(self.raw_bytes), 0)
             raw.abort()
             return
+        deps.observers.metrics.handshake_done("inbound", tls.get_extra_info("ssl_object").session_reused)
         self.raw_bytes = None
         self.transport = tls
         try:
