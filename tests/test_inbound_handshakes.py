@@ -5,7 +5,8 @@ Anyone who can reach a pod's IP can open idle TCP connections to its mesh port 4
 one of the pod's `handshakes`, the same ones its own outbound mesh connections need, for up to
 the 10 s handshake deadline: 16 idle connections and the pod's own connections were refused
 ("handshakes limit"). Now they hold the pod's `inbound-handshakes` and are dropped when no
-ClientHello comes within `Timeouts.client_hello_s`. Needs root (namespaces), not the lab."""
+whole ClientHello comes within `Timeouts.client_hello_s` (one that stalls halfway held its slot until
+the 10 s handshake deadline). Needs root (namespaces), not the lab."""
 
 import asyncio
 import os
@@ -20,6 +21,7 @@ from nodeagent.ports import MESH_PORT
 from nodeagent.proxy import limits
 from nodeagent.proxy.limits import Limit
 from nodeagent.settings import DEFAULT
+from test_client_hello import a_client_hello
 from test_handshake_pacing import sample, settled, with_pair
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
@@ -83,5 +85,30 @@ def test_idle_clients_on_the_mesh_port_take_neither_the_pods_own_handshakes_nor_
         finally:
             for sock in idle:
                 sock.close()
+        await settled(pair, "pod-a")
+    asyncio.run(with_pair(SETTINGS, scenario))
+
+
+def test_a_client_stalled_halfway_through_its_client_hello_is_dropped_at_the_hello_deadline():
+    """The ClientHello deadline covers the whole ClientHello: a few bytes of one do not keep the
+    slot until the handshake's deadline (before, it was dropped there, counted as a TimeoutError)."""
+    async def scenario(pair):
+        quota = pair.pods["pod-a"].quota
+        stalled = await connected(pair.names[1], (A_IP, MESH_PORT))
+        try:
+            await asyncio.get_running_loop().sock_sendall(stalled, a_client_hello()[:40])
+            for _ in range(50):
+                if quota.held[Limit.INBOUND_HANDSHAKES] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert quota.held[Limit.INBOUND_HANDSHAKES] == 1
+            assert await dropped(stalled, 30)  # the deadline is 2 s; 30 s: the bound, not the timing
+            assert sample(pair, "tls_handshake_failures_total", direction="inbound", reason="no ClientHello") == 1
+            assert sample(pair, "tls_handshake_failures_total", direction="inbound", reason="TimeoutError") == 0
+            assert quota.held[Limit.INBOUND_HANDSHAKES] == 0
+            # A whole ClientHello is still answered (pod A's own connection, at pod B's mesh port).
+            assert await echo_from_a(pair) == b"ping"
+        finally:
+            stalled.close()
         await settled(pair, "pod-a")
     asyncio.run(with_pair(SETTINGS, scenario))

@@ -11,6 +11,7 @@
 """
 
 import asyncio
+from collections.abc import Callable
 
 from nodeagent.cluster.model import PodInfo
 from nodeagent.identity.workload import WorkloadIdentities
@@ -29,9 +30,11 @@ class HopRefused(ConnectionRefusedError):
 
 class Connector:
     def __init__(self, directory, identities: WorkloadIdentities, sessions: mesh.SessionCache,
-                 trust_domain: str, on_node_plaintext: bool):
+                 trust_domain: str, on_node_plaintext: bool, on_handshake: Callable[[bool], None] | None = None):
+        """`on_handshake(resumed)`: once each mesh handshake as client is done."""
         self.directory, self.identities, self.sessions = directory, identities, sessions
         self.trust_domain, self.on_node_plaintext = trust_domain, on_node_plaintext
+        self.on_handshake = on_handshake
 
     def plan(self, address: tuple[str, int], destination: PodInfo | None, hint: Hint) -> Hop:
         return plan_hop(address, destination, meshed=self.directory.meshed(destination),
@@ -45,7 +48,7 @@ class Connector:
         if hop.kind is not HopKind.MESH:
             return None
         return Tunnel(hop.connect_to[0], hop.port, hop.hint, self.identities.material(source.identity).client,
-                      hop.expected, self.sessions, source.quota)
+                      hop.expected, self.sessions, source.quota, self.on_handshake)
 
     async def open(self, source, hop: Hop, timeout_s: float, factory) -> tuple[asyncio.Transport, asyncio.Protocol]:
         """The connection for `hop` from `source` (PodContext); ON_NODE needs the destination served here."""

@@ -8,8 +8,9 @@
 Each connection is admitted against the pod's inbound share (proxy/limits.py); a mesh
 handshake holds one of the pod's `inbound-handshakes` while it runs (and while it waits for its
 turn under the pod's `inbound-handshake-rate`, pacing.py): its clients cannot take the pod's own
-`handshakes` as client. A mesh client sends its ClientHello at once, so one silent for
-`client_hello_s` is dropped (an idle connection to the mesh port holds a handshake); then the
+`handshakes` as client. A mesh client sends its ClientHello at once, so one that has not sent a
+whole ClientHello (client_hello.py) within `client_hello_s` is dropped (an idle or stalled
+connection to the mesh port holds a handshake); then the
 handshake and the header have a deadline. The proxy's own ports are never a destination (a connection to one
 would loop back into the proxy). Then the pod's policy decides (policy/authz.py); a refused
 HTTP client (HTTP/1 or HTTP/2) gets a 403, anything else is closed. An allowed connection's
@@ -29,7 +30,8 @@ from collections.abc import Awaitable
 
 from nodeagent.policy.authz import Client
 from nodeagent.ports import PROXY_PORTS
-from nodeagent.proxy import mesh
+from nodeagent.proxy import client_hello, mesh
+from nodeagent.proxy.client_hello import Hello
 from nodeagent.proxy.connection import Direction, Phase, Refused
 from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.app_target import AppTarget
@@ -294,6 +296,7 @@ class MeshAccept(_Inbound):
             self.conn.close(len(self.raw_bytes), 0)
             raw.abort()
             return
+        deps.observers.metrics.handshake_done("inbound", tls.get_extra_info("ssl_object").session_reused)
         self.raw_bytes = None
         self.transport = tls
         try:
@@ -316,19 +319,20 @@ class MeshAccept(_Inbound):
         await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
 
     async def _hello(self, raw) -> bool:
-        """The ClientHello's first bytes, within `client_hello_s`: a silent client is dropped before
-        it takes a turn, and gives back the pod's handshake it holds."""
+        """The whole ClientHello, within `client_hello_s`: a client silent or stalled halfway is
+        dropped before it takes a turn, and gives back the pod's handshake it holds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deps.timeouts.client_hello_s
         try:
-            while not self.raw_bytes and not self.eof:
+            while client_hello.received(bytes(self.raw_bytes)) is Hello.PARTIAL and not self.eof:
                 self._more.clear()
                 await asyncio.wait_for(self._more.wait(), max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
             self.deps.observers.metrics.handshake_failed("inbound", "no ClientHello")
-            self.deps.observers.problems.warning("tls-hello", "pod %s: mesh connection from %s dropped: no ClientHello "
-                                                 "in %.1f s", self.pod.key, raw.get_extra_info("peername"),
-                                                 self.deps.timeouts.client_hello_s)
+            self.deps.observers.problems.warning("tls-hello", "pod %s: mesh connection from %s dropped: no whole "
+                                                 "ClientHello in %.1f s (%d bytes of one)", self.pod.key,
+                                                 raw.get_extra_info("peername"), self.deps.timeouts.client_hello_s,
+                                                 len(self.raw_bytes))
             self.conn.close(0, 0)
             raw.abort()
             return False

@@ -17,6 +17,7 @@ import ssl
 import struct
 import time
 import weakref
+from collections.abc import Callable
 
 from nodeagent.identity import naming
 from nodeagent.proxy.tls import handshake
@@ -130,8 +131,10 @@ class SessionCache:
 
 async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext,
                            expected: naming.Identity, port: int, hint: int, timeout_s: float,
-                           sessions: SessionCache | None = None, server: str = "") -> asyncio.Transport:
-    """TLS over a connected transport, identity checked, header sent: the tunnel's transport."""
+                           sessions: SessionCache | None = None, server: str = "",
+                           on_done: Callable[[bool], None] | None = None) -> asyncio.Transport:
+    """TLS over a connected transport, identity checked, header sent: the tunnel's transport.
+    `on_done(resumed)` once the identity is proven (tls_handshakes_total)."""
     try:
         tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name,
                               session=sessions.get(context, server) if sessions else None)
@@ -146,6 +149,8 @@ async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Proto
         tls.abort()
         raise TunnelError(f"wrong identity: expected {expected.uri}, the server proved {proven}", "wrong identity")
     ssl_object = tls.get_extra_info("ssl_object")
+    if on_done is not None:
+        on_done(ssl_object.session_reused)
     if sessions is not None and not ssl_object.session_reused:
         # Only a full handshake's session is kept, and then offered again and again while it is
         # valid (TLS 1.3 tickets resume more than once here; no early data, so no replay). It is

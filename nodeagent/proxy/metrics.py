@@ -117,6 +117,9 @@ class Metrics:
                                             ("direction", "namespace", "pod", "limit"), registry=r)
         self.tls_handshake_failures_total = Counter("tls_handshake_failures", "Mutual TLS handshakes refused",
                                                     ("direction", "reason"), registry=r)
+        self.tls_handshakes_total = Counter("tls_handshakes", "Mutual TLS handshakes done (the peer's identity "
+                                            "proven): full, or a session resumed (no certificate signatures)",
+                                            ("direction", "resumed"), registry=r)
         self.tls_sni_total = Counter("tls_sni", "TLS connections passed through, by the server name asked for "
                                      f"(the first {SNI_LABELS_PER_POD} names per pod; then '{SNI_OTHER}')",
                                      ("direction", "namespace", "pod", "sni"), registry=r)
@@ -177,6 +180,10 @@ class Metrics:
 
     def handshake_failed(self, direction: str, reason: str) -> None:
         self.tls_handshake_failures_total.labels(direction, reason).inc()
+
+    def handshake_done(self, direction: str, resumed: bool) -> None:
+        self.tls_handshakes_total.labels(direction, str(resumed).lower()).inc()
+
     def http2_flood(self, direction: str, pod, flood) -> None:
         self.child(self.http2_flood_total, (direction, pod.info.namespace, pod.info.name, flood.value)).inc()
 

@@ -77,7 +77,8 @@ class Proxy:
         self.tls_sessions = mesh.SessionCache()
         identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
         self.connector = Connector(self.directory, identities, self.tls_sessions, settings.trust_domain,
-                                   settings.on_node_plaintext)
+                                   settings.on_node_plaintext,
+                                   on_handshake=lambda resumed: self.metrics.handshake_done("outbound", resumed))
         self.pools = Pools(Pool(), H2Pool())
         self.app_pools = Pools(Pool(), H2Pool())  # inbound HTTP to the pods' own apps
         self.splicer = Splicer(datapath, settings.fast_paths, self.problems)

@@ -44,6 +44,7 @@ class Tunnel:
     expected: naming.Identity
     sessions: object = None  # mesh.SessionCache: resumable sessions per (context, server)
     quota: object = None  # the source pod's limits.Quota: its handshakes in progress are bounded
+    on_handshake: object = None  # called with `resumed` once a handshake is done (tls_handshakes_total)
 
 
 class HandshakeLimit(ConnectionRefusedError):
@@ -102,7 +103,7 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
         sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
         transport, protocol = await loop.create_connection(factory, sock=sock)
         tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port,
-                                          tunnel.hint, timeout_s, tunnel.sessions, tunnel.pod_ip)
+                                          tunnel.hint, timeout_s, tunnel.sessions, tunnel.pod_ip, tunnel.on_handshake)
     finally:
         if tunnel.quota is not None:
             tunnel.quota.give(Limit.HANDSHAKES)
