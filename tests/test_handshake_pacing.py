@@ -149,3 +149,29 @@ def test_the_handshake_threads_run_below_the_event_loops_cpu_priority():
 
     here = os.getpriority(os.PRIO_PROCESS, 0)
     assert asyncio.run(niceness_on_a_handshake_thread()) == min(19, here + tls.HANDSHAKE_NICENESS)
+
+
+# Straight to pod B's mesh port, as anyone who can reach a pod can: a byte of a ClientHello, then close.
+BYTE_AND_CLOSE = """
+import socket
+for _ in range({count}):
+    with socket.create_connection(({ip!r}, {port}), timeout=5) as s:
+        s.sendall(b"\\x16")
+"""
+
+
+def test_connections_gone_before_their_handshake_spend_none_of_the_pods_rate():
+    """'Send a byte, close' cost the attacker nothing and spent pod B's inbound-handshake-rate,
+    so real clients of pod B were refused."""
+    from nodeagent.ports import MESH_PORT
+
+    async def scenario(pair):
+        done = await pair.run_in_a_async([sys.executable, "-c", BYTE_AND_CLOSE.format(ip=B_IP, port=MESH_PORT,
+                                                                                        count=BURST)], timeout=60)
+        assert done.returncode == 0, done.stderr
+        await settled(pair, "pod-b")
+        assert refused(pair, "inbound", "pod-b") == 0
+        got = await burst(pair)  # real clients: the whole rate is still theirs
+        assert got["ok"] >= RATE + 1, got
+    settings = replace(DEFAULT, on_node_plaintext=False)
+    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))

@@ -342,6 +342,10 @@ class MeshAccept(_Inbound):
         """The pod's turn for a new handshake as server (its `inbound-handshake-rate`, pacing.py):
         the client waits for it, holding one of the pod's `inbound-handshakes`; refused if it is too far off."""
         loop = asyncio.get_running_loop()
+        if self.eof or raw.is_closing():  # gone already ("a byte, then close"): it costs the pod no turn
+            self.conn.close(len(self.raw_bytes), 0)
+            raw.abort()
+            return False
         turn = self.pod.quota.handshake_turn("inbound", loop.time())
         if turn is None:
             self.deps.connections.refused(self.conn, Refused(Limit.INBOUND_HANDSHAKE_RATE.value))
