@@ -175,3 +175,53 @@ def test_connections_gone_before_their_handshake_spend_none_of_the_pods_rate():
         assert got["ok"] >= RATE + 1, got
     settings = replace(DEFAULT, on_node_plaintext=False)
     asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))
+
+
+# Connections straight to pod B's mesh port, each with a whole ClientHello, then stalled.
+STALLED_HELLOS = """
+import socket, ssl, sys
+context = ssl.create_default_context()
+held = []
+for _ in range({count}):
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        context.wrap_bio(incoming, outgoing, server_hostname="x").do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    s = socket.create_connection(({ip!r}, {port}), timeout=5)
+    s.sendall(outgoing.read())
+    held.append(s)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_one_client_address_holds_at_most_a_quarter_of_a_pods_handshakes():
+    """A whole ClientHello, then nothing: each such connection held one of the pod's
+    inbound-handshakes until the handshake deadline (10 s), so a few a second from one pod kept
+    every real mesh client of the pod out. One address now holds a quarter of them at most."""
+    import subprocess
+    from nodeagent.ports import MESH_PORT
+
+    limit = 8  # pod B's inbound-handshakes: a share of 2 per client address
+
+    async def scenario(pair):
+        argv = ["ip", "netns", "exec", pair.names[0], sys.executable, "-c",
+                STALLED_HELLOS.format(ip=B_IP, port=MESH_PORT, count=3)]
+        holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert (await asyncio.to_thread(holder.stdout.readline)).strip() == "held"
+            await asyncio.sleep(0.3)
+            assert sample(pair, "limit_exceeded_total", direction="inbound", namespace=NAMESPACE, pod="pod-b",
+                          limit="inbound-handshakes-per-client") == 1
+            assert pair.pods["pod-b"].handshakes_by_source.held(A_IP) == 2
+        finally:
+            holder.kill()
+            holder.wait()
+        await settled(pair, "pod-b")
+        assert len(pair.pods["pod-b"].handshakes_by_source) == 0  # every hold given back
+        _, port = pair.aim("echo")  # the same address's real clients are served again, within its share
+        done = await pair.run_in_a_async([sys.executable, "-c", CLIENT.format(port=port, count=2)], timeout=60)
+        assert json.loads(done.stdout)["ok"] == 2, done.stdout
+    settings = replace(DEFAULT, on_node_plaintext=False)
+    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshakes": str(limit)}))

@@ -14,6 +14,7 @@ from nodeagent.identity import naming
 from nodeagent.proxy.limits import Quota
 from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.problems import ProblemLog
+from nodeagent.proxy.source_share import SourceShares
 from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.telemetry import Telemetry
 
@@ -38,6 +39,8 @@ class PodContext:
     identity: naming.Identity
     quota: Quota  # what it holds of its limits (proxy/limits.py)
     servers: list = field(default_factory=list)
+    # inbound mesh handshakes in progress per client address (source_share.py)
+    handshakes_by_source: SourceShares = field(default_factory=SourceShares)
 
     @property
     def netns_path(self) -> str:

@@ -34,6 +34,7 @@ from nodeagent.proxy import client_hello, mesh
 from nodeagent.proxy.client_hello import Hello
 from nodeagent.proxy.connection import Direction, Phase, Refused
 from nodeagent.proxy.limits import Limit
+from nodeagent.proxy.source_share import PER_CLIENT_LIMIT
 from nodeagent.proxy.app_target import AppTarget
 from nodeagent.proxy.detect import MAX_PREFIX, NEED_MORE, Protocol, detect
 from nodeagent.proxy.errors import REASON_HEADER
@@ -267,6 +268,14 @@ class MeshAccept(_Inbound):
         self.in_tls = False
         if not self._admit_connection(transport, Phase.HANDSHAKING):
             return
+        # One client address holds at most a share of the pod's handshakes (source_share.py).
+        source = (transport.get_extra_info("peername") or ("?",))[0]
+        self.source_hold = self.pod.handshakes_by_source.take(source, self.pod.quota.limits[Limit.INBOUND_HANDSHAKES])
+        if self.source_hold is None:
+            self.deps.connections.refused(self.conn, Refused(PER_CLIENT_LIMIT))
+            self.conn.close(0, 0)
+            transport.abort()
+            return
         self.task = asyncio.get_running_loop().create_task(self._guarded(self._serve(transport)))
 
     def data_received(self, data):
@@ -279,9 +288,24 @@ class MeshAccept(_Inbound):
             self.transport.pause_reading()  # the handshake resumes it
 
     async def _serve(self, raw):
+        try:
+            tunnel = await self._handshake(raw)
+        finally:
+            self.source_hold.release()  # the handshake is over, whichever way: the address's share back
+        if tunnel is None:
+            return
+        tls, port, hint = tunnel
+        del self.buffer[:mesh.HEADER.size]
+        if self._proxy_port(tls, port):
+            return
+        await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
+
+    async def _handshake(self, raw):
+        """The ClientHello, the pod's turn, the handshake and the tunnel header: (the tunnel,
+        its port, its hint), or None (refused, closed and counted)."""
         deps = self.deps
         if not await self._hello(raw) or not await self._turn(raw):
-            return
+            return None
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
             if self.eof:  # it closed while it waited for its turn: the handshake would wait for nothing
@@ -295,7 +319,7 @@ class MeshAccept(_Inbound):
                                             raw.get_extra_info("peername"), reason)
             self.conn.close(len(self.raw_bytes), 0)
             raw.abort()
-            return
+            return None
         deps.observers.metrics.handshake_done("inbound", tls.get_extra_info("ssl_object").session_reused)
         self.raw_bytes = None
         self.transport = tls
@@ -312,11 +336,8 @@ class MeshAccept(_Inbound):
             deps.observers.metrics.tcp_error("inbound", self.pod, "bad tunnel header")
             self.conn.close(len(self.buffer), 0)
             tls.abort()
-            return
-        del self.buffer[:mesh.HEADER.size]
-        if self._proxy_port(tls, port):
-            return
-        await self._admit(tls, port, mesh.peer_identity(tls), HINTED.get(hint))
+            return None
+        return tls, port, hint
 
     async def _hello(self, raw) -> bool:
         """The whole ClientHello, within `client_hello_s`: a client silent or stalled halfway is
