@@ -11,11 +11,12 @@ the 10 s handshake deadline). Needs root (namespaces), not the lab."""
 import asyncio
 import os
 import socket
+import subprocess
 from dataclasses import replace
 
 import pytest
 
-from benchmarks.podpair import A_IP, NAMESPACE
+from benchmarks.podpair import A_IP, NAMESPACE, SUBNET
 from nodeagent import netns
 from nodeagent.ports import MESH_PORT
 from nodeagent.proxy import limits
@@ -31,9 +32,11 @@ IDLE = limits.DEFAULTS[Limit.HANDSHAKES]  # as many idle clients as the pod has 
 SETTINGS = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(f"inbound-handshakes={INBOUND}"))
 
 
-async def connected(netns_name: str, address: tuple[str, int]) -> socket.socket:
+async def connected(netns_name: str, address: tuple[str, int], source: str | None = None) -> socket.socket:
     with netns.entered(f"/var/run/netns/{netns_name}"):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if source is not None:
+        sock.bind((source, 0))
     sock.setblocking(False)
     await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), 5)
     return sock
@@ -63,10 +66,21 @@ async def echo_from_a(pair) -> bytes:
         sock.close()
 
 
+def client_addresses(pair, count: int) -> list[str]:
+    """`count` more addresses of pod B's (as many client pods; one address holds a quarter of a
+    pod's inbound handshakes at most, source_share.py). Gone with the pair's namespaces."""
+    addresses = [f"10.255.0.{100 + i}" for i in range(count)]
+    for address in addresses:
+        subprocess.run(["ip", "-n", pair.names[1], "addr", "add", f"{address}/{SUBNET}", "dev", f"{pair.tag}b"],
+                       check=True, capture_output=True)
+    return addresses
+
+
 def test_idle_clients_on_the_mesh_port_take_neither_the_pods_own_handshakes_nor_long():
     async def scenario(pair):
         quota = pair.pods["pod-a"].quota
-        idle = [await connected(pair.names[1], (A_IP, MESH_PORT)) for _ in range(IDLE)]  # from pod B's namespace
+        idle = [await connected(pair.names[1], (A_IP, MESH_PORT), source)  # from pod B's namespace
+                for source in client_addresses(pair, IDLE)]
         try:
             for _ in range(50):  # the proxy accepts them
                 if quota.held[Limit.INBOUND_HANDSHAKES] == INBOUND:
