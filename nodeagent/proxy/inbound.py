@@ -333,7 +333,7 @@ class MeshAccept(_Inbound):
                                                  "ClientHello in %.1f s (%d bytes of one)", self.pod.key,
                                                  raw.get_extra_info("peername"), self.deps.timeouts.client_hello_s,
                                                  len(self.raw_bytes))
-            self.conn.close(0, 0)
+            self.conn.close(len(self.raw_bytes), 0)  # a part of a ClientHello was read
             raw.abort()
             return False
         return True
