@@ -42,7 +42,7 @@ from nodeagent.proxy.h2peer import H2Peer, goaway
 from nodeagent.proxy.hop import Hint
 from nodeagent.proxy.http1 import KEEPALIVE_IDLE_S, Http1Server
 from nodeagent.proxy.http2 import Http2Server
-from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import POOL_IDLE_S, open_socket
 
@@ -95,7 +95,6 @@ class _Inbound(asyncio.Protocol):
 
     def _admit_connection(self, transport, phase: Phase) -> bool:
         self.transport = transport
-        nodelay(transport)
         self.conn = self.deps.connections.admit(self.pod, Direction.INBOUND, phase)
         if self.conn is None:
             transport.abort()  # refused by a limit (counted and logged by the table)

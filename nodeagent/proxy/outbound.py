@@ -33,7 +33,7 @@ from nodeagent.proxy.forward import forward
 from nodeagent.proxy.hop import Hint, HopKind
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.http2 import Http2Server
-from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding
 from nodeagent.proxy.routing import ToPod, ToService
 from nodeagent.proxy.target import HttpTarget, peer_label
 from nodeagent.proxy.tap import tls_event
@@ -74,7 +74,6 @@ class OutboundAccept(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
-        nodelay(transport)
         deps = self.deps
         peer_port = transport.get_extra_info("peername")[1]
         original = deps.original_destination(self.pod.cookie, peer_port)
