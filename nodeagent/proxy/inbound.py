@@ -42,6 +42,7 @@ from nodeagent.proxy.h2peer import H2Peer, goaway
 from nodeagent.proxy.hop import Hint
 from nodeagent.proxy.http1 import KEEPALIVE_IDLE_S, Http1Server
 from nodeagent.proxy.http2 import Http2Server
+from nodeagent.proxy.refusal import refused_at_accept
 from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import POOL_IDLE_S, open_socket
@@ -264,6 +265,10 @@ class MeshAccept(_Inbound):
     def connection_made(self, transport):
         self.raw_bytes = bytearray()  # what arrives before the handshake starts: the ClientHello
         self.in_tls = False
+        over = self.pod.quota.refusing("inbound", asyncio.get_running_loop().time())
+        if over is not None:  # over its inbound-handshake-rate: no ClientHello waited for
+            refused_at_accept(self.deps.observers, self.pod, "inbound", over, transport)
+            return
         if not self._admit_connection(transport, Phase.HANDSHAKING):
             return
         self.task = asyncio.get_running_loop().create_task(self._guarded(self._serve(transport)))
