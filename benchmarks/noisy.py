@@ -12,13 +12,21 @@ cores. Quiet, attacked and floor runs alternate. Each row: the victim's latency 
 node0's agent peak RSS during the run (against the DaemonSet's memory limit), the CPU node0's
 agent and the attacker's pod used (in cores, over the victim's run), and in attacked runs what
 the attack got.
+
+An extra variant, only with `BENCH_NOISY_ATTACKER_CPU=<cores>`: `attacked, attacker at N cores`,
+the same attack with the attacker's process under a CPU limit (CFS quota, as a Kubernetes pod's
+CPU limit sets: cpu.max on cgroup v2, or cpu.cfs_quota_us in the v1 cpu hierarchy of a hybrid
+node such as the test VM's), reported as its own row, never in place of `attacked`.
 """
 
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
+
+from pathlib import Path
 
 from nodeagent import netns
 from nodeagent.datapath.control import Datapath
@@ -31,7 +39,11 @@ from benchmarks.rounds import schedule
 VICTIM, ATTACKER = inlab.CLIENT, "client-n0-1"
 SHORT_TARGET, HOLD_TARGET = "echo-n0-0", "http-n0-1"
 RAMP_S = 2.0  # the held connections are open before the victim starts
-VARIANTS = ("quiet", "attacked", "floor")
+ATTACKER_CPU = float(os.environ.get("BENCH_NOISY_ATTACKER_CPU") or 0)  # cores; 0: no such variant
+LIMITED = f"attacked, attacker at {ATTACKER_CPU:g} cores"
+VARIANTS = ("quiet", "attacked", "floor") + ((LIMITED,) if ATTACKER_CPU else ())
+CFS_PERIOD_US = 100_000
+CPU_V1 = Path("/sys/fs/cgroup/cpu")
 
 
 VICTIM_STREAMS = {"http1": ("http", False), "http2": ("h2", True)}  # app port name, h2c
@@ -80,6 +92,32 @@ def _refused_in_the_kernel(lab, seconds: float):
             datapath.refuse_connects(cookie, 0)  # a deadline passed: refuses nothing
 
 
+@contextlib.contextmanager
+def _cpu_limited(lab, pid: int, cores: float):
+    """`pid` (the attacker) under a CFS quota of `cores` while the block runs; removed after."""
+    pod_cgroup = lab.pod_cgroup(lab.plan.pod(ATTACKER))
+    quota = int(cores * CFS_PERIOD_US)
+    if "cpu" in (pod_cgroup / "cgroup.controllers").read_text().split():
+        (pod_cgroup / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        try:
+            yield
+        finally:
+            (pod_cgroup / "cpu.max").write_text(f"max {CFS_PERIOD_US}")
+        return
+    group = CPU_V1 / "nalab-noisy-attacker"  # a hybrid node: the cpu controller is on v1
+    group.mkdir(exist_ok=True)
+    try:
+        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for left in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # it may have exited meanwhile
+                (CPU_V1 / "cgroup.procs").write_text(left)
+        group.rmdir()
+
+
 def _pod_cpu_s(lab, name: str) -> float:
     """CPU seconds the pod's cgroup has used (every process in it)."""
     stat = (lab.pod_cgroup(lab.plan.pod(name)) / "cpu.stat").read_text()
@@ -92,8 +130,10 @@ def one_run(lab, sizes, variant: str, index: int) -> list[dict]:
     with contextlib.ExitStack() as stack:
         if variant == "floor":
             stack.enter_context(_refused_in_the_kernel(lab, RAMP_S + sizes.noisy_seconds + 120))
-        if variant in ("attacked", "floor"):
+        if variant != "quiet":
             attacker = _attack(lab, sizes, log)
+            if variant == LIMITED:
+                stack.enter_context(_cpu_limited(lab, attacker.pid, ATTACKER_CPU))
             time.sleep(RAMP_S)
         agent_cpu, attacker_cpu = inlab.cpu_seconds(inlab.mesh_pids(lab, node=node0)), _pod_cpu_s(lab, ATTACKER)
         started = time.monotonic()
