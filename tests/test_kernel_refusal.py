@@ -40,13 +40,13 @@ def refusing_entry(cookie: int):
 
 
 def test_a_pod_in_a_refusal_window_gets_eperm_for_its_connects_until_it_ends_and_no_other_pod_does(lab, proxy):
-    noisy, other = serve(lab, proxy, "client-n0-0", slot=40), serve(lab, proxy, "client-n0-1", slot=41)
+    noisy, other = serve(lab, proxy, "client-n0-0", slot=40), serve(lab, proxy, "banner-n0-0", slot=41)
     echo = lab.plan.pod("echo-n1-0")
     connect = CONNECT_ERRNO.format(ip=echo.ip, port=9000)
     refusals = KernelRefusals(proxy.datapath, ProblemLog(logging.getLogger("test")))
     ends = open_window(refusals, SimpleNamespace(cookie=noisy, key="lab/client-n0-0"), "outbound")
     assert run_in(lab, "client-n0-0", connect).stdout.strip() == str(errno.EPERM)
-    assert run_in(lab, "client-n0-1", connect).stdout.strip() == "connected"  # its neighbour is served
+    assert run_in(lab, "banner-n0-0", connect).stdout.strip() == "connected"  # its neighbour is served
     assert time.monotonic() < ends, "the machine was too slow for the window: the EPERM above proves it held"
     counters = proxy.datapath.counters(40)
     assert (counters["over_limit"], counters["redirected"], counters["denied"]) == (1, 0, 0)
@@ -55,8 +55,8 @@ def test_a_pod_in_a_refusal_window_gets_eperm_for_its_connects_until_it_ends_and
     assert run_in(lab, "client-n0-0", connect).stdout.strip() == "connected"  # it ends by itself
     assert proxy.datapath.counters(40)["redirected"] == 1 and proxy.datapath.counters(40)["over_limit"] == 1
     # An inbound window concerns other pods' connects: it is never written to the kernel.
-    open_window(refusals, SimpleNamespace(cookie=other, key="lab/client-n0-1"), "inbound")
-    assert run_in(lab, "client-n0-1", connect).stdout.strip() == "connected"
+    open_window(refusals, SimpleNamespace(cookie=other, key="lab/banner-n0-0"), "inbound")
+    assert run_in(lab, "banner-n0-0", connect).stdout.strip() == "connected"
     # A pod that leaves takes its entry with it.
     assert refusing_entry(noisy) is not None
     proxy.datapath.forget(noisy, lab.plan.pod("client-n0-0").ip)
