@@ -56,8 +56,7 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct na_skb_splice, skb_splices, 16384, PI
  * and its workers (root, through the pin); an entry is needed until the connection is
  * established, when na_sockops drops it; the LRU bound covers connects that never got there. */
 BPF_TABLE_PINNED("lru_hash", __u64, __u32, proxy_socks, 65536, PIN_DIR "/proxy_socks");
-/* Pods over a limit of theirs in the proxy (handshake rate, connections, detections), by netns
- * cookie: until this CLOCK_MONOTONIC time (ns) their captured connects fail with EPERM instead of
+/* Pods over a limit of theirs in the proxy (their handshake rate), by netns cookie: until this CLOCK_MONOTONIC time (ns) their captured connects fail with EPERM instead of
  * reaching the proxy to be accepted and refused there (proxy/refusal.py). Written by the agent;
  * an entry past its time refuses nothing; removed when the pod leaves. */
 BPF_TABLE_PINNED("hash", __u64, __u64, refusing, NA_MAX_PODS, PIN_DIR "/refusing");

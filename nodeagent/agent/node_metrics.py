@@ -21,7 +21,7 @@ KERNEL_COUNTERS = (
      "receive queue (the loopback fast path; splices are in tcp_spliced_bytes_total)"),
     ("proxy_port_refused", "kernel_proxy_port_refused", "Inbound connections to the proxy's own ports, refused"),
     ("over_limit", "kernel_over_limit_refused", "Outbound connects the kernel refused with EPERM while the pod was "
-     "over a limit of its own in the proxy (handshake rate, connections, detections)"),
+     "over a limit of its own in the proxy (its handshake rate: proxy/refusal.py)"),
     ("inbound_unmeshed_refused", "kernel_inbound_unmeshed_refused",
      "Inbound connections to an address of the pod the mesh does not serve (IPv6, another IPv4), refused"),
 )

@@ -4,10 +4,11 @@ A pod that reaches a limit gets errors (its new connection reset, its stream ref
 other pod does, because each pod's share is counted apart. All are counts of things held at
 once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
 over its rate a pod's handshakes wait their turn, up to half a second, then are refused).
-A pod over a limit that its next connections would find full too (its handshake rate, with
-turns already queued up to half a second ahead; its outbound connections or detections) is
-refused outright for a short window (`Quota.refusing`): at accept, before detection, and in the
+A pod over its handshake rate, with turns already queued half a second ahead, is refused
+outright until its queue is empty (`Quota.refusing`): at accept, before detection, and in the
 kernel for its own connects (proxy/refusal.py), not accepted, detected and refused one by one.
+(Over a count, a pod is refused at admission, before detection too, one connection at a time:
+its count falls as its connections close, so a window would refuse a pod that has room again.)
 Defaults come from the agent's `--pod-limits` setting. An annotation `limits.nodeagent.io/<name>: "<n>"` on a Namespace sets the
 limit of its pods, up or down (operators size a busy gateway's namespace differently from a
 batch job's; a Namespace is cluster-scoped, so a pod's author normally cannot edit it). The same
@@ -69,10 +70,6 @@ DEFAULTS = MappingProxyType({
 })
 
 RATE_OF = {"outbound": Limit.HANDSHAKE_RATE, "inbound": Limit.INBOUND_HANDSHAKE_RATE}
-# A pod refused at admission (its outbound connections or detections full) is refused outright
-# for this long: its next connections would most likely find the limit full too. So a pod at such
-# a limit may be refused up to this long after one of its connections gave a place back.
-FULL_REFUSAL_S = 0.1
 
 
 def _value(name: str, text: str) -> int:

@@ -1,8 +1,9 @@
 """A pod over its limits, refused outright: at accept, and in the kernel for its own connects.
 
-When one of a pod's new connections is refused for a limit that its next ones would find full
-too (its handshake rate, with turns queued half a second ahead; its outbound connections or
-detections), the pod's Quota opens a refusal window (limits.Quota.refuse). For that window:
+When one of a pod's new connections is refused for its handshake rate (turns already queued
+half a second ahead: its next connections would be refused too), the pod's Quota opens a
+refusal window until that queue is empty (limits.Quota.refuse, pacing.Pace.reopens_at). For
+that window:
 
 - the kernel refuses the pod's captured connects: connect() fails with EPERM at once, counted in
   the pod's `over_limit` counter (`kernel_over_limit_refused_total`). The proxy never accepts

@@ -45,8 +45,6 @@ class Migration(enum.Enum):
     UNKNOWN = "not tried yet"
     ON = "on"
     UNAVAILABLE = "unavailable"  # /proc/sys is read-only here: tried once, said once
-# A pod's outbound connection refused at admission for these opens a refusal window (refusal.py).
-WINDOWED = frozenset({limits.Limit.OUTBOUND_CONNECTIONS.value, limits.Limit.DETECTIONS.value})
 # Draining, each listener accepts what is queued on it for at most this long before it closes.
 LISTENER_DRAIN_S = 2.0
 
@@ -174,9 +172,6 @@ class Proxy:
         self.metrics.limit_exceeded(direction.value, pod, limit)
         self.problems.warning(f"limit {limit}", "pod %s: %s connection refused: the %s limit is reached",
                               pod.key, direction.value, limit)
-        if direction is Direction.OUTBOUND and limit in WINDOWED:  # its next connects are refused outright
-            until = asyncio.get_running_loop().time() + limits.FULL_REFUSAL_S
-            pod.quota.refuse("outbound", limits.Limit(limit), until)
 
     # --- identity ---
 
