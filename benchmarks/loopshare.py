@@ -17,6 +17,9 @@ request of every pod waits that long before the loop gets to it. Variants:
 - `unpaced, threads niced`: only the handshake threads' lower priority;
 - `paced (default), threads at loop priority`: only the default handshake-rate;
 - `paced (default), threads niced`: both (the proxy as built);
+- `paced, niced, refused only at the handshake`: as built but without refusal windows (a pod over
+  its rate has each new connection accepted, detected and refused at its handshake, as before
+  proxy/refusal.py; there is no kernel here, so the windows' refusals are the proxy's at accept);
 - `refused at once`: handshakes=1 and no pacing: what connections that are refused cost, next to
   the handshakes that still complete.
 Needs root (network namespaces); removes what it made.
@@ -38,12 +41,14 @@ from benchmarks.podpair import PodPair
 
 PROBE_S = 0.002
 QUIET = "quiet (no attack)"
+NO_WINDOWS = "paced, niced, refused only at the handshake"
 VARIANTS = {
     QUIET: ("", None),
     "unpaced, threads at loop priority": ("handshake-rate=1000000", 0),
     "unpaced, threads niced": ("handshake-rate=1000000", None),
     "paced (default), threads at loop priority": ("", 0),
     "paced (default), threads niced": ("", None),
+    NO_WINDOWS: ("", None),
     "refused at once": ("handshake-rate=1000000,handshakes=1", None),
 }
 
@@ -65,11 +70,14 @@ def _percentile(values: list, p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else 0.0
 
 
-async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: float, quiet: bool = False) -> dict:
+async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: float, quiet: bool = False,
+                  windows: bool = True) -> dict:
     """One fresh proxy (and its handshake threads) in this process."""
     from nodeagent.proxy import limits, tls
     from nodeagent.settings import DEFAULT
 
+    if not windows:
+        limits.Quota.refusing = lambda quota, direction, now: None  # this child process only
     if niceness is not None:
         tls.HANDSHAKE_NICENESS = niceness  # before the threads start: read by their initializer
     settings = dataclasses.replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(pod_limits))
@@ -120,7 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         pod_limits, niceness = VARIANTS[args.one]
-        print(json.dumps(uvloop.run(one_run(pod_limits, niceness, args.rate, args.seconds, args.one == QUIET))))
+        print(json.dumps(uvloop.run(one_run(pod_limits, niceness, args.rate, args.seconds, args.one == QUIET,
+                                            windows=args.one != NO_WINDOWS))))
         return
     results: dict[str, list] = {name: [] for name in VARIANTS}
     for _ in range(args.runs):

@@ -17,6 +17,7 @@ not enter it. Each run is a fresh process (one pair of pods, one proxy); the med
 runs with min and max. Needs root (network namespaces); nothing leaves the pair.
 
     python -m benchmarks.proxy_cost [--modes mesh,plain] [--requests 20000] [--runs 5] [--baseline CHECKOUT]
+    python -m benchmarks.proxy_cost --modes mesh --new-connections 5   # wrk, Connection: close, 5 s a run
 
 With --baseline, the proxy of another checkout of this repository (e.g. a worktree of an older
 commit) runs in turn with this one, run for run, so that a busy moment of the machine hits both.
@@ -56,6 +57,18 @@ def cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
+def wrk_close(pair, seconds: float, connections: int = CONNECTIONS) -> tuple[int, float]:
+    """A new connection per request from pod A through the proxy (wrk, `Connection: close`), for
+    `seconds`; (requests, req/s). Every response must be a 2xx with no socket error."""
+    host, port = pair.aim(NGINX_PORT)
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-H", "Connection: close", f"http://{host}:{port}/"]
+    done = pair.run_in_a(argv)
+    found = re.search(r"(\d+) requests in", done.stdout)
+    if found is None or "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
+        raise RuntimeError(f"wrk: not every request succeeded\n{done.stdout}{done.stderr}")
+    return int(found[1]), float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)[1])
+
+
 def h2load(pair, requests: int, connections: int = CONNECTIONS, strict: bool = True) -> float:
     """Keep-alive HTTP/1 from pod A through the proxy; req/s. `strict`: every request must succeed."""
     host, port = pair.aim(NGINX_PORT)
@@ -67,8 +80,9 @@ def h2load(pair, requests: int, connections: int = CONNECTIONS, strict: bool = T
     return float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)[1])
 
 
-async def one_run(requests: int, mode: str) -> dict:
-    """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost."""
+async def one_run(requests: int, mode: str, close_seconds: float | None = None) -> dict:
+    """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost.
+    With `close_seconds`, a new connection per request for that long instead of `requests`."""
     import dataclasses
 
     from benchmarks.podpair import PodPair
@@ -91,25 +105,31 @@ async def one_run(requests: int, mode: str) -> dict:
         # handshakes at once would meet the pods' `handshakes` limit, rightly refused with a 502).
         for connections in (CONNECTIONS // 2, CONNECTIONS):
             await asyncio.to_thread(h2load, pair, WARMUP // 2, connections, False)
+        if close_seconds is not None:  # the code paths of a new connection too, and a session to resume
+            await asyncio.to_thread(wrk_close, pair, 1)
         before = cpu_seconds()
-        rate = await asyncio.to_thread(h2load, pair, requests)
+        if close_seconds is None:
+            rate = await asyncio.to_thread(h2load, pair, requests)
+        else:
+            requests, rate = await asyncio.to_thread(wrk_close, pair, close_seconds)
         user, system = (after - start for after, start in zip(cpu_seconds(), before))
     finally:
         nginx.terminate()
         nginx.wait(5)
         await pair.stop()
         subprocess.run(["rm", "-rf", workdir])
-    return {"req_per_s": rate, "cpu_us_per_request": (user + system) / requests * 1e6,
+    return {"requests": requests, "req_per_s": rate, "cpu_us_per_request": (user + system) / requests * 1e6,
             "system_us_per_request": system / requests * 1e6}
 
 
-def run_child(code: pathlib.Path, mode: str, requests: int) -> dict:
+def run_child(code: pathlib.Path, mode: str, requests: int, close_seconds: float | None = None) -> dict:
     """One run in a fresh process importing the `nodeagent` (and podpair) of checkout `code`."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     env.pop("BENCH_PLAIN", None)
     if mode == "plain":
         env["BENCH_PLAIN"] = "1"  # podpair: pod B outside the mesh
-    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "one", str(requests), mode],
+    close = [] if close_seconds is None else [str(close_seconds)]
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "one", str(requests), mode, *close],
                           capture_output=True, text=True, env=env, cwd=code, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"a {mode} run of {code} failed:\n{done.stderr[-3000:]}")
@@ -121,13 +141,14 @@ def summary(values: list[float]) -> dict:
             "runs": [round(v, 1) for v in values]}
 
 
-def measure(modes: list[str], requests: int, runs: int, codes: dict[str, pathlib.Path]) -> dict:
+def measure(modes: list[str], requests: int, runs: int, codes: dict[str, pathlib.Path],
+            close_seconds: float | None = None) -> dict:
     measured = {(label, mode): [] for label in codes for mode in modes}
     for _ in range(runs):
         for mode in modes:
             for label, code in codes.items():  # in turn: a busy moment hits each
-                measured[label, mode].append(run_child(code, mode, requests))
-    return {f"{label} {mode}": {"requests_per_run": requests,
+                measured[label, mode].append(run_child(code, mode, requests, close_seconds))
+    return {f"{label} {mode}": {"requests_per_run": summary([r["requests"] for r in results]),
                                 "req_per_s": summary([r["req_per_s"] for r in results]),
                                 "cpu_us_per_request": summary([r["cpu_us_per_request"] for r in results]),
                                 "system_us_per_request": summary([r["system_us_per_request"] for r in results])}
@@ -138,13 +159,17 @@ def main() -> None:
     if sys.argv[1:2] == ["one"]:
         import uvloop
 
-        print(json.dumps(uvloop.run(one_run(int(sys.argv[2]), sys.argv[3]))))
+        close_seconds = float(sys.argv[4]) if len(sys.argv) > 4 else None
+        print(json.dumps(uvloop.run(one_run(int(sys.argv[2]), sys.argv[3], close_seconds))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--baseline", type=pathlib.Path, help="another checkout to measure in turn")
+    parser.add_argument("--new-connections", type=float, metavar="SECONDS",
+                        help="a new connection per request (wrk, Connection: close) for SECONDS per run, "
+                             "instead of --requests over keep-alive connections")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -153,7 +178,7 @@ def main() -> None:
     codes = {"this checkout": REPO}
     if args.baseline:
         codes["baseline"] = args.baseline.resolve()
-    result = measure(modes, args.requests, args.runs, codes)
+    result = measure(modes, args.requests, args.runs, codes, args.new_connections)
     if args.json:
         print(json.dumps(result))
         return
@@ -162,7 +187,8 @@ def main() -> None:
         print(f"{label:20} proxy CPU {cpu['median']:6.1f} us per request (min {cpu['min']:.1f}, max {cpu['max']:.1f}; "
               f"kernel {system['median']:.1f}); "
               f"{rate['median']:6.0f} req/s (min {rate['min']:.0f}, max {rate['max']:.0f}); median of "
-              f"{args.runs} runs x {args.requests} requests")
+              f"{args.runs} runs x {measured['requests_per_run']['median']:.0f} requests"
+              f"{' (a new connection each)' if args.new_connections else ''}")
 
 
 if __name__ == "__main__":

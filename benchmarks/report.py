@@ -168,6 +168,24 @@ def noisy_table(runs: list[dict], sizes: dict) -> str:
                      f"{_ratio(median(hit or {}, 'p99_ms'), median(quiet or {}, 'p99_ms'))} | "
                      f"{cell(quiet, 'success_pct', 2)} / {cell(hit, 'success_pct', 2)} | "
                      f"{cell(quiet, 'agent_rss_peak_mib')} / {cell(hit, 'agent_rss_peak_mib')} |")
+    extra = [(key, r) for key, r in by.items() if key[0] not in ("quiet", "attacked")]
+    if extra:
+        lines += ["\nOther variants against the same quiet runs. `floor`: the same attack with every connect of the "
+                  "attacker refused in the kernel for the whole run (the agent never sees it): what is left is the "
+                  "attacker's own processes on the shared cores. `attacked, attacker at N cores`: the attack with "
+                  "the attacker's process under a CPU limit (an extra, not the default run).\n",
+                  "| variant | victim | path | p99 ms | p99 / quiet | success % |", "|---|---|---|---|---|---|"]
+        for (mode, path, proto), row in extra:
+            quiet = by.get(("quiet", path, proto))
+            lines.append(f"| {mode} | {proto} | {path} | {cell(row, 'p99_ms', 2)} | "
+                         f"{_ratio(median(row, 'p99_ms'), median(quiet or {}, 'p99_ms'))} | "
+                         f"{cell(row, 'success_pct', 2)} |")
+    modes = {key[0]: r for key, r in reversed(list(by.items()))}  # one row of each mode (the CPU is per run)
+    if any("agent_cpu_cores" in r for r in modes.values()):
+        lines += ["\nCPU over the victim's run, in cores (of 2): node0's agent (with its workers), the attacker's pod.\n",
+                  "| variant | node0 agent | attacker pod |", "|---|---|---|"]
+        lines += [f"| {mode} | {cell(r, 'agent_cpu_cores', 2)} | {cell(r, 'attacker_cpu_cores', 2)} |"
+                  for mode, r in reversed(list(modes.items()))]
     hit = next((r for r in rows if r["mode"] == "attacked"), None)
     if hit:
         lines.append(

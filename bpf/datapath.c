@@ -56,6 +56,10 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct na_skb_splice, skb_splices, 16384, PI
  * and its workers (root, through the pin); an entry is needed until the connection is
  * established, when na_sockops drops it; the LRU bound covers connects that never got there. */
 BPF_TABLE_PINNED("lru_hash", __u64, __u32, proxy_socks, 65536, PIN_DIR "/proxy_socks");
+/* Pods over a limit of theirs in the proxy (their handshake rate), by netns cookie: until this CLOCK_MONOTONIC time (ns) their captured connects fail with EPERM instead of
+ * reaching the proxy to be accepted and refused there (proxy/refusal.py). Written by the agent;
+ * an entry past its time refuses nothing; removed when the pod leaves. */
+BPF_TABLE_PINNED("hash", __u64, __u64, refusing, NA_MAX_PODS, PIN_DIR "/refusing");
 /* Inbound connections refused at a local address of an enrolled pod that the mesh does not
  * serve (IPv6, or an IPv4 address other than the pod's), by that address. */
 BPF_TABLE_PINNED("lru_hash", struct na_addr, __u64, unmeshed_refused, 4096, PIN_DIR "/unmeshed_refused");
@@ -122,6 +126,13 @@ static __always_inline int capture_v4(struct bpf_sock_addr *ctx, struct na_pod *
     if (policy_denies(pod->identity, dst_identity ? *dst_identity : 0, port)) {
         if (c)
             c->denied++;
+        return VERDICT_DENY;
+    }
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    __u64 *until = refusing.lookup(&netns);
+    if (until && bpf_ktime_get_ns() < *until) {
+        if (c)
+            c->over_limit++;
         return VERDICT_DENY;
     }
     struct na_orig_dst orig = {.ip = ip, .port = port_n, .family = AF_INET};

@@ -10,7 +10,7 @@
 /* The layout of the pinned maps: their names, key and value structs and sizes. Bump it with
  * any change to them (tests/test_abi.py notices one): an agent refuses to adopt pins of another
  * layout rather than misread them (datapath/loader.py, check_layout). */
-#define NA_LAYOUT_VERSION 2
+#define NA_LAYOUT_VERSION 3
 
 /* What the loader leaves for the next agent: the value of the `layout` map (one entry). */
 struct na_pins {
@@ -131,6 +131,7 @@ struct na_counters {
     __u64 fast_path_bytes; /* bytes its loopback sockets sent straight into a peer's receive queue
                             * (a remainder retried after the kernel ran out of memory counts again) */
     __u64 proxy_port_refused; /* inbound connections to the proxy's own listener ports: refused */
+    __u64 over_limit;      /* outbound connects refused (EPERM) while the pod was over a limit */
 };
 
 /* An IPv6 address, or an IPv4 one mapped (::ffff:a.b.c.d), in network order. */

@@ -7,18 +7,24 @@ is a pass/fail line with a hint, as preflight's are.
 - the DaemonSet's rollout is complete (the controller saw the latest spec, every node runs
   the updated pod) and its agents are ready on every node it is scheduled on;
 - the identity issuer chains to the trust anchors, its key is the key of its certificate,
-  and none is near expiry.
+  and none is near expiry;
+- no agent runs with settings that wait for a restart (mesh label, trust domain, fast paths,
+  workers differ between the ConfigMap and what the agent started with): each agent says so on
+  its metrics port (`config_needs_restart{setting}`), read through the API server's pod proxy.
+  A warning, not a failure: the agents run on, with the settings they started with.
 """
 
 import base64
 import datetime
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from nodeagent.cluster.kube import RESOURCES, ApiClient, ApiError, ConfigError
-from nodeagent.deploy.render import NAME
+from nodeagent.deploy.render import APP_LABELS, NAME
 from nodeagent.preflight import Check
 
 EXPIRY_WARNING = datetime.timedelta(days=60)
@@ -128,9 +134,62 @@ def check_issuer_secret(client: ApiClient, namespace: str) -> list[Check]:
                       "install with `nodeagent install`, which creates it")]
 
 
+def restarts_pending(metrics_text: str) -> list[str]:
+    """The settings an agent's /metrics says wait for a restart (config_needs_restart{setting} 1)."""
+    return sorted(sample.labels["setting"] for family in text_string_to_metric_families(metrics_text)
+                  if family.name == "config_needs_restart" for sample in family.samples
+                  if sample.value == 1 and "setting" in sample.labels)
+
+
+def _metrics_port(pod: dict) -> int | None:
+    for container in pod.get("spec", {}).get("containers", []):
+        for port in container.get("ports", []):
+            if port.get("name") == "metrics":
+                return port.get("containerPort")
+    return None
+
+
+def check_restarts(client: ApiClient, namespace: str) -> Check:
+    """Whether every running agent runs with the ConfigMap's settings, as it says on its metrics port."""
+    name = "agents run with the ConfigMap's settings (none waits for a restart)"
+    hint = (f"kubectl -n {namespace} rollout restart daemonset {NAME} (an agent changes these only when it "
+            "starts; the kubelet brings a ConfigMap's change to the agents within about 2 minutes)")
+    selector = ",".join(f"{key}={value}" for key, value in APP_LABELS.items())
+    try:
+        pods = client.get(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": selector}).get("items", [])
+    except (ApiError, OSError, ConfigError) as e:
+        return Check(name, False, f"cannot list the agents' pods: {e}", hint, required=False)
+    waiting, unread, asked = [], [], 0
+    for pod in pods:
+        if pod.get("status", {}).get("phase") != "Running" or pod["metadata"].get("deletionTimestamp"):
+            continue
+        where = pod.get("spec", {}).get("nodeName") or pod["metadata"]["name"]
+        asked += 1
+        port = _metrics_port(pod)
+        if port is None:
+            unread.append(f"{where}: no metrics port")
+            continue
+        try:
+            text = client.get_text(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}:{port}"
+                                   "/proxy/metrics")
+            pending = restarts_pending(text)
+        except (ApiError, OSError, ConfigError, ValueError) as e:
+            unread.append(f"{where}: {str(e)[:120]}")
+            continue
+        if pending:
+            waiting.append(f"{where}: {', '.join(pending)}")
+    if not waiting and not unread:
+        return Check(name, True, f"{asked} running agent(s) asked", hint, required=False)
+    detail = "; ".join([*(f"waiting for a restart on {w}" for w in waiting),
+                        *(f"cannot read the metrics of {u}" for u in unread)])
+    return Check(name, False, detail, hint if waiting else "the check reads each agent's metrics port through "
+                 "the API server (pods/proxy): your credentials must allow it", required=False)
+
+
 def run_all(client: ApiClient, namespace: str) -> list[Check]:
     checks = check_api(client, namespace)
     if all(c.ok for c in checks):
         checks.append(check_daemonset(client, namespace))
         checks += check_issuer_secret(client, namespace)
+        checks.append(check_restarts(client, namespace))
     return checks

@@ -35,6 +35,7 @@ class ApiDouble:
         self.watch_connections: set = set()
         self.forbidden: set[str] = set()  # kinds the caller may not read: 403
         self.singles: dict[str, dict] = {}  # other paths (a DaemonSet, a Secret) -> the object
+        self.texts: dict[str, str] = {}  # paths answered with text (a pod's /metrics through its proxy)
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -113,6 +114,13 @@ class ApiDouble:
             return self._json(request, 401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
         if url.path in self.singles:
             return self._json(request, 200, self.singles[url.path])
+        if url.path in self.texts:
+            data = self.texts[url.path].encode()
+            request.send_response(200)
+            request.send_header("Content-Type", "text/plain; version=0.0.4")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            return request.wfile.write(data)
         kind = PATH_TO_KIND.get(url.path)
         if kind is None:
             return self._json(request, 404, {"kind": "Status", "code": 404, "message": "not found"})

@@ -225,3 +225,39 @@ def test_one_client_address_holds_at_most_a_quarter_of_a_pods_handshakes():
         assert json.loads(done.stdout)["ok"] == 2, done.stdout
     settings = replace(DEFAULT, on_node_plaintext=False)
     asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshakes": str(limit)}))
+
+
+# The burst, then, as soon as one of its connections is refused, one silent connection: how long
+# until the proxy ends it (it sends nothing, so only a refusal at accept ends it before the
+# 10 s detection timeout).
+SILENT_AFTER_A_REFUSAL = CLIENT.replace("print(json.dumps(", """while results.count(False) == 0 and any(t.is_alive() for t in threads):
+    time.sleep(0.001)
+silent = socket.create_connection(("127.0.0.1", {port}), timeout=5)
+opened = time.monotonic()
+try:
+    ended = silent.recv(1) == b""
+except ConnectionResetError:
+    ended = True
+except socket.timeout:
+    ended = False
+silent_s = time.monotonic() - opened
+print(json.dumps({{"silent_ended": ended, "silent_s": silent_s}})); raise SystemExit
+print(json.dumps(""").replace("for t in threads: t.join()\n", "")
+
+
+def test_over_its_rate_a_pods_next_connections_are_refused_at_accept_before_detection():
+    """While the pod's queue of turns is full, a new connection is reset before a byte of it is read
+    (refusal.py), counted like the others; a silent one would otherwise sit in detection for 10 s."""
+    async def scenario(pair):
+        _, port = pair.aim("echo")
+        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST)
+        done = await pair.run_in_a_async([sys.executable, "-c", script], timeout=60)
+        assert done.returncode == 0, done.stderr
+        got = json.loads(done.stdout)
+        assert got["silent_ended"] and got["silent_s"] < pair.proxy.timeouts.detect_s / 2, got
+        await settled(pair, "pod-a")
+        refusals = refused(pair, "outbound", "pod-a")
+        assert refusals >= 2  # one of the burst, and the silent connection
+        assert sample(pair, "tcp_errors_total", direction="outbound", namespace=NAMESPACE, pod="pod-a",
+                      reason="handshake-rate limit") == refusals
+    asyncio.run(with_pair(MESH, scenario))

@@ -96,6 +96,9 @@ def test_the_daemonset_runs_as_a_real_pod_and_passes_the_post_install_check(real
                            str(real_node.admin_kubeconfig)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 of 1 nodes ready, rollout complete" in done.stdout
+    # The agent's metrics port, read through the API server's pod proxy: nothing waits for a restart.
+    assert "[ok]   agents run with the ConfigMap's settings (none waits for a restart): 1 running agent(s) asked" \
+        in done.stdout, done.stdout
 
 
 SERVER = """

@@ -90,3 +90,39 @@ def test_the_rates_are_limits_like_the_others():
     with pytest.raises(ValueError, match="not in 1"):
         limits.parse("handshake-rate=0")
     assert "handshake-rate=50,inbound-handshake-rate=200" in limits.PodLimits().show()
+
+
+def test_a_refusal_says_when_the_pods_queue_is_empty_and_a_turn_would_be_given_again():
+    pace = Pace()
+    assert pace.reopens_at(5.0, 4) == 5.0  # never used: open
+    turns(pace, 0.0, 4, 6)  # the burst (4) and 2 turns queued, the last 0.5 s ahead
+    assert pace.turn(0.0, 4) is None
+    assert pace.reopens_at(0.0, 4) == 0.5  # then the queue is empty
+    assert pace.reopens_at(0.25, 4) == 0.5  # the same instant, asked later
+    assert pace.turn(0.5, 4) == 0.25 and pace.turn(0.5, 4) == 0.5  # from then on, turns again
+    one = Pace()
+    assert turns(one, 0.0, 1, 2) == [0.0, None]  # a rate of 1: nothing queued, the next 1 s away
+    assert one.reopens_at(0.0, 1) == 0.5  # open once a turn is within MAX_WAIT_S
+    assert one.turn(0.5, 1) == 0.5
+
+
+def test_a_quota_over_its_rate_refuses_outright_until_its_queue_is_empty_and_says_so_once():
+    quota, told = Quota(limits.parse("handshake-rate=4")), []
+    quota.on_refusing = lambda direction, limit, until: told.append((direction, limit, until))
+    assert [quota.handshake_turn("outbound", 0.0) for _ in range(7)] == [0.0] * 4 + [0.25, 0.5, None]
+    assert told == [("outbound", Limit.HANDSHAKE_RATE, 0.5)]
+    assert quota.refusing("outbound", 0.0) is Limit.HANDSHAKE_RATE
+    assert quota.refusing("outbound", 0.49) is Limit.HANDSHAKE_RATE
+    assert quota.refusing("outbound", 0.5) is None  # a window ends by itself
+    assert quota.refusing("inbound", 0.0) is None  # each direction apart
+    assert quota.handshake_turn("outbound", 0.0) is None  # a second refusal at the same point: nothing new
+    assert len(told) == 1
+    quota.refuse("outbound", Limit.DETECTIONS, 0.2)  # a shorter window does not cut the longer one
+    assert quota.refusing("outbound", 0.3) is Limit.HANDSHAKE_RATE and len(told) == 1
+    quota.refuse("outbound", Limit.OUTBOUND_CONNECTIONS, 0.7)  # a longer one extends it, and is told
+    assert quota.refusing("outbound", 0.6) is Limit.OUTBOUND_CONNECTIONS
+    assert told[-1] == ("outbound", Limit.OUTBOUND_CONNECTIONS, 0.7)
+    inbound = Quota(limits.parse("inbound-handshake-rate=2"))
+    assert [inbound.handshake_turn("inbound", 0.0) for _ in range(4)] == [0.0, 0.0, 0.5, None]
+    assert inbound.refusing("inbound", 0.4) is Limit.INBOUND_HANDSHAKE_RATE  # no callback set: still kept
+    assert inbound.refusing("outbound", 0.4) is None

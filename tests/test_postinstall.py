@@ -4,13 +4,44 @@ import base64
 import datetime
 import subprocess
 import sys
+from dataclasses import replace
 
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
 from kube_double import ApiDouble
 from nodeagent import postinstall
+from nodeagent.agent.config_dir import CHECK_S
+from nodeagent.agent.settings_reloads import SettingsCollector, SettingsReloads
 from nodeagent.cluster.kube import ApiClient, KubeConfig
 from nodeagent.identity.ca import Authority
+from nodeagent.lab import config as lab_config
+from nodeagent.settings import DEFAULT
+
+
+def agent_metrics(tmp_path, changed: dict[str, str]) -> str:
+    """An agent's /metrics text about its settings (the real SettingsReloads and collector), after
+    the ConfigMap's directory changed to `changed` while it ran."""
+    directory = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}"
+    lab_config.write(directory, {"log-level": "info"})
+    reloads = SettingsReloads(directory, replace(DEFAULT, node_name="node-1"), now=0.0)
+    running = reloads.initial()
+    lab_config.write(directory, {"log-level": "info", **changed})
+    reloads.check(running, CHECK_S)
+    registry = CollectorRegistry()
+    registry.register(SettingsCollector(reloads))
+    return generate_latest(registry).decode()
+
+
+def agents(api: ApiDouble, metrics: dict[str, str]) -> None:
+    """The agents' pods, one per node, each answering `metrics[node]` on its metrics port."""
+    api.singles["/api/v1/namespaces/nodeagent/pods"] = {"kind": "PodList", "items": [
+        {"metadata": {"name": f"nodeagent-{node}", "namespace": "nodeagent"},
+         "spec": {"nodeName": node, "containers": [{"name": "agent", "ports": [
+             {"name": "metrics", "containerPort": 4190}]}]}, "status": {"phase": "Running"}}
+        for node in metrics]}
+    for node, text in metrics.items():
+        api.texts[f"/api/v1/namespaces/nodeagent/pods/nodeagent-{node}:4190/proxy/metrics"] = text
 
 
 def installed(api: ApiDouble, ready: int, desired: int, anchor=None, issuer=None) -> None:
@@ -38,6 +69,7 @@ def test_a_healthy_install_passes_every_check(tmp_path):
     api = ApiDouble()
     try:
         installed(api, ready=3, desired=3)
+        agents(api, {f"node-{i}": agent_metrics(tmp_path, {}) for i in range(3)})
         done = subprocess.run([sys.executable, "-m", "nodeagent", "check", "--post-install", "--kubeconfig",
                                kubeconfig(tmp_path, api)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout
@@ -46,8 +78,38 @@ def test_a_healthy_install_passes_every_check(tmp_path):
             in done.stdout
         assert "[ok]   issuer key matches the issuer certificate" in done.stdout
         assert "[ok]   identity issuer chains to a trust anchor" in done.stdout
+        assert "[ok]   agents run with the ConfigMap's settings (none waits for a restart): 3 running agent(s) " \
+            "asked" in done.stdout
     finally:
         api.close()
+
+
+def test_settings_waiting_for_a_restart_are_reported_per_node_as_a_warning(tmp_path):
+    api = ApiDouble()
+    try:
+        installed(api, ready=2, desired=2)
+        agents(api, {"node-0": agent_metrics(tmp_path, {"log-level": "debug"}),  # applied live
+                     "node-1": agent_metrics(tmp_path, {"workers": "3", "mesh-label": "a=b"})})
+        done = subprocess.run([sys.executable, "-m", "nodeagent", "check", "--post-install", "--kubeconfig",
+                               kubeconfig(tmp_path, api)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout  # the agents run on: a warning, not a failure
+        assert ("[warn] agents run with the ConfigMap's settings (none waits for a restart): waiting for a "
+                "restart on node-1: mesh-label, workers") in done.stdout
+        assert "rollout restart daemonset nodeagent" in done.stdout
+        client = ApiClient(KubeConfig(api.url, token=api.token), timeout_s=5)
+        del api.texts["/api/v1/namespaces/nodeagent/pods/nodeagent-node-0:4190/proxy/metrics"]
+        check = postinstall.check_restarts(client, "nodeagent")
+        assert not check.ok and not check.required
+        assert "cannot read the metrics of node-0: " in check.detail and "node-1: mesh-label, workers" in check.detail
+    finally:
+        api.close()
+
+
+def test_restarts_pending_reads_only_config_needs_restart():
+    text = ('# TYPE config_needs_restart gauge\nconfig_needs_restart{setting="workers"} 1.0\n'
+            'config_needs_restart{setting="trust-domain"} 1.0\n# TYPE other gauge\nother{setting="x"} 1.0\n')
+    assert postinstall.restarts_pending(text) == ["trust-domain", "workers"]
+    assert postinstall.restarts_pending("") == []
 
 
 def test_missing_permissions_and_unready_agents_fail_with_hints(tmp_path):

@@ -20,3 +20,12 @@ def test_the_one_process_http1_benchmark_runs_in_every_mode():
     assert sorted(result) == sorted(f"this checkout {mode}" for mode in MODES)
     for measured in result.values():
         assert measured["cpu_us_per_request"]["median"] > 0 and measured["req_per_s"]["median"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+def test_a_new_connection_per_request_is_measured_too():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.proxy_cost", "--modes", "mesh", "--new-connections", "1",
+                           "--runs", "1", "--json"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    measured = json.loads(done.stdout)["this checkout mesh"]
+    assert measured["requests_per_run"]["median"] > 0 and measured["cpu_us_per_request"]["median"] > 0

@@ -77,6 +77,8 @@ def test_debug_memory_answers_for_every_process(lab):
         processes = json.load(response)["processes"]
     assert [p["pid"] for p in processes] == agent_stats(0)["workers"]
     assert all(p["tables"]["pods"] == 5 and p["allocator"]["in_use_kib"] > 0 for p in processes)
+    # Each process froze what its start-up made (agent/gc_tuning.py), once it served.
+    assert all(p["python"]["gc_frozen"] > 10_000 for p in processes), [p["python"] for p in processes]
     # Node-wide bounds are shared out by the agent's count of processes (each worker admitted the
     # whole --max-connections, and counted the processes itself).
     assert all(p["tables"]["connections_max"] == DEFAULT.max_connections // PROCESSES for p in processes)

@@ -22,7 +22,7 @@ import time
 from nodeagent import cgroups, netns, preflight
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import memory
+from nodeagent.agent import gc_tuning, memory
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.settings_reloads import SettingsCollector, SettingsReloads
 from nodeagent.agent.merge import Merged, families_of, merge
@@ -160,6 +160,7 @@ class Agent:
                     await self.reconcile()
                     if self.lifecycle is Lifecycle.STARTING:
                         self.lifecycle = Lifecycle.SERVING  # ready once the first complete view is served
+                        gc_tuning.freeze_start_up()  # once: what start-up made, out of every later collection
                 elif self._waiting or self._successor_left():
                     await self.reconcile()
                 self._check_source()

@@ -108,6 +108,7 @@ def python_objects(top: int = TOP) -> dict:
     types = Counter(type(o).__name__ for o in objects)
     del objects
     return {"allocated_blocks": sys.getallocatedblocks(), "gc_tracked": sum(types.values()),
+            "gc_frozen": gc.get_freeze_count(),  # agent/gc_tuning.py
             "types": dict(types.most_common(top))}
 
 

@@ -20,6 +20,8 @@ KERNEL_COUNTERS = (
     ("fast_path_bytes", "kernel_fast_path_bytes", "Bytes the pod's loopback sockets sent straight into their peer's "
      "receive queue (the loopback fast path; splices are in tcp_spliced_bytes_total)"),
     ("proxy_port_refused", "kernel_proxy_port_refused", "Inbound connections to the proxy's own ports, refused"),
+    ("over_limit", "kernel_over_limit_refused", "Outbound connects the kernel refused with EPERM while the pod was "
+     "over a limit of its own in the proxy (its handshake rate: proxy/refusal.py)"),
     ("inbound_unmeshed_refused", "kernel_inbound_unmeshed_refused",
      "Inbound connections to an address of the pod the mesh does not serve (IPv6, another IPv4), refused"),
 )

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from nodeagent.agent import channel, memory
+from nodeagent.agent import channel, gc_tuning, memory
 from nodeagent.agent.merge import families_of
 from nodeagent.settings import AgentSettings
 
@@ -118,6 +118,7 @@ class Worker:
         kind = message[0]
         if kind == "view":
             self.proxy.update_view(message[1])
+            gc_tuning.freeze_start_up()  # once (the whole view comes first): start-up's objects
         elif kind == "delta":
             _, delta, version = message
             view = self.proxy.view.apply(delta)

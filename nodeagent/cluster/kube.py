@@ -111,12 +111,12 @@ class ApiClient:
         _keepalive(conn.sock)
         return conn
 
-    def _request(self, method: str, path: str, params: dict, timeout_s: float,
-                 body: dict | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _request(self, method: str, path: str, params: dict, timeout_s: float, body: dict | None = None,
+                 accept: str = "application/json") -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         for attempt in (1, 2):
             credential = self.credentials.current()
             conn = self._connect(timeout_s, credential)
-            headers = {"Accept": "application/json"}
+            headers = {"Accept": accept}
             if credential.token:
                 headers["Authorization"] = f"Bearer {credential.token}"
             data = None
@@ -141,6 +141,17 @@ class ApiClient:
             return json.loads(response.read())
         finally:
             conn.close()
+
+    def get_text(self, path: str, limit: int = 4 << 20) -> str:
+        """A text answer (a pod's /metrics through the API server's proxy), at most `limit` bytes."""
+        conn, response = self._request("GET", path, {}, self.timeout_s, accept="text/plain")
+        try:
+            data = response.read(limit + 1)
+        finally:
+            conn.close()
+        if len(data) > limit:
+            raise ApiError(response.status, f"{path}: longer than {limit} bytes")
+        return data.decode(errors="replace")
 
     def post(self, path: str, body: dict) -> dict:
         conn, response = self._request("POST", path, {}, self.timeout_s, body)

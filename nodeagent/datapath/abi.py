@@ -3,7 +3,7 @@
 import ctypes
 
 MAX_PODS = 1024  # NA_MAX_PODS
-LAYOUT_VERSION = 2  # NA_LAYOUT_VERSION
+LAYOUT_VERSION = 3  # NA_LAYOUT_VERSION
 POD_ENROLLED = 1  # NA_POD_ENROLLED
 FAST_SPLICE, FAST_LOOPBACK, FAST_SKB = 1, 2, 4  # NA_FAST_*
 MSG_UNDECIDED, MSG_TCP, MSG_PEER, MSG_SPLICED = 0, 1, 2, 3  # NA_MSG_*
@@ -91,6 +91,7 @@ class Counters(ctypes.Structure):
         ("inbound_refused", ctypes.c_uint64),
         ("fast_path_bytes", ctypes.c_uint64),
         ("proxy_port_refused", ctypes.c_uint64),
+        ("over_limit", ctypes.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -98,7 +99,7 @@ class Counters(ctypes.Structure):
 
 
 # sizeof() of each struct as the C compiler lays it out; tests compare.
-C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Pins: 16, Counters: 64, SockKey: 16,
+C_SIZES = {Pod: 16, OrigDst: 8, OrigKey: 16, PolicyKey: 12, Config: 16, Pins: 16, Counters: 72, SockKey: 16,
            MsgState: 24, Splice: 32, SkbSplice: 24}
 
 

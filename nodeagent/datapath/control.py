@@ -14,7 +14,7 @@ from nodeagent.datapath.programs import SK_LOOKUP
 
 MAPS = ("pods_by_netns", "pods_by_ip", "orig_by_port", "counters", "policy", "ip_identity",
         "outbound_skip_ports", "inbound_skip_ports", "inbound_listeners", "loopback_socks", "msg_state", "splices",
-        "skb_socks", "skb_splices", "proxy_socks", "unmeshed_refused")
+        "skb_socks", "skb_splices", "proxy_socks", "unmeshed_refused", "refusing")
 SO_COOKIE = 57  # asm-generic/socket.h
 
 
@@ -86,6 +86,7 @@ class Datapath:
         self.detach_inbound(netns_cookie)
         libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
         libbpf.map_delete(self._fds["pods_by_ip"], _ip_key(ip))
+        libbpf.map_delete(self._fds["refusing"], abi.u64(netns_cookie))
 
     def forget_cookie(self, netns_cookie: int) -> None:
         """Remove a pod known only by its cookie (left by an earlier agent)."""
@@ -95,6 +96,7 @@ class Datapath:
             ip = abi.Pod.from_buffer_copy(raw).pod_ip.to_bytes(4, "little")
             libbpf.map_delete(self._fds["pods_by_ip"], ip)
         libbpf.map_delete(self._fds["pods_by_netns"], abi.u64(netns_cookie))
+        libbpf.map_delete(self._fds["refusing"], abi.u64(netns_cookie))
 
     def enrolled_slots(self) -> dict[int, int]:
         """Netns cookie -> counter slot, of every pod entry (a predecessor's included)."""
@@ -139,6 +141,12 @@ class Datapath:
 
     def register_inbound_listener(self, slot: int, listener: socket.socket) -> None:
         libbpf.map_update(self._fds["inbound_listeners"], abi.u32(slot), abi.u32(listener.fileno()))
+
+    # Pods over a limit: their captured connects refused in the kernel for a while (proxy/refusal.py).
+
+    def refuse_connects(self, netns_cookie: int, until_ns: int) -> None:
+        """Until `until_ns` (CLOCK_MONOTONIC, as bpf_ktime_get_ns), the pod's captured connects fail with EPERM."""
+        libbpf.map_update(self._fds["refusing"], abi.u64(netns_cookie), abi.u64(until_ns))
 
     # The proxy's own sockets in pods: never captured, whatever mark they carry.
 

@@ -43,7 +43,8 @@ from nodeagent.proxy.h2peer import H2Peer, goaway
 from nodeagent.proxy.hop import Hint
 from nodeagent.proxy.http1 import KEEPALIVE_IDLE_S, Http1Server
 from nodeagent.proxy.http2 import Http2Server
-from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
+from nodeagent.proxy.refusal import refused_at_accept
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding
 from nodeagent.proxy.tls import handshake
 from nodeagent.proxy.upstream import POOL_IDLE_S, open_socket
 
@@ -96,7 +97,6 @@ class _Inbound(asyncio.Protocol):
 
     def _admit_connection(self, transport, phase: Phase) -> bool:
         self.transport = transport
-        nodelay(transport)
         self.conn = self.deps.connections.admit(self.pod, Direction.INBOUND, phase)
         if self.conn is None:
             transport.abort()  # refused by a limit (counted and logged by the table)
@@ -266,6 +266,10 @@ class MeshAccept(_Inbound):
     def connection_made(self, transport):
         self.raw_bytes = bytearray()  # what arrives before the handshake starts: the ClientHello
         self.in_tls = False
+        over = self.pod.quota.refusing("inbound", asyncio.get_running_loop().time())
+        if over is not None:  # over its inbound-handshake-rate: no ClientHello waited for
+            refused_at_accept(self.deps.observers, self.pod, "inbound", over, transport)
+            return
         if not self._admit_connection(transport, Phase.HANDSHAKING):
             return
         # One client address holds at most a share of the pod's handshakes (source_share.py).
@@ -354,7 +358,7 @@ class MeshAccept(_Inbound):
                                                  "ClientHello in %.1f s (%d bytes of one)", self.pod.key,
                                                  raw.get_extra_info("peername"), self.deps.timeouts.client_hello_s,
                                                  len(self.raw_bytes))
-            self.conn.close(0, 0)
+            self.conn.close(len(self.raw_bytes), 0)  # a part of a ClientHello was read
             raw.abort()
             return False
         return True

@@ -4,6 +4,11 @@ A pod that reaches a limit gets errors (its new connection reset, its stream ref
 other pod does, because each pod's share is counted apart. All are counts of things held at
 once but two rates: new mutual-TLS handshakes per second, as client and as server (pacing.py:
 over its rate a pod's handshakes wait their turn, up to half a second, then are refused).
+A pod over its handshake rate, with turns already queued half a second ahead, is refused
+outright until its queue is empty (`Quota.refusing`): at accept, before detection, and in the
+kernel for its own connects (proxy/refusal.py), not accepted, detected and refused one by one.
+(Over a count, a pod is refused at admission, before detection too, one connection at a time:
+its count falls as its connections close, so a window would refuse a pod that has room again.)
 Defaults come from the agent's `--pod-limits` setting. An annotation `limits.nodeagent.io/<name>: "<n>"` on a Namespace sets the
 limit of its pods, up or down (operators size a busy gateway's namespace differently from a
 batch job's; a Namespace is cluster-scoped, so a pod's author normally cannot edit it). The same
@@ -24,7 +29,7 @@ nobody from that pod. A bad annotation, or a pod's asking to raise, is reported 
 """
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -146,23 +151,47 @@ def from_annotations(annotations: Mapping[str, str], defaults: PodLimits,
 
 
 class Quota:
-    """What one pod holds of each limit right now, and its pace of handshakes."""
+    """What one pod holds of each limit right now, its pace of handshakes, and the windows in which
+    its new connections are refused outright."""
 
-    __slots__ = ("limits", "held", "paces")
+    __slots__ = ("limits", "held", "paces", "refusals", "on_refusing")
 
     def __init__(self, limits: PodLimits):
         self.limits = limits
         self.held = dict.fromkeys(Limit, 0)
         self.paces: dict[str, Pace] = {}  # direction ("inbound", "outbound") -> its bucket
+        self.refusals: dict[str, tuple[float, Limit]] = {}  # direction -> (until, the limit it is over)
+        # Told (direction, limit, until) when a window opens or is extended: the kernel refuses too.
+        self.on_refusing: Callable[[str, Limit, float], None] | None = None
 
     def handshake_turn(self, direction: str, now: float) -> float | None:
         """Seconds until the pod's next handshake in `direction` ("outbound": as client,
         "inbound": as server) may start, or None: over that direction's rate for longer than a
-        client should wait (pacing.py)."""
+        client should wait (pacing.py); then the pod is refusing until its queue of turns is empty."""
         pace = self.paces.get(direction)
         if pace is None:
             pace = self.paces[direction] = Pace()
-        return pace.turn(now, self.limits[RATE_OF[direction]])
+        limit = RATE_OF[direction]
+        turn = pace.turn(now, self.limits[limit])
+        if turn is None:
+            self.refuse(direction, limit, pace.reopens_at(now, self.limits[limit]))
+        return turn
+
+    def refuse(self, direction: str, limit: Limit, until: float) -> None:
+        """The pod's new connections in `direction` are refused outright until `until` (over `limit`)."""
+        current = self.refusals.get(direction)
+        if current is not None and current[0] >= until:
+            return
+        self.refusals[direction] = (until, limit)
+        if self.on_refusing is not None:
+            self.on_refusing(direction, limit, until)
+
+    def refusing(self, direction: str, now: float) -> Limit | None:
+        """The limit the pod's new connections in `direction` are refused for at `now`, or None."""
+        current = self.refusals.get(direction)
+        if current is None or now >= current[0]:
+            return None
+        return current[1]
 
     def take(self, limit: Limit) -> bool:
         """One more of `limit`, if the pod is under it."""

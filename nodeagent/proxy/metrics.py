@@ -135,13 +135,21 @@ class Metrics:
             "identity_cert_expiration_timestamp_seconds", "When each workload certificate expires", ("identity",),
             registry=r)
         self._series: dict[str, set] = defaultdict(set)  # pod key -> (metric, label values) it created
+        # (metric, label values) -> its child: labels() validates and locks on every call, and a
+        # new connection asked for six or more. As many entries as series (`forget_pod` drops a
+        # pod's), so bounded as they are.
+        self._children: dict[tuple, object] = {}
 
     def child(self, metric, labels: tuple):
         """metric.labels(*labels), remembered under its pod for `forget_pod`."""
-        pod_key = self._pod_key(metric, labels)
-        if pod_key:
-            self._series[pod_key].add((metric, labels))
-        return metric.labels(*labels)
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            pod_key = self._pod_key(metric, labels)
+            if pod_key:
+                self._series[pod_key].add(key)
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @staticmethod
     def _pod_key(metric, labels: tuple) -> str | None:
@@ -155,6 +163,7 @@ class Metrics:
         self._sni_seen.pop(pod_key, None)
         series = self._series.pop(pod_key, set())
         for metric, labels in series:
+            self._children.pop((metric, labels), None)
             try:
                 metric.remove(*labels)
             except KeyError:

@@ -1,6 +1,7 @@
 """Outbound: a pod's connection, captured by connect4, accepted in the pod.
 
-accept -> admit (the node's and the pod's limits) -> original destination (the data path)
+accept -> refused outright while the pod is over a limit (refusal.py) -> admit (the node's and
+the pod's limits) -> original destination (the data path)
 -> route -> detect -> HTTP/1 or HTTP/2 (per-request balancing, http1.py, http2.py) or
 opaque (per-connection balancing, forward.py).
 
@@ -33,7 +34,8 @@ from nodeagent.proxy.forward import forward
 from nodeagent.proxy.hop import Hint, HopKind
 from nodeagent.proxy.http1 import Http1Server
 from nodeagent.proxy.http2 import Http2Server
-from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding, nodelay
+from nodeagent.proxy.refusal import refused_at_accept
+from nodeagent.proxy.relay import READ_AHEAD_MAX, Holding
 from nodeagent.proxy.routing import ToPod, ToService
 from nodeagent.proxy.target import HttpTarget, peer_label
 from nodeagent.proxy.tap import tls_event
@@ -74,8 +76,12 @@ class OutboundAccept(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
-        nodelay(transport)
         deps = self.deps
+        over = self.pod.quota.refusing("outbound", asyncio.get_running_loop().time())
+        if over is not None:
+            # Its original destination stays in the kernel's LRU map, unread: two syscalls saved.
+            refused_at_accept(deps.observers, self.pod, "outbound", over, transport)
+            return
         peer_port = transport.get_extra_info("peername")[1]
         original = deps.original_destination(self.pod.cookie, peer_port)
         if original is None:

@@ -17,6 +17,11 @@ and nobody else does. So at most rate * MAX_WAIT_S + 1 connections of a pod wait
 
 A turn given to a connection that goes away before it comes is not given back: the pod pays for
 what it asked.
+
+A refusal also says how long the pod's queue of turns already given lasts (`reopens_at`): until
+it is empty, new turns would be refused or given only to be refused again a moment later, so the
+proxy refuses the pod's new connections outright for that long, at accept and in the kernel (limits.Quota.refusing), instead of
+accepting, detecting and then refusing each one (benchmarks/README.md, "Noisy neighbour").
 """
 
 BURST_S = 1.0  # tokens a pod may save up: this many seconds' worth of its rate
@@ -49,3 +54,12 @@ class Pace:
             return None
         self.tokens = tokens - 1.0  # below zero: turns given and not yet come
         return wait
+
+    def reopens_at(self, now: float, rate: int) -> float:
+        """When the pod's queue of turns is empty again (the last turn given so far has come) and
+        a new handshake would be given a turn, not refused (`now` if it would be now)."""
+        if self.tokens is None:
+            return now
+        tokens = self.tokens + max(0.0, now - self.stamp) * rate
+        needed = max(0.0, 1.0 - rate * MAX_WAIT_S)  # below 0 tokens: turns given and not yet come
+        return now + max(0.0, needed - tokens) / rate

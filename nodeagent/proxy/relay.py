@@ -8,21 +8,9 @@ one side resets the other.
 """
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 READ_AHEAD_MAX = 256 * 1024  # bytes read ahead of a splice; then the client waits (TCP backpressure)
-
-
-def nodelay(transport: asyncio.BaseTransport) -> None:
-    """No Nagle on our connections: a small write (a TLS flight, a tunnel header, an
-    HTTP head) must not wait for the peer's delayed ACK (40 ms)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class Relay(asyncio.Protocol):

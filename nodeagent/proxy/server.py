@@ -30,6 +30,7 @@ from nodeagent.proxy.metrics import Metrics
 from nodeagent.proxy.outbound import OutboundAccept
 from nodeagent.proxy.overload import CHECK_S, MemoryGuard
 from nodeagent.proxy.problems import ProblemLog
+from nodeagent.proxy.refusal import KernelRefusals
 from nodeagent.proxy.tap import TapHub
 from nodeagent.proxy.telemetry import Telemetry
 from nodeagent.proxy.upstream import Pool, register_sockets_with
@@ -74,6 +75,7 @@ class Proxy:
         self.guard = MemoryGuard(settings.memory_budget // self.processes, self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
+        self.kernel_refusals = KernelRefusals(datapath, self.problems)
         self.tls_sessions = mesh.SessionCache()
         identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
         self.connector = Connector(self.directory, identities, self.tls_sessions, settings.trust_domain,
@@ -204,6 +206,7 @@ class Proxy:
         mesh_sock = open_listener(path, MESH_PORT, host=info.ip)
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot, self.identity_of(info), limits.Quota(self._limits_of(info)))
+        pod.quota.on_refusing = functools.partial(self.kernel_refusals.opened, pod)
         self.identities.material(pod.identity)  # issued now: a refusal surfaces before any traffic
         loop = asyncio.get_running_loop()
         outbound, inbound = self.outbound, self.inbound
