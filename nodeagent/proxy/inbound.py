@@ -308,11 +308,15 @@ class MeshAccept(_Inbound):
         """The ClientHello, the pod's turn, the handshake and the tunnel header: (the tunnel,
         its port, its hint), or None (refused, closed and counted)."""
         deps = self.deps
-        if not await self._hello(raw) or not await self._turn(raw):
+        if not await self._hello(raw):
+            return None
+        # Gone already ("a byte, then close"): it takes no turn of the pod's rate (counted below as
+        # a failed handshake, as before).
+        if not (self.eof or raw.is_closing()) and not await self._turn(raw):
             return None
         self.in_tls = True  # from here on the handshake owns the raw bytes, and we get plaintext
         try:
-            if self.eof:  # it closed while it waited for its turn: the handshake would wait for nothing
+            if self.eof or raw.is_closing():  # it closed (before its turn, or while it waited for it)
                 raise ConnectionResetError("the peer closed before its TLS handshake began")
             context = deps.server_context(self.pod)
             tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes))
@@ -367,10 +371,6 @@ class MeshAccept(_Inbound):
         """The pod's turn for a new handshake as server (its `inbound-handshake-rate`, pacing.py):
         the client waits for it, holding one of the pod's `inbound-handshakes`; refused if it is too far off."""
         loop = asyncio.get_running_loop()
-        if self.eof or raw.is_closing():  # gone already ("a byte, then close"): it costs the pod no turn
-            self.conn.close(len(self.raw_bytes), 0)
-            raw.abort()
-            return False
         turn = self.pod.quota.handshake_turn("inbound", loop.time())
         if turn is None:
             self.deps.connections.refused(self.conn, Refused(Limit.INBOUND_HANDSHAKE_RATE.value))
