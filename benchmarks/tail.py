@@ -6,7 +6,10 @@ the latency tail the proxy adds, and the event-loop stalls behind it.
 
 Besides the client's p50/p99/max (latency from each request's due time, `openloop.py`), the run
 records in the proxy process every collection of Python's cyclic garbage collector (gc.callbacks:
-count, total and longest pause per generation) and the objects it tracks. Variants:
+count, total and longest pause per generation) and the objects it tracks; a new cluster view
+replaces the last every VIEW_EVERY_S, as changes in a busy cluster would. With the freeze, the
+run ends by counting the frozen objects that had become cyclic garbage (the memory the freeze
+kept). Variants:
 - default: CPython's thresholds, nothing frozen;
 - tuned: what the agent and its workers do once serving (`agent/gc_tuning.py`: `freeze_start_up`).
 
@@ -31,6 +34,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 VARIANTS = ("default", "tuned")
 CONNECTIONS = 32
+VIEW_EVERY_S = 0.5  # a new cluster view this often during a run, as a busy cluster's changes
 
 
 class Collections:
@@ -86,22 +90,40 @@ async def one_run(variant: str, seconds: float, rate: float, force_full: bool = 
         host, port = pair.aim(NGINX_PORT)
         argv = [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
                 "--seconds", str(seconds), "--connections", str(CONNECTIONS), "--warmup"]
+        views = asyncio.get_running_loop().create_task(new_views(pair))
         with Collections() as collections:
             # A full collection in the middle of the measured requests (the client warms up for ~1 s).
             forced = asyncio.get_running_loop().call_later(1 + seconds / 2, gc.collect) if force_full else None
             done = await pair.run_in_a_async(argv, timeout=seconds + 60)
             if forced is not None:
                 forced.cancel()
+        views.cancel()
         if done.returncode != 0:
             raise RuntimeError(f"openloop failed: {done.stderr[-2000:]}")
         client = json.loads(done.stdout.strip().splitlines()[-1])
-        return {**client, **collections.report(), "tracked_objects": len(gc.get_objects()),
-                "frozen_objects": gc.get_freeze_count()}
+        tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
+        # What the freeze kept: frozen objects that became cyclic garbage since (unfrozen, they
+        # are what a full collection now finds, beyond what the unfrozen objects left).
+        gc.collect()
+        gc.unfreeze()
+        kept = gc.collect()
+        return {**client, **collections.report(), "tracked_objects": tracked, "frozen_objects": frozen,
+                "frozen_garbage_objects": kept if frozen else None}
     finally:
         nginx.terminate()
         nginx.wait(5)
         await pair.stop()
         subprocess.run(["rm", "-rf", workdir])
+
+
+async def new_views(pair) -> None:
+    """The pods' view again and again (a new ClusterView each time: the old one becomes garbage)."""
+    from benchmarks.podpair import A_IP, B_IP, pod_object
+    from nodeagent.cluster.model import ClusterView
+
+    while True:
+        await asyncio.sleep(VIEW_EVERY_S)
+        pair.proxy.update_view(ClusterView([pod_object("pod-a", A_IP), pod_object("pod-b", B_IP)]))
 
 
 def run_child(variant: str, seconds: float, rate: float, force_full: bool) -> dict:
@@ -150,7 +172,9 @@ def main() -> None:
               f"{[max(r['pause_max_ms'][g] for r in results) for g in range(3)]} ms, gen2 pause total "
               f"{spread([r['pause_total_ms'][2] for r in results])} ms; tracked objects "
               f"{statistics.median(r['tracked_objects'] for r in results):.0f}, frozen "
-              f"{statistics.median(r['frozen_objects'] for r in results):.0f}")
+              f"{statistics.median(r['frozen_objects'] for r in results):.0f}"
+              + (f", of them garbage kept by the freeze (max) "
+                 f"{max(r['frozen_garbage_objects'] for r in results)}" if results[0]['frozen_objects'] else ""))
 
 
 if __name__ == "__main__":

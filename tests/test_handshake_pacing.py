@@ -261,3 +261,25 @@ def test_over_its_rate_a_pods_next_connections_are_refused_at_accept_before_dete
         assert sample(pair, "tcp_errors_total", direction="outbound", namespace=NAMESPACE, pod="pod-a",
                       reason="handshake-rate limit") == refusals
     asyncio.run(with_pair(MESH, scenario))
+
+
+def test_over_its_inbound_rate_a_pods_next_mesh_connections_are_refused_before_their_client_hello():
+    """Pod B over its inbound-handshake-rate: a new connection to its mesh port is reset at once
+    (refusal.py), not held for the ClientHello deadline (2 s) and refused at its turn."""
+    from nodeagent.ports import MESH_PORT
+
+    async def scenario(pair):
+        _, port = pair.aim("echo")
+        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST).replace(
+            f'silent = socket.create_connection(("127.0.0.1", {port})',
+            f"silent = socket.create_connection(({B_IP!r}, {MESH_PORT})")
+        assert script.count(f"{B_IP!r}, {MESH_PORT}") == 1  # the silent connection only: straight to B's mesh port
+        done = await pair.run_in_a_async([sys.executable, "-c", script], timeout=60)
+        assert done.returncode == 0, done.stderr
+        got = json.loads(done.stdout)
+        assert got["silent_ended"] and got["silent_s"] < pair.proxy.timeouts.client_hello_s / 2, got
+        await settled(pair, "pod-b")
+        assert refused(pair, "inbound", "pod-b") >= 2  # one of the burst, and the silent connection
+        assert refused(pair, "outbound", "pod-a") == 0
+    settings = replace(DEFAULT, on_node_plaintext=False)
+    asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))

@@ -21,3 +21,4 @@ def test_the_tail_benchmark_records_the_collections_of_both_variants():
         assert run["ok"] == 200 and run["errors"] == 0
         assert run["collections"][2] >= 1  # the forced full collection, timed
     assert default["frozen_objects"] == 0 and tuned["frozen_objects"] > 10_000
+    assert default["frozen_garbage_objects"] is None and tuned["frozen_garbage_objects"] >= 0
