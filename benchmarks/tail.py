@@ -9,7 +9,7 @@ records in the proxy process every collection of Python's cyclic garbage collect
 count, total and longest pause per generation) and the objects it tracks; a new cluster view
 replaces the last every VIEW_EVERY_S, as changes in a busy cluster would. With the freeze, the
 run ends by counting the frozen objects that had become cyclic garbage (the memory the freeze
-kept). Variants:
+kept), and times one malloc_trim(0) (glibc). Variants:
 - default: CPython's thresholds, nothing frozen;
 - tuned: what the agent and its workers do once serving (`agent/gc_tuning.py`: `freeze_start_up`).
 
@@ -102,18 +102,34 @@ async def one_run(variant: str, seconds: float, rate: float, force_full: bool = 
             raise RuntimeError(f"openloop failed: {done.stderr[-2000:]}")
         client = json.loads(done.stdout.strip().splitlines()[-1])
         tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
+        trim_ms = malloc_trim_ms()
         # What the freeze kept: frozen objects that became cyclic garbage since (unfrozen, they
         # are what a full collection now finds, beyond what the unfrozen objects left).
         gc.collect()
         gc.unfreeze()
         kept = gc.collect()
         return {**client, **collections.report(), "tracked_objects": tracked, "frozen_objects": frozen,
-                "frozen_garbage_objects": kept if frozen else None}
+                "frozen_garbage_objects": kept if frozen else None, "malloc_trim_ms": trim_ms}
     finally:
         nginx.terminate()
         nginx.wait(5)
         await pair.stop()
         subprocess.run(["rm", "-rf", workdir])
+
+
+def malloc_trim_ms() -> float | None:
+    """How long one malloc_trim(0) holds the thread after the run (glibc's free pages given back:
+    what a periodic trim on the event loop would stall it for). None: not glibc."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    started = time.perf_counter()
+    trim(0)
+    return round((time.perf_counter() - started) * 1000, 3)
 
 
 async def new_views(pair) -> None:
@@ -173,6 +189,7 @@ def main() -> None:
               f"{spread([r['pause_total_ms'][2] for r in results])} ms; tracked objects "
               f"{statistics.median(r['tracked_objects'] for r in results):.0f}, frozen "
               f"{statistics.median(r['frozen_objects'] for r in results):.0f}"
+              + f"; malloc_trim(0) after the run {spread([r['malloc_trim_ms'] or 0 for r in results])} ms"
               + (f", of them garbage kept by the freeze (max) "
                  f"{max(r['frozen_garbage_objects'] for r in results)}" if results[0]['frozen_objects'] else ""))
 

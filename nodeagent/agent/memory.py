@@ -103,7 +103,9 @@ def arenas() -> list[dict]:
 
 
 def python_objects(top: int = TOP) -> dict:
-    """Python's allocated blocks and the most numerous types among the objects the collector tracks."""
+    """Python's allocated blocks and the most numerous types among the objects the collector tracks
+    (gc_tracked and the types: those it walks; start-up's, frozen by agent/gc_tuning.py, are
+    gc_frozen and in no type count)."""
     objects = gc.get_objects()
     types = Counter(type(o).__name__ for o in objects)
     del objects
