@@ -5,7 +5,7 @@ import ssl
 
 import pytest
 
-from nodeagent.proxy.client_hello import Hello, received
+from nodeagent.proxy.client_hello import MAX_HELLO, MAX_RECORDS, Hello, received
 
 
 def a_client_hello() -> bytes:
@@ -32,12 +32,27 @@ def test_every_prefix_is_partial_until_the_whole_hello():
     assert received(hello + b"more") is Hello.WHOLE
 
 
-@pytest.mark.parametrize("size", [1, 3, 4, 100])
-def test_a_hello_split_over_records_is_whole_only_with_its_last_record(size):
+@pytest.mark.parametrize("parts", [1, 2, 3, MAX_RECORDS])
+def test_a_hello_split_over_records_is_whole_only_with_its_last_record(parts):
     message = a_client_hello()[5:]
-    split = records(message, size)
+    split = records(message, -(-len(message) // parts))
     answers = [received(split[:n]) for n in range(len(split) + 1)]
     assert answers[-1] is Hello.WHOLE and set(answers[:-1]) == {Hello.PARTIAL}
+
+
+def test_a_hello_in_more_records_than_ours_ever_uses_is_refused():
+    """The parse runs on the event loop at every arrival, before any turn: 1-byte records made
+    each call walk up to 256 KiB record by record. Past MAX_RECORDS it is no client of ours."""
+    message = a_client_hello()[5:]
+    split = records(message, -(-len(message) // (MAX_RECORDS + 1)))
+    assert received(split) is Hello.NOT_HELLO
+    flood = records(b"\x01\x00\x40\x00" + b"x" * (256 * 1024), 1)  # 1-byte records, 256 KiB of them
+    assert received(flood) is Hello.NOT_HELLO
+
+
+def test_a_hello_longer_than_ours_ever_are_is_refused_from_its_header():
+    assert received(b"\x16\x03\x01\x00\x04" + b"\x01" + (MAX_HELLO + 1).to_bytes(3, "big")) is Hello.NOT_HELLO
+    assert received(b"\x16\x03\x01\x00\x04" + b"\x01" + MAX_HELLO.to_bytes(3, "big")) is Hello.PARTIAL
 
 
 @pytest.mark.parametrize("prefix", [
