@@ -96,6 +96,7 @@ def test_a_new_agent_that_cannot_serve_holds_new_pods_back_for_a_while_only(tmp_
     os.utime(mark, (stale, stale))  # what STALE_S without renewal makes of it
     new.renew(serving=False)
     assert mark.stat().st_mtime == stale and old.successor() is None and new.lapsed
+    assert not new.settled()  # its first complete view comes before the renew: no new pod yet
     new.renew(serving=True)  # it serves at last
     assert old.successor() == NEW and not new.settled()
     t[0] += SETTLE_S

@@ -115,7 +115,9 @@ class Presence:
         return successor(self.own, self._read(), time.time())
 
     def settled(self) -> bool:
-        return self.clock() >= self.settled_at
+        # Lapsed, it takes no new pod: its first complete view is reconciled before the poll's
+        # renew makes its mark live again (and the older agent, seeing none, enrols meanwhile).
+        return not self.lapsed and self.clock() >= self.settled_at
 
     def _read(self) -> dict[Mark, float]:
         marks = {}
