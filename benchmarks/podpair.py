@@ -12,6 +12,7 @@ namespaces of a measurement that was killed).
 """
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -38,9 +39,14 @@ class StandInDatapath:
 
     def __init__(self):
         self.destination: tuple[str, int] | None = None
+        self.refusals: collections.deque = collections.deque(maxlen=64)  # the last windows written
 
     def original_destination(self, netns_cookie: int, client_port: int):
         return self.destination
+
+    def refuse_connects(self, netns_cookie: int, until_ns: int) -> None:
+        """What the kernel would be told (proxy/refusal.py): recorded, for tests."""
+        self.refusals.append((netns_cookie, until_ns))
 
 
 def pod_object(name: str, ip: str, meshed: bool = True) -> dict:

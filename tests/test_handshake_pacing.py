@@ -255,6 +255,8 @@ def test_over_its_rate_a_pods_next_connections_are_refused_at_accept_before_dete
         assert done.returncode == 0, done.stderr
         got = json.loads(done.stdout)
         assert got["silent_ended"] and got["silent_s"] < pair.proxy.timeouts.detect_s / 2, got
+        # and the kernel was told to refuse pod A's connects meanwhile (its window, from now on)
+        assert pair.datapath.refusals and {cookie for cookie, _ in pair.datapath.refusals} == {pair.pods["pod-a"].cookie}
         await settled(pair, "pod-a")
         refusals = refused(pair, "outbound", "pod-a")
         assert refusals >= 2  # one of the burst, and the silent connection

@@ -61,3 +61,8 @@ def test_a_pod_in_a_refusal_window_gets_eperm_for_its_connects_until_it_ends_and
     assert refusing_entry(noisy) is not None
     proxy.datapath.forget(noisy, lab.plan.pod("client-n0-0").ip)
     assert refusing_entry(noisy) is None
+    # A window written after the pod's entry went (a worker not yet told) is swept; an enrolled pod's stays.
+    proxy.datapath.refuse_connects(noisy, time.monotonic_ns() + 10**9)
+    proxy.datapath.refuse_connects(other, time.monotonic_ns() + 10**9)
+    assert proxy.datapath.sweep_refusals() == 1
+    assert refusing_entry(noisy) is None and refusing_entry(other) is not None

@@ -126,3 +126,15 @@ def test_a_quota_over_its_rate_refuses_outright_until_its_queue_is_empty_and_say
     assert [inbound.handshake_turn("inbound", 0.0) for _ in range(4)] == [0.0, 0.0, 0.5, None]
     assert inbound.refusing("inbound", 0.4) is Limit.INBOUND_HANDSHAKE_RATE  # no callback set: still kept
     assert inbound.refusing("outbound", 0.4) is None
+
+
+def test_a_window_lasts_half_a_second_at_most_whatever_the_rate_was_lowered_to():
+    """A busy pod's rate lowered live (1000/s to 2/s) made its debt a 250 s window, which raising
+    the rate back did not end: the kernel refused every connect of the pod for minutes."""
+    quota = Quota(limits.parse("handshake-rate=1000"))
+    while quota.handshake_turn("outbound", 0.0) is not None:
+        pass
+    quota.limits = limits.parse("handshake-rate=2")
+    assert quota.handshake_turn("outbound", 0.0) is None
+    assert quota.refusing("outbound", MAX_WAIT_S - 0.01) is Limit.HANDSHAKE_RATE
+    assert quota.refusing("outbound", MAX_WAIT_S) is None

@@ -220,6 +220,9 @@ class Agent:
                 self.workers.remove_pod(cookie, deleted=uid in changes.deleted)
             await self.proxy.remove_pod(cookie, deleted=uid in changes.deleted, keep_entries=keep_entries)
             self.slots.free(slot)
+        if changes.release and not keep_entries:
+            # A window a process wrote after the pod's entry went (a worker not yet told it left).
+            self.proxy.datapath.sweep_refusals()
         self._waiting = False
         # Every agent's entries (one beside this one may have enrolled a pod since this one started).
         pinned = self.proxy.datapath.enrolled_slots() if changes.enrol else {}
@@ -362,6 +365,7 @@ class Agent:
             if (slot := self.adopted_slots.pop(cookie, None)) is not None:
                 self.slots.free(slot)
         self._inherited = set()
+        datapath.sweep_refusals()  # windows of pods gone while no agent ran
 
     def _reload_issuer(self) -> None:
         """The issuer Secret changed (trust anchors, issuer): new certificates for every identity

@@ -148,6 +148,17 @@ class Datapath:
         """Until `until_ns` (CLOCK_MONOTONIC, as bpf_ktime_get_ns), the pod's captured connects fail with EPERM."""
         libbpf.map_update(self._fds["refusing"], abi.u64(netns_cookie), abi.u64(until_ns))
 
+    def sweep_refusals(self) -> int:
+        """Remove the windows of pods no entry names (a worker's late write after a pod left, or
+        an agent's before a crash): netns cookies are never reused, so such an entry would stay
+        until the map is full. How many went."""
+        enrolled = set(self.enrolled_cookies())
+        stale = [key for key in libbpf.map_keys(self._fds["refusing"], 8)
+                 if int.from_bytes(key, "little") not in enrolled]
+        for key in stale:
+            libbpf.map_delete(self._fds["refusing"], key)
+        return len(stale)
+
     # The proxy's own sockets in pods: never captured, whatever mark they carry.
 
     def register_proxy_socket(self, sock: socket.socket) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from nodeagent.proxy.pacing import Pace
+from nodeagent.proxy.pacing import MAX_WAIT_S, Pace
 
 ANNOTATION_PREFIX = "limits.nodeagent.io/"
 MAX_VALUE = 1_000_000
@@ -174,7 +174,9 @@ class Quota:
         limit = RATE_OF[direction]
         turn = pace.turn(now, self.limits[limit])
         if turn is None:
-            self.refuse(direction, limit, pace.reopens_at(now, self.limits[limit]))
+            # At most MAX_WAIT_S at a time: pacing refuses on after it (and opens another), and a
+            # live change of the rate (lowered, then raised back) cannot leave a long window open.
+            self.refuse(direction, limit, min(pace.reopens_at(now, self.limits[limit]), now + MAX_WAIT_S))
         return turn
 
     def refuse(self, direction: str, limit: Limit, until: float) -> None:

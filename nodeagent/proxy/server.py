@@ -229,12 +229,14 @@ class Proxy:
         pod's sk_lookup link goes too; a pod that only left keeps it, idle.
         `keep_entries`: the data path is left as it is (a newer agent's, agent.py)."""
         pod = self.pods.pop(cookie)
+        pod.quota.on_refusing = None  # its connections still open write no window after `forget`
         self.directory.unserve(pod.key)
         owns_entries = self.owns_datapath and not keep_entries
         if owns_entries:
             self.datapath.forget(cookie, pod.info.ip)
         for server in pod.servers:
             server.close()
+        pod.servers.clear()  # their factories hold the pod: a cycle, never collected if gc froze it
         for pools in (self.pools, self.app_pools):
             pools.http1.forget_pod(cookie)
             pools.http2.forget_pod(cookie)
