@@ -70,6 +70,6 @@ def _manifests(directory: str) -> list[tuple[str, int, int]]:
             elif entry.name.endswith(".yaml"):
                 stat = entry.stat()
                 found.append((entry.path, stat.st_mtime_ns, stat.st_size))
-        except FileNotFoundError:  # removed meanwhile: the next poll sees it gone
+        except OSError:  # removed meanwhile (the next poll sees it gone), or a dangling or looping link
             continue
     return found
