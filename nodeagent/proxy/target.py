@@ -123,6 +123,10 @@ class HttpTarget(TargetCounts):
                                               self.config.connect_timeout_s, self._tunnel(address, Hint.H2),
                                               report=self.count_http2_refusal)
 
+    def pooled(self, address):
+        """An idle pooled HTTP/1 connection to `address`, or None (then `acquire` opens one)."""
+        return self.pools.http1.take(self.pod.cookie, address)
+
     def release(self, address, conn):
         self.pools.http1.release(self.pod.cookie, address, conn)
 
