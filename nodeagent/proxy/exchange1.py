@@ -25,13 +25,13 @@ class Exchange:
         self.retries = self.conn = self.endpoint = self.address = self.token = self.timer = None
         self.headed = False
 
-    def start(self, request, retries, conn, endpoint, address) -> None:
+    def start(self, request, retries, conn, endpoint, address, head: bytes) -> None:
         server, target = self.server, self.server.target
         self.request, self.retries, self.conn, self.endpoint, self.address = request, retries, conn, endpoint, address
         self.headed = False
         conn.expect(request.method, self)
         self.token = target.request_started(endpoint, address)
-        conn.send(request.head())
+        conn.send(head)
         timeout = target.request_timeout_s
         if timeout is not None:
             self.timer = server.loop.call_later(server.remaining(request), self._timed_out)

@@ -68,6 +68,7 @@ class Request:
     body: asyncio.Queue | None = None  # with a body: its chunks, then None (bounded by bytes)
     started: float = 0.0
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
+    verbatim: bool = True  # no connection-level or Expect header: the head may go upstream as the client sent it
     resume: tuple | None = None  # begun on the fast path: (its Retries, addresses tried, a choice made)
 
     def head(self) -> bytes:
@@ -108,6 +109,7 @@ class Http1Server(asyncio.Protocol):
         self.reading_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
         self.head_tail = b""
+        self.as_read: bytes | None = None  # the read being parsed, when it is exactly one request head
         self.head_since = 0.0  # loop time the current head began
         self.idle_since = 0.0  # loop time the task began to wait for a request
         self.transport: asyncio.Transport | None = None
@@ -181,8 +183,11 @@ class Http1Server(asyncio.Protocol):
             return
         if self.reading_head:
             # Count only the head: up to the blank line, which may straddle two reads.
-            end = (self.head_tail + data).find(b"\r\n\r\n")
-            self.head_bytes += len(data) if end < 0 else max(end + 4 - len(self.head_tail), 0)
+            tail = self.head_tail
+            end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+            if not self.head_bytes and end + 4 == len(data) and not data.startswith(b"\r\n"):
+                self.as_read = data  # one whole head from its first byte: it may go upstream as it came
+            self.head_bytes += len(data) if end < 0 else max(end + 4 - len(tail), 0)
             self.head_tail = data[-3:]
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
@@ -195,6 +200,8 @@ class Http1Server(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._reject(400, f"malformed request: {e}")
             return
+        finally:
+            self.as_read = None
         if len(self.requests) >= MAX_QUEUED_REQUESTS:
             self._pause(Pause.PIPELINE)
 
@@ -223,6 +230,8 @@ class Http1Server(asyncio.Protocol):
     def on_header(self, name, value):
         self.current.headers.append((name, value))
         lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered == b"expect":
+            self.current.verbatim = False
         if lowered == b"expect" and value.strip().lower() == b"100-continue":
             # Answered here when the body is wanted (as hyper does); the endpoint's own 100 would
             # wait in its pending bytes while we wait for a body the client holds back.
@@ -368,7 +377,10 @@ class Http1Server(asyncio.Protocol):
         if conn is None:
             request.resume = (retries, set(), None if isinstance(choice, str) else choice)
             return False
-        self.exchange.start(request, retries, conn, *choice)
+        # The head as the client sent it unless something in it changes (a connection-level
+        # header dropped, a trace context rewritten): rebuilt, it costs a list and a join.
+        as_read = self.as_read if request.verbatim and request.span is None else None
+        self.exchange.start(request, retries, conn, *choice, as_read or request.head())
         return True
 
     def exchange_ended(self, keep: bool) -> None:
