@@ -56,7 +56,7 @@ class Exchange:
         server.responding = conn
         conn.attach(server.transport, server.stats, closing=not request.keep_alive)
         if server.client_slow:
-            conn.transport.pause_reading()  # the client has not taken the last response yet
+            conn.pause()  # the client has not taken the last response yet
 
     def response_done(self, conn) -> None:
         server, target = self.server, self.server.target

@@ -292,12 +292,12 @@ class Http1Server(asyncio.Protocol):
     def pause_writing(self):
         self.client_slow = True
         if self.responding is not None and not self.responding.transport.is_closing():
-            self.responding.transport.pause_reading()
+            self.responding.pause()
 
     def resume_writing(self):
         self.client_slow = False
-        if self.responding is not None and not self.responding.transport.is_closing():
-            self.responding.transport.resume_reading()
+        if self.responding is not None:
+            self.responding.resume()
 
     def _write(self, data: bytes) -> None:
         if self.stats is not None:
@@ -470,7 +470,7 @@ class Http1Server(asyncio.Protocol):
         self.responding = conn
         conn.attach(self.transport, self.stats, closing=not request.keep_alive)
         if self.client_slow:
-            conn.transport.pause_reading()  # the client has not taken the last response yet
+            conn.pause()  # the client has not taken the last response yet
         try:
             remaining = self.remaining(request)
             await (awaited.done if remaining is None else asyncio.wait_for(asyncio.shield(awaited.done), remaining))

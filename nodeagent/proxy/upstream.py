@@ -165,9 +165,11 @@ class ResponseReader(asyncio.Protocol):
         self.at_boundary = False  # the parser ended the last response: it can parse the next one
         self.listener = None
         self.pending = bytearray()  # raw bytes read before a sink was attached
-        self._reset(None, None)
+        self.reading = True  # False while paused (`pause`): a slow client, or PENDING_MAX unsent
+        self.expect(None, None)
 
-    def _reset(self, method: str | None, listener):
+    def expect(self, method: str | None, listener) -> None:
+        """A request was written: parse the response to it, telling `listener` (see the class)."""
         self.method = method
         self.listener = listener
         self.state = Response.HEAD
@@ -180,10 +182,6 @@ class ResponseReader(asyncio.Protocol):
         self.status = 0
         self.keep_alive = True
         self.eof_delimited = False
-
-    def expect(self, method: str, listener) -> None:
-        """A request was written: parse the response to it, telling `listener` (see the class)."""
-        self._reset(method, listener)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -205,7 +203,7 @@ class ResponseReader(asyncio.Protocol):
         else:
             self.pending += data
             if len(self.pending) > PENDING_MAX:
-                self.transport.pause_reading()  # attach() resumes
+                self.pause()  # attach() resumes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -295,7 +293,18 @@ class ResponseReader(asyncio.Protocol):
                 counter.written += len(pending)
             pending.clear()
         self.sink, self.counter = sink, counter
-        if not self.transport.is_reading() and not self.transport.is_closing():
+        if not self.reading:
+            self.resume()
+
+    def pause(self) -> None:
+        """Stop reading the endpoint (backpressure) until `resume`."""
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self.reading and not self.transport.is_closing():
+            self.reading = True
             self.transport.resume_reading()
 
     def reusable(self) -> bool:
@@ -355,8 +364,8 @@ class Pool:
                 and self._per_pod.get(cookie, 0) < POOL_MAX_IDLE_PER_POD):
             conn.sink = conn.counter = conn.listener = None
             conn.state, conn.idle_since = Response.IDLE, time.monotonic()
-            if not conn.transport.is_reading():
-                conn.transport.resume_reading()  # paused for a slow client: idle, it must see a close
+            if not conn.reading:
+                conn.resume()  # paused for a slow client: idle, it must see a close
             self._idle.setdefault(key, []).append(conn)
             self._count(cookie, 1)
             if self._sweeper is None:
@@ -395,6 +404,7 @@ class Pool:
         conn = ResponseReader()
         sock_transport.set_protocol(conn)
         conn.connection_made(sock_transport)
+        conn.reading = sock_transport.is_reading()
         self.release(cookie, address, conn)
 
     def forget_pod(self, cookie: int) -> None:
