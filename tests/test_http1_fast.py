@@ -120,3 +120,29 @@ def test_the_request_timeout_bounds_a_pooled_exchange(proxy_to):
     assert reply.startswith(b"HTTP/1.1 504 ") and b"nodeagent-proxy-error: request timeout" in reply
     assert time.monotonic() - started < 2
     server.close()
+
+
+def test_a_new_connection_lost_before_its_first_request_tells_no_one():
+    """A fresh upstream connection has no listener yet: its loss (or a stray byte) is no error."""
+    import asyncio
+
+    from nodeagent.proxy.upstream import Response, ResponseReader
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda loop, context: errors.append(context))
+
+        class SpeaksThenCloses(asyncio.Protocol):
+            def connection_made(self, transport):
+                transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+                transport.close()
+
+        server = await loop.create_server(SpeaksThenCloses, "127.0.0.1", 0)
+        _, conn = await loop.create_connection(ResponseReader, *server.sockets[0].getsockname())
+        assert conn.state is Response.IDLE
+        await asyncio.sleep(0.2)
+        server.close()
+        assert conn.transport.is_closing() and errors == []
+
+    asyncio.run(scenario())

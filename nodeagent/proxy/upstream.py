@@ -123,7 +123,8 @@ class Awaited:
         self.done: asyncio.Future = loop.create_future()
 
     def response_head(self, conn, status: int) -> None:
-        self.head.set_result(status)
+        if not self.head.done():  # cancelled: the task is gone (and the connection with it)
+            self.head.set_result(status)
 
     def response_done(self, conn) -> None:
         if not self.done.done():
@@ -139,7 +140,7 @@ class Awaited:
 class Response(enum.Enum):
     """Where one upstream connection is in the response to the request last written on it."""
 
-    IDLE = "idle"  # in a pool: no request is out, so any byte from the endpoint is unsolicited
+    IDLE = "idle"  # not yet used, or in a pool: no request is out, so any byte from the endpoint is unsolicited
     HEAD = "awaiting the head"
     BODY = "relaying the body"
     DONE = "complete"
@@ -167,6 +168,7 @@ class ResponseReader(asyncio.Protocol):
         self.pending = bytearray()  # raw bytes read before a sink was attached
         self.reading = True  # False while paused (`pause`): a slow client, or PENDING_MAX unsent
         self.expect(None, None)
+        self.state = Response.IDLE  # until a request is written
 
     def expect(self, method: str | None, listener) -> None:
         """A request was written: parse the response to it, telling `listener` (see the class)."""
