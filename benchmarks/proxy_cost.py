@@ -16,11 +16,12 @@ over the measured requests, after a warm-up; not wall time, so other work on the
 not enter it. Each run is a fresh process (one pair of pods, one proxy); the median of --runs
 runs with min and max. Needs root (network namespaces); nothing leaves the pair.
 
-    python -m benchmarks.proxy_cost [--modes mesh,plain] [--requests 20000] [--runs 5] [--baseline CHECKOUT]
+    python -m benchmarks.proxy_cost [--modes mesh,plain] [--requests 20000] [--runs 5] [--baseline CHECKOUT ...]
     python -m benchmarks.proxy_cost --modes mesh --new-connections 5   # wrk, Connection: close, 5 s a run
 
 With --baseline, the proxy of another checkout of this repository (e.g. a worktree of an older
-commit) runs in turn with this one, run for run, so that a busy moment of the machine hits both.
+commit) runs in turn with this one, run for run, so that a busy moment of the machine hits both;
+given more than once, each checkout in turn (labelled by its commit).
 """
 
 import argparse
@@ -136,6 +137,11 @@ def run_child(code: pathlib.Path, mode: str, requests: int, close_seconds: float
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def commit_of(checkout: pathlib.Path) -> str:
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or checkout.name
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "runs": [round(v, 1) for v in values]}
@@ -166,7 +172,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--baseline", type=pathlib.Path, help="another checkout to measure in turn")
+    parser.add_argument("--baseline", type=pathlib.Path, action="append", default=[],
+                        help="another checkout to measure in turn (repeatable)")
     parser.add_argument("--new-connections", type=float, metavar="SECONDS",
                         help="a new connection per request (wrk, Connection: close) for SECONDS per run, "
                              "instead of --requests over keep-alive connections")
@@ -176,8 +183,8 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     codes = {"this checkout": REPO}
-    if args.baseline:
-        codes["baseline"] = args.baseline.resolve()
+    for checkout in args.baseline:
+        codes["baseline" if len(args.baseline) == 1 else f"at {commit_of(checkout)}"] = checkout.resolve()
     result = measure(modes, args.requests, args.runs, codes, args.new_connections)
     if args.json:
         print(json.dumps(result))

@@ -48,6 +48,9 @@ class FixedTarget:
     async def acquire(self, address):
         return await self.pool.acquire(None, 0, address, 1.0)
 
+    def pooled(self, address):
+        return self.pool.take(0, address)
+
     def release(self, address, conn):
         self.pool.release(0, address, conn)
 

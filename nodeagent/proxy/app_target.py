@@ -46,6 +46,9 @@ class AppTarget(TargetCounts):
         return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address, self.connect_timeout_s,
                                               report=self.count_http2_refusal)
 
+    def pooled(self, address):
+        return self.pools.http1.take(self.pod.cookie, address)
+
     def release(self, address, conn) -> None:
         self.pools.http1.release(self.pod.cookie, address, conn)
 

@@ -26,10 +26,13 @@ class Outcome(enum.Enum):
 
 async def run_attempts(target, retries: Retries, acquire: Callable[[tuple], Awaitable[object]],
                        attempt: Callable[[object, object, tuple], Awaitable[Outcome]],
-                       answer: Callable[[int, str, tuple | None], Awaitable[Outcome]]) -> Outcome:
-    tried: set = set()
+                       answer: Callable[[int, str, tuple | None], Awaitable[Outcome]],
+                       tried: set | None = None, first: tuple | None = None) -> Outcome:
+    """`tried` and `first`: a request begun elsewhere (HTTP/1's fast path) goes on here with the
+    addresses it tried and the (endpoint, address) already chosen for its next attempt."""
+    tried = set() if tried is None else tried
     while True:
-        choice = target.choose(tried)
+        choice, first = first or target.choose(tried), None
         if isinstance(choice, str):  # no endpoint to send to: the reason
             return await answer(503, choice, None)
         endpoint, address = choice

@@ -29,8 +29,10 @@ import httptools
 
 from nodeagent.proxy.attempts import Outcome, run_attempts
 from nodeagent.proxy.errors import error_response
+from nodeagent.proxy.exchange1 import Exchange
 from nodeagent.proxy.relay import splice
 from nodeagent.proxy.retry import Failure, RequestFacts, Retries, Verdict
+from nodeagent.proxy.upstream import Awaited
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_READ_TIMEOUT_S = 10.0  # slowloris: a request head must arrive within this
@@ -40,6 +42,7 @@ MAX_QUEUED_REQUESTS = 64  # pipelined requests read ahead of the one being serve
 BODY_HIGH_WATER = 256 * 1024  # request body bytes held before the client is paused
 BODY_LOW_WATER = 64 * 1024
 COALESCE_BYTES = 16 * 1024  # body bytes sent with the head in one write: a TLS record's worth
+NOTHING_TRIED: frozenset = frozenset()
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
@@ -65,6 +68,8 @@ class Request:
     body: asyncio.Queue | None = None  # with a body: its chunks, then None (bounded by bytes)
     started: float = 0.0
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
+    verbatim: bool = True  # no connection-level or Expect header: the head may go upstream as the client sent it
+    resume: tuple | None = None  # begun on the fast path: (its Retries, addresses tried, a choice made)
 
     def head(self) -> bytes:
         """The head for the upstream. Connection-level headers are the client's hop's,
@@ -84,9 +89,11 @@ class Http1Server(asyncio.Protocol):
     request goes (see target.HttpTarget); `initial` are bytes read during
     detection.
 
-    Per request nothing is scheduled: the parser's callbacks hand each request to the
-    connection's one task through a deque (and a future while it waits), and one timer per
-    connection (`_tick`) enforces both the head deadline and the keep-alive idle bound."""
+    Per request nothing is scheduled: a whole request (no body, no upgrade) with nothing queued
+    ahead of it and a pooled connection at hand is served in callbacks (exchange1.py, the fast
+    path); any other goes to the connection's one task through a deque (and a future while it
+    waits). One timer per connection (`_tick`) enforces both the head deadline and the
+    keep-alive idle bound."""
 
     def __init__(self, target, initial: bytes = b"", stats=None, on_close=None,
                  keepalive_idle_s: float | None = None):
@@ -102,6 +109,7 @@ class Http1Server(asyncio.Protocol):
         self.reading_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
         self.head_tail = b""
+        self.as_read: bytes | None = None  # the read being parsed, when it is exactly one request head
         self.head_since = 0.0  # loop time the current head began
         self.idle_since = 0.0  # loop time the task began to wait for a request
         self.transport: asyncio.Transport | None = None
@@ -116,6 +124,7 @@ class Http1Server(asyncio.Protocol):
         self.responding = None  # the upstream connection whose response is being relayed
         self.client_slow = False  # our write buffer toward the client is above its high-water mark
         self.draining = False  # the proxy is stopping: the next response says `Connection: close`
+        self.exchange = Exchange(self)  # the fast path's request in flight, if any (exchange.request)
 
     # --- reading requests ---
 
@@ -144,7 +153,7 @@ class Http1Server(asyncio.Protocol):
                 self._reject(408, "request head not received in time")
                 return
             due = self.head_since + HEAD_READ_TIMEOUT_S
-        elif self.waiter is not None:
+        elif self.waiter is not None and self.exchange.request is None:
             if now >= self.idle_since + self._idle_bound():
                 self._next(None)
                 return
@@ -174,8 +183,11 @@ class Http1Server(asyncio.Protocol):
             return
         if self.reading_head:
             # Count only the head: up to the blank line, which may straddle two reads.
-            end = (self.head_tail + data).find(b"\r\n\r\n")
-            self.head_bytes += len(data) if end < 0 else max(end + 4 - len(self.head_tail), 0)
+            tail = self.head_tail
+            end = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+            if not self.head_bytes and end + 4 == len(data) and not data.startswith(b"\r\n"):
+                self.as_read = data  # one whole head from its first byte: it may go upstream as it came
+            self.head_bytes += len(data) if end < 0 else max(end + 4 - len(tail), 0)
             self.head_tail = data[-3:]
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._reject(431, "request head too large")
@@ -188,18 +200,25 @@ class Http1Server(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._reject(400, f"malformed request: {e}")
             return
+        finally:
+            self.as_read = None
         if len(self.requests) >= MAX_QUEUED_REQUESTS:
             self._pause(Pause.PIPELINE)
 
     def _next(self, request: Request | None) -> None:
-        """A request for the task (None: no more), now if it waits, else in turn."""
+        """A request for the task (None: no more), now if it waits (and no fast exchange is in
+        flight), else in turn."""
+        self.requests.append(request)
+        if self.exchange.request is None:
+            self._wake()
+
+    def _wake(self) -> None:
+        """The waiting task takes the next queued request."""
         waiter = self.waiter
-        if waiter is not None:
+        if waiter is not None and self.requests:
             self.waiter = None
             if not waiter.done():
-                waiter.set_result(request)
-                return
-        self.requests.append(request)
+                waiter.set_result(self.requests.popleft())
 
     def on_message_begin(self):
         self.current = Request()
@@ -211,6 +230,8 @@ class Http1Server(asyncio.Protocol):
     def on_header(self, name, value):
         self.current.headers.append((name, value))
         lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered == b"expect":
+            self.current.verbatim = False
         if lowered == b"expect" and value.strip().lower() == b"100-continue":
             # Answered here when the body is wanted (as hyper does); the endpoint's own 100 would
             # wait in its pending bytes while we wait for a body the client holds back.
@@ -232,7 +253,9 @@ class Http1Server(asyncio.Protocol):
         if request.has_body:
             request.body = asyncio.Queue()
         self.reading_head, self.head_bytes, self.head_tail = False, 0, b""
-        self._next(request)
+        if (self.waiter is None or self.requests or self.exchange.request is not None or request.has_body
+                or request.upgrade or request.method == "CONNECT" or not self._fast(request)):
+            self._next(request)
 
     def on_body(self, body):
         if self.current.body is None:  # a body the head did not announce (llhttp would not pass one)
@@ -257,6 +280,8 @@ class Http1Server(asyncio.Protocol):
         self.closing = True
         if self.timer:
             self.timer.cancel()
+        if self.exchange.request is not None:
+            self.exchange.abandon()
         if self.task and not self.upgraded:
             self.task.cancel()
         if self.on_close and not self.upgraded:
@@ -267,12 +292,12 @@ class Http1Server(asyncio.Protocol):
     def pause_writing(self):
         self.client_slow = True
         if self.responding is not None and not self.responding.transport.is_closing():
-            self.responding.transport.pause_reading()
+            self.responding.pause()
 
     def resume_writing(self):
         self.client_slow = False
-        if self.responding is not None and not self.responding.transport.is_closing():
-            self.responding.transport.resume_reading()
+        if self.responding is not None:
+            self.responding.resume()
 
     def _write(self, data: bytes) -> None:
         if self.stats is not None:
@@ -339,10 +364,48 @@ class Http1Server(asyncio.Protocol):
             self.idle_since = self.loop.time()
             self._arm_idle()
 
+    # --- the fast path (exchange1.py) ---
+
+    def _fast(self, request: Request) -> bool:
+        """Serve a whole request in callbacks if a pooled connection to the endpoint chosen for it
+        is at hand; if not, it goes to the task with what was decided (its Retries, the choice)."""
+        target = self.target
+        request.started = time.monotonic()
+        retries = target.retries(request.facts(), request)
+        choice = target.choose(NOTHING_TRIED)
+        conn = None if isinstance(choice, str) else target.pooled(choice[1])
+        if conn is None:
+            request.resume = (retries, set(), None if isinstance(choice, str) else choice)
+            return False
+        # The head as the client sent it unless something in it changes (a connection-level
+        # header dropped, a trace context rewritten): rebuilt, it costs a list and a join.
+        as_read = self.as_read if request.verbatim and request.span is None else None
+        self.exchange.start(request, retries, conn, *choice, as_read or request.head())
+        return True
+
+    def exchange_ended(self, keep: bool) -> None:
+        """The fast path's exchange is over; `keep`: the connection serves on."""
+        if not keep:
+            self.requests.appendleft(None)
+        elif not self.requests:
+            self.idle_since = self.loop.time()
+        self._wake()
+
+    def exchange_resumed(self, request: Request) -> None:
+        """The fast path's request goes on in the task (a retry)."""
+        self.requests.appendleft(request)
+        self._wake()
+
+    # --- the general path: the task ---
+
     async def _handle(self, request: Request) -> bool:
         """Serve one request; False if the client connection must close."""
-        request.started = time.monotonic()
-        retries = self.target.retries(request.facts(), request)
+        tried, first = set(), None
+        if request.resume is None:
+            request.started = time.monotonic()
+            retries = self.target.retries(request.facts(), request)
+        else:
+            (retries, tried, first), request.resume = request.resume, None
 
         async def acquire(address):
             conn, _ = await self.target.acquire(address)
@@ -357,37 +420,39 @@ class Http1Server(asyncio.Protocol):
             else:
                 await self._drain_body(request)
             request.keep_alive = request.keep_alive and not self.draining
-            self._write_error(status, reason, request, address)
+            self.write_error(status, reason, request, address)
             return Outcome.DONE if request.keep_alive else Outcome.CLOSE
 
-        return await run_attempts(self.target, retries, acquire, attempt, answer) is Outcome.DONE
+        return await run_attempts(self.target, retries, acquire, attempt, answer, tried, first) is Outcome.DONE
 
-    def _remaining(self, request: Request) -> float | None:
+    def remaining(self, request: Request) -> float | None:
         deadline = self.target.request_timeout_s
         return None if deadline is None else max(deadline - (time.monotonic() - request.started), 0.001)
 
     async def _exchange(self, request: Request, retries: Retries, conn, endpoint, address) -> Outcome:
         """Send the request on `conn` and relay the response."""
         target = self.target
-        conn.expect(request.method)
+        awaited = Awaited(self.loop)
+        conn.expect(request.method, awaited)
         token = target.request_started(endpoint, address)
         try:
             if request.has_body:
                 await self._stream_body(request, conn)
             else:
                 conn.send(request.head())
-            remaining = self._remaining(request)
-            status = await (conn.head if remaining is None else asyncio.wait_for(asyncio.shield(conn.head), remaining))
+            remaining = self.remaining(request)
+            status = await (awaited.head if remaining is None
+                            else asyncio.wait_for(asyncio.shield(awaited.head), remaining))
         except asyncio.TimeoutError:
             conn.transport.abort()
             target.request_finished(endpoint, token, None)
-            self._write_error(504, "request timeout", request, address)
+            self.write_error(504, "request timeout", request, address)
             return Outcome.CLOSE
         except (ConnectionError, OSError):
             target.request_finished(endpoint, token, None)
             if retries.decide(Failure.LOST) is Verdict.RETRY:
                 return Outcome.RETRY
-            self._write_error(502, "upstream failed", request, address)
+            self.write_error(502, "upstream failed", request, address)
             return Outcome.CLOSE
         except asyncio.CancelledError:
             self._abandon(conn, endpoint, token)
@@ -405,10 +470,10 @@ class Http1Server(asyncio.Protocol):
         self.responding = conn
         conn.attach(self.transport, self.stats, closing=not request.keep_alive)
         if self.client_slow:
-            conn.transport.pause_reading()  # the client has not taken the last response yet
+            conn.pause()  # the client has not taken the last response yet
         try:
-            remaining = self._remaining(request)
-            await (conn.done if remaining is None else asyncio.wait_for(asyncio.shield(conn.done), remaining))
+            remaining = self.remaining(request)
+            await (awaited.done if remaining is None else asyncio.wait_for(asyncio.shield(awaited.done), remaining))
         except asyncio.TimeoutError:
             target.request_finished(endpoint, token, None)
             target.count_cut("request timeout mid-response")
@@ -509,7 +574,7 @@ class Http1Server(asyncio.Protocol):
             while (chunk := await request.body.get()) is not None:
                 self._took(len(chunk))
 
-    def _write_error(self, status: int, reason: str, request: Request, address) -> None:
+    def write_error(self, status: int, reason: str, request: Request, address) -> None:
         self.target.count_error(status, reason)
         self.target.count_response(request, status, address)
         if not self.transport.is_closing():

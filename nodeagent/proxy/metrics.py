@@ -15,14 +15,18 @@ Every series of a pod is removed when the pod leaves the node or the mesh.
 """
 
 import time
+from bisect import bisect_left
 from collections import defaultdict
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # linkerd2-proxy's response_latency_ms buckets.
 LATENCY_BUCKETS_MS = (1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000,
                       10000, 20000, 30000, 40000, 50000)
 TRAFFIC = ("direction", "namespace", "pod", "peer", "tls")
+LATENCY_LE = tuple(floatToGoString(float(bound)) for bound in LATENCY_BUCKETS_MS) + ("+Inf",)
 SNI_LABELS_PER_POD = 100
 SNI_NONE, SNI_OTHER = "(none)", "(other)"
 
@@ -54,16 +58,23 @@ class ConnectionStats:
 
 
 class RequestStats:
-    """The HTTP series of one (direction, pod, peer, tls): children looked up once."""
+    """The HTTP series of one (direction, pod, peer, tls): requests, responses by status and
+    classification, latency to the head. Counted in plain numbers, on the event loop's thread
+    (no lock and no call into prometheus_client per request: those were four or more calls and
+    a lock per count), and exposed at each scrape by `RequestSeries`."""
 
-    def __init__(self, metrics: "Metrics", labels: tuple):
-        self.metrics, self.labels = metrics, labels
-        self.requests = metrics.child(metrics.request_total, labels)
-        self.latency = metrics.child(metrics.response_latency_ms, labels)
-        self._responses: dict[tuple, object] = {}
+    __slots__ = ("labels", "requests", "responses", "buckets", "latency_sum", "created")
+
+    def __init__(self, labels: tuple):
+        self.labels = labels
+        self.requests = 0
+        self.responses: dict[tuple, list] = {}  # (status, failed) -> [count, created]
+        self.buckets = [0] * len(LATENCY_LE)  # per bucket of LATENCY_BUCKETS_MS, then +Inf; not cumulative
+        self.latency_sum = 0.0
+        self.created = time.time()
 
     def request(self) -> None:
-        self.requests.inc()
+        self.requests += 1
 
     def response(self, status: int, started: float, failure: bool | None = None, head_at: float | None = None
                  ) -> None:
@@ -71,24 +82,65 @@ class RequestStats:
         HTTP/2 (gRPC's status is in the trailers). `failure` None: a 5xx is one. Latency is
         to the head (`head_at`, now if not given)."""
         key = (status, status >= 500 if failure is None else failure)
-        child = self._responses.get(key)
-        if child is None:
-            classification = "failure" if key[1] else "success"
-            child = self.metrics.child(self.metrics.response_total, (*self.labels, str(status), classification))
-            self._responses[key] = child
-        child.inc()
-        self.latency.observe(((head_at or time.monotonic()) - started) * 1000)
+        counted = self.responses.get(key)
+        if counted is None:
+            counted = self.responses[key] = [0, time.time()]
+        counted[0] += 1
+        latency_ms = ((head_at or time.monotonic()) - started) * 1000
+        self.buckets[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1  # le: the first bound >= it
+        self.latency_sum += latency_ms
+
+
+class RequestSeries:
+    """The collector of every RequestStats: `request_total`, `response_total` and
+    `response_latency_ms`, exposed as prometheus_client's Counter and Histogram would (the
+    same names, labels, cumulative buckets and `_created` samples). Bounded as the other
+    series: one RequestStats per label set, removed with its pod."""
+
+    REQUEST = ("request", "HTTP requests sent (outbound) or received (inbound)")
+    RESPONSE = ("response", "HTTP responses")
+    LATENCY = ("response_latency_ms", "Time to a response's head, in ms")
+
+    def __init__(self):
+        self.series: dict[tuple, RequestStats] = {}
+
+    def stats(self, labels: tuple) -> RequestStats:
+        stats = self.series.get(labels)
+        if stats is None:
+            stats = self.series[labels] = RequestStats(labels)
+        return stats
+
+    def forget_pod(self, namespace: str, pod: str) -> int:
+        doomed = [labels for labels in self.series if labels[1] == namespace and labels[2] == pod]
+        for labels in doomed:
+            del self.series[labels]
+        return len(doomed)
+
+    def describe(self):
+        return [CounterMetricFamily(*self.REQUEST, labels=TRAFFIC),
+                CounterMetricFamily(*self.RESPONSE, labels=(*TRAFFIC, "status_code", "classification")),
+                HistogramMetricFamily(*self.LATENCY, labels=TRAFFIC)]
+
+    def collect(self):
+        requests, responses, latency = self.describe()
+        for labels, stats in list(self.series.items()):
+            requests.add_metric(labels, stats.requests, created=stats.created)
+            for (status, failed), (count, created) in list(stats.responses.items()):
+                responses.add_metric((*labels, str(status), "failure" if failed else "success"), count, created=created)
+            cumulative, buckets = 0, []
+            for le, count in zip(LATENCY_LE, stats.buckets):
+                cumulative += count
+                buckets.append((le, cumulative))
+            latency.add_metric(labels, buckets, stats.latency_sum)
+            latency.add_sample(f"{latency.name}_created", dict(zip(TRAFFIC, labels)), stats.created)
+        return [requests, responses, latency]
 
 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.request_total = Counter("request", "HTTP requests sent (outbound) or received (inbound)", TRAFFIC,
-                                     registry=r)
-        self.response_total = Counter("response", "HTTP responses", (*TRAFFIC, "status_code", "classification"),
-                                      registry=r)
-        self.response_latency_ms = Histogram("response_latency_ms", "Time to a response's head, in ms", TRAFFIC,
-                                             buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.request_series = RequestSeries()  # request_total, response_total, response_latency_ms
+        r.register(self.request_series)
         self.tcp_open_total = Counter("tcp_open", "TCP connections opened", TRAFFIC, registry=r)
         self.tcp_close_total = Counter("tcp_close", "TCP connections closed", TRAFFIC, registry=r)
         self.tcp_open_connections = Gauge("tcp_open_connections", "TCP connections open", TRAFFIC, registry=r)
@@ -168,7 +220,7 @@ class Metrics:
                 metric.remove(*labels)
             except KeyError:
                 pass
-        return len(series)
+        return len(series) + self.request_series.forget_pod(*pod_key.split("/", 1))
 
     # --- shorthands for the proxy ---
 
@@ -176,7 +228,7 @@ class Metrics:
         return ConnectionStats(self, (direction, pod.info.namespace, pod.info.name, peer, str(tls).lower()))
 
     def requests(self, direction: str, pod, peer: str, tls: bool) -> RequestStats:
-        return RequestStats(self, (direction, pod.info.namespace, pod.info.name, peer, str(tls).lower()))
+        return self.request_series.stats((direction, pod.info.namespace, pod.info.name, peer, str(tls).lower()))
 
     def tcp_error(self, direction: str, pod, reason: str) -> None:
         self.child(self.tcp_errors_total, (direction, pod.info.namespace, pod.info.name, reason)).inc()

@@ -78,7 +78,8 @@ class Retries:
     def wants_status(self, status: int) -> bool:
         """Whether a response with this status would be retried if the bounds allow: the caller
         holds the response back only then."""
-        return retryable(Failure.STATUS, self.request, status, self.retry_statuses) and self.used < self.limit
+        return (status in self.retry_statuses and self.used < self.limit  # most Services retry no status
+                and retryable(Failure.STATUS, self.request, status, self.retry_statuses))
 
     def decide(self, failure: Failure, status: int | None = None) -> Verdict:
         if not retryable(failure, self.request, status, self.retry_statuses):

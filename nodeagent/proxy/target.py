@@ -27,6 +27,7 @@ from nodeagent.proxy.upstream import HandshakeLimit, ResponseReader
 class HopFacts:
     tls: bool  # mutual TLS on the hop (the `tls` label)
     on_node: tuple | None = None  # ON_NODE: (the destination's PodContext, its inbound RequestStats)
+    stats: object = None  # the outbound RequestStats of requests on it (None: not known, NO_HOP)
 
 
 NO_HOP = HopFacts(False)
@@ -123,6 +124,10 @@ class HttpTarget(TargetCounts):
                                               self.config.connect_timeout_s, self._tunnel(address, Hint.H2),
                                               report=self.count_http2_refusal)
 
+    def pooled(self, address):
+        """An idle pooled HTTP/1 connection to `address`, or None (then `acquire` opens one)."""
+        return self.pools.http1.take(self.pod.cookie, address)
+
     def release(self, address, conn):
         self.pools.http1.release(self.pod.cookie, address, conn)
 
@@ -175,7 +180,8 @@ class HttpTarget(TargetCounts):
                 local = self.directory.served(hop.destination)
                 inbound = self.observers.metrics.requests("inbound", local, self.pod.identity.uri, False)
                 inbound = (local, inbound)
-            facts = self._hops[address] = HopFacts(hop.kind is HopKind.MESH, inbound)
+            tls = hop.kind is HopKind.MESH
+            facts = self._hops[address] = HopFacts(tls, inbound, self._requests(tls))
         return facts
 
     def _requests(self, tls: bool):
@@ -186,7 +192,7 @@ class HttpTarget(TargetCounts):
 
     def request_started(self, state, address):
         hop = self._hop(address)
-        self._requests(hop.tls).request()
+        hop.stats.request()
         if hop.on_node is not None:
             hop.on_node[1].request()  # the destination's inbound count, as its side of a mesh hop would
         return state.ewma.start() if state is not None else time.monotonic()
@@ -210,7 +216,7 @@ class HttpTarget(TargetCounts):
         `failure` from the gRPC status and the head's arrival in `request.head_at`."""
         hop = self._hop(address) if address is not None else NO_HOP
         tls, head_at = hop.tls, getattr(request, "head_at", None)
-        self._requests(tls).response(status, request.started, failure, head_at)
+        (hop.stats or self._requests(tls)).response(status, request.started, failure, head_at)
         if self.log is not None:
             self.log.response(request, status, tls, failure, address)
         tap = self.observers.tap

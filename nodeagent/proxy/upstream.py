@@ -6,6 +6,7 @@ pooled per (pod, endpoint).
 """
 
 import asyncio
+import enum
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -111,10 +112,47 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
     return tls, protocol
 
 
+class Awaited:
+    """A response's head and end as futures, for a coroutine that awaits them (http1's general
+    path); the fast path listens to the reader's callbacks itself."""
+
+    __slots__ = ("head", "done")
+
+    def __init__(self, loop):
+        self.head: asyncio.Future = loop.create_future()
+        self.done: asyncio.Future = loop.create_future()
+
+    def response_head(self, conn, status: int) -> None:
+        if not self.head.done():  # cancelled: the task is gone (and the connection with it)
+            self.head.set_result(status)
+
+    def response_done(self, conn) -> None:
+        if not self.done.done():
+            self.done.set_result(True)
+
+    def response_failed(self, conn, exc: BaseException) -> None:
+        for future in (self.head, self.done):
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: a waiter still gets it, nothing is logged
+
+
+class Response(enum.Enum):
+    """Where one upstream connection is in the response to the request last written on it."""
+
+    IDLE = "idle"  # not yet used, or in a pool: no request is out, so any byte from the endpoint is unsolicited
+    HEAD = "awaiting the head"
+    BODY = "relaying the body"
+    DONE = "complete"
+
+
 class ResponseReader(asyncio.Protocol):
-    """One upstream HTTP/1 connection: parses responses (framing only) and
-    passes their raw bytes to a sink once the head has been seen. The sink's
-    owner pauses this connection's reading while the client is slow (backpressure)."""
+    """One upstream HTTP/1 connection: parses responses (framing only) and passes their raw
+    bytes to a sink once the head has been seen. What happens to a response is told to the
+    request's listener (`expect`): `response_head(conn, status)` at the final head,
+    `response_done(conn)` at its end, `response_failed(conn, exc)` if the connection fails
+    before that. The sink's owner pauses this connection's reading while the client is slow
+    (backpressure)."""
 
     def __init__(self):
         self.transport: asyncio.Transport | None = None
@@ -126,27 +164,26 @@ class ResponseReader(asyncio.Protocol):
         self.on_lost: Callable[["ResponseReader"], None] | None = None
         self.parser = None
         self.at_boundary = False  # the parser ended the last response: it can parse the next one
-        self.idle = False  # in a pool: no request is out, so any byte from the endpoint is unsolicited
-        self._reset(None)
+        self.listener = None
+        self.pending = bytearray()  # raw bytes read before a sink was attached
+        self.reading = True  # False while paused (`pause`): a slow client, or PENDING_MAX unsent
+        self.expect(None, None)
+        self.state = Response.IDLE  # until a request is written
 
-    def _reset(self, method: str | None):
+    def expect(self, method: str | None, listener) -> None:
+        """A request was written: parse the response to it, telling `listener` (see the class)."""
         self.method = method
-        self.idle = False
+        self.listener = listener
+        self.state = Response.HEAD
         if not self.at_boundary:  # after a HEAD (whose body the parser awaits) or an interim response
             self.parser = httptools.HttpResponseParser(self)
         self.at_boundary = False
-        self.head: asyncio.Future = self.loop.create_future()
-        self.done: asyncio.Future = self.loop.create_future()
-        self.pending = bytearray()  # raw bytes read before a sink was attached
+        self.pending.clear()
         self.sink: asyncio.Transport | None = None
         self.counter = None  # the client connection's stats: bytes written to the client
         self.status = 0
         self.keep_alive = True
         self.eof_delimited = False
-
-    def expect(self, method: str) -> None:
-        """A request was written: parse the response to it."""
-        self._reset(method)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -158,7 +195,7 @@ class ResponseReader(asyncio.Protocol):
 
     def data_received(self, data):
         self.received += len(data)
-        if self.idle:  # no response of ours (a stray head would be taken for the next response's)
+        if self.state is Response.IDLE:  # no response of ours (a stray head would be taken for the next one's)
             self.transport.abort()
             return
         if self.sink is not None:
@@ -168,7 +205,7 @@ class ResponseReader(asyncio.Protocol):
         else:
             self.pending += data
             if len(self.pending) > PENDING_MAX:
-                self.transport.pause_reading()  # attach() resumes
+                self.pause()  # attach() resumes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -181,7 +218,7 @@ class ResponseReader(asyncio.Protocol):
         self.at_boundary = False
         # A message after the response we asked for: the connection is not reused (a CONNECT's
         # 2xx is followed by the tunnel's bytes, whatever they look like).
-        if self.done.done() and self.method != "CONNECT":
+        if (self.state is Response.DONE or self.state is Response.IDLE) and self.method != "CONNECT":
             self.transport.abort()
 
     def on_headers_complete(self):
@@ -189,8 +226,9 @@ class ResponseReader(asyncio.Protocol):
         if 100 <= self.status < 200 and self.status != 101:
             return  # informational: the final head follows
         self.keep_alive = self.parser.should_keep_alive()
-        if not self.head.done():
-            self.head.set_result(self.status)
+        if self.state is Response.HEAD:
+            self.state = Response.BODY
+            self.listener.response_head(self, self.status)
         if self.method == "HEAD" or self.status in (101, 204, 304) or (self.method == "CONNECT" and self.status < 300):
             self._complete()  # no body (a CONNECT's 2xx: what follows is the tunnel's)
 
@@ -203,23 +241,32 @@ class ResponseReader(asyncio.Protocol):
         self._complete()
 
     def _complete(self):
-        if not self.done.done():
-            self.done.set_result(True)
+        if self.state is Response.BODY:
+            self.state = Response.DONE
+            self.listener.response_done(self)
 
     def eof_received(self):
-        if self.head.done() and not self.done.done():
+        if self.state is Response.BODY:
             self.eof_delimited = True  # a body delimited by the connection's end
             self.keep_alive = False
             self._complete()
         return False
 
     def _fail(self, exc: Exception):
-        for future in (self.head, self.done):
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # an idle connection's loss is no error to log: a waiter still gets it
+        if self.state is Response.HEAD or self.state is Response.BODY:
+            self.state = Response.DONE
+            self.listener.response_failed(self, exc)
         if self.transport:
             self.transport.abort()
+
+    def forsake(self, abort: bool = True) -> None:
+        """The request's owner gives the connection up mid-response (a timeout, a retry, its client
+        gone): nothing more is told, and the connection ends (aborted: its state is unknown)."""
+        self.state = Response.DONE
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc):
         self.writable.set()  # a writer waiting for room learns of the loss from the write
@@ -237,17 +284,29 @@ class ResponseReader(asyncio.Protocol):
         """Send what was read so far, and everything after, to the client. `closing`: the
         client's connection ends after this response, so its head must say so (the
         upstream's own connection stays open for the pool)."""
+        pending = self.pending
         if closing:
-            head_end = self.pending.find(b"\r\n\r\n")
-            if head_end >= 0 and b"\r\nconnection: close" not in bytes(self.pending[:head_end]).lower():
-                self.pending[head_end:head_end] = b"\r\nconnection: close"
-        if self.pending:
-            sink.write(bytes(self.pending))
+            head_end = pending.find(b"\r\n\r\n")
+            if head_end >= 0 and b"\r\nconnection: close" not in bytes(pending[:head_end]).lower():
+                pending[head_end:head_end] = b"\r\nconnection: close"
+        if pending:
+            sink.write(bytes(pending))  # a copy: a transport may keep what it could not send yet
             if counter is not None:
-                counter.written += len(self.pending)
-            self.pending.clear()
+                counter.written += len(pending)
+            pending.clear()
         self.sink, self.counter = sink, counter
-        if not self.transport.is_reading() and not self.transport.is_closing():
+        if not self.reading:
+            self.resume()
+
+    def pause(self) -> None:
+        """Stop reading the endpoint (backpressure) until `resume`."""
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self.reading and not self.transport.is_closing():
+            self.reading = True
             self.transport.resume_reading()
 
     def reusable(self) -> bool:
@@ -274,22 +333,28 @@ class Pool:
         else:
             self._per_pod.pop(cookie, None)
 
-    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
-                      opener: Callable[[], Awaitable[ResponseReader]] | None = None) -> tuple[ResponseReader, bool]:
-        """(a connection, whether it was reused). `opener` opens a new one, through the hop it
-        plans (called only then: a reused connection plans no hop); by default, a plain
-        connection from `netns_path`."""
-        key = (cookie, address)
-        idle = self._idle.get(key)
+    def take(self, cookie: int, address: tuple[str, int]) -> ResponseReader | None:
+        """An idle connection to `address` still fit for a request, or None."""
+        idle = self._idle.get((cookie, address))
         now = time.monotonic()
         while idle:
             conn = idle.pop()
             self._count(cookie, -1)
             if not idle:
-                del self._idle[key]
+                del self._idle[(cookie, address)]
             if conn.reusable() and now - conn.idle_since < POOL_IDLE_S:
-                return conn, True
+                return conn
             conn.transport.close()
+        return None
+
+    async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
+                      opener: Callable[[], Awaitable[ResponseReader]] | None = None) -> tuple[ResponseReader, bool]:
+        """(a connection, whether it was reused). `opener` opens a new one, through the hop it
+        plans (called only then: a reused connection plans no hop); by default, a plain
+        connection from `netns_path`."""
+        conn = self.take(cookie, address)
+        if conn is not None:
+            return conn, True
         if opener is not None:
             return await opener(), False
         _, conn = await connect(netns_path, address, timeout_s, ResponseReader)
@@ -299,10 +364,10 @@ class Pool:
         key = (cookie, address)
         if (conn.reusable() and not self.draining and len(self._idle.get(key, ())) < POOL_MAX_IDLE
                 and self._per_pod.get(cookie, 0) < POOL_MAX_IDLE_PER_POD):
-            conn.sink = conn.counter = None
-            conn.idle, conn.idle_since = True, time.monotonic()
-            if not conn.transport.is_reading():
-                conn.transport.resume_reading()  # paused for a slow client: idle, it must see a close
+            conn.sink = conn.counter = conn.listener = None
+            conn.state, conn.idle_since = Response.IDLE, time.monotonic()
+            if not conn.reading:
+                conn.resume()  # paused for a slow client: idle, it must see a close
             self._idle.setdefault(key, []).append(conn)
             self._count(cookie, 1)
             if self._sweeper is None:
@@ -341,6 +406,7 @@ class Pool:
         conn = ResponseReader()
         sock_transport.set_protocol(conn)
         conn.connection_made(sock_transport)
+        conn.reading = sock_transport.is_reading()
         self.release(cookie, address, conn)
 
     def forget_pod(self, cookie: int) -> None:
