@@ -123,6 +123,34 @@ def test_a_request_and_a_response_with_bodies_trailers_and_manual_windows():
         side.session.close()
 
 
+def test_a_field_with_a_nul_resets_the_stream_even_unvalidated():
+    """An endpoint's response is not validated by nghttp2 (validate=False), but a NUL in a
+    field is malformed (RFC 9113, 8.2.1): the stream is reset, the field never reaches us."""
+    client, server = Recorder(), Recorder()
+    client.session = Session(client, server=False, settings={}, connection_window=1 << 20, validate=False)
+    server.session = Session(server, server=True, settings={}, connection_window=1 << 20)
+    for field in ((b"x-nul", b"a\x00b"), (b"x-\x00nul", b"ab")):
+        stream = client.session.submit_request(REQUEST, body=False)
+        settle(client, server)
+        server.session.submit_response(stream, [(b":status", b"200"), field], body=False)
+        settle(client, server)
+        assert not [e for e in client.events if e[0] == "headers" and e[1] == stream]
+        assert ("closed", stream, ErrorCodes.INTERNAL_ERROR) in client.events
+    for side in (client, server):
+        side.session.close()
+
+
+def test_header_lists_of_any_size_and_bytes_like_fields_are_submitted():
+    client, server = pair()
+    fields = [(f"x-{i}".encode(), b"v" * (i % 7)) for i in range(300)]
+    stream = client.session.submit_request(REQUEST + [(bytearray(b"x-ba"), memoryview(b"mv"))] + fields, body=False)
+    settle(client, server)
+    [head] = [e for e in server.events if e[0] == "headers"]
+    assert head[1] == stream and head[4] == REQUEST + [(b"x-ba", b"mv")] + fields
+    for side in (client, server):
+        side.session.close()
+
+
 def test_no_server_push_and_the_remote_settings():
     client, server = pair()
     settle(client, server)

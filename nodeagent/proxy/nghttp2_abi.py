@@ -71,8 +71,10 @@ class DataProvider(ctypes.Structure):
 
 
 FRAME_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-HEADER_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint8, ctypes.c_void_p)
+# A field's name and value arrive as bytes (c_char_p: ctypes copies up to the first NUL, with no
+# call of ours per field); the lengths tell whether a NUL cut one short.
+HEADER_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint8, ctypes.c_void_p)
 DATA_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int32, ctypes.c_void_p,
                            ctypes.c_size_t, ctypes.c_void_p)
 CLOSE_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int32, ctypes.c_uint32, ctypes.c_void_p)
