@@ -260,6 +260,7 @@ def test_the_structures_read_from_callbacks_have_nghttp2_h_s_layout():
     from nodeagent.proxy import nghttp2_abi as abi
     assert ctypes.sizeof(abi.FrameHd) == 16 and abi.FrameHd.type.offset == 12 and abi.FrameHd.flags.offset == 13
     assert ctypes.sizeof(abi.HeadersFrame) == 64 and abi.HeadersFrame.cat.offset == 56
+    assert (abi.HeadersFrame.stream_id.offset, abi.HeadersFrame.type.offset, abi.HeadersFrame.flags.offset) == (8, 12, 13)
     assert abi.RstStreamFrame.error_code.offset == 16
     assert abi.GoawayFrame.last_stream_id.offset == 16 and abi.GoawayFrame.error_code.offset == 20
     assert ctypes.sizeof(abi.Nv) == 40 and ctypes.sizeof(abi.SettingsEntry) == 8

@@ -77,6 +77,7 @@ class H2Peer(asyncio.Protocol):
     def start(self) -> None:
         """Make the session; send our preface and SETTINGS."""
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.loop = asyncio.get_running_loop()  # kept: asking for it each time costs a getpid() (3.11)
         self.session = Session(self, server=not self.client_side, settings=self.settings,
                                connection_window=CONNECTION_WINDOW, validate=self.validate_inbound)
         self.flush()
@@ -326,7 +327,7 @@ class H2Peer(asyncio.Protocol):
         """Write what the codec has to send, once per event-loop turn (so a burst of frames is one write)."""
         if not self._flush_pending and not self.closed:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Take frames from the codec and write them, until it has none or the peer owes us

@@ -69,12 +69,18 @@ class H2Pool:
         self._conns: dict[tuple, list[H2Upstream]] = defaultdict(list)
         self._opening: dict[tuple, asyncio.Future] = {}
 
+    def ready(self, cookie: int, address: tuple[str, int]) -> H2Upstream | None:
+        """A connection with room for one more stream, if one is open already (no wait)."""
+        return self._ready((cookie, address))
+
     def _ready(self, key) -> H2Upstream | None:
         conns = self._conns.get(key)
-        if not conns:
-            return None
-        conns[:] = [c for c in conns if c.usable()]
-        return next((c for c in conns if c.has_room()), None)
+        if conns:
+            for conn in conns:
+                if conn.usable() and conn.has_room():
+                    return conn
+            conns[:] = [c for c in conns if c.usable()]  # none has room: the dead go before another opens
+        return None
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
                       tunnel=None, report=None) -> H2Upstream:

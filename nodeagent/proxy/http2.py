@@ -105,7 +105,7 @@ class Http2Server(H2Peer):
             self.stats.written += self.bytes_written - before
 
     def on_request(self, stream_id: int, headers: list, ended: bool) -> None:
-        size = header_list_size(headers)
+        size = self.session.block_size  # header_list_size(headers), counted as they arrived
         if not self.admit(stream_id, size):
             return
         self.not_idle()
@@ -114,7 +114,7 @@ class Http2Server(H2Peer):
         exchange.headers_size = size
         self.exchanges[stream_id] = exchange
         self.register(exchange.client)
-        exchange.task = asyncio.get_running_loop().create_task(exchange.serve())
+        exchange.task = self.loop.create_task(exchange.serve())
         # A callback, not a `finally` in serve(): a task cancelled before its first step (the
         # client reset the stream in the same read that opened it) never runs its body.
         exchange.task.add_done_callback(lambda _: self.exchange_done(exchange))
@@ -177,9 +177,15 @@ class Exchange:
 
     def __init__(self, server: Http2Server, stream_id: int, headers: list, ended: bool):
         self.server, self.target = server, server.target
-        pseudo = {name: value for name, value in headers if name[:1] == b":"}
-        method = pseudo.get(b":method", b"").decode("latin-1")
-        self.request = Request(method, pseudo.get(b":path", b""), headers)
+        method = path = b""
+        for name, value in headers:  # pseudo-header fields come first (nghttp2 checked)
+            if name[:1] != b":":
+                break
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+        self.request = Request(method.decode("latin-1"), path, headers)
         self.headers = headers
         self.bodiless = ended
         self.retries: Retries | None = None
@@ -271,7 +277,7 @@ class Exchange:
     async def _attempt(self, upstream: StreamEnd, endpoint, address) -> Outcome:
         """Send on `upstream` and relay the response."""
         target = self.target
-        loop = asyncio.get_running_loop()
+        loop = self.server.loop
         self.head, self.done, self.response_ended = loop.create_future(), loop.create_future(), False
         self.inflight = (endpoint, target.request_started(endpoint, address))
         self.client.outgoing = None

@@ -62,41 +62,41 @@ class CodecError(Exception):
 
 _sessions: dict[int, "Session"] = {}
 _keys = itertools.count(1)
+_frame_at = abi.HeadersFrame.from_address  # a received frame's header (and a HEADERS' category)
+_string_at = ctypes.string_at
+_memmove = ctypes.memmove
 
 
-def _guarded(function):
-    """A callback that cannot raise into C: an exception fails the session, and is logged."""
-    def call(*args):
-        session = _sessions.get(args[-1] or 0)
-        if session is None:
-            return abi.ERR_CALLBACK_FAILURE
-        try:
-            return function(session, *args[1:-1])
-        except Exception as e:  # a bug of ours, on input a peer chose: fail the connection, not the process
-            session.failure = e
-            log.exception("HTTP/2 session callback %s failed", function.__name__)
-            return abi.ERR_CALLBACK_FAILURE
-    call.__name__ = function.__name__
-    return call
+# Each callback looks its session up and catches what it raises itself (no wrapper: these
+# run a few dozen times per request): a callback must not raise into C; an exception fails
+# the session, and is logged.
+
+def _failed(session, error: Exception, callback: str) -> int:
+    session.failure = error  # a bug of ours, on input a peer chose: fail the connection, not the process
+    log.exception("HTTP/2 session callback %s failed", callback)
+    return abi.ERR_CALLBACK_FAILURE
 
 
-@_guarded
-def _on_begin_headers(session, frame):
-    session._receiving = session._headers[abi.FrameHd.from_address(frame).stream_id] = []
-    session._header_size = 0
+def _on_begin_headers(session_ptr, frame, key):
+    # A header block is never interleaved with another (RFC 9113, 4.3): one list per session,
+    # a new one at each block's start, handed over when its frame is received.
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    session._receiving = []
+    session.block_size = 0
     return 0
 
 
 def _on_header(session_ptr, frame, name, namelen, value, valuelen, flags, key):
-    # The hottest callback (one per field): guarded inline, and the block's list is the one
-    # on_begin_headers made (a header block is never interleaved with another). `name` and
-    # `value` are bytes already (abi.HEADER_CB), cut at a NUL if there was one.
+    # The hottest callback (one per field). `name` and `value` are bytes already
+    # (abi.HEADER_CB), cut at a NUL if there was one.
     session = _sessions.get(key or 0)
     if session is None:
         return abi.ERR_CALLBACK_FAILURE
     try:
-        session._header_size += namelen + valuelen + 32
-        if session._header_size > h2budget.MAX_HEADER_LIST:
+        session.block_size += namelen + valuelen + 32
+        if session.block_size > h2budget.MAX_HEADER_LIST:
             session.header_overflow = True
             return abi.ERR_CALLBACK_FAILURE  # a connection error: the peer ignored our SETTINGS
         if len(name) != namelen or len(value) != valuelen:
@@ -106,77 +106,103 @@ def _on_header(session_ptr, frame, name, namelen, value, valuelen, flags, key):
         session._receiving.append((name, value))
         return 0
     except Exception as e:
-        session.failure = e
-        log.exception("HTTP/2 session callback _on_header failed")
+        return _failed(session, e, "on_header")
+
+
+def _on_frame_recv(session_ptr, frame, key):
+    session = _sessions.get(key or 0)
+    if session is None:
         return abi.ERR_CALLBACK_FAILURE
+    try:
+        view = _frame_at(frame)
+        kind = view.type
+        if kind == abi.DATA:
+            if view.flags & abi.FLAG_END_STREAM:
+                session.handler.h2_end_stream(view.stream_id)
+        elif kind == abi.HEADERS:
+            headers, session._receiving = session._receiving, []
+            session.handler.h2_headers(view.stream_id, headers, view.cat, bool(view.flags & abi.FLAG_END_STREAM))
+        elif kind == abi.SETTINGS:
+            session._remote_max_streams = None  # read again when next asked
+        elif kind == abi.RST_STREAM:
+            session.handler.h2_reset(view.stream_id, abi.RstStreamFrame.from_address(frame).error_code)
+        elif kind == abi.GOAWAY:
+            goaway = abi.GoawayFrame.from_address(frame)
+            session.handler.h2_goaway(goaway.last_stream_id, goaway.error_code)
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_frame_recv")
 
 
-@_guarded
-def _on_frame_recv(session, frame):
-    hd = abi.FrameHd.from_address(frame)
-    kind, stream_id = hd.type, hd.stream_id
-    if kind == abi.DATA:
-        if hd.flags & abi.FLAG_END_STREAM:
-            session.handler.h2_end_stream(stream_id)
-    elif kind == abi.HEADERS:
-        headers = session._headers.pop(stream_id, None)
-        if headers is not None:
-            category = abi.HeadersFrame.from_address(frame).cat
-            session.handler.h2_headers(stream_id, headers, category, bool(hd.flags & abi.FLAG_END_STREAM))
-    elif kind == abi.RST_STREAM:
-        session.handler.h2_reset(stream_id, abi.RstStreamFrame.from_address(frame).error_code)
-    elif kind == abi.GOAWAY:
-        goaway = abi.GoawayFrame.from_address(frame)
-        session.handler.h2_goaway(goaway.last_stream_id, goaway.error_code)
-    return 0
+def _on_frame_send(session_ptr, frame, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        if _frame_at(frame).type == abi.GOAWAY:
+            code = abi.GoawayFrame.from_address(frame).error_code
+            if code and code != session.terminated_with:
+                session.handler.h2_connection_error(code)  # nghttp2 found the peer broke the protocol
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_frame_send")
 
 
-@_guarded
-def _on_frame_send(session, frame):
-    hd = abi.FrameHd.from_address(frame)
-    if hd.type == abi.GOAWAY:
-        code = abi.GoawayFrame.from_address(frame).error_code
-        if code and code != session.terminated_with:
-            session.handler.h2_connection_error(code)  # nghttp2 found the peer broke the protocol
-    return 0
+def _on_data_chunk(session_ptr, flags, stream_id, data, length, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        session.handler.h2_data(stream_id, _string_at(data, length))
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_data_chunk")
 
 
-@_guarded
-def _on_data_chunk(session, flags, stream_id, data, length):
-    session.handler.h2_data(stream_id, ctypes.string_at(data, length))
-    return 0
+def _on_stream_close(session_ptr, stream_id, error_code, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        session.handler.h2_closed(stream_id, error_code)
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_stream_close")
 
 
-@_guarded
-def _on_stream_close(session, stream_id, error_code):
-    session._headers.pop(stream_id, None)
-    session.handler.h2_closed(stream_id, error_code)
-    return 0
+def _on_invalid_frame(session_ptr, frame, lib_error_code, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        session.handler.h2_invalid(_frame_at(frame).stream_id, lib_error_code)
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_invalid_frame")
 
 
-@_guarded
-def _on_invalid_frame(session, frame, lib_error_code):
-    session.handler.h2_invalid(abi.FrameHd.from_address(frame).stream_id, lib_error_code)
-    return 0
-
-
-@_guarded
-def _read_body(session, stream_id, buf, length, data_flags, source):
-    piece, eof, trailers = session.handler.read_body(stream_id, length)
-    if piece is None:
-        return abi.ERR_DEFERRED
-    size = len(piece)
-    if size:
-        ctypes.memmove(buf, piece, size)
-    if eof:
-        if trailers:
-            data_flags[0] |= abi.DATA_FLAG_EOF | abi.DATA_FLAG_NO_END_STREAM
-            nva, count = _nv(trailers)
-            if abi.submit_trailer(session.ptr, stream_id, nva, count) != 0:
-                return abi.ERR_TEMPORAL_CALLBACK_FAILURE
-        else:
-            data_flags[0] |= abi.DATA_FLAG_EOF
-    return size
+def _read_body(session_ptr, stream_id, buf, length, data_flags, source, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        piece, eof, trailers = session.handler.read_body(stream_id, length)
+        if piece is None:
+            return abi.ERR_DEFERRED
+        size = len(piece)
+        if size:
+            _memmove(buf, piece, size)
+        if eof:
+            if trailers:
+                data_flags[0] |= abi.DATA_FLAG_EOF | abi.DATA_FLAG_NO_END_STREAM
+                nva, count = _nv(trailers)
+                if abi.submit_trailer(session.ptr, stream_id, nva, count) != 0:
+                    return abi.ERR_TEMPORAL_CALLBACK_FAILURE
+            else:
+                data_flags[0] |= abi.DATA_FLAG_EOF
+        return size
+    except Exception as e:
+        return _failed(session, e, "read_body")
 
 
 _c_callbacks = [abi.FRAME_CB(_on_begin_headers), abi.HEADER_CB(_on_header), abi.FRAME_CB(_on_frame_recv),
@@ -258,9 +284,9 @@ class Session:
         self.failure: Exception | None = None
         self.header_overflow = False
         self.terminated_with = 0  # the error code of a GOAWAY we asked for ourselves
-        self._headers: dict[int, list] = {}  # stream id -> the header block being received
-        self._receiving: list = []  # the block on_header adds to
-        self._header_size = 0
+        self._receiving: list = []  # the header block being received (on_header adds to it)
+        self._remote_max_streams: int | None = None
+        self.block_size = 0  # RFC 9113's size of the header block being (or last) received
         self._out = ctypes.c_void_p()
         option = ctypes.c_void_p()
         if abi.option_new(ctypes.byref(option)) != 0:
@@ -376,4 +402,9 @@ class Session:
             abi.submit_shutdown_notice(self.ptr)
 
     def remote_max_concurrent_streams(self) -> int:
-        return abi.remote_settings(self.ptr, abi.SETTINGS_MAX_CONCURRENT_STREAMS) if self.ptr else 0
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (asked of nghttp2 once per SETTINGS received)."""
+        if not self.ptr:
+            return 0
+        if self._remote_max_streams is None:
+            self._remote_max_streams = abi.remote_settings(self.ptr, abi.SETTINGS_MAX_CONCURRENT_STREAMS)
+        return self._remote_max_streams

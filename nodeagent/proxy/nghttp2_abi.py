@@ -40,8 +40,13 @@ class PrioritySpec(ctypes.Structure):
 
 
 class HeadersFrame(ctypes.Structure):
-    _fields_ = [("hd", FrameHd), ("padlen", ctypes.c_size_t), ("pri_spec", PrioritySpec),
-                ("nva", ctypes.c_void_p), ("nvlen", ctypes.c_size_t), ("cat", ctypes.c_int)]
+    """nghttp2_headers with its frame header flattened (the same layout as FrameHd first): one
+    view of a received frame gives its header and, for HEADERS, its category."""
+
+    _fields_ = [("length", ctypes.c_size_t), ("stream_id", ctypes.c_int32), ("type", ctypes.c_uint8),
+                ("flags", ctypes.c_uint8), ("reserved", ctypes.c_uint8), ("padlen", ctypes.c_size_t),
+                ("pri_spec", PrioritySpec), ("nva", ctypes.c_void_p), ("nvlen", ctypes.c_size_t),
+                ("cat", ctypes.c_int)]
 
 
 class RstStreamFrame(ctypes.Structure):
