@@ -56,6 +56,9 @@ class OneEndpoint:
     def choose(self, tried):
         return None, self.address
 
+    def pooled_h2(self, address):
+        return self.pool.ready(0, address)
+
     async def acquire_h2(self, address):
         return await self.pool.acquire(None, 0, address, 5.0)
 

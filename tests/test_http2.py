@@ -18,7 +18,7 @@ import pytest
 from h2_client import H2Client
 from nodeagent.lab import workloads
 from nodeagent.lab.workloads import SERVERS
-from nodeagent.proxy import h2peer, http2
+from nodeagent.proxy import h2exchange, h2peer, http2
 from nodeagent.proxy.budget import RetryBudget
 from nodeagent.proxy.context import Observers
 from nodeagent.proxy.metrics import Metrics
@@ -61,6 +61,9 @@ class FixedTargets:
         address = next((a for a in self.addresses if a not in tried), self.addresses[0])
         self.chosen.append(address)
         return "state", address
+
+    def pooled_h2(self, address):
+        return self.pool.ready(0, address)
 
     async def acquire_h2(self, address):
         return await self.pool.acquire(None, 0, address, 1.0, report=self.count_http2_refusal)
@@ -191,6 +194,28 @@ def test_many_concurrent_requests_on_one_connection(lt):
         time.sleep(0.01)
     assert {r.status for r in responses} == {200} and target.statuses == [200] * 100
     assert target.finished == [(200, None)] * 100
+    client.close()
+
+
+def test_a_request_on_a_pooled_connection_needs_no_task(lt, monkeypatch):
+    """Only the first request, which waits for the pooled connection to open, goes on in a
+    task; the others are driven by the codecs' events alone (h2exchange.py)."""
+    in_task = []
+    original = h2exchange.Exchange._continue_in_task
+
+    def continue_in_task(exchange, tried, first):
+        in_task.append(exchange.client.id)
+        original(exchange, tried, first)
+    monkeypatch.setattr(h2exchange.Exchange, "_continue_in_task", continue_in_task)
+    port, target, accepted = start_proxy(lt, [start_app(lt)])
+    client = H2Client("127.0.0.1", port)
+    client.wait(client.request("GET", "/bytes/1"))
+    responses = client.wait(*[client.request("GET", "/bytes/2") for _ in range(20)])
+    assert [r.body for r in responses] == [b"xx"] * 20 and in_task == [1]
+    deadline = time.monotonic() + 5
+    while (accepted[0].exchanges or len(target.finished) < 21) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not accepted[0].exchanges and target.finished == [(200, None)] * 21 and target.streams == 0
     client.close()
 
 

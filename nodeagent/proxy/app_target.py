@@ -42,6 +42,9 @@ class AppTarget(TargetCounts):
     async def acquire(self, address):
         return await self.pools.http1.acquire(self.pod.netns_path, self.pod.cookie, address, self.connect_timeout_s)
 
+    def pooled_h2(self, address):
+        return self.pools.http2.ready(self.pod.cookie, address)
+
     async def acquire_h2(self, address):
         return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address, self.connect_timeout_s,
                                               report=self.count_http2_refusal)

@@ -118,11 +118,13 @@ class HttpTarget(TargetCounts):
             conn.on_lost = lambda lost: inbound.close(lost.sent, lost.received)
         return conn
 
+    def pooled_h2(self, address):
+        """A pooled HTTP/2 connection to `address` with room for one more stream, or None (then
+        `acquire_h2` opens one)."""
+        return self.pools.http2.ready(self.pod.cookie, address)
+
     async def acquire_h2(self, address):
         """An HTTP/2 connection to `address` with room for one more stream."""
-        conn = self.pools.http2.ready(self.pod.cookie, address)  # the usual case: no tunnel to plan
-        if conn is not None:
-            return conn
         return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address,
                                               self.config.connect_timeout_s, self._tunnel(address, Hint.H2),
                                               report=self.count_http2_refusal)
