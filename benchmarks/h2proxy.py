@@ -8,10 +8,12 @@ TLS, no metrics: the same stages as in the agent from the client's stream to the
 Per run: requests per second (h2load) and the proxy's CPU per request (utime + stime from
 /proc/<pid>/stat over the run); the median of --runs runs, with min and max.
 
-    python -m benchmarks.h2proxy [--requests 20000] [--runs 5] [--baseline CHECKOUT]
+    python -m benchmarks.h2proxy [--requests 20000] [--runs 5] [--baseline CHECKOUT ...]
 
-With --baseline, the proxy of another checkout of this repository (e.g. a worktree of an older
-commit) runs in turn with this one, run for run, so that a busy moment of the machine hits both.
+With --baseline (repeatable), the proxy of another checkout of this repository (e.g. a worktree
+of an older commit) runs in turn with this one, run for run, so that a busy moment of the
+machine hits each alike. On a shared machine the CPU per request is the number to trust: the
+rate also measures what else ran meanwhile.
 """
 
 import argparse
@@ -201,19 +203,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--baseline", type=pathlib.Path, help="another checkout to measure in turn")
+    parser.add_argument("--baseline", type=pathlib.Path, action="append", default=[],
+                        help="another checkout to measure in turn (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     codes = {"this checkout": REPO}
-    if args.baseline:
-        codes["baseline"] = args.baseline.resolve()
+    for baseline in args.baseline:
+        codes[str(baseline)] = baseline.resolve()
     result = measure(args.requests, args.runs, codes)
     if args.json:
         print(json.dumps(result))
         return
     for label, measured in result.items():
         rate, cpu = measured["req_per_s"], measured["cpu_us_per_request"]
-        print(f"{label:14} {rate['median']:6.0f} req/s (min {rate['min']:.0f}, max {rate['max']:.0f}); proxy CPU "
+        print(f"{label:20} {rate['median']:6.0f} req/s (min {rate['min']:.0f}, max {rate['max']:.0f}); proxy CPU "
               f"{cpu['median']:6.1f} us per request (min {cpu['min']:.1f}, max {cpu['max']:.1f}); median of "
               f"{args.runs} runs x {args.requests} requests")
 
