@@ -151,32 +151,6 @@ def test_header_lists_of_any_size_and_bytes_like_fields_are_submitted():
         side.session.close()
 
 
-def test_each_send_gives_one_whole_frame():
-    """Session.send sees nghttp2's own GOAWAY in the frame header at the start of what
-    mem_send gives: it gives one frame a call (the client's preface alone)."""
-    client, server = pair()
-    client.bodies[1] = [b"q" * 40000]
-    client.session.submit_request(REQUEST + [(b"x-big", b"h" * 40000)], body=True)  # HEADERS + CONTINUATION
-    chunks = []
-    for _ in range(6):
-        for a, b in ((client, server), (server, client)):
-            while data := a.session.send():
-                chunks.append(data)
-                b.session.receive(data)
-        server.session.consume(1, len(server.data.get(1, b"")))
-        server.data.pop(1, None)
-    assert chunks[0] == PREFACE
-    kinds = [chunk[3] for chunk in chunks[1:]]
-    assert all(len(chunk) == 9 + int.from_bytes(chunk[:3], "big") for chunk in chunks[1:])
-    assert {0x0, 0x1, 0x4, 0x8, 0x9} <= set(kinds)  # DATA, HEADERS, SETTINGS, WINDOW_UPDATE, CONTINUATION
-    server.session.terminate(ErrorCodes.PROTOCOL_ERROR)
-    goaway = server.session.send()
-    assert goaway[3] == 0x7 and int.from_bytes(goaway[13:17], "big") == ErrorCodes.PROTOCOL_ERROR
-    assert ("error", ErrorCodes.PROTOCOL_ERROR) not in server.events  # our own GOAWAY: not the peer's error
-    for side in (client, server):
-        side.session.close()
-
-
 def test_no_server_push_and_the_remote_settings():
     client, server = pair()
     settle(client, server)

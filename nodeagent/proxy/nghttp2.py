@@ -134,6 +134,20 @@ def _on_frame_recv(session_ptr, frame, key):
         return _failed(session, e, "on_frame_recv")
 
 
+def _on_frame_send(session_ptr, frame, key):
+    session = _sessions.get(key or 0)
+    if session is None:
+        return abi.ERR_CALLBACK_FAILURE
+    try:
+        if _frame_at(frame).type == abi.GOAWAY:
+            code = abi.GoawayFrame.from_address(frame).error_code
+            if code and code != session.terminated_with:
+                session.handler.h2_connection_error(code)  # nghttp2 found the peer broke the protocol
+        return 0
+    except Exception as e:
+        return _failed(session, e, "on_frame_send")
+
+
 def _on_data_chunk(session_ptr, flags, stream_id, data, length, key):
     session = _sessions.get(key or 0)
     if session is None:
@@ -192,7 +206,8 @@ def _read_body(session_ptr, stream_id, buf, length, data_flags, source, key):
 
 
 _c_callbacks = [abi.FRAME_CB(_on_begin_headers), abi.HEADER_CB(_on_header), abi.FRAME_CB(_on_frame_recv),
-                abi.DATA_CB(_on_data_chunk), abi.CLOSE_CB(_on_stream_close), abi.INVALID_CB(_on_invalid_frame)]
+                abi.FRAME_CB(_on_frame_send), abi.DATA_CB(_on_data_chunk), abi.CLOSE_CB(_on_stream_close),
+                abi.INVALID_CB(_on_invalid_frame)]
 _READ = abi.READ_CB(_read_body)
 _PROVIDER = abi.DataProvider(None, _READ)
 _PROVIDER_REF = ctypes.byref(_PROVIDER)
@@ -202,8 +217,8 @@ def _make_callbacks():
     callbacks = ctypes.c_void_p()
     if abi.callbacks_new(ctypes.byref(callbacks)) != 0:
         raise MemoryError("nghttp2_session_callbacks_new")
-    setters = (abi.set_on_begin_headers, abi.set_on_header, abi.set_on_frame_recv, abi.set_on_data_chunk,
-               abi.set_on_stream_close, abi.set_on_invalid_frame)
+    setters = (abi.set_on_begin_headers, abi.set_on_header, abi.set_on_frame_recv, abi.set_on_frame_send,
+               abi.set_on_data_chunk, abi.set_on_stream_close, abi.set_on_invalid_frame)
     for setter, callback in zip(setters, _c_callbacks):
         setter(callbacks, callback)
     return callbacks
@@ -273,7 +288,6 @@ class Session:
         self._remote_max_streams: int | None = None
         self.block_size = 0  # RFC 9113's size of the header block being (or last) received
         self._out = ctypes.c_void_p()
-        self._out_ref = ctypes.byref(self._out)
         option = ctypes.c_void_p()
         if abi.option_new(ctypes.byref(option)) != 0:
             raise MemoryError("nghttp2_option_new")
@@ -327,28 +341,13 @@ class Session:
             raise CodecError(f"nghttp2 receive: {abi.strerror(result).decode()}", ErrorCodes.PROTOCOL_ERROR)
 
     def send(self) -> bytes:
-        """The next frame to send (b"" when there is nothing): one call of nghttp2_session_mem_send,
-        which gives one frame a call (a HEADERS' CONTINUATIONs each, and a client's preface alone).
-
-        A GOAWAY nghttp2 sends on its own means the peer broke the protocol: it is seen here, in
-        the frame's bytes, not through a callback for every frame sent."""
+        """The next frames to send (b"" when there is nothing): one call of nghttp2_session_mem_send."""
         if not self.ptr:
             return b""
-        size = abi.mem_send(self.ptr, self._out_ref)
+        size = abi.mem_send(self.ptr, ctypes.byref(self._out))
         if size < 0:
             raise CodecError(f"nghttp2 send: {abi.strerror(size).decode()}", ErrorCodes.INTERNAL_ERROR)
-        if not size:
-            return b""
-        data = _string_at(self._out, size)
-        if data[3] == abi.GOAWAY and size >= 17:  # the frame header's type (the preface's 4th byte is a space)
-            code = int.from_bytes(data[13:17], "big")
-            if code and code != self.terminated_with:
-                try:
-                    self.handler.h2_connection_error(code)
-                except Exception as e:  # a bug of ours: logged, the GOAWAY still goes
-                    self.failure = e
-                    log.exception("HTTP/2 connection error handler failed")
-        return data
+        return ctypes.string_at(self._out, size) if size else b""
 
     def wants_io(self) -> bool:
         return bool(self.ptr) and bool(abi.want_read(self.ptr) or abi.want_write(self.ptr))

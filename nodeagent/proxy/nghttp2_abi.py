@@ -99,6 +99,7 @@ callbacks_del = _declare("nghttp2_session_callbacks_del", None, _vp)
 set_on_begin_headers = _declare("nghttp2_session_callbacks_set_on_begin_headers_callback", None, _vp, FRAME_CB)
 set_on_header = _declare("nghttp2_session_callbacks_set_on_header_callback", None, _vp, HEADER_CB)
 set_on_frame_recv = _declare("nghttp2_session_callbacks_set_on_frame_recv_callback", None, _vp, FRAME_CB)
+set_on_frame_send = _declare("nghttp2_session_callbacks_set_on_frame_send_callback", None, _vp, FRAME_CB)
 set_on_data_chunk = _declare("nghttp2_session_callbacks_set_on_data_chunk_recv_callback", None, _vp, DATA_CB)
 set_on_stream_close = _declare("nghttp2_session_callbacks_set_on_stream_close_callback", None, _vp, CLOSE_CB)
 set_on_invalid_frame = _declare("nghttp2_session_callbacks_set_on_invalid_frame_recv_callback", None, _vp,
