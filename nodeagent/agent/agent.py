@@ -22,7 +22,7 @@ import time
 from nodeagent import cgroups, netns, preflight
 from prometheus_client import CollectorRegistry
 
-from nodeagent.agent import gc_tuning, memory
+from nodeagent.agent import gc_tuning, heap, memory
 from nodeagent.agent.admin import serve_admin, serve_metrics
 from nodeagent.agent.settings_reloads import SettingsCollector, SettingsReloads
 from nodeagent.agent.merge import Merged, families_of, merge
@@ -88,6 +88,7 @@ class Agent:
         self.workers: Workers | None = None
         self.tickets = tickets.Rotation()  # the TLS ticket secret every process derives its keys from
         self.listeners: list = []  # admin.Listener: the admin port's and the metrics port's
+        self.trims = heap.PeriodicTrim()  # glibc's free memory back to the kernel (heap.py)
 
     def preflight(self) -> None:
         failed = [c for c in (preflight.check_privileges(), preflight.check_cgroup2(),
@@ -105,6 +106,7 @@ class Agent:
     async def run(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
         """Serve until `stop`, then drain until the deadline or `hurry`."""
         self.preflight()
+        self.trims.start()
         try:
             # Only the fast path needs the proxy's own sockets seen by sockops.
             proxy_cgroup = cgroups.own_cgroup() if self.config.fast_paths else None
@@ -181,6 +183,7 @@ class Agent:
             self.presence.withdraw()  # an older agent still serving takes new pods again at once
             await self.drain(hurry or asyncio.Event())
         finally:
+            self.trims.stop()
             self.presence.withdraw()
             for server in servers:
                 server.close()
@@ -422,7 +425,7 @@ class Agent:
 
     async def memory_report(self, trim: bool = False) -> dict:
         """/debug/memory: what each process holds (agent/memory.py), this one first."""
-        reports = [memory.report(self.proxy, trim_heap=trim)]
+        reports = [memory.report(self.proxy, trim_heap=trim, trims=self.trims)]
         reports += await self.workers.memory(trim) if self.workers else []
         return {"node": self.config.node_name, "uptime_s": round(time.time() - self.started, 1),
                 "processes": reports}
@@ -461,6 +464,7 @@ def run_agent(settings: AgentSettings, source, reloads: SettingsReloads | None =
     """Run until SIGTERM or SIGINT, then drain until the deadline or a second signal."""
     import uvloop
 
+    heap.limit_arenas()  # first: before any thread has an arena of its own
     memory.start_tracing()  # only if NODEAGENT_TRACEMALLOC asks for it (workers inherit it)
 
     async def main():

@@ -8,7 +8,8 @@ objects (allocated blocks, the most numerous types), the sizes of the proxy's ta
 connections, metric series, caches), and, only when the process started with
 NODEAGENT_TRACEMALLOC=<frames> set, Python's largest allocation sites (tracemalloc slows every
 allocation, so it is never on by default). `?trim=1` asks glibc to give its free memory back
-(malloc_trim) and reports the RSS before and after: whether trimming would return anything.
+(malloc_trim) and reports the RSS before and after and how long it took: whether trimming
+would return anything (agent/heap.py trims every process periodically; its totals are here too).
 """
 
 import ctypes
@@ -18,6 +19,8 @@ import sys
 import tracemalloc
 from collections import Counter
 from xml.etree import ElementTree
+
+from nodeagent.agent import heap
 
 TRACE_ENV = "NODEAGENT_TRACEMALLOC"  # frames per traced allocation; unset or 0: no tracing
 TOP = 15
@@ -129,12 +132,12 @@ def traced(top: int = TOP) -> dict | None:
 
 
 def trim() -> dict | None:
-    """Ask glibc to return its free memory to the kernel; the RSS before and after (KiB)."""
-    if _LIBC is None:
-        return None
+    """Ask glibc to return its free memory to the kernel; the RSS before and after (KiB), the time it took."""
     before = process_kib()["rss_kib"]
-    _LIBC.malloc_trim(0)
-    return {"rss_before_kib": before, "rss_after_kib": process_kib()["rss_kib"]}
+    done = heap.trim()
+    if done is None:
+        return None
+    return {"rss_before_kib": before, "rss_after_kib": process_kib()["rss_kib"], "duration_ms": done.duration_ms}
 
 
 def _len(obj, *path) -> int | None:
@@ -191,10 +194,12 @@ def proxy_tables(proxy) -> dict:
     }
 
 
-def report(proxy, top: int = TOP, trim_heap: bool = False) -> dict:
-    """Everything above for this process (`proxy` may be None: not serving yet)."""
+def report(proxy, top: int = TOP, trim_heap: bool = False, trims: heap.PeriodicTrim | None = None) -> dict:
+    """Everything above for this process (`proxy` may be None: not serving yet; `trims`: the
+    process's periodic trim, whose totals are reported)."""
     out = {"pid": os.getpid(), "process": process_kib(), "allocator": allocator(),
-           "python": python_objects(top), "tables": proxy_tables(proxy), "tracemalloc": traced(top)}
+           "python": python_objects(top), "tables": proxy_tables(proxy), "tracemalloc": traced(top),
+           "trims": trims.report() if trims else None}
     if trim_heap:
         out["trim"] = trim()
     return out

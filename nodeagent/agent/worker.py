@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-from nodeagent.agent import channel, gc_tuning, memory
+from nodeagent.agent import channel, gc_tuning, heap, memory
 from nodeagent.agent.merge import families_of
 from nodeagent.settings import AgentSettings
 
@@ -75,6 +75,7 @@ class Worker:
         self.proxy = None
         self.tap_forward = None
         self.tap_generation = 0
+        self.trims = heap.PeriodicTrim()  # glibc's free memory back to the kernel (heap.py)
 
     def _on_message(self, message, fds) -> None:  # the reader thread
         self.loop.call_soon_threadsafe(self._handle, message, fds)
@@ -97,6 +98,7 @@ class Worker:
                            processes=self.processes)
         self.endpoint = channel.Endpoint(self.sock, self._on_message, self._on_closed, name=f"worker{self.index}")
         self.endpoint.post(("ready", self.index))
+        self.trims.start()
         try:
             while not self.stop.is_set():
                 for identity in self.identities.renew_due():
@@ -110,6 +112,7 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            self.trims.stop()
             self.proxy.close_listeners()
             self.endpoint.close()
             datapath.close()
@@ -137,7 +140,8 @@ class Worker:
             self.endpoint.post(("scrape", message[1], families_of(self.proxy.metrics.registry),
                                 self.proxy.open_connections))
         elif kind == "memory":
-            self.endpoint.post(("memory", message[1], memory.report(self.proxy, trim_heap=message[2])))
+            self.endpoint.post(("memory", message[1], memory.report(self.proxy, trim_heap=message[2],
+                                                                   trims=self.trims)))
         elif kind == "tap":
             self._tap(message[1])
         elif kind == "tap-ack":
@@ -186,6 +190,7 @@ def _die_with_parent() -> None:
 
 
 def main() -> None:
+    heap.limit_arenas()  # first: before any thread has an arena of its own
     _die_with_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
     message, _ = channel.receive(sock)
