@@ -197,25 +197,41 @@ def noisy_table(runs: list[dict], sizes: dict) -> str:
     return "\n".join(lines)
 
 
+FLAT_MIB = 5.0  # issue 13's target: the agents' RSS after the warm-up flat within this
+
+
 def soak_table(runs: list[dict]) -> str:
     if not runs:
         return "(not run)"
     streams = ("http1_keepalive", "http1_close", "opaque_short", "http2")
-    lines = ["| phase | requests and connections served | errors (" + ", ".join(streams) + ") | peak RSS MiB | "
-             "RSS after MiB |", "|---|---|---|---|---|"]
+    lines = ["| phase | requests and connections served | errors (" + ", ".join(streams) + ") | mesh CPU s | "
+             "peak RSS MiB | RSS after MiB |", "|---|---|---|---|---|---|"]
     for r in runs:
         errors = ", ".join(str(r.get(f"{s}_errors", "-")) for s in streams) if "requests" in r else "-"
-        lines.append(f"| {r['workload']} | {_fmt(r.get('requests'), 0)} | {errors} | {_fmt(r.get('rss_peak_mib'))} | "
-                     f"{_fmt(r.get('rss_mib'))} |")
+        lines.append(f"| {r['workload']} | {_fmt(r.get('requests'), 0)} | {errors} | {_fmt(r.get('cpu_s'))} | "
+                     f"{_fmt(r.get('rss_peak_mib'))} | {_fmt(r.get('rss_mib'))} |")
     phases = [r for r in runs if r["workload"].startswith("phase")]
     if len(phases) >= 2:
-        growth = phases[-1]["rss_mib"] - phases[0]["rss_mib"]
-        lines.append(f"\nAfter the warm-up phase, the agents' RSS moved by {growth:+.1f} MiB over "
-                     f"{sum(r['requests'] for r in phases[1:]):,} more requests and connections (both agents, "
-                     f"with their workers).")
+        lines.append("\n" + soak_verdict(phases))
     if any("memory" in r for r in runs):
         lines.append("\n" + soak_memory_table(runs))
     return "\n".join(lines)
+
+
+def soak_verdict(phases: list[dict]) -> str:
+    """The RSS after each phase from the end of the warm-up (the first phase) on: how far it moved
+    and its range, against the target."""
+    served = sum(r["requests"] for r in phases)
+    after = [r["rss_mib"] for r in phases]
+    spread, growth = max(after) - min(after), after[-1] - after[0]
+    errors = sum(r.get(f"{s}_errors", 0) for r in phases for s in ("http1_keepalive", "http1_close",
+                                                                     "opaque_short", "http2")
+                 if isinstance(r.get(f"{s}_errors", 0), int))
+    verdict = "met" if spread <= FLAT_MIB else "missed"
+    return (f"{served:,} requests and connections in {len(phases)} phases ({errors:,} errors). From the end of "
+            f"the warm-up phase to the end of the last, the agents' RSS (both agents, with their workers) moved "
+            f"by {growth:+.1f} MiB; its range over those {len(phases)} readings was {spread:.1f} MiB "
+            f"({min(after):.1f} to {max(after):.1f}): the target (flat within {FLAT_MIB:g} MiB) is {verdict}.")
 
 
 # What /debug/memory says the agents hold (summed over both agents' processes): (column, key, divisor).
@@ -225,7 +241,8 @@ HELD = (("anonymous MiB", "process_anon_kib", 1024), ("file-backed MiB", "proces
         ("Python blocks k", "python_blocks", 1000), ("gc objects k", "gc_tracked", 1000),
         ("HTTP/1 idle pooled", "outbound_http1_idle", 1), ("inbound app HTTP/1 idle", "inbound_app_http1_idle", 1),
         ("HTTP/2 upstreams", "outbound_http2_connections", 1), ("TLS sessions", "tls_sessions", 1),
-        ("metric samples", "metric_samples", 1), ("connections open", "connections_open", 1))
+        ("metric samples", "metric_samples", 1), ("connections open", "connections_open", 1),
+        ("arenas", "heap_arenas", 1), ("periodic trims", "trims", 1))
 
 
 def soak_memory_table(runs: list[dict]) -> str:
@@ -243,6 +260,11 @@ def soak_memory_table(runs: list[dict]) -> str:
         before, after = trimmed[0]["trim_rss_before_kib"] / 1024, trimmed[0]["trim_rss_after_kib"] / 1024
         lines.append(f"\nmalloc_trim(0) in every process took the agents' RSS from {before:.1f} to {after:.1f} MiB "
                      f"({after - before:+.1f} MiB).")
+    last = runs[-1].get("memory", {})
+    if last.get("trims"):
+        lines.append(f"\nThe periodic trim (agent/heap.py): {last['trims']:,} trims in all the agents' processes, "
+                     f"{last['trims_total_ms']:.0f} ms in all, the longest {last['trims_max_ms']:.1f} ms; "
+                     f"{last['trims_released_kib'] / 1024:.1f} MiB given back in all.")
     phases = [r for r in runs if r["workload"].startswith("phase") and "memory" in r]
     if len(phases) >= 2:
         first, last = phases[0]["memory"]["types"], phases[-1]["memory"]["types"]

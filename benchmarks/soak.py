@@ -101,6 +101,11 @@ def memory(lab, trim: bool = False) -> dict:
         if p.get("trim"):
             out.update({"trim_rss_before_kib": p["trim"]["rss_before_kib"],
                         "trim_rss_after_kib": p["trim"]["rss_after_kib"]})
+            out["trim_ms_max"] = max(out.get("trim_ms_max", 0), p["trim"].get("duration_ms", 0))
+        if p.get("trims"):  # the periodic trim (agent/heap.py): how often, how long, what it gave back
+            out.update({"trims": p["trims"]["count"], "trims_total_ms": p["trims"]["total_ms"],
+                        "trims_released_kib": p["trims"]["released_kib"]})
+            out["trims_max_ms"] = max(out.get("trims_max_ms", 0), p["trims"]["max_ms"])
     return {**out, "types": dict(types), "processes": processes}
 
 
@@ -120,10 +125,12 @@ def section(sizes, choice) -> list[dict]:
         time.sleep(SETTLE_S)
         rows = [_row(lab, "idle, before")]
         for phase in range(sizes.soak_phases):
+            cpu = inlab.cpu_seconds(inlab.mesh_pids(lab))
             with inlab.PeakRss(lambda: inlab.mesh_pids(lab)) as peak:
                 mixed = _mixed(lab, sizes)
+            cpu = round(inlab.cpu_seconds(inlab.mesh_pids(lab)) - cpu, 1)  # the mesh's, both cores' worth
             time.sleep(SETTLE_S)
-            rows.append(_row(lab, f"phase {phase + 1}", **mixed, rss_peak_mib=peak.peak))
+            rows.append(_row(lab, f"phase {phase + 1}", **mixed, rss_peak_mib=peak.peak, cpu_s=cpu))
         time.sleep(IDLE_S)
         rows.append(_row(lab, f"idle, {IDLE_S:g} s after"))
         rows.append(_row(lab, "idle, after malloc_trim", trim=True))

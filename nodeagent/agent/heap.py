@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8  # malloc.h
 ARENAS = 2  # the main arena (the event loop) and one shared by every other thread
-TRIM_EVERY_S = 30.0
+TRIM_EVERY_S = 10.0
 ARENA_ENV = "MALLOC_ARENA_MAX"
 TRIM_ENV = "NODEAGENT_MALLOC_TRIM_S"
 
