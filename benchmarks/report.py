@@ -205,11 +205,12 @@ def soak_table(runs: list[dict]) -> str:
         return "(not run)"
     streams = ("http1_keepalive", "http1_close", "opaque_short", "http2")
     lines = ["| phase | requests and connections served | errors (" + ", ".join(streams) + ") | mesh CPU s | "
-             "peak RSS MiB | RSS after MiB |", "|---|---|---|---|---|---|"]
+             "peak RSS MiB | RSS after MiB | RSS after, each process's own reading MiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         errors = ", ".join(str(r.get(f"{s}_errors", "-")) for s in streams) if "requests" in r else "-"
         lines.append(f"| {r['workload']} | {_fmt(r.get('requests'), 0)} | {errors} | {_fmt(r.get('cpu_s'))} | "
-                     f"{_fmt(r.get('rss_peak_mib'))} | {_fmt(r.get('rss_mib'))} |")
+                     f"{_fmt(r.get('rss_peak_mib'))} | {_fmt(r.get('rss_mib'))} | {_fmt(_own_rss(r))} |")
     phases = [r for r in runs if r["workload"].startswith("phase")]
     if len(phases) >= 2:
         lines.append("\n" + soak_verdict(phases))
@@ -218,18 +219,30 @@ def soak_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _own_rss(row: dict) -> float | None:
+    """The agents' RSS as each process read it at the start of its /debug/memory report, summed."""
+    held = row.get("memory", {})
+    if "trim_rss_before_kib" in held:  # read before the trim: the row's RSS is the one after
+        return None
+    kib = held.get("process_rss_kib")
+    return None if kib is None else round(kib / 1024, 1)
+
+
 def soak_verdict(phases: list[dict]) -> str:
     """The RSS after each phase from the end of the warm-up (the first phase) on: how far it moved
-    and its range, against the target."""
+    and its range, against the target. The processes' own readings where there are any: each
+    is taken before that process's report allocates anything."""
     served = sum(r["requests"] for r in phases)
-    after = [r["rss_mib"] for r in phases]
+    own = all(_own_rss(r) is not None for r in phases)
+    after = [_own_rss(r) if own else r["rss_mib"] for r in phases]
     spread, growth = max(after) - min(after), after[-1] - after[0]
     errors = sum(r.get(f"{s}_errors", 0) for r in phases for s in ("http1_keepalive", "http1_close",
                                                                      "opaque_short", "http2")
                  if isinstance(r.get(f"{s}_errors", 0), int))
     verdict = "met" if spread <= FLAT_MIB else "missed"
     return (f"{served:,} requests and connections in {len(phases)} phases ({errors:,} errors). From the end of "
-            f"the warm-up phase to the end of the last, the agents' RSS (both agents, with their workers) moved "
+            f"the warm-up phase to the end of the last, the agents' RSS (both agents, with their workers"
+            f"{', as each process read it' if own else ''}) moved "
             f"by {growth:+.1f} MiB; its range over those {len(phases)} readings was {spread:.1f} MiB "
             f"({min(after):.1f} to {max(after):.1f}): the target (flat within {FLAT_MIB:g} MiB) is {verdict}.")
 

@@ -110,9 +110,15 @@ def memory(lab, trim: bool = False) -> dict:
 
 
 def _row(lab, workload: str, trim: bool = False, **fields) -> dict:
-    held = memory(lab, trim)  # first: with trim, the RSS below is the one after it
-    row = {"mode": "soak", "workload": workload, "round": 0, **fields,
-           "rss_mib": inlab.rss_mib(inlab.mesh_pids(lab)), "memory": held}
+    # The RSS before the report: a report walks every Python object and parses glibc's XML, and
+    # what that allocates stays resident until the next periodic trim (a run on 253e05c read its
+    # RSS after the reports: 4-9 MiB above what each process read at the start of its own).
+    # With trim, the RSS after it.
+    rss = inlab.rss_mib(inlab.mesh_pids(lab))
+    held = memory(lab, trim)
+    if trim:
+        rss = inlab.rss_mib(inlab.mesh_pids(lab))
+    row = {"mode": "soak", "workload": workload, "round": 0, **fields, "rss_mib": rss, "memory": held}
     print(f"  soak {workload}: rss {row['rss_mib']} MiB, "
           f"{ {k: v for k, v in held.items() if k not in ('types', 'processes')} }", flush=True)
     return row
