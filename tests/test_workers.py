@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from nodeagent import netns
+from nodeagent.agent import heap
 from nodeagent.identity import ca, naming
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.lab import lab as lab_ops
@@ -83,6 +84,9 @@ def test_debug_memory_answers_for_every_process(lab):
     # whole --max-connections, and counted the processes itself).
     assert all(p["tables"]["connections_max"] == DEFAULT.max_connections // PROCESSES for p in processes)
     assert all(p["tables"]["memory_budget"] == DEFAULT.memory_budget // PROCESSES for p in processes)
+    # Every process set glibc up at its start (agent/heap.py): two arenas at most, a periodic trim.
+    assert all(len(p["allocator"]["arenas"]) <= heap.ARENAS for p in processes)
+    assert all(p["trims"]["every_s"] == heap.TRIM_EVERY_S for p in processes)
 
 
 def test_outbound_connections_are_spread_over_the_processes(lab):
