@@ -71,7 +71,7 @@ class Sizes:
 
 FULL = Sizes(rounds=3, seconds=4.0, rate=1000, mib=256, h2_requests=20000, pods=(1, 10, 50),
              noisy_seconds=8.0, noisy_rate=100, attack_rate=355, attack_idle=400, attack_slowloris=400,
-             soak_phases=16, soak_seconds=75.0, soak_rate=1400, soak_short_rate=40, soak_h2_rate=150,
+             soak_phases=15, soak_seconds=75.0, soak_rate=1400, soak_short_rate=40, soak_h2_rate=150,
              conn_count=500)
 SMOKE = Sizes(rounds=1, seconds=1.0, rate=200, mib=16, h2_requests=2000, pods=(1, 3),
               noisy_seconds=2.0, noisy_rate=100, attack_rate=50, attack_idle=20, attack_slowloris=20,
