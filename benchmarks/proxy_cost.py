@@ -26,6 +26,7 @@ given more than once, each checkout in turn (labelled by its commit).
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -81,15 +82,10 @@ def h2load(pair, requests: int, connections: int = CONNECTIONS, strict: bool = T
     return float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", done.stdout)[1])
 
 
-async def one_run(requests: int, mode: str, close_seconds: float | None = None) -> dict:
-    """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost.
-    With `close_seconds`, a new connection per request for that long instead of `requests`."""
-    import dataclasses
-
-    from benchmarks.podpair import PodPair
-    from nodeagent.settings import DEFAULT
-
-    pair = await PodPair(dataclasses.replace(DEFAULT, on_node_plaintext=mode == "one-hop")).start()
+@contextlib.asynccontextmanager
+async def nginx_in_pod_b(pair):
+    """nginx answering "ok" on NGINX_PORT in pod B while the block runs (stopped and its files
+    removed after, whatever happens)."""
     workdir = tempfile.mkdtemp(prefix="proxy-cost-")
     with open(f"{workdir}/nginx.conf", "w") as conf:
         conf.write(NGINX.format(dir=workdir, listen=NGINX_PORT))
@@ -102,23 +98,43 @@ async def one_run(requests: int, mode: str, close_seconds: float | None = None) 
             await asyncio.sleep(0.05)
         else:
             raise RuntimeError("nginx in pod B did not start")
-        # Warm-up: the code paths, and the pooled connections in two steps (16 new mutual-TLS
-        # handshakes at once would meet the pods' `handshakes` limit, rightly refused with a 502).
-        for connections in (CONNECTIONS // 2, CONNECTIONS):
-            await asyncio.to_thread(h2load, pair, WARMUP // 2, connections, False)
-        if close_seconds is not None:  # the code paths of a new connection too, and a session to resume
-            await asyncio.to_thread(wrk_close, pair, 1)
-        before = cpu_seconds()
-        if close_seconds is None:
-            rate = await asyncio.to_thread(h2load, pair, requests)
-        else:
-            requests, rate = await asyncio.to_thread(wrk_close, pair, close_seconds)
-        user, system = (after - start for after, start in zip(cpu_seconds(), before))
+        yield
     finally:
         nginx.terminate()
         nginx.wait(5)
-        await pair.stop()
         subprocess.run(["rm", "-rf", workdir])
+
+
+async def one_run(requests: int, mode: str, close_seconds: float | None = None) -> dict:
+    """In a fresh process: two pods, nginx in B, the proxy here; the measured requests' cost.
+    With `close_seconds`, a new connection per request for that long instead of `requests`."""
+    import dataclasses
+
+    from benchmarks.podpair import PodPair
+    from nodeagent.settings import DEFAULT
+
+    pair = await PodPair(dataclasses.replace(DEFAULT, on_node_plaintext=mode == "one-hop")).start()
+    try:
+        async with nginx_in_pod_b(pair):
+            return await _measured(pair, requests, close_seconds)
+    finally:
+        await pair.stop()
+
+
+async def _measured(pair, requests: int, close_seconds: float | None) -> dict:
+    """The proxy's CPU over the measured requests, after a warm-up."""
+    # Warm-up: the code paths, and the pooled connections in two steps (16 new mutual-TLS
+    # handshakes at once would meet the pods' `handshakes` limit, rightly refused with a 502).
+    for connections in (CONNECTIONS // 2, CONNECTIONS):
+        await asyncio.to_thread(h2load, pair, WARMUP // 2, connections, False)
+    if close_seconds is not None:  # the code paths of a new connection too, and a session to resume
+        await asyncio.to_thread(wrk_close, pair, 1)
+    before = cpu_seconds()
+    if close_seconds is None:
+        rate = await asyncio.to_thread(h2load, pair, requests)
+    else:
+        requests, rate = await asyncio.to_thread(wrk_close, pair, close_seconds)
+    user, system = (after - start for after, start in zip(cpu_seconds(), before))
     return {"requests": requests, "req_per_s": rate, "cpu_us_per_request": (user + system) / requests * 1e6,
             "system_us_per_request": system / requests * 1e6}
 

@@ -28,7 +28,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -69,52 +68,39 @@ class Collections:
 
 async def one_run(variant: str, seconds: float, rate: float, force_full: bool = False) -> dict:
     from benchmarks.podpair import PodPair
-    from benchmarks.proxy_cost import NGINX, NGINX_PORT
+    from benchmarks.proxy_cost import NGINX_PORT, nginx_in_pod_b
 
     pair = await PodPair().start()
-    workdir = tempfile.mkdtemp(prefix="tail-")
-    with open(f"{workdir}/nginx.conf", "w") as conf:
-        conf.write(NGINX.format(dir=workdir, listen=NGINX_PORT))
-    nginx = subprocess.Popen(["ip", "netns", "exec", pair.names[1], "nginx", "-c", f"{workdir}/nginx.conf",
-                              "-p", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            if pair._listening(NGINX_PORT):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise RuntimeError("nginx in pod B did not start")
-        if variant == "tuned":
-            from nodeagent.agent import gc_tuning
-            gc_tuning.freeze_start_up()
-        host, port = pair.aim(NGINX_PORT)
-        argv = [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
-                "--seconds", str(seconds), "--connections", str(CONNECTIONS), "--warmup"]
-        views = asyncio.get_running_loop().create_task(new_views(pair))
-        with Collections() as collections:
-            # A full collection in the middle of the measured requests (the client warms up for ~1 s).
-            forced = asyncio.get_running_loop().call_later(1 + seconds / 2, gc.collect) if force_full else None
-            done = await pair.run_in_a_async(argv, timeout=seconds + 60)
-            if forced is not None:
-                forced.cancel()
-        views.cancel()
-        if done.returncode != 0:
-            raise RuntimeError(f"openloop failed: {done.stderr[-2000:]}")
-        client = json.loads(done.stdout.strip().splitlines()[-1])
-        tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
-        trim_ms = malloc_trim_ms()
-        # What the freeze kept: frozen objects that became cyclic garbage since (unfrozen, they
-        # are what a full collection now finds, beyond what the unfrozen objects left).
-        gc.collect()
-        gc.unfreeze()
-        kept = gc.collect()
-        return {**client, **collections.report(), "tracked_objects": tracked, "frozen_objects": frozen,
-                "frozen_garbage_objects": kept if frozen else None, "malloc_trim_ms": trim_ms}
+        async with nginx_in_pod_b(pair):
+            if variant == "tuned":
+                from nodeagent.agent import gc_tuning
+                gc_tuning.freeze_start_up()
+            host, port = pair.aim(NGINX_PORT)
+            argv = [sys.executable, "-m", "benchmarks.openloop", host, str(port), "--rate", str(rate),
+                    "--seconds", str(seconds), "--connections", str(CONNECTIONS), "--warmup"]
+            views = asyncio.get_running_loop().create_task(new_views(pair))
+            with Collections() as collections:
+                # A full collection in the middle of the measured requests (the client warms up for ~1 s).
+                forced = asyncio.get_running_loop().call_later(1 + seconds / 2, gc.collect) if force_full else None
+                done = await pair.run_in_a_async(argv, timeout=seconds + 60)
+                if forced is not None:
+                    forced.cancel()
+            views.cancel()
+            if done.returncode != 0:
+                raise RuntimeError(f"openloop failed: {done.stderr[-2000:]}")
+            client = json.loads(done.stdout.strip().splitlines()[-1])
+            tracked, frozen = len(gc.get_objects()), gc.get_freeze_count()
+            trim_ms = malloc_trim_ms()
+            # What the freeze kept: frozen objects that became cyclic garbage since (unfrozen, they
+            # are what a full collection now finds, beyond what the unfrozen objects left).
+            gc.collect()
+            gc.unfreeze()
+            kept = gc.collect()
+            return {**client, **collections.report(), "tracked_objects": tracked, "frozen_objects": frozen,
+                    "frozen_garbage_objects": kept if frozen else None, "malloc_trim_ms": trim_ms}
     finally:
-        nginx.terminate()
-        nginx.wait(5)
         await pair.stop()
-        subprocess.run(["rm", "-rf", workdir])
 
 
 def malloc_trim_ms() -> float | None:

@@ -1,14 +1,9 @@
 """Metrics.child: a series' child looked up once, then reused; a departed pod's series removed
 and, if its traffic comes again, started over from zero."""
 
-from types import SimpleNamespace
-
 from nodeagent.agent.merge import families_of
 from nodeagent.proxy.metrics import Metrics
-
-
-def pod(name: str):
-    return SimpleNamespace(key=f"default/{name}", info=SimpleNamespace(namespace="default", name=name))
+from test_metrics_sni import pod
 
 
 def opened(metrics: Metrics) -> dict[str, float]:
