@@ -2,7 +2,8 @@
 
 When one of a pod's new connections is refused for its handshake rate (turns already queued
 half a second ahead: its next connections would be refused too), the pod's Quota opens a
-refusal window until that queue is empty (limits.Quota.refuse, pacing.Pace.reopens_at). For
+refusal window until that queue is empty, half a second at most (limits.Quota.refuse,
+pacing.Pace.reopens_at). For
 that window:
 
 - the kernel refuses the pod's captured connects: connect() fails with EPERM at once, counted in
