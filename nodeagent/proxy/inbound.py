@@ -266,6 +266,7 @@ class MeshAccept(_Inbound):
     def connection_made(self, transport):
         self.raw_bytes = bytearray()  # what arrives before the handshake starts: the ClientHello
         self.in_tls = False
+        self.source_hold = None
         over = self.pod.quota.refusing("inbound", asyncio.get_running_loop().time())
         if over is not None:  # over its inbound-handshake-rate: no ClientHello waited for
             refused_at_accept(self.deps.observers, self.pod, "inbound", over, transport)
@@ -281,6 +282,11 @@ class MeshAccept(_Inbound):
             transport.abort()
             return
         self.task = asyncio.get_running_loop().create_task(self._guarded(self._serve(transport)))
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        if self.source_hold is not None:  # a task cancelled before it began never ran its `finally`
+            self.source_hold.release()
 
     def data_received(self, data):
         if self.in_tls:
