@@ -28,6 +28,7 @@ class HopFacts:
     tls: bool  # mutual TLS on the hop (the `tls` label)
     on_node: tuple | None = None  # ON_NODE: (the destination's PodContext, its inbound RequestStats)
     stats: object = None  # the outbound RequestStats of requests on it (None: not known, NO_HOP)
+    far_log: object = None  # ON_NODE: the destination's RequestLog (telemetry.py; None: it asks for none)
 
 
 NO_HOP = HopFacts(False)
@@ -180,14 +181,26 @@ class HttpTarget(TargetCounts):
         facts = self._hops.get(address)
         if facts is None:
             hop = self.connector.plan(address, self._pod_at(address), self.hint)
-            inbound = None
+            inbound = far_log = None
             if hop.kind is HopKind.ON_NODE:
                 local = self.directory.served(hop.destination)
-                inbound = self.observers.metrics.requests("inbound", local, self.pod.identity.uri, False)
-                inbound = (local, inbound)
+                source = self.pod.identity.uri
+                inbound = (local, self.observers.metrics.requests("inbound", local, source, False))
+                # What the far end of a mesh hop records (app_target.AppTarget): its access log, its spans.
+                far_log = self.observers.telemetry.requests("inbound", local, f"pod/{local.key}",
+                                                            f"pod/{local.key}:{hop.port}", client_addr=self.pod.info.ip,
+                                                            client_id=source)
             tls = hop.kind is HopKind.MESH
-            facts = self._hops[address] = HopFacts(tls, inbound, self._requests(tls))
+            facts = self._hops[address] = HopFacts(tls, inbound, self._requests(tls), far_log)
         return facts
+
+    def sending(self, request, address) -> None:
+        """An attempt to `address` is about to go (its head not built yet): on the one hop, the
+        destination's span starts here, the child of the source's, as a mesh hop's far end
+        starts it on reading the head (each attempt a span of its own)."""
+        far_log = self._hop(address).far_log
+        if far_log is not None:
+            far_log.start_far(request)
 
     def _requests(self, tls: bool):
         stats = self._stats.get(tls)
@@ -227,9 +240,11 @@ class HttpTarget(TargetCounts):
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
-        if hop.on_node is not None:  # the destination's side: counted (and tapped) as inbound
+        if hop.on_node is not None:  # the destination's side: counted, logged and tapped as inbound
             local, inbound = hop.on_node
             inbound.response(status, request.started, failure, head_at)
+            if hop.far_log is not None:
+                hop.far_log.response(request, status, False, failure, far=True)
             if tap.subscriptions:
                 source = self.pod.identity.uri
                 tap.publish(lambda: request_event("inbound", local, source, request, status, False))
