@@ -7,14 +7,13 @@ requests per test; everything is removed after."""
 import asyncio
 import json
 import os
-import sys
 from dataclasses import replace
 
 import pytest
 
 from nodeagent.proxy.accesslog import ANNOTATION
 from nodeagent.settings import DEFAULT
-from test_on_node import A_URI, ONE_HOP, sample, settled, traffic, view, with_pair
+from test_on_node import A_URI, ONE_HOP, Client, sample, settled, traffic, view, with_pair
 from test_telemetry_proxy import annotated, h2_requests, read_lines, run_pair
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
@@ -35,32 +34,9 @@ client.close()
 """
 
 
-class H2Client:
+def H2Client(pair) -> Client:
     """An HTTP/2 client in pod A with one connection: `ask()` is one request."""
-
-    def __init__(self, pair):
-        self.pair = pair
-
-    async def __aenter__(self):
-        _, port = self.pair.aim("h2c")
-        self.process = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.pair.names[0], sys.executable, "-c", CLIENT.format(port=port),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        return self
-
-    async def ask(self) -> list[str]:
-        self.process.stdin.write(b"go\n")
-        await self.process.stdin.drain()
-        line = await asyncio.wait_for(self.process.stdout.readline(), 15)
-        return line.decode().rstrip("\n").split(" ", 2)
-
-    async def __aexit__(self, *exc):
-        self.process.stdin.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except asyncio.TimeoutError:
-            self.process.kill()
-            await self.process.wait()
+    return Client(pair, CLIENT, "h2c")
 
 
 def test_one_hop_serves_http2_and_counts_both_directions_without_tls():
