@@ -76,19 +76,24 @@ def test_a_pod_under_its_cut_rate_never_waits():
     assert quota.refusing("outbound", 7.0) is None
 
 
-def test_under_contention_a_pod_gets_the_cut_burst_and_rate_then_is_refused_for_the_cut_queue():
+def test_under_contention_a_pod_keeps_its_burst_then_gets_the_cut_rate_then_is_refused_for_the_cut_queue():
     contention = LoopContention()
     ticks(contention, [LATE] * 20)
     quota, told = Quota(limits.parse("handshake-rate=50")), []
     quota.on_refusing = lambda direction, limit, until: told.append((direction, limit, until))
     quota.contention = contention
-    turns = [quota.handshake_turn("outbound", 1.0) for _ in range(20)]
-    # the burst of 10 (a second of the cut rate), then turns 0.1 s apart up to MAX_WAIT_S, then refused
-    assert turns[:10] == [0.0] * 10
-    assert turns[10:15] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
-    assert turns[15:] == [None] * 5
+    turns = [quota.handshake_turn("outbound", 1.0) for _ in range(60)]
+    # what it saved up (a second of its limit: a cold pool's burst), then turns 0.1 s apart (the
+    # cut rate, 10/s) up to MAX_WAIT_S, then refused
+    assert turns[:50] == [0.0] * 50
+    assert turns[50:55] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert turns[55:] == [None] * 5
     assert told and told[0][:2] == ("outbound", Limit.HANDSHAKE_RATE)
     assert told[0][2] == pytest.approx(1.5)  # the queue of turns given lasts half a second
+    # a second later the bucket has 10 more tokens, not 50: the cut rate is what the pod gets
+    later = [quota.handshake_turn("outbound", 2.5) for _ in range(20)]
+    assert later[:10] == [0.0] * 10 and later[10:15] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert later[15:] == [None] * 5
 
 
 def test_without_contention_the_same_pod_gets_its_whole_rate():
@@ -107,6 +112,6 @@ def test_the_inbound_rate_is_cut_by_the_same_share():
     ticks(contention, [LATE] * 20)
     quota = Quota(limits.parse("inbound-handshake-rate=200"))
     quota.contention = contention
-    turns = [quota.handshake_turn("inbound", 1.0) for _ in range(70)]
-    assert turns[:40] == [0.0] * 40 and turns[40:60] == pytest.approx([0.025 * n for n in range(1, 21)])
-    assert turns[60:] == [None] * 10
+    turns = [quota.handshake_turn("inbound", 1.0) for _ in range(230)]
+    assert turns[:200] == [0.0] * 200 and turns[200:220] == pytest.approx([0.025 * n for n in range(1, 21)])
+    assert turns[220:] == [None] * 10  # 40/s: a fifth of 200

@@ -176,7 +176,7 @@ class Quota:
             pace = self.paces[direction] = Pace()
         limit = RATE_OF[direction]
         rate = self.limits[limit] if self.contention is None else self.contention.rate(self.limits[limit])
-        turn = pace.turn(now, rate)
+        turn = pace.turn(now, rate, self.limits[limit])
         if turn is None:
             # At most MAX_WAIT_S at a time: pacing refuses on after it (and opens another), and a
             # live change of the rate (lowered, then raised back) cannot leave a long window open.

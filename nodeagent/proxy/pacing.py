@@ -39,10 +39,12 @@ class Pace:
         self.tokens: float | None = None  # None: never used, full
         self.stamp = 0.0  # when `tokens` was last brought up to date
 
-    def turn(self, now: float, rate: int) -> float | None:
+    def turn(self, now: float, rate: float, limit: float | None = None) -> float | None:
         """Seconds from `now` until the next handshake may start (0.0: at once), or None: refused.
-        `rate`: handshakes per second (the pod's limit now: an annotation may change it)."""
-        burst = max(1.0, rate * BURST_S)
+        `rate`: handshakes per second now; `limit`: the pod's limit (an annotation may change it),
+        which sizes its burst, if `rate` is a share of it (contention.py: a busy loop cuts how fast
+        the bucket refills, not what a pod that saved up may start at once)."""
+        burst = max(1.0, (rate if limit is None else max(rate, limit)) * BURST_S)
         if self.tokens is None:
             tokens = burst
         else:
@@ -55,7 +57,7 @@ class Pace:
         self.tokens = tokens - 1.0  # below zero: turns given and not yet come
         return wait
 
-    def reopens_at(self, now: float, rate: int) -> float:
+    def reopens_at(self, now: float, rate: float) -> float:
         """When the pod's queue of turns is empty again (the last turn given so far has come) and
         a new handshake would be given a turn, not refused (`now` if it would be now)."""
         if self.tokens is None:

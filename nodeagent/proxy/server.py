@@ -78,6 +78,7 @@ class Proxy:
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
         # How late the loop is cuts the pods' handshake rates while it is contended (contention.py).
         self.contention = LoopContention()
+        self._late_ticks_counted = 0
         self._contention_due = asyncio.get_running_loop().time() + contention.TICK_S
         self._contention_timer = asyncio.get_running_loop().call_at(self._contention_due, self._probe_loop)
         self.kernel_refusals = KernelRefusals(datapath, self.problems)
@@ -173,6 +174,9 @@ class Proxy:
         now = loop.time()
         was_contended = self.contention.contended
         share = self.contention.observe(now, now - self._contention_due)
+        if self.contention.late_ticks != self._late_ticks_counted:
+            self.metrics.event_loop_late_ticks_total.inc(self.contention.late_ticks - self._late_ticks_counted)
+            self._late_ticks_counted = self.contention.late_ticks
         if share < 1.0 and not was_contended:
             self.problems.warning("loop contended", "the event loop came %.1f ms late: the pods' handshake rates "
                                   "are cut to %.0f%% while it is contended", 1e3 * (now - self._contention_due),
