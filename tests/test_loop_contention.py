@@ -31,18 +31,20 @@ def test_each_late_tick_cuts_the_share_down_to_its_floor():
 
 def test_on_time_ticks_give_the_share_back_at_the_recovery_rate():
     contention = LoopContention()
-    ticks(contention, [LATE] * 10)  # at the floor, t = 0.45 s
-    assert contention.observe(0.45 + 1.0, ON_TIME) == pytest.approx(MIN_SHARE + RECOVER_PER_S)
-    assert contention.observe(0.45 + RECOVER_S, ON_TIME) == pytest.approx(1.0)  # whole after RECOVER_S
-    assert contention.observe(0.45 + 3 * RECOVER_S, ON_TIME) == 1.0  # and never above
+    ticks(contention, [LATE] * 10)  # at the floor, the last at `last`
+    last = 9 * TICK_S
+    assert contention.observe(last + 1.0, ON_TIME) == pytest.approx(MIN_SHARE + RECOVER_PER_S)
+    assert contention.observe(last + RECOVER_S, ON_TIME) == pytest.approx(1.0)  # whole after RECOVER_S
+    assert contention.observe(last + 3 * RECOVER_S, ON_TIME) == 1.0  # and never above
     assert not contention.contended
 
 
 def test_a_late_tick_in_the_middle_of_a_recovery_cuts_what_was_given_back():
     contention = LoopContention()
     ticks(contention, [LATE] * 10)
-    recovered = contention.observe(0.45 + 2.0, ON_TIME)
-    assert contention.observe(0.45 + 2.0 + TICK_S, LATE) == pytest.approx(recovered * CUT)
+    recovered = contention.observe(9 * TICK_S + 2.0, ON_TIME)
+    assert recovered == pytest.approx(MIN_SHARE + 2 * RECOVER_PER_S)
+    assert contention.observe(9 * TICK_S + 2.0 + TICK_S, LATE) == pytest.approx(recovered * CUT)
 
 
 def test_a_clock_stepping_back_gives_nothing_back():
@@ -50,8 +52,9 @@ def test_a_clock_stepping_back_gives_nothing_back():
     ticks(contention, [LATE] * 10, start=100.0)
     floor = contention.share
     assert contention.observe(50.0, ON_TIME) == floor  # back in time: no recovery
-    assert contention.observe(100.45, ON_TIME) == floor  # up to the last stamp: still none
-    assert contention.observe(101.45, ON_TIME) == pytest.approx(floor + RECOVER_PER_S)
+    last = 100.0 + 9 * TICK_S
+    assert contention.observe(last, ON_TIME) == floor  # up to the last stamp: still none
+    assert contention.observe(last + 1.0, ON_TIME) == pytest.approx(floor + RECOVER_PER_S)
 
 
 def test_a_cut_rate_keeps_its_floors_and_never_cuts_a_pod_under_the_floor_rate():
