@@ -19,7 +19,9 @@ The share scales each pod's own limit, so it cuts the pods that handshake the mo
 untouched down to a share of 0.1), and a pod that handshakes as fast as it may is held to that,
 as its turns (pacing.Pace) and refusal windows (refusal.py) already hold it. The bound stays
 nameable per pod: never more than its limit, never less than MIN_SHARE of it nor than FLOOR_RATE
-a second (its limit if that is lower: a pod limited to a few a second is never cut).
+a second (its limit if that is lower: a pod limited to a few a second is never cut). The share
+cuts how fast a pod's bucket refills, not its burst (a second of its limit, pacing.Pace.turn): a
+pod that opens its pools at once after a quiet spell is not refused for a busy loop.
 """
 
 TICK_S = 0.02  # how often the probe asks for the loop (50 wake-ups a second: a few microseconds each)

@@ -18,6 +18,9 @@ and nobody else does. So at most rate * MAX_WAIT_S + 1 connections of a pod wait
 A turn given to a connection that goes away before it comes is not given back: the pod pays for
 what it asked.
 
+While the process's loop is contended the rate a pod is paced at is a share of its limit
+(contention.py: as low as a fifth, never under 10 a second); its burst stays a second of its limit.
+
 A refusal also says how long the pod's queue of turns already given lasts (`reopens_at`): until
 it is empty, new turns would be refused or given only to be refused again a moment later, so the
 proxy refuses the pod's new connections outright for that long, at accept and in the kernel (limits.Quota.refusing), instead of
