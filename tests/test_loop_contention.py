@@ -15,6 +15,16 @@ def ticks(contention: LoopContention, lateness: list[float], start: float = 0.0)
     return [contention.observe(start + i * TICK_S, late) for i, late in enumerate(lateness)]
 
 
+def paced(pod_limits: str, lateness: float, direction: str, count: int) -> list[float | None]:
+    """`count` turns asked at once (t = 1 s) by a pod with `pod_limits`, its process's loop having
+    come `lateness` late at each of 20 ticks before."""
+    contention = LoopContention()
+    ticks(contention, [lateness] * 20)
+    quota = Quota(limits.parse(pod_limits))
+    quota.contention = contention
+    return [quota.handshake_turn(direction, 1.0) for _ in range(count)]
+
+
 def test_an_uncontended_loop_leaves_every_rate_whole():
     contention = LoopContention()
     assert ticks(contention, [ON_TIME, LATE_S, 0.0005] * 10) == [1.0] * 30  # LATE_S itself is on time
@@ -100,21 +110,13 @@ def test_under_contention_a_pod_keeps_its_burst_then_gets_the_cut_rate_then_is_r
 
 
 def test_without_contention_the_same_pod_gets_its_whole_rate():
-    contention = LoopContention()
-    ticks(contention, [ON_TIME] * 20)
-    quota = Quota(limits.parse("handshake-rate=50"))
-    quota.contention = contention
-    turns = [quota.handshake_turn("outbound", 1.0) for _ in range(80)]
+    turns = paced("handshake-rate=50", ON_TIME, "outbound", 80)
     assert turns[:50] == [0.0] * 50 and turns[50:75] == pytest.approx([0.02 * n for n in range(1, 26)])
     assert turns[75:] == [None] * 5
     assert Quota(limits.parse("handshake-rate=50")).handshake_turn("outbound", 1.0) == 0.0  # none: whole
 
 
 def test_the_inbound_rate_is_cut_by_the_same_share():
-    contention = LoopContention()
-    ticks(contention, [LATE] * 20)
-    quota = Quota(limits.parse("inbound-handshake-rate=200"))
-    quota.contention = contention
-    turns = [quota.handshake_turn("inbound", 1.0) for _ in range(230)]
+    turns = paced("inbound-handshake-rate=200", LATE, "inbound", 230)
     assert turns[:200] == [0.0] * 200 and turns[200:220] == pytest.approx([0.025 * n for n in range(1, 21)])
     assert turns[220:] == [None] * 10  # 40/s: a fifth of 200
