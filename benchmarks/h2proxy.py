@@ -77,6 +77,9 @@ class OneEndpoint:
     def give_stream(self):
         pass
 
+    def sending(self, request, address):
+        pass
+
     def request_started(self, state, address):
         return None
 

@@ -16,10 +16,12 @@ request of every pod waits that long before the loop gets to it. Variants:
   (the proxy before pacing);
 - `unpaced, threads niced`: only the handshake threads' lower priority;
 - `paced (default), threads at loop priority`: only the default handshake-rate;
-- `paced (default), threads niced`: both (the proxy as built);
+- `paced (default), threads niced`: both, and the rates cut while the loop is late (the proxy as built);
 - `paced, niced, refused only at the handshake`: as built but without refusal windows (a pod over
   its rate has each new connection accepted, detected and refused at its handshake, as before
   proxy/refusal.py; there is no kernel here, so the windows' refusals are the proxy's at accept);
+- `paced, niced, rates not cut for a late loop`: as built but without contention.py's cut (each
+  pod paced at its whole handshake-rate however late the loop);
 - `refused at once`: handshakes=1 and no pacing: what connections that are refused cost, next to
   the handshakes that still complete.
 Needs root (network namespaces); removes what it made.
@@ -42,12 +44,14 @@ from benchmarks.podpair import PodPair
 PROBE_S = 0.002
 QUIET = "quiet (no attack)"
 NO_WINDOWS = "paced, niced, refused only at the handshake"
+NOT_CUT = "paced, niced, rates not cut for a late loop"
 VARIANTS = {
     QUIET: ("", None),
     "unpaced, threads at loop priority": ("handshake-rate=1000000", 0),
     "unpaced, threads niced": ("handshake-rate=1000000", None),
     "paced (default), threads at loop priority": ("", 0),
     "paced (default), threads niced": ("", None),
+    NOT_CUT: ("", None),
     NO_WINDOWS: ("", None),
     "refused at once": ("handshake-rate=1000000,handshakes=1", None),
 }
@@ -71,13 +75,15 @@ def _percentile(values: list, p: float) -> float:
 
 
 async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: float, quiet: bool = False,
-                  windows: bool = True) -> dict:
+                  windows: bool = True, cut: bool = True) -> dict:
     """One fresh proxy (and its handshake threads) in this process."""
-    from nodeagent.proxy import limits, tls
+    from nodeagent.proxy import contention, limits, tls
     from nodeagent.settings import DEFAULT
 
     if not windows:
         limits.Quota.refusing = lambda quota, direction, now: None  # this child process only
+    if not cut:
+        contention.LoopContention.rate = lambda self, limit: limit  # this child process only
     if niceness is not None:
         tls.HANDSHAKE_NICENESS = niceness  # before the threads start: read by their initializer
     settings = dataclasses.replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(pod_limits))
@@ -129,7 +135,7 @@ def main() -> None:
     if args.one:
         pod_limits, niceness = VARIANTS[args.one]
         print(json.dumps(uvloop.run(one_run(pod_limits, niceness, args.rate, args.seconds, args.one == QUIET,
-                                            windows=args.one != NO_WINDOWS))))
+                                            windows=args.one != NO_WINDOWS, cut=args.one != NOT_CUT))))
         return
     results: dict[str, list] = {name: [] for name in VARIANTS}
     for _ in range(args.runs):

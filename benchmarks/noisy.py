@@ -43,6 +43,7 @@ ATTACKER_CPU = float(os.environ.get("BENCH_NOISY_ATTACKER_CPU") or 0)  # cores; 
 LIMITED = f"attacked, attacker at {ATTACKER_CPU:g} cores"
 VARIANTS = ("quiet", "attacked", "floor") + ((LIMITED,) if ATTACKER_CPU else ())
 CFS_PERIOD_US = 100_000
+REASSERT_S = 0.05  # the floor's refusal, written again this often
 CPU_V1 = Path("/sys/fs/cgroup/cpu")
 
 
@@ -81,14 +82,27 @@ def _attack(lab, sizes, log: str):
 
 @contextlib.contextmanager
 def _refused_in_the_kernel(lab, seconds: float):
-    """The attacker's connects all fail with EPERM for `seconds` (or until the block ends)."""
+    """The attacker's connects all fail with EPERM for `seconds` (or until the block ends). The
+    deadline is written again every REASSERT_S: the agent writes the same entry for its own
+    refusal windows (a connection of the attacked run before, refused late, wrote a window of
+    half a second over the floor's, and the floor let the attack through after it)."""
     node0 = lab.plan.nodes[0].name
     cookie = netns.cookie(netns.named_path(lab.plan.pod(ATTACKER).netns))
+    deadline = time.monotonic_ns() + int(seconds * 1e9)
+    done = threading.Event()
     with Datapath(PinLayout(lab_ops.BPF_PIN_ROOT, node0)) as datapath:
-        datapath.refuse_connects(cookie, time.monotonic_ns() + int(seconds * 1e9))
+        def reassert() -> None:
+            while not done.wait(REASSERT_S):
+                datapath.refuse_connects(cookie, deadline)
+
+        datapath.refuse_connects(cookie, deadline)
+        writer = threading.Thread(target=reassert)
+        writer.start()
         try:
             yield
         finally:
+            done.set()
+            writer.join()
             datapath.refuse_connects(cookie, 0)  # a deadline passed: refuses nothing
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -149,6 +150,23 @@ def test_the_handshake_threads_run_below_the_event_loops_cpu_priority():
 
     here = os.getpriority(os.PRIO_PROCESS, 0)
     assert asyncio.run(niceness_on_a_handshake_thread()) == min(19, here + tls.HANDSHAKE_NICENESS)
+
+
+def test_a_late_event_loop_cuts_the_pods_handshake_rates():
+    """The proxy's own probe (proxy/contention.py): a loop held past a tick is contended, and every
+    pod's Quota paces with the cut share (pod A's limit 50: 10 a second at the floor)."""
+    from nodeagent.proxy import contention
+
+    async def scenario(pair):
+        contention_now, quota = pair.proxy.contention, pair.pods["pod-a"].quota
+        assert quota.contention is contention_now and pair.pods["pod-b"].quota.contention is contention_now
+        for _ in range(8):  # the loop held for 3 ticks at a time: each probe after it comes late
+            time.sleep(3 * contention.TICK_S)
+            await asyncio.sleep(2 * contention.TICK_S)
+        assert contention_now.late_ticks >= 1 and contention_now.contended
+        assert sample(pair, "event_loop_late_ticks_total") == contention_now.late_ticks
+        assert contention_now.rate(quota.limits[limits.Limit.HANDSHAKE_RATE]) < 50  # giving back: test_loop_contention
+    asyncio.run(with_pair(replace(DEFAULT, on_node_plaintext=False), scenario))
 
 
 # Straight to pod B's mesh port, as anyone who can reach a pod can: a byte of a ClientHello, then close.

@@ -40,7 +40,7 @@ def plan(address=("10.244.1.12", 9000), destination=POD, meshed=True, served_her
      Hop(HopKind.ON_NODE, ("10.244.1.12", 9000), 9000, Hint.HTTP1, destination=POD)),
     ("a meshed pod on this node, on-node plaintext on, HTTP/2", dict(served_here=True, on_node_plaintext=True,
                                                                        hint=Hint.H2),
-     Hop(HopKind.MESH, ("10.244.1.12", MESH_PORT), 9000, Hint.H2, CART, POD)),
+     Hop(HopKind.ON_NODE, ("10.244.1.12", 9000), 9000, Hint.H2, destination=POD)),
     ("a meshed pod on this node, on-node plaintext on, not detected yet (an early connection)",
      dict(served_here=True, on_node_plaintext=True, hint=Hint.UNDETECTED),
      Hop(HopKind.ON_NODE, ("10.244.1.12", 9000), 9000, Hint.UNDETECTED, destination=POD)),

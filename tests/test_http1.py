@@ -64,6 +64,9 @@ class FixedTarget:
     def count_cut(self, reason):
         self.errors.append((None, reason))
 
+    def sending(self, request, address):
+        pass
+
     def request_started(self, state, address):
         self.attempts += 1
         return 0

@@ -93,6 +93,9 @@ class FixedTargets:
     def count_cut(self, reason):
         self.errors.append((None, reason))
 
+    def sending(self, request, address):
+        pass
+
     def request_started(self, state, address):
         return time.monotonic()
 

@@ -51,15 +51,16 @@ def traffic(direction: str, pod: str, peer: str, tls: bool) -> dict:
 
 
 class Client:
-    """An HTTP/1 client in pod A with one keep-alive connection: `ask()` is one request."""
+    """An HTTP/1 client in pod A with one keep-alive connection: `ask()` is one request (`code`
+    and `kind`: another client, of another app kind in pod B)."""
 
-    def __init__(self, pair):
-        self.pair = pair
+    def __init__(self, pair, code: str = CLIENT, kind: str = "http"):
+        self.pair, self.code, self.kind = pair, code, kind
 
     async def __aenter__(self):
-        _, port = self.pair.aim("http")
+        _, port = self.pair.aim(self.kind)
         self.process = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.pair.names[0], sys.executable, "-c", CLIENT.format(port=port),
+            "ip", "netns", "exec", self.pair.names[0], sys.executable, "-c", self.code.format(port=port),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         return self
 

@@ -37,6 +37,7 @@ class Request:
     head_at: float | None = None  # when the response's headers arrived
     version: str = "2"  # for access logs, as HTTP/1's "1.1"
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
+    far_span: object = None  # on the one hop, the destination's span (target.py `sending`)
 
 
 class Phase(enum.Enum):
@@ -87,7 +88,7 @@ class Exchange:
                 self._continue_in_task(set(), choice)
                 return
             try:
-                upstream = self._open(conn)
+                upstream = self._open(conn, choice[1])
             except ConnectionError:
                 self._continue_in_task(set(), choice)  # the attempt loop counts (and may retry) the failure
                 return
@@ -108,7 +109,7 @@ class Exchange:
         async def acquire(address):
             if self.retries.used:  # after a RETRY verdict: the body was kept whole (or there is none)
                 incoming.rewind()
-            return self._open(self.target.pooled_h2(address) or await self.target.acquire_h2(address))
+            return self._open(self.target.pooled_h2(address) or await self.target.acquire_h2(address), address)
 
         async def attempt(upstream: StreamEnd, endpoint, address) -> Outcome:
             self.outcome = loop.create_future()
@@ -129,7 +130,8 @@ class Exchange:
         except Exception as e:
             self._failed(e)
 
-    def _open(self, conn) -> StreamEnd:
+    def _open(self, conn, address) -> StreamEnd:
+        self.target.sending(self.request, address)  # before the headers go: a one-hop span rewrites them
         try:
             self.upstream = conn.open_stream(self, self.headers, self._request_complete())
         except CodecError as e:

@@ -62,6 +62,34 @@ class H2Upstream(H2Peer):
             goaway(self)
 
 
+class OnNodeH2Upstream(H2Upstream):
+    """A one-hop connection to the destination pod's app (hop.py ON_NODE, target.py): one of the
+    destination's inbound connections, which ends with it (`on_lost`, given this connection)
+    and drains as the far end of a mesh hop would: no new stream, closed when the last ends."""
+
+    on_lost = None
+    received = 0  # bytes read from the app (its inbound connection's "written")
+
+    @property
+    def sent(self) -> int:
+        return self.bytes_written
+
+    def data_received(self, data):
+        self.received += len(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        lost, self.on_lost = self.on_lost, None
+        if lost is not None:
+            lost(self)
+
+    def drain(self) -> None:
+        self.going_away = True
+        if self.session is not None and not self.ends:
+            goaway(self)
+
+
 class H2Pool:
     """Shared HTTP/2 connections per (pod netns cookie, endpoint address)."""
 
@@ -83,9 +111,10 @@ class H2Pool:
         return None
 
     async def acquire(self, netns_path: str, cookie: int, address: tuple[str, int], timeout_s: float,
-                      tunnel=None, report=None) -> H2Upstream:
+                      tunnel=None, report=None, opener=None) -> H2Upstream:
         """A connection with room for one more stream; `report(Flood)` counts a flood of the
-        endpoint's against the pod (on the connection this call opens, if it opens one)."""
+        endpoint's against the pod (on the connection this call opens, if it opens one).
+        `opener()`, if given, opens it instead (the one hop: from the destination's namespace)."""
         key = (cookie, address)
         while True:
             conn = self._ready(key)
@@ -97,7 +126,8 @@ class H2Pool:
             await asyncio.shield(opening)  # raises what the connect raised: this request fails alike
         opening = self._opening[key] = asyncio.get_running_loop().create_future()
         try:
-            transport, conn = await connect(netns_path, address, timeout_s, H2Upstream, tunnel)
+            transport, conn = await (opener() if opener is not None
+                                     else connect(netns_path, address, timeout_s, H2Upstream, tunnel))
             conn.transport, conn.report = transport, report
             conn.start()
         except BaseException as e:

@@ -6,7 +6,7 @@ is the model; tests/test_hop.py is its table).
 |---|---|
 | a meshed pod, on one of the proxy's own ports (15001, 15006, 4143) | REFUSED: it would reach a proxy listener and loop, or be proxied twice |
 | not a pod, or a pod outside the mesh | PLAIN: as addressed, plaintext |
-| a meshed pod this proxy serves, opaque bytes or HTTP/1, on-node plaintext allowed | ON_NODE: one hop, plaintext to the pod's app at its IP, from inside its namespace (as inbound does); the destination's policy is asked with the source's identity (on_node.py) |
+| a meshed pod this proxy serves, on-node plaintext allowed | ON_NODE: one hop, plaintext to the pod's app at its IP, from inside its namespace (as inbound does); the destination's policy is asked with the source's identity (on_node.py) |
 | any other meshed pod | MESH: mutual TLS to its mesh port, expecting its ServiceAccount's identity; the tunnel header names the port and the protocol detected |
 """
 
@@ -63,8 +63,7 @@ def plan_hop(address: tuple[str, int], destination: PodInfo | None, *, meshed: b
         return Hop(HopKind.PLAIN, address, port, hint, destination=destination)
     if port in PROXY_PORTS:
         return Hop(HopKind.REFUSED, None, port, hint, destination=destination, reason=PROXY_PORT_REASON)
-    # HTTP/2 keeps the mesh hop: its shared connections are opened from the source's namespace.
-    if served_here and on_node_plaintext and hint is not Hint.H2:
+    if served_here and on_node_plaintext:
         return Hop(HopKind.ON_NODE, (destination.ip, port), port, hint, destination=destination)
     expected = naming.of_pod(destination.namespace, destination.service_account, trust_domain)
     return Hop(HopKind.MESH, (destination.ip, MESH_PORT), port, hint, expected, destination)

@@ -68,6 +68,7 @@ class Request:
     body: asyncio.Queue | None = None  # with a body: its chunks, then None (bounded by bytes)
     started: float = 0.0
     span: object = None  # this hop's trace span (telemetry.py), when tracing is on
+    far_span: object = None  # on the one hop, the destination's span (target.py `sending`)
     verbatim: bool = True  # no connection-level or Expect header: the head may go upstream as the client sent it
     resume: tuple | None = None  # begun on the fast path: (its Retries, addresses tried, a choice made)
 
@@ -377,9 +378,10 @@ class Http1Server(asyncio.Protocol):
         if conn is None:
             request.resume = (retries, set(), None if isinstance(choice, str) else choice)
             return False
+        target.sending(request, choice[1])
         # The head as the client sent it unless something in it changes (a connection-level
         # header dropped, a trace context rewritten): rebuilt, it costs a list and a join.
-        as_read = self.as_read if request.verbatim and request.span is None else None
+        as_read = self.as_read if request.verbatim and request.span is None and request.far_span is None else None
         self.exchange.start(request, retries, conn, *choice, as_read or request.head())
         return True
 
@@ -434,6 +436,7 @@ class Http1Server(asyncio.Protocol):
         target = self.target
         awaited = Awaited(self.loop)
         conn.expect(request.method, awaited)
+        target.sending(request, address)
         token = target.request_started(endpoint, address)
         try:
             if request.has_body:

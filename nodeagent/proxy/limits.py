@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from nodeagent.proxy.contention import LoopContention
 from nodeagent.proxy.pacing import MAX_WAIT_S, Pace
 
 ANNOTATION_PREFIX = "limits.nodeagent.io/"
@@ -154,7 +155,7 @@ class Quota:
     """What one pod holds of each limit right now, its pace of handshakes, and the windows in which
     its new connections are refused outright."""
 
-    __slots__ = ("limits", "held", "paces", "refusals", "on_refusing")
+    __slots__ = ("limits", "held", "paces", "refusals", "on_refusing", "contention")
 
     def __init__(self, limits: PodLimits):
         self.limits = limits
@@ -163,6 +164,8 @@ class Quota:
         self.refusals: dict[str, tuple[float, Limit]] = {}  # direction -> (until, the limit it is over)
         # Told (direction, limit, until) when a window opens or is extended: the kernel refuses too.
         self.on_refusing: Callable[[str, Limit, float], None] | None = None
+        # The process's loop contention (contention.py): the share of its handshake rates a pod gets now.
+        self.contention: LoopContention | None = None
 
     def handshake_turn(self, direction: str, now: float) -> float | None:
         """Seconds until the pod's next handshake in `direction` ("outbound": as client,
@@ -172,11 +175,12 @@ class Quota:
         if pace is None:
             pace = self.paces[direction] = Pace()
         limit = RATE_OF[direction]
-        turn = pace.turn(now, self.limits[limit])
+        rate = self.limits[limit] if self.contention is None else self.contention.rate(self.limits[limit])
+        turn = pace.turn(now, rate, self.limits[limit])
         if turn is None:
             # At most MAX_WAIT_S at a time: pacing refuses on after it (and opens another), and a
             # live change of the rate (lowered, then raised back) cannot leave a long window open.
-            self.refuse(direction, limit, min(pace.reopens_at(now, self.limits[limit]), now + MAX_WAIT_S))
+            self.refuse(direction, limit, min(pace.reopens_at(now, rate), now + MAX_WAIT_S))
         return turn
 
     def refuse(self, direction: str, limit: Limit, until: float) -> None:

@@ -172,6 +172,8 @@ class Metrics:
         self.tls_handshakes_total = Counter("tls_handshakes", "Mutual TLS handshakes done (the peer's identity "
                                             "proven): full, or a session resumed (no certificate signatures)",
                                             ("direction", "resumed"), registry=r)
+        self.event_loop_late_ticks_total = Counter("event_loop_late_ticks", "Probes of the event loop (every 20 ms) "
+                                                   "that came late enough to cut the pods' handshake rates", registry=r)
         self.tls_sni_total = Counter("tls_sni", "TLS connections passed through, by the server name asked for "
                                      f"(the first {SNI_LABELS_PER_POD} names per pod; then '{SNI_OTHER}')",
                                      ("direction", "namespace", "pod", "sni"), registry=r)

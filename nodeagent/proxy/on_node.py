@@ -1,7 +1,7 @@
 """The far end of a same-node hop (hop.py's ON_NODE), done by the near end: when both pods are
 this proxy's, the proxy is both ends, and what a mesh hop's destination would do on accepting
 the tunnel is done here, once per connection the hop opens (an opaque client connection, or a
-pooled HTTP/1 connection to the destination's app):
+pooled HTTP/1 or shared HTTP/2 connection to the destination's app):
 
 - the destination's policy is asked with the source's identity (the kernel said which pod the
   connection came from: the same fact that picks the client certificate on a mesh hop);

@@ -18,6 +18,9 @@ and nobody else does. So at most rate * MAX_WAIT_S + 1 connections of a pod wait
 A turn given to a connection that goes away before it comes is not given back: the pod pays for
 what it asked.
 
+While the process's loop is contended the rate a pod is paced at is a share of its limit
+(contention.py: as low as a fifth, never under 10 a second); its burst stays a second of its limit.
+
 A refusal also says how long the pod's queue of turns already given lasts (`reopens_at`): until
 it is empty, new turns would be refused or given only to be refused again a moment later, so the
 proxy refuses the pod's new connections outright for that long, at accept and in the kernel (limits.Quota.refusing), instead of
@@ -39,10 +42,12 @@ class Pace:
         self.tokens: float | None = None  # None: never used, full
         self.stamp = 0.0  # when `tokens` was last brought up to date
 
-    def turn(self, now: float, rate: int) -> float | None:
+    def turn(self, now: float, rate: float, limit: float | None = None) -> float | None:
         """Seconds from `now` until the next handshake may start (0.0: at once), or None: refused.
-        `rate`: handshakes per second (the pod's limit now: an annotation may change it)."""
-        burst = max(1.0, rate * BURST_S)
+        `rate`: handshakes per second now; `limit`: the pod's limit (an annotation may change it),
+        which sizes its burst, if `rate` is a share of it (contention.py: a busy loop cuts how fast
+        the bucket refills, not what a pod that saved up may start at once)."""
+        burst = max(1.0, (rate if limit is None else max(rate, limit)) * BURST_S)
         if self.tokens is None:
             tokens = burst
         else:
@@ -55,7 +60,7 @@ class Pace:
         self.tokens = tokens - 1.0  # below zero: turns given and not yet come
         return wait
 
-    def reopens_at(self, now: float, rate: int) -> float:
+    def reopens_at(self, now: float, rate: float) -> float:
         """When the pod's queue of turns is empty again (the last turn given so far has come) and
         a new handshake would be given a turn, not refused (`now` if it would be now)."""
         if self.tokens is None:

@@ -16,10 +16,11 @@ from nodeagent.datapath.control import Datapath, PodEntry
 from nodeagent.identity import naming
 from nodeagent.identity.workload import WorkloadIdentities
 from nodeagent.ports import INBOUND_PORT, MESH_PORT, OUTBOUND_PORT
-from nodeagent.proxy import limits, mesh
+from nodeagent.proxy import contention, limits, mesh
 from nodeagent.proxy.authorizer import Authorizer
 from nodeagent.proxy.connection import ConnectionTable, Direction
 from nodeagent.proxy.connector import Connector
+from nodeagent.proxy.contention import LoopContention
 from nodeagent.proxy.context import InboundDeps, Observers, OutboundDeps, PodContext, Pools, Timeouts
 from nodeagent.proxy.directory import Directory
 from nodeagent.proxy.fastpath import Splicer
@@ -75,6 +76,11 @@ class Proxy:
         self.guard = MemoryGuard(settings.memory_budget // self.processes, self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
+        # How late the loop is cuts the pods' handshake rates while it is contended (contention.py).
+        self.contention = LoopContention()
+        self._late_ticks_counted = 0
+        self._contention_due = asyncio.get_running_loop().time() + contention.TICK_S
+        self._contention_timer = asyncio.get_running_loop().call_at(self._contention_due, self._probe_loop)
         self.kernel_refusals = KernelRefusals(datapath, self.problems)
         self.tls_sessions = mesh.SessionCache()
         identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
@@ -163,6 +169,21 @@ class Proxy:
         self.guard.check()
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
 
+    def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        was_contended = self.contention.contended
+        share = self.contention.observe(now, now - self._contention_due)
+        if self.contention.late_ticks != self._late_ticks_counted:
+            self.metrics.event_loop_late_ticks_total.inc(self.contention.late_ticks - self._late_ticks_counted)
+            self._late_ticks_counted = self.contention.late_ticks
+        if share < 1.0 and not was_contended:
+            self.problems.warning("loop contended", "the event loop came %.1f ms late: the pods' handshake rates "
+                                  "are cut to %.0f%% while it is contended", 1e3 * (now - self._contention_due),
+                                  100 * share)
+        self._contention_due = now + contention.TICK_S
+        self._contention_timer = loop.call_at(self._contention_due, self._probe_loop)
+
     def _cut(self, connection, reason: str) -> None:
         self.metrics.tcp_error(connection.direction.value, connection.pod, f"cut: {reason}")
         self.problems.warning(f"cut {reason}", "pod %s: %s connection cut (%s): it held %d bytes",
@@ -207,6 +228,7 @@ class Proxy:
         cookie = netns.socket_cookie_of_netns(outbound_sock)
         pod = PodContext(info, netns_fd, cookie, slot, self.identity_of(info), limits.Quota(self._limits_of(info)))
         pod.quota.on_refusing = functools.partial(self.kernel_refusals.opened, pod)
+        pod.quota.contention = self.contention
         self.identities.material(pod.identity)  # issued now: a refusal surfaces before any traffic
         loop = asyncio.get_running_loop()
         outbound, inbound = self.outbound, self.inbound
@@ -264,6 +286,7 @@ class Proxy:
 
     def close_listeners(self) -> None:
         self._guard_timer.cancel()
+        self._contention_timer.cancel()
         for pod in self.pods.values():
             for server in pod.servers:
                 server.close()

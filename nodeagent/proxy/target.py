@@ -13,6 +13,7 @@ from nodeagent.proxy import mesh, on_node
 from nodeagent.proxy.classify import failed
 from nodeagent.proxy.connector import HopRefused
 from nodeagent.proxy.connection import Phase
+from nodeagent.proxy.h2upstream import OnNodeH2Upstream
 from nodeagent.proxy.hop import Hint, HopKind
 from nodeagent.proxy.limits import Limit
 from nodeagent.proxy.retry import RequestFacts, Retries, Verdict
@@ -28,6 +29,7 @@ class HopFacts:
     tls: bool  # mutual TLS on the hop (the `tls` label)
     on_node: tuple | None = None  # ON_NODE: (the destination's PodContext, its inbound RequestStats)
     stats: object = None  # the outbound RequestStats of requests on it (None: not known, NO_HOP)
+    far_log: object = None  # ON_NODE: the destination's RequestLog (telemetry.py; None: it asks for none)
 
 
 NO_HOP = HopFacts(False)
@@ -91,32 +93,42 @@ class HttpTarget(TargetCounts):
             return state.endpoint.pod if state else None
         return self.decision.pod if isinstance(self.decision, ToPod) else None
 
-    def _tunnel(self, address, hint: Hint):
-        return self.connector.tunnel(self.pod, self.connector.plan(address, self._pod_at(address), hint))
-
     async def acquire(self, address):
         """An HTTP/1 connection to `address` of its own, (connection, reused)."""
         return await self.pools.http1.acquire(self.pod.netns_path, self.pod.cookie, address,
                                               self.config.connect_timeout_s, lambda: self._open(address))
 
     async def _open(self, address) -> ResponseReader:
-        """A new HTTP/1 connection to `address`, through the hop the plan gives. On the node
-        (ON_NODE) the destination's side is done here (on_node.py): its policy, its inbound share
-        (the pooled connection is one of its inbound connections, ended by a policy change)."""
-        hop = self.connector.plan(address, self._pod_at(address), Hint.HTTP1)
+        """A new HTTP/1 connection to `address`, through the hop the plan gives."""
+        conn, _ = await self._open_hop(self.connector.plan(address, self._pod_at(address), Hint.HTTP1),
+                                       ResponseReader, Phase.HTTP1)
+        return conn
+
+    async def _open_hop(self, hop, factory, phase: Phase):
+        """A new connection for `hop`. On the node (ON_NODE) the destination's side is done here
+        (on_node.py): its policy, its inbound share (the pooled connection is one of its inbound
+        connections, ended by a policy change); `factory`'s connection calls `on_lost` at its end.
+        (The connection, the destination's inbound Connection or None.)"""
         inbound = on_node.admit(self.deps, self.pod, hop) if hop.kind is HopKind.ON_NODE else None
         try:
-            _, conn = await self.connector.open(self.pod, hop, self.config.connect_timeout_s, ResponseReader)
+            _, conn = await self.connector.open(self.pod, hop, self.config.connect_timeout_s, factory)
         except BaseException:
             if inbound is not None:
                 inbound.close()
             raise
         if inbound is not None:
-            inbound.enter(Phase.HTTP1)
+            inbound.enter(phase)
             inbound.hold(conn.transport)
             inbound.revoke = conn.transport.abort
             conn.on_lost = lambda lost: inbound.close(lost.sent, lost.received)
-        return conn
+        return conn, inbound
+
+    async def _open_on_node_h2(self, hop):
+        """A shared HTTP/2 connection to the destination's app, from its namespace (the one hop);
+        it drains as the destination's inbound connection it is."""
+        conn, inbound = await self._open_hop(hop, OnNodeH2Upstream, Phase.HTTP2)
+        inbound.drains_with(conn.drain)
+        return conn.transport, conn
 
     def pooled_h2(self, address):
         """A pooled HTTP/2 connection to `address` with room for one more stream, or None (then
@@ -124,10 +136,14 @@ class HttpTarget(TargetCounts):
         return self.pools.http2.ready(self.pod.cookie, address)
 
     async def acquire_h2(self, address):
-        """An HTTP/2 connection to `address` with room for one more stream."""
-        return await self.pools.http2.acquire(self.pod.netns_path, self.pod.cookie, address,
-                                              self.config.connect_timeout_s, self._tunnel(address, Hint.H2),
-                                              report=self.count_http2_refusal)
+        """An HTTP/2 connection to `address` with room for one more stream (ON_NODE: opened as
+        `_open_on_node_h2`)."""
+        hop = self.connector.plan(address, self._pod_at(address), Hint.H2)
+        on_node_hop = hop.kind is HopKind.ON_NODE
+        return await self.pools.http2.acquire(
+            self.pod.netns_path, self.pod.cookie, address, self.config.connect_timeout_s,
+            None if on_node_hop else self.connector.tunnel(self.pod, hop), report=self.count_http2_refusal,
+            opener=(lambda: self._open_on_node_h2(hop)) if on_node_hop else None)
 
     def pooled(self, address):
         """An idle pooled HTTP/1 connection to `address`, or None (then `acquire` opens one)."""
@@ -180,14 +196,26 @@ class HttpTarget(TargetCounts):
         facts = self._hops.get(address)
         if facts is None:
             hop = self.connector.plan(address, self._pod_at(address), self.hint)
-            inbound = None
+            inbound = far_log = None
             if hop.kind is HopKind.ON_NODE:
                 local = self.directory.served(hop.destination)
-                inbound = self.observers.metrics.requests("inbound", local, self.pod.identity.uri, False)
-                inbound = (local, inbound)
+                source = self.pod.identity.uri
+                inbound = (local, self.observers.metrics.requests("inbound", local, source, False))
+                # What the far end of a mesh hop records (app_target.AppTarget): its access log, its spans.
+                far_log = self.observers.telemetry.requests("inbound", local, f"pod/{local.key}",
+                                                            f"pod/{local.key}:{hop.port}", client_addr=self.pod.info.ip,
+                                                            client_id=source)
             tls = hop.kind is HopKind.MESH
-            facts = self._hops[address] = HopFacts(tls, inbound, self._requests(tls))
+            facts = self._hops[address] = HopFacts(tls, inbound, self._requests(tls), far_log)
         return facts
+
+    def sending(self, request, address) -> None:
+        """An attempt to `address` is about to go (its head not built yet): on the one hop, the
+        destination's span starts here, the child of the source's, as a mesh hop's far end
+        starts it on reading the head (each attempt a span of its own)."""
+        far_log = self._hop(address).far_log
+        if far_log is not None:
+            far_log.start_far(request)
 
     def _requests(self, tls: bool):
         stats = self._stats.get(tls)
@@ -227,9 +255,11 @@ class HttpTarget(TargetCounts):
         tap = self.observers.tap
         if tap.subscriptions:
             tap.publish(lambda: request_event("outbound", self.pod, self.peer, request, status, tls))
-        if hop.on_node is not None:  # the destination's side: counted (and tapped) as inbound
+        if hop.on_node is not None:  # the destination's side: counted, logged and tapped as inbound
             local, inbound = hop.on_node
             inbound.response(status, request.started, failure, head_at)
+            if hop.far_log is not None:
+                hop.far_log.response(request, status, False, failure, far=True)
             if tap.subscriptions:
                 source = self.pod.identity.uri
                 tap.publish(lambda: request_event("inbound", local, source, request, status, False))

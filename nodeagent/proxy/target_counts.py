@@ -7,6 +7,10 @@ into HttpTarget (outbound) and AppTarget (inbound), which set `direction`, `obse
 class TargetCounts:
     direction: str  # "outbound" | "inbound": the metrics' direction label
 
+    def sending(self, request, address) -> None:
+        """An attempt of `request` to `address` is about to be sent (its head not built yet):
+        HttpTarget starts a one-hop destination's span here; nothing to do on the inbound side."""
+
     def count_error(self, status: int, reason: str) -> None:
         """The proxy answered the request itself (a 4xx/5xx of its own): counted and logged."""
         self.observers.metrics.http_error(self.direction, self.pod, status, reason)

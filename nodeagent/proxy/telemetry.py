@@ -100,9 +100,14 @@ class Tracer:
         self.exporter, self.rate = exporter, rate
         self.rng = rng or random.Random()
 
-    def start(self, headers: list) -> tracecontext.Span | None:
-        """This hop's span for a request with `headers` (rewritten to carry it on), or None."""
+    def start(self, headers: list, near: tracecontext.Span | None = None) -> tracecontext.Span | None:
+        """This hop's span for a request with `headers` (rewritten to carry it on), or None.
+        `near`: the source's span of a one-hop request (target.py), the parent of the
+        destination's, as the headers it rewrote would say on a mesh hop (read from it, not
+        from the headers: a retry's headers carry the previous attempt's destination span)."""
         parent = tracecontext.find_parent(headers)
+        if near is not None and parent is not None:
+            parent = parent._replace(trace_id=near.trace_id, span_id=near.span_id, sampled=near.sampled)
         ids = self.rng.getrandbits(192).to_bytes(24, "big")
         span = tracecontext.decide(parent, self.rng.random(), self.rate, ids[:16], ids[16:])
         if span is not None:
@@ -132,10 +137,18 @@ class RequestLog:
         if self.tracer is not None:
             request.span = self.tracer.start(request.headers)
 
-    def response(self, request, status: int, tls: bool, failure: bool | None = None, address=None) -> None:
+    def start_far(self, request) -> None:
+        """An attempt of a one-hop request (target.py): the destination's span, the child of the
+        source's `request.span`, as the far end of a mesh hop starts it for each attempt."""
+        if self.tracer is not None:
+            request.far_span = self.tracer.start(request.headers, request.span)
+
+    def response(self, request, status: int, tls: bool, failure: bool | None = None, address=None,
+                 far: bool = False) -> None:
         """A response was counted: its access log line is queued, its span exported (each
-        dropped and counted when its queue is full)."""
-        span = request.span
+        dropped and counted when its queue is full). `far`: this is the destination's record of
+        a one-hop request (its span is `request.far_span`)."""
+        span = request.far_span if far else request.span
         exported = span is not None and span.sampled
         if self.format is None and not exported:
             return
