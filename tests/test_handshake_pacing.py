@@ -303,3 +303,20 @@ def test_over_its_inbound_rate_a_pods_next_mesh_connections_are_refused_before_t
         assert refused(pair, "outbound", "pod-a") == 0
     settings = replace(DEFAULT, on_node_plaintext=False)
     asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshake-rate": str(RATE)}))
+
+
+def test_a_burst_of_new_mesh_connections_past_its_handshakes_in_progress_waits_its_turn():
+    """A client that opens more connections at once than its `handshakes` (a pool filling up at
+    start) had the rest refused: they wait in turn for a handshake to end (limits.QUEUED_PER_UNIT
+    x the limit may wait)."""
+    settings = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse("handshakes=3"))
+
+    async def scenario(pair):
+        got = await burst(pair)  # 12 at once: 3 in progress, 9 waiting (12 may)
+        assert got == {**got, "ok": BURST, "failed": 0}, got
+        assert sample(pair, "limit_exceeded_total", direction="outbound", namespace=NAMESPACE, pod="pod-a",
+                      limit="handshakes") == 0
+        assert pair.pods["pod-a"].quota.held[limits.Limit.HANDSHAKES] == 0
+        assert not pair.pods["pod-a"].quota.queued[limits.Limit.HANDSHAKES]
+        await settled(pair, "pod-a")
+    asyncio.run(with_pair(settings, scenario))

@@ -128,10 +128,12 @@ for _ in range(600):
 
 
 def python_pod(name: str, namespace: str, code: str, labels: dict) -> dict:
+    container = {"name": "app", "image": image.APP_IMAGE, "command": ["/opt/venv/bin/python", "-c", code],
+                 "ports": [{"name": "http", "containerPort": 8080}]}
+    if code is SERVER:  # Ready once it answers (through the mesh), not once its process starts: as real servers are
+        container["readinessProbe"] = {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
-                "name": "app", "image": image.APP_IMAGE, "command": ["/opt/venv/bin/python", "-c", code],
-                "ports": [{"name": "http", "containerPort": 8080}]}]}}
+            "spec": {"terminationGracePeriodSeconds": 1, "containers": [container]}}
 
 
 def logs(plane, namespace: str, pod: str, container: str = "app") -> str:
@@ -206,7 +208,10 @@ def get(connection):
     response = connection.getresponse()
     body = response.read().decode()
     good = response.status == 200 and body.startswith("hello from web")
-    by[body.split()[-1]] = by.get(body.split()[-1], 0) + 1
+    if good:
+        by[body.split()[-1]] = by.get(body.split()[-1], 0) + 1
+    else:  # what the proxy said (its error header), for the failure's message
+        errors.append("%%d %%s: %%s" %% (response.status, response.getheader("nodeagent-proxy-error"), body[:200]))
     return good, response.will_close
 deadline = time.monotonic() + %d
 while time.monotonic() < deadline and not os.path.exists("/tmp/stop"):
@@ -253,6 +258,9 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
     is enrolled by the new agent alone (agent/succession.py) and answers after the old one exits."""
     plane = shop
     (old,) = agent_pods(plane)
+    # The load starts once the Service has its endpoint (run alone, no earlier test waited for it).
+    wait_until(lambda: [p for p in pods(plane, "store", "app=web") if ready(p)], "the web pod Ready", timeout_s=180,
+               plane=plane)
     load = python_pod("load", "store", LOAD, {"app": "load"})
     load["spec"]["restartPolicy"] = "Never"
     plane.kubectl("apply", "-f", "-", input=json.dumps(load))

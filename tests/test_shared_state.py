@@ -108,6 +108,38 @@ def test_a_quota_holds_up_to_its_limit_and_refuses_to_give_more_than_it_took():
         Quota(PodLimits()).give(Limit.DETECTIONS)
 
 
+def test_over_a_count_a_pod_waits_in_turn_for_one_given_back_and_too_many_waiting_are_refused():
+    quota = Quota(limits.parse("handshakes=2"))
+    served = []
+
+    def waiter(name, present=True):
+        def granted():
+            if present:
+                served.append(name)
+            return present
+        return granted
+
+    assert [quota.take_or_queue(Limit.HANDSHAKES, waiter(n)) for n in "ab"] == [True, True]
+    gone, waiting = waiter("gone", present=False), [waiter(n) for n in "cde"]
+    assert quota.take_or_queue(Limit.HANDSHAKES, gone) is False
+    assert [quota.take_or_queue(Limit.HANDSHAKES, w) for w in waiting] == [False] * 3
+    late = [quota.take_or_queue(Limit.HANDSHAKES, waiter(f"late{i}")) for i in range(5)]
+    assert late == [False] * 4 + [None]  # 4 x the limit wait at most: then refused at once
+    quota.withdraw(Limit.HANDSHAKES, waiting[1])  # "d" gave up waiting
+    quota.give(Limit.HANDSHAKES)  # "gone" is passed over (its waiter left), "c" gets it
+    assert served == ["c"] and quota.held[Limit.HANDSHAKES] == 2
+    assert quota.take(Limit.HANDSHAKES) is False
+    assert quota.take_or_queue(Limit.HANDSHAKES, waiter("x")) is False  # others wait: no one is passed over
+    quota.give(Limit.HANDSHAKES)
+    quota.give(Limit.HANDSHAKES)
+    assert served == ["c", "e", "late0"] and quota.held[Limit.HANDSHAKES] == 2
+    quota.limits = limits.parse("handshakes=1")  # lowered live: a slot given back above it goes to no one
+    quota.give(Limit.HANDSHAKES)
+    assert served == ["c", "e", "late0"] and quota.held[Limit.HANDSHAKES] == 1
+    quota.give(Limit.HANDSHAKES)
+    assert served[-1] == "late1" and quota.held[Limit.HANDSHAKES] == 1
+
+
 # --- the connection table ---
 
 class Pod:

@@ -19,7 +19,7 @@ nobody from that pod. A bad annotation, or a pod's asking to raise, is reported 
 |---|---|---|
 | outbound-connections | the pod's own connections through the proxy | 1000 |
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
-| handshakes | mutual-TLS handshakes in progress for the pod's own connections (as client) | 16 |
+| handshakes | mutual-TLS handshakes in progress for the pod's own connections (as client; past it, up to 4x as many wait in turn: Quota.take_or_queue) | 16 |
 | inbound-handshakes | mutual-TLS handshakes in progress of connections to the pod (as server; apart: clients that hold them cannot stop the pod's own) | 64 |
 | handshake-rate | new mutual-TLS handshakes per second for the pod's own connections (as client) | 50 |
 | inbound-handshake-rate | new mutual-TLS handshakes per second of connections to the pod (as server; a meshed client is paced at its own agent too) | 200 |
@@ -29,6 +29,7 @@ nobody from that pod. A bad annotation, or a pod's asking to raise, is reported 
 """
 
 import enum
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -71,6 +72,10 @@ DEFAULTS = MappingProxyType({
 })
 
 RATE_OF = {"outbound": Limit.HANDSHAKE_RATE, "inbound": Limit.INBOUND_HANDSHAKE_RATE}
+# How many may wait in turn for one of a count they are over (Quota.take_or_queue), per unit of
+# the limit: a burst of new pooled connections waits for handshakes in progress to end, and
+# beyond this many waiting the pod is refused at once.
+QUEUED_PER_UNIT = 4
 
 
 def _value(name: str, text: str) -> int:
@@ -155,7 +160,7 @@ class Quota:
     """What one pod holds of each limit right now, its pace of handshakes, and the windows in which
     its new connections are refused outright."""
 
-    __slots__ = ("limits", "held", "paces", "refusals", "on_refusing", "contention")
+    __slots__ = ("limits", "held", "paces", "refusals", "on_refusing", "contention", "queued")
 
     def __init__(self, limits: PodLimits):
         self.limits = limits
@@ -166,6 +171,8 @@ class Quota:
         self.on_refusing: Callable[[str, Limit, float], None] | None = None
         # The process's loop contention (contention.py): the share of its handshake rates a pod gets now.
         self.contention: LoopContention | None = None
+        # Per limit, who waits in turn for one given back (take_or_queue): callables, oldest first.
+        self.queued: dict[Limit, deque[Callable[[], bool]]] = {}
 
     def handshake_turn(self, direction: str, now: float) -> float | None:
         """Seconds until the pod's next handshake in `direction` ("outbound": as client,
@@ -206,7 +213,34 @@ class Quota:
         self.held[limit] += 1
         return True
 
+    def take_or_queue(self, limit: Limit, granted: Callable[[], bool]) -> bool | None:
+        """One more of `limit` now (True); else `granted` waits in turn (False) and is called when
+        one is given back to it, taken in its name (it returns False if its waiter is gone, and the
+        next gets it); None: `QUEUED_PER_UNIT` x the limit wait already (refused)."""
+        queue = self.queued.get(limit)
+        if not queue and self.take(limit):  # none waiting: no one is passed over
+            return True
+        if queue is None:
+            queue = self.queued[limit] = deque()
+        if len(queue) >= QUEUED_PER_UNIT * max(self.limits[limit], 1):
+            return None
+        queue.append(granted)
+        return False
+
+    def withdraw(self, limit: Limit, granted: Callable[[], bool]) -> None:
+        """`granted` waits no longer (its wait timed out or was cancelled)."""
+        queue = self.queued.get(limit)
+        if queue is not None and granted in queue:
+            queue.remove(granted)  # at most QUEUED_PER_UNIT x the limit long
+
     def give(self, limit: Limit) -> None:
         if self.held[limit] <= 0:
             raise RuntimeError(f"{limit.value}: given back more than taken")
         self.held[limit] -= 1
+        queue = self.queued.get(limit)
+        while queue and self.held[limit] < self.limits[limit]:
+            granted = queue.popleft()
+            self.held[limit] += 1
+            if granted():
+                return
+            self.held[limit] -= 1

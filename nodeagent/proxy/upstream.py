@@ -86,6 +86,34 @@ async def _wait_turn(quota, loop) -> None:
         await asyncio.sleep(turn)
 
 
+async def _handshake_slot(quota, loop, timeout_s: float) -> None:
+    """One of the source pod's mutual-TLS handshakes in progress (its `handshakes` limit): at once,
+    or in turn when one ends (a burst of new pooled connections waits rather than failing), within
+    `timeout_s`; HandshakeLimit if too many wait already or none came in time."""
+    granted = loop.create_future()
+
+    def grant() -> bool:
+        if granted.done():  # its waiter gave up: the slot goes to the next
+            return False
+        granted.set_result(None)
+        return True
+
+    taken = quota.take_or_queue(Limit.HANDSHAKES, grant)
+    if taken:
+        return
+    if taken is None:
+        raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached, and as many wait")
+    try:
+        await asyncio.wait_for(granted, timeout_s)
+    except BaseException as e:
+        quota.withdraw(Limit.HANDSHAKES, grant)
+        if granted.done() and not granted.cancelled():  # granted just as it gave up: pass it on
+            quota.give(Limit.HANDSHAKES)
+        if isinstance(e, asyncio.TimeoutError):
+            raise HandshakeLimit(f"no mutual-TLS handshake of the pod ended in {timeout_s:g} s to make room") from None
+        raise
+
+
 async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: float, factory,
                   tunnel: Tunnel | None = None) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection from the pod to `address`: plain, or through a mutual-TLS
@@ -98,8 +126,7 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
         return await loop.create_connection(factory, sock=sock)
     if tunnel.quota is not None:
         await _wait_turn(tunnel.quota, loop)
-        if not tunnel.quota.take(Limit.HANDSHAKES):
-            raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached")
+        await _handshake_slot(tunnel.quota, loop, timeout_s)
     try:
         sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
         transport, protocol = await loop.create_connection(factory, sock=sock)
