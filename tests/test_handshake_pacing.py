@@ -320,3 +320,36 @@ def test_a_burst_of_new_mesh_connections_past_its_handshakes_in_progress_waits_i
         assert not pair.pods["pod-a"].quota.queued[limits.Limit.HANDSHAKES]
         await settled(pair, "pod-a")
     asyncio.run(with_pair(settings, scenario))
+
+
+def test_a_waiter_cancelled_or_timed_out_holds_no_slot_and_a_cancellation_is_not_swallowed():
+    """upstream._handshake_slot on a real loop: a connect cancelled while it waits (its client
+    left) or whose wait times out gives up its place; one granted as it was cancelled passes the
+    slot on; the cancellation reaches the caller (asyncio.wait_for on 3.11 would swallow it)."""
+    from nodeagent.proxy.upstream import HandshakeLimit, _handshake_slot
+    HANDSHAKES = limits.Limit.HANDSHAKES
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        quota = limits.Quota(limits.parse("handshakes=1"))
+        await _handshake_slot(quota, loop, 1.0)  # the one slot, held
+        cancelled = loop.create_task(_handshake_slot(quota, loop, 5.0))
+        granted_as_cancelled = loop.create_task(_handshake_slot(quota, loop, 5.0))
+        last = loop.create_task(_handshake_slot(quota, loop, 5.0))
+        await asyncio.sleep(0)
+        assert len(quota.queued[HANDSHAKES]) == 3
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        quota.give(HANDSHAKES)  # to the second waiter; it is cancelled in the same turn
+        granted_as_cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await granted_as_cancelled
+        await last  # the slot was passed on
+        assert quota.held[HANDSHAKES] == 1 and not quota.queued[HANDSHAKES]
+        with pytest.raises(HandshakeLimit) as refused:
+            await _handshake_slot(quota, loop, 0.05)
+        assert not refused.value.retryable and not quota.queued[HANDSHAKES] and quota.held[HANDSHAKES] == 1
+        quota.give(HANDSHAKES)
+        assert quota.held[HANDSHAKES] == 0
+    asyncio.run(scenario())

@@ -138,6 +138,18 @@ def test_over_a_count_a_pod_waits_in_turn_for_one_given_back_and_too_many_waitin
     assert served == ["c", "e", "late0"] and quota.held[Limit.HANDSHAKES] == 1
     quota.give(Limit.HANDSHAKES)
     assert served[-1] == "late1" and quota.held[Limit.HANDSHAKES] == 1
+    quota.limits = limits.parse("handshakes=4")  # raised live: the next arrival wakes those waiting first
+    assert quota.take_or_queue(Limit.HANDSHAKES, waiter("y")) is False  # room for three: all three waited longer
+    assert served == ["c", "e", "late0", "late1", "late2", "late3", "x"] and quota.held[Limit.HANDSHAKES] == 4
+    quota.give(Limit.HANDSHAKES)
+    assert served[-1] == "y" and not quota.queued[Limit.HANDSHAKES]
+
+
+def test_the_queue_for_a_count_is_bounded_absolutely_too():
+    quota = Quota(limits.parse(f"handshakes={limits.QUEUED_MAX}"))
+    assert all(quota.take(Limit.HANDSHAKES) for _ in range(limits.QUEUED_MAX))
+    queued = [quota.take_or_queue(Limit.HANDSHAKES, lambda: True) for _ in range(limits.QUEUED_MAX + 1)]
+    assert queued == [False] * limits.QUEUED_MAX + [None]
 
 
 # --- the connection table ---

@@ -42,7 +42,8 @@ async def run_attempts(target, retries: Retries, acquire: Callable[[tuple], Awai
         except CONNECT_ERRORS as e:
             target.connect_failed(endpoint, e)
             status = getattr(e, "status", 502)  # a refusal may say what the client hears (on_node: a 403)
-            if status == 502 and retries.decide(Failure.CONNECT) is Verdict.RETRY:
+            # The source pod's own limit (upstream.HandshakeLimit) holds for every endpoint: not retried.
+            if status == 502 and getattr(e, "retryable", True) and retries.decide(Failure.CONNECT) is Verdict.RETRY:
                 continue
             return await answer(status, target.connect_failure_reason(e), address)
         outcome = await attempt(conn, endpoint, address)

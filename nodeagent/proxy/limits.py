@@ -72,10 +72,11 @@ DEFAULTS = MappingProxyType({
 })
 
 RATE_OF = {"outbound": Limit.HANDSHAKE_RATE, "inbound": Limit.INBOUND_HANDSHAKE_RATE}
-# How many may wait in turn for one of a count they are over (Quota.take_or_queue), per unit of
-# the limit: a burst of new pooled connections waits for handshakes in progress to end, and
-# beyond this many waiting the pod is refused at once.
+# How many may wait in turn for one of a count they are over (Quota.take_or_queue): per unit of
+# the limit, and at most: a burst of new pooled connections waits for handshakes in progress to
+# end, and beyond this many waiting the pod is refused at once.
 QUEUED_PER_UNIT = 4
+QUEUED_MAX = 256
 
 
 def _value(name: str, text: str) -> int:
@@ -215,14 +216,16 @@ class Quota:
 
     def take_or_queue(self, limit: Limit, granted: Callable[[], bool]) -> bool | None:
         """One more of `limit` now (True); else `granted` waits in turn (False) and is called when
-        one is given back to it, taken in its name (it returns False if its waiter is gone, and the
-        next gets it); None: `QUEUED_PER_UNIT` x the limit wait already (refused)."""
+        one is free for it, taken in its name (it returns False if its waiter is gone, and the next
+        gets it); None: min(QUEUED_PER_UNIT x the limit, QUEUED_MAX) wait already (refused)."""
         queue = self.queued.get(limit)
+        if queue:
+            self._wake(limit, queue)  # the limit may have been raised live since the last give
         if not queue and self.take(limit):  # none waiting: no one is passed over
             return True
         if queue is None:
             queue = self.queued[limit] = deque()
-        if len(queue) >= QUEUED_PER_UNIT * max(self.limits[limit], 1):
+        if len(queue) >= min(QUEUED_PER_UNIT * max(self.limits[limit], 1), QUEUED_MAX):
             return None
         queue.append(granted)
         return False
@@ -231,16 +234,20 @@ class Quota:
         """`granted` waits no longer (its wait timed out or was cancelled)."""
         queue = self.queued.get(limit)
         if queue is not None and granted in queue:
-            queue.remove(granted)  # at most QUEUED_PER_UNIT x the limit long
+            queue.remove(granted)  # at most QUEUED_MAX long
 
     def give(self, limit: Limit) -> None:
         if self.held[limit] <= 0:
             raise RuntimeError(f"{limit.value}: given back more than taken")
         self.held[limit] -= 1
         queue = self.queued.get(limit)
+        if queue:
+            self._wake(limit, queue)
+
+    def _wake(self, limit: Limit, queue: deque) -> None:
+        """Whoever waits, oldest first, gets what is free under the limit now."""
         while queue and self.held[limit] < self.limits[limit]:
             granted = queue.popleft()
             self.held[limit] += 1
-            if granted():
-                return
-            self.held[limit] -= 1
+            if not granted():
+                self.held[limit] -= 1

@@ -50,7 +50,10 @@ class Tunnel:
 
 class HandshakeLimit(ConnectionRefusedError):
     """The source pod has its limit of mutual-TLS handshakes in progress, or is over its rate of
-    new ones for longer than MAX_WAIT_S (`limit` says which)."""
+    new ones for longer than MAX_WAIT_S (`limit` says which). The pod's own limit, whatever the
+    endpoint: another attempt would meet it again (attempts.py does not retry it)."""
+
+    retryable = False
 
     def __init__(self, message: str, limit: Limit = Limit.HANDSHAKES):
         super().__init__(message)
@@ -103,15 +106,18 @@ async def _handshake_slot(quota, loop, timeout_s: float) -> None:
         return
     if taken is None:
         raise HandshakeLimit("the pod's limit of mutual-TLS handshakes in progress is reached, and as many wait")
+    # Not asyncio.wait_for: on 3.11 it swallows a cancellation that meets a grant.
+    timer = loop.call_later(timeout_s, lambda: granted.done() or granted.set_exception(
+        HandshakeLimit(f"no mutual-TLS handshake of the pod ended within {timeout_s:g} s to make room")))
     try:
-        await asyncio.wait_for(granted, timeout_s)
-    except BaseException as e:
+        await granted
+    except BaseException:
         quota.withdraw(Limit.HANDSHAKES, grant)
-        if granted.done() and not granted.cancelled():  # granted just as it gave up: pass it on
-            quota.give(Limit.HANDSHAKES)
-        if isinstance(e, asyncio.TimeoutError):
-            raise HandshakeLimit(f"no mutual-TLS handshake of the pod ended in {timeout_s:g} s to make room") from None
+        if granted.done() and not granted.cancelled() and granted.exception() is None:
+            quota.give(Limit.HANDSHAKES)  # granted just as it was cancelled: pass it on
         raise
+    finally:
+        timer.cancel()
 
 
 async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: float, factory,
