@@ -321,10 +321,11 @@ OPTIONS: tuple[Option, ...] = (
             "proxy; 'skb' (sk_skb) also what arrives from remote peers, and 'loopback' apps' loopback sends; "
             "these two without backpressure (README, Kernel fast paths).", _print_fast_paths,
             flag="fast-path", metavar="splice[,skb][,loopback]"),
-    _option("on_node_plaintext", _bool, False, Scope.CLUSTER,
+    _option("on_node_plaintext", _bool, True, Scope.CLUSTER,
             "Meshed traffic between pods of this node (opaque TCP, HTTP/1, HTTP/2) is served in one hop, without "
             "the mTLS hop: the destination's policy asked with the source's identity, both sides counted, its "
-            "series tls=false (ARCHITECTURE.md, Same-node traffic in one hop).",
+            "series tls=false; false keeps the mTLS hop on the node too (ARCHITECTURE.md, Same-node traffic "
+            "in one hop).",
             _print_bool, metavar="BOOL"),
     _option("workers", _int_range(0, 256), 0, Scope.CLUSTER,
             "Proxy processes, this one included (0: one per core the agent may use); sidecar mode runs one."),
@@ -382,7 +383,7 @@ class AgentSettings:
     default_policy: authz.Mode = authz.Mode.ALL_UNAUTHENTICATED
     cluster_networks: tuple[str, ...] = DEFAULT_CLUSTER_NETWORKS
     fast_paths: int = 0
-    on_node_plaintext: bool = False
+    on_node_plaintext: bool = True
     workers: int = 0
     log_level: str = "info"
     pod_limits: PodLimits = PodLimits()

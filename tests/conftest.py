@@ -32,17 +32,23 @@ def no_lab_leftovers():
         lab.down()
 
 
-def lab_fixture(nodes: int = 2, pods_per_node: int = 5, mesh: str = "none"):
-    """A module-scoped lab for a test module: up before its first test, down after its last."""
+def lab_fixture(nodes: int = 2, pods_per_node: int = 5, mesh: str = "none", agent_args: tuple = ()):
+    """A module-scoped lab for a test module: up before its first test, down after its last
+    (`agent_args`: added to every agent's command line, e.g. a setting the module depends on)."""
 
     @pytest.fixture(scope="module")
     def lab():
         from nodeagent.lab import lab as lab_ops
 
         lab_ops.down()
-        created = lab_ops.up(nodes=nodes, pods_per_node=pods_per_node, mesh=mesh)
-        yield created
-        lab_ops.down()
+        saved = lab_ops.AGENT_EXTRA_ARGS
+        lab_ops.AGENT_EXTRA_ARGS = [*saved, *agent_args]
+        try:
+            created = lab_ops.up(nodes=nodes, pods_per_node=pods_per_node, mesh=mesh)
+            yield created
+        finally:
+            lab_ops.AGENT_EXTRA_ARGS = saved
+            lab_ops.down()
 
     return lab
 

@@ -18,7 +18,8 @@ from test_proxy import py_in, wait_until
 pytestmark = pytest.mark.privileged
 TD = "spiffe://cluster.local/ns/default/sa"
 
-mesh = lab_fixture(mesh="node")
+# The mesh hop's edges (identities proved by certificates): the Service's pod on the client's node too.
+mesh = lab_fixture(mesh="node", agent_args=("--on-node-plaintext", "false"))
 
 REQUESTS = """
 import http.client

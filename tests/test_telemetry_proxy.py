@@ -22,6 +22,7 @@ from nodeagent.settings import DEFAULT
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network namespaces")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+MESH = replace(DEFAULT, on_node_plaintext=False)  # the mesh hop's two ends (the one hop's: test_on_node_telemetry.py)
 
 
 def annotated(pod_a: dict | None = None, pod_b: dict | None = None) -> ClusterView:
@@ -125,7 +126,7 @@ def read_lines(path) -> list[str]:
 def test_access_log_json_both_directions_both_http_versions(tmp_path):
     """Pod A's annotation logs what it sends, pod B's what it receives (from A's proxy, over mTLS)."""
     log = tmp_path / "access.log"
-    settings = replace(DEFAULT, access_log=str(log))
+    settings = replace(MESH, access_log=str(log))
     paths = ["/", "/status/503?secret=1", "/status/404"]
     outputs = asyncio.run(run_pair(settings, annotated(pod_a={ANNOTATION: "json"}, pod_b={ANNOTATION: "json"}), [
         ("http", lambda port: http1_requests(port, paths)),
@@ -152,7 +153,7 @@ def test_access_log_json_both_directions_both_http_versions(tmp_path):
 
 
 def test_access_log_apache_to_stderr_and_none_without_the_annotation(tmp_path, capfd):
-    settings = replace(DEFAULT, access_log="stderr")
+    settings = replace(MESH, access_log="stderr")
     asyncio.run(run_pair(settings, annotated(pod_a={ANNOTATION: "apache"}), [
         ("http", lambda port: http1_requests(port, ["/", "/status/500"]))], lines=2))
     lines = [text for text in capfd.readouterr().err.splitlines() if '"GET http://pod-b.bench:8080' in text]
@@ -162,7 +163,7 @@ def test_access_log_apache_to_stderr_and_none_without_the_annotation(tmp_path, c
     assert lines[1].endswith('"GET http://pod-b.bench:8080/status/500 HTTP/1.1" 500')
 
     log = tmp_path / "none.log"
-    asyncio.run(run_pair(replace(DEFAULT, access_log=str(log)), annotated(pod_b={"unrelated": "x"}), [
+    asyncio.run(run_pair(replace(MESH, access_log=str(log)), annotated(pod_b={"unrelated": "x"}), [
         ("http", lambda port: http1_requests(port, ["/"]))]))
     assert read_lines(log) == []  # no annotation: no line, not even a file
 
@@ -192,7 +193,7 @@ def test_sampled_requests_are_spans_at_a_real_collector(tmp_path):
 
     log = tmp_path / "access.log"
     with Collector() as collector:
-        settings = replace(DEFAULT, access_log=str(log), trace_collector=collector.url, trace_sampling=0.0)
+        settings = replace(MESH, access_log=str(log), trace_collector=collector.url, trace_sampling=0.0)
         outputs = asyncio.run(run_pair(settings, annotated(pod_a={ANNOTATION: "json"}), [
             ("http", lambda port: traced_requests(port, ["01", "00", "", "01"])),
             (ECHO_TRACE_PORT, lambda port: traced_requests(port, ["01"]))], lines=5, spans=6, echo_trace=True))
@@ -247,7 +248,7 @@ def test_new_traces_at_a_sampling_rate_of_one_h2(tmp_path):
     from otel_collector import Collector
 
     with Collector() as collector:
-        settings = replace(DEFAULT, trace_collector=collector.url, trace_sampling=1.0)
+        settings = replace(MESH, trace_collector=collector.url, trace_sampling=1.0)
         asyncio.run(run_pair(settings, annotated(), [("h2c", lambda port: h2_requests(port, ["/", "/status/404"]))],
                              spans=4))
         collector.wait_for_spans(4)
