@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAYWRIGHT_CORE = ROOT / ".tools" / "browser" / "node_modules" / "playwright-core"
 TRAFFIC_S = 60  # longer than the browser needs; it stops by itself
 
-mesh = lab_fixture(mesh="node")
+# The mesh hop on the node too: every connection of the namespace is mTLS (the column reads 100%).
+mesh = lab_fixture(mesh="node", agent_args=("--on-node-plaintext", "false"))
 
 TRAFFIC = """
 import http.client, os, time
