@@ -10,7 +10,7 @@ loop keeps it busy `busy` of the time (a stand-in for the requests of other pods
 threads run below the loop's priority, so they wait), and `hogs` processes spin beside it at its
 own priority (other work on the node, in the same scheduling group: the lab's, or a node without
 CPU cgroups), each for the run's length. Variants, each run in turn: the default
-limits, and the counts before 733f6b0 (`handshakes=16,inbound-handshakes=64`). Prints one JSON
+limits, and the counts before 5a72ce8 (`handshakes=16,inbound-handshakes=64`). Prints one JSON
 line per run: connections served and failed, and the proxy's refusals (limit_exceeded_total)
 and handshake failures by reason.
 """
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"default": "", "before 733f6b0": "handshakes=16,inbound-handshakes=64"}
+VARIANTS = {"default": "", "16 and 64": "handshakes=16,inbound-handshakes=64"}
 BURN_SLICE_S = 0.005
 
 
