@@ -322,9 +322,9 @@ OPTIONS: tuple[Option, ...] = (
             "these two without backpressure (README, Kernel fast paths).", _print_fast_paths,
             flag="fast-path", metavar="splice[,skb][,loopback]"),
     _option("on_node_plaintext", _bool, False, Scope.CLUSTER,
-            "Meshed traffic between pods of this node (opaque TCP and HTTP/1) is served in one hop, without "
-            "the mTLS hop: the destination's policy asked with the source's identity, both sides counted "
-            "(ARCHITECTURE.md, Same-node traffic in one hop).",
+            "Meshed traffic between pods of this node (opaque TCP, HTTP/1, HTTP/2) is served in one hop, without "
+            "the mTLS hop: the destination's policy asked with the source's identity, both sides counted, its "
+            "series tls=false (ARCHITECTURE.md, Same-node traffic in one hop).",
             _print_bool, metavar="BOOL"),
     _option("workers", _int_range(0, 256), 0, Scope.CLUSTER,
             "Proxy processes, this one included (0: one per core the agent may use); sidecar mode runs one."),
