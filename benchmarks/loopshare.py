@@ -83,7 +83,7 @@ async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: f
     if not windows:
         limits.Quota.refusing = lambda quota, direction, now: None  # this child process only
     if not cut:
-        contention.LoopContention.rate = lambda self, limit: limit  # this child process only
+        contention.LoopContention.rate = lambda self, key, limit: limit  # this child process only
     if niceness is not None:
         tls.HANDSHAKE_NICENESS = niceness  # before the threads start: read by their initializer
     settings = dataclasses.replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(pod_limits))

@@ -189,9 +189,12 @@ class Quota:
         if pace is None:
             pace = self.paces[direction] = Pace()
         limit = RATE_OF[direction]
-        rate = self.limits[limit] if self.contention is None else self.contention.rate(self.limits[limit])
+        key = (self, direction)  # this pod-direction's share of a contended loop (contention.py)
+        rate = self.limits[limit] if self.contention is None else self.contention.rate(key, self.limits[limit])
         turn = pace.turn(now, rate, self.limits[limit])
         if turn is None:
+            if self.contention is not None:
+                self.contention.refused(key)  # counted apart while its rate is cut
             # At most MAX_WAIT_S at a time: pacing refuses on after it (and opens another), and a
             # live change of the rate (lowered, then raised back) cannot leave a long window open.
             self.refuse(direction, limit, min(pace.reopens_at(now, rate), now + MAX_WAIT_S))
