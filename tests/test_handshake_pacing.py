@@ -245,6 +245,30 @@ def test_a_late_loop_cuts_the_pods_whose_handshakes_take_a_large_part_of_it():
     asyncio.run(with_pair(replace(DEFAULT, on_node_plaintext=False), scenario))
 
 
+def test_the_probe_goes_on_after_an_exception_and_logs_it(caplog):
+    """A probe that raised once is rescheduled all the same (a stopped probe would leave the
+    rates as they were, cut or not), and what it raised is logged."""
+    from nodeagent.proxy import contention
+
+    async def scenario(pair):
+        judged, windows = pair.proxy._judged, []
+
+        def failing_once(verdict):
+            windows.append(verdict)
+            if len(windows) == 1:
+                raise RuntimeError("a probe that failed")
+            judged(verdict)
+        pair.proxy._judged = failing_once
+        for _ in range(40):
+            await asyncio.sleep(contention.WINDOW_S / 2)
+            if len(windows) >= 3:
+                break
+        assert len(windows) >= 3
+        assert "a probe that failed" in caplog.text
+    with caplog.at_level("WARNING"):
+        asyncio.run(with_pair(replace(DEFAULT, on_node_plaintext=False), scenario))
+
+
 # Straight to pod B's mesh port, as anyone who can reach a pod can: a byte of a ClientHello, then close.
 BYTE_AND_CLOSE = """
 import socket

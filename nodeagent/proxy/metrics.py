@@ -176,7 +176,7 @@ class Metrics:
                                                    "that came over 5 ms late", registry=r)
         self.event_loop_handshake_cpu_ratio = Gauge("event_loop_handshake_cpu_ratio", "CPU seconds the process's "
                                                     "mutual-TLS handshakes took per second, over the last 0.25 s "
-                                                    "window (their rates are cut only from 0.2, the loop late)",
+                                                    "window (their rates are cut only from 0.05, the loop late)",
                                                     registry=r)
         self.handshake_rate_share = Gauge("handshake_rate_share", "The share of its handshake rate a pod gets "
                                           "while its handshakes make the loop late (1: not cut; pods ever cut)",
