@@ -26,23 +26,32 @@ BURST = 12
 RATE = 2  # a burst of 2 at once, then 1 turn within MAX_WAIT_S (at 0.5 s): 3 served of 12
 MESH = replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(f"handshake-rate={RATE}"))  # pod A's
 
-# BURST connections at once from pod A, each one echo of 4 bytes; prints what happened as JSON.
+# `count` threads in pod A, each making connections one after another (`interval` s apart) until
+# `seconds` have passed, at least one; each one echo of 4 bytes. Prints what happened as JSON.
 CLIENT = """
 import json, socket, sys, threading, time
 results = []
-def one():
-    try:
-        with socket.create_connection(("127.0.0.1", {port}), timeout=5) as s:
-            s.sendall(b"ping")
-            results.append(s.recv(4) == b"ping")
-    except OSError:
-        results.append(False)
 start = time.monotonic()
+def one():
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", {port}), timeout=5) as s:
+                s.sendall(b"ping")
+                results.append(s.recv(4) == b"ping")
+        except OSError:
+            results.append(False)
+        if time.monotonic() - start >= {seconds}:
+            return
+        time.sleep({interval})
 threads = [threading.Thread(target=one) for _ in range({count})]
 for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps({{"ok": results.count(True), "failed": results.count(False), "seconds": time.monotonic() - start}}))
 """
+
+
+def client(port: int, count: int, seconds: float = 0, interval: float = 0) -> list[str]:
+    return [sys.executable, "-c", CLIENT.format(port=port, count=count, seconds=seconds, interval=interval)]
 
 
 def sample(pair, name: str, **labels) -> float:
@@ -65,7 +74,7 @@ async def settled(pair, pod: str) -> None:
 
 async def burst(pair) -> dict:
     _, port = pair.aim("echo")
-    done = await pair.run_in_a_async([sys.executable, "-c", CLIENT.format(port=port, count=BURST)], timeout=60)
+    done = await pair.run_in_a_async(client(port, BURST), timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -152,27 +161,6 @@ def test_the_handshake_threads_run_below_the_event_loops_cpu_priority():
     assert asyncio.run(niceness_on_a_handshake_thread()) == min(19, here + tls.HANDSHAKE_NICENESS)
 
 
-# Connections from pod A on `threads` threads for `seconds`, each one echo of 4 bytes, then
-# `interval` seconds of rest; prints how many were served and how many failed (refused) as JSON.
-CHURN = """
-import json, socket, threading, time
-results, stop = [], time.monotonic() + {seconds}
-def churn():
-    while time.monotonic() < stop:
-        try:
-            with socket.create_connection(("127.0.0.1", {port}), timeout=5) as s:
-                s.sendall(b"ping")
-                results.append(s.recv(4) == b"ping")
-        except OSError:
-            results.append(False)
-        time.sleep({interval})
-threads = [threading.Thread(target=churn) for _ in range({threads})]
-for t in threads: t.start()
-for t in threads: t.join()
-print(json.dumps({{"ok": results.count(True), "failed": results.count(False)}}))
-"""
-
-
 def judgements(pair) -> list:
     """Every window the proxy's own probe judges from now on, as the proxy is told them."""
     seen, judged = [], pair.proxy._judged
@@ -190,12 +178,11 @@ async def churn_with_the_loop_held(pair, threads: int, interval: float) -> tuple
     probe comes late about every other tick. What the client got, and the windows judged meanwhile."""
     seen = judgements(pair)
     _, port = pair.aim("echo")
-    client = asyncio.ensure_future(pair.run_in_a_async(
-        [sys.executable, "-c", CHURN.format(port=port, seconds=2, threads=threads, interval=interval)], timeout=60))
-    while not client.done():
+    churning = asyncio.ensure_future(pair.run_in_a_async(client(port, threads, 2, interval), timeout=60))
+    while not churning.done():
         time.sleep(0.03)
         await asyncio.sleep(0.015)
-    done = await client
+    done = await churning
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout), seen
 
@@ -339,7 +326,7 @@ def test_one_client_address_holds_at_most_a_quarter_of_a_pods_handshakes():
         await settled(pair, "pod-b")
         assert len(pair.pods["pod-b"].handshakes_by_source) == 0  # every hold given back
         _, port = pair.aim("echo")  # the same address's real clients are served again, within its share
-        done = await pair.run_in_a_async([sys.executable, "-c", CLIENT.format(port=port, count=2)], timeout=60)
+        done = await pair.run_in_a_async(client(port, 2), timeout=60)
         assert json.loads(done.stdout)["ok"] == 2, done.stdout
     settings = replace(DEFAULT, on_node_plaintext=False)
     asyncio.run(with_pair(settings, scenario, {"limits.nodeagent.io/inbound-handshakes": str(limit)}))
@@ -368,7 +355,7 @@ def test_over_its_rate_a_pods_next_connections_are_refused_at_accept_before_dete
     (refusal.py), counted like the others; a silent one would otherwise sit in detection for 10 s."""
     async def scenario(pair):
         _, port = pair.aim("echo")
-        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST)
+        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST, seconds=0, interval=0)
         done = await pair.run_in_a_async([sys.executable, "-c", script], timeout=60)
         assert done.returncode == 0, done.stderr
         got = json.loads(done.stdout)
@@ -390,7 +377,7 @@ def test_over_its_inbound_rate_a_pods_next_mesh_connections_are_refused_before_t
 
     async def scenario(pair):
         _, port = pair.aim("echo")
-        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST).replace(
+        script = SILENT_AFTER_A_REFUSAL.format(port=port, count=BURST, seconds=0, interval=0).replace(
             f'silent = socket.create_connection(("127.0.0.1", {port})',
             f"silent = socket.create_connection(({B_IP!r}, {MESH_PORT})")
         assert script.count(f"{B_IP!r}, {MESH_PORT}") == 1  # the silent connection only: straight to B's mesh port
