@@ -104,13 +104,21 @@ def test_the_only_cause_is_halved_each_late_window_down_to_its_floor():
 def test_causes_are_cut_in_proportion_to_their_part_and_a_small_part_is_not_cut():
     c = LoopContention()
     total = 2 * HANDSHAKE_PART * ELAPSED
-    parts = {"big": 0.6, "half": 0.35, "small": 0.05}
+    parts = {"big": 0.5, "half": 0.35, "small": 0.15}
     judged = window(c, late=WINDOW_TICKS, costs={key: part * total for key, part in parts.items()})
     assert judged.window is Window.HANDSHAKES
-    assert c.share("big") == pytest.approx(1 - (1 - CUT) * 0.6)
+    assert c.share("big") == pytest.approx(1 - (1 - CUT) * 0.5)
     assert c.share("half") == pytest.approx(1 - (1 - CUT) * 0.35)
     assert parts["small"] < SMALL_PART and c.share("small") == 1.0 and "small" not in judged.cut
     assert set(judged.cut) == {"big", "half"}
+
+
+def test_a_minor_part_beside_a_major_one_is_never_cut_however_long_it_lasts():
+    c = LoopContention()
+    total = 2 * HANDSHAKE_PART * ELAPSED
+    for _ in range(100):  # 25 s of a late loop with the same two handshakers
+        window(c, late=WINDOW_TICKS, costs={"attacker": 0.87 * total, "pool-less": 0.13 * total})
+    assert c.share("attacker") == MIN_SHARE and c.share("pool-less") == 1.0
 
 
 def test_entry_and_exit_of_cutting_are_told_once_each():

@@ -39,11 +39,14 @@ LATE_S = 0.005
 WINDOW_S = 0.25  # judged every this long (12 ticks when on time)
 LATE_TICKS = 3  # late ticks in one window that make it late: a quarter of them, not one stall
 # The handshake steps' CPU (all pods, both directions) over the window's wall time from which they
-# are the cause: a twentieth of a core, 20 same-node hops a second resumed (2.5 ms of steps each,
-# 0.8 as client and 1.7 as server, of 9.6 ms of the process's CPU per connection, 43433e1 +
-# this change: benchmarks/handshake_cpu.py).
+# are the cause: a twentieth of a core, 20 same-node hops a second resumed (2.6 ms of steps each,
+# 0.8 as client and 1.8 as server, of 10.1 ms of the process's CPU per connection, on 5f1c83c:
+# `python -m benchmarks.handshake_cpu --runs 5`, medians; 0.74-0.83, 1.67-1.85, 9.22-10.40).
 HANDSHAKE_PART = 0.05
-SMALL_PART = 0.1  # a pod-direction under this part of a HANDSHAKES window's handshake CPU is not cut
+# A pod-direction under this part of a HANDSHAKES window's handshake CPU is not cut: not a tenth, or
+# a pool-less client at 40/s beside an attacker (0.03 of a core against 0.2: 13%) would be cut a
+# little every window, and so to its floor while the attack lasts.
+SMALL_PART = 0.2
 CUT = 0.5  # the share of the only cause after one window; a part p of the cause: 1 - (1 - CUT) x p
 MIN_SHARE = 0.2  # a pod keeps at least this part of its rate: 10 handshakes a second by default
 FLOOR_RATE = 10.0  # and never less than this many a second (or its limit, if that is lower)
