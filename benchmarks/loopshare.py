@@ -16,7 +16,8 @@ request of every pod waits that long before the loop gets to it. Variants:
   (the proxy before pacing);
 - `unpaced, threads niced`: only the handshake threads' lower priority;
 - `paced (default), threads at loop priority`: only the default handshake-rate;
-- `paced (default), threads niced`: both, and the rates cut while the loop is late (the proxy as built);
+- `paced (default), threads niced`: both, and the rates of the pods whose handshakes load a late
+  loop cut (contention.py; the proxy as built);
 - `paced, niced, refused only at the handshake`: as built but without refusal windows (a pod over
   its rate has each new connection accepted, detected and refused at its handshake, as before
   proxy/refusal.py; there is no kernel here, so the windows' refusals are the proxy's at accept);
@@ -83,7 +84,7 @@ async def one_run(pod_limits: str, niceness: int | None, rate: float, seconds: f
     if not windows:
         limits.Quota.refusing = lambda quota, direction, now: None  # this child process only
     if not cut:
-        contention.LoopContention.rate = lambda self, limit: limit  # this child process only
+        contention.LoopContention.rate = lambda self, key, limit: limit  # this child process only
     if niceness is not None:
         tls.HANDSHAKE_NICENESS = niceness  # before the threads start: read by their initializer
     settings = dataclasses.replace(DEFAULT, on_node_plaintext=False, pod_limits=limits.parse(pod_limits))

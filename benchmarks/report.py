@@ -205,26 +205,45 @@ def soak_table(runs: list[dict]) -> str:
         return "(not run)"
     streams = ("http1_keepalive", "http1_close", "opaque_short", "http2")
     lines = ["| phase | requests and connections served | errors (" + ", ".join(streams) + ") | mesh CPU s | "
-             "peak RSS MiB | RSS after MiB | RSS after, each process's own reading MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "peak RSS MiB | RSS after MiB | RSS after, each process's own reading MiB | "
+             "RSS after, then trimmed MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         errors = ", ".join(str(r.get(f"{s}_errors", "-")) for s in streams) if "requests" in r else "-"
         lines.append(f"| {r['workload']} | {_fmt(r.get('requests'), 0)} | {errors} | {_fmt(r.get('cpu_s'))} | "
-                     f"{_fmt(r.get('rss_peak_mib'))} | {_fmt(r.get('rss_mib'))} | {_fmt(_own_rss(r))} |")
+                     f"{_fmt(r.get('rss_peak_mib'))} | {_fmt(r.get('rss_mib'))} | {_fmt(_own_rss(r))} | "
+                     f"{_fmt(_trimmed_rss(r))} |")
     phases = [r for r in runs if r["workload"].startswith("phase")]
     if len(phases) >= 2:
         lines.append("\n" + soak_verdict(phases))
     if any("memory" in r for r in runs):
         lines.append("\n" + soak_memory_table(runs))
+    if runs[-1].get("refusals"):
+        counted = ", ".join(f"{name} {value:,.0f}" for name, value in sorted(runs[-1]["refusals"].items()))
+        lines.append(f"\nThe agents' refusal, failure and handshake counters at the end (/metrics, both agents, "
+                     f"since they started; each row's in results.json): {counted}.")
     return "\n".join(lines)
 
 
 def _own_rss(row: dict) -> float | None:
     """The agents' RSS as each process read it at the start of its /debug/memory report, summed."""
     held = row.get("memory", {})
-    if "trim_rss_before_kib" in held:  # read before the trim: the row's RSS is the one after
+    if _after_trim(row):  # the row's RSS is the one after the trim
         return None
     kib = held.get("process_rss_kib")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def _after_trim(row: dict) -> bool:
+    """The row whose RSS is read after a malloc_trim (before soak.py trimmed in every report, the
+    only row with a trim)."""
+    return row.get("rss_after_trim", "trim_rss_before_kib" in row.get("memory", {}))
+
+
+def _trimmed_rss(row: dict) -> float | None:
+    """The agents' RSS right after each process's malloc_trim in its report, summed: the floor the
+    periodic trim brings them back to, whatever the moment of the reading within its period."""
+    kib = row.get("memory", {}).get("trim_rss_after_kib")
     return None if kib is None else round(kib / 1024, 1)
 
 
@@ -244,7 +263,18 @@ def soak_verdict(phases: list[dict]) -> str:
             f"the warm-up phase to the end of the last, the agents' RSS (both agents, with their workers"
             f"{', as each process read it' if own else ''}) moved "
             f"by {growth:+.1f} MiB; its range over those {len(phases)} readings was {spread:.1f} MiB "
-            f"({min(after):.1f} to {max(after):.1f}): the target (flat within {FLAT_MIB:g} MiB) is {verdict}.")
+            f"({min(after):.1f} to {max(after):.1f}): the target (flat within {FLAT_MIB:g} MiB) is {verdict}."
+            + _floor_verdict(phases))
+
+
+def _floor_verdict(phases: list[dict]) -> str:
+    floor = [_trimmed_rss(r) for r in phases]
+    if None in floor:
+        return ""
+    spread, growth = max(floor) - min(floor), floor[-1] - floor[0]
+    return (f" Right after each process's trim, the same RSS moved by {growth:+.1f} MiB, range {spread:.1f} MiB "
+            f"({min(floor):.1f} to {max(floor):.1f}): within {FLAT_MIB:g} MiB "
+            f"{'yes' if spread <= FLAT_MIB else 'no'}.")
 
 
 # What /debug/memory says the agents hold (summed over both agents' processes): (column, key, divisor).
@@ -268,7 +298,7 @@ def soak_memory_table(runs: list[dict]) -> str:
         lines.append(f"| {r['workload']} | {_fmt(r.get('rss_mib'))} | "
                      + " | ".join(_fmt(held[key] / div if key in held else None, 1 if div > 1 else 0)
                                   for _, key, div in HELD) + " |")
-    trimmed = [r["memory"] for r in runs if "trim_rss_before_kib" in r.get("memory", {})]
+    trimmed = [r["memory"] for r in runs if _after_trim(r) and "trim_rss_before_kib" in r.get("memory", {})]
     if trimmed:
         before, after = trimmed[0]["trim_rss_before_kib"] / 1024, trimmed[0]["trim_rss_after_kib"] / 1024
         lines.append(f"\nmalloc_trim(0) in every process took the agents' RSS from {before:.1f} to {after:.1f} MiB "

@@ -6,12 +6,15 @@ HTTP/1.1 keep-alive (`openloop.py`, same node), a new HTTP/1.1 connection per re
 short opaque TCP connections (`attack.py`, cross node: each one an mTLS tunnel), and HTTP/2
 (h2load at a fixed rate, cross node). After each phase (and a short settle) the RSS again,
 then after an idle pause, and last after asking each process to give glibc's free memory back
-(malloc_trim, through /debug/memory?trim=1). A leak shows as RSS after each phase rising phase
+(malloc_trim, through /debug/memory?trim=1; every row's report trims too, and says each
+process's RSS after it). A leak shows as RSS after each phase rising phase
 over phase; the first phase is the warm-up (pools, caches and allocator arenas reach their
 working size). With each RSS, each agent's /debug/memory (agent/memory.py): glibc's heap
 (in use, kept free), Python's objects by type, the proxy's tables (pools, connections, metric
 series, TLS sessions, ...), so the report says which of them grew. Phases and their length:
-BENCH_SOAK_PHASES, BENCH_SOAK_SECONDS.
+BENCH_SOAK_PHASES, BENCH_SOAK_SECONDS. With each row also the agents' refusal and failure
+counters from /metrics (`REFUSALS`: which limit refused, which handshakes failed and why), so
+an error of the load generators can be traced to the agent's reason.
 """
 
 import json
@@ -109,18 +112,41 @@ def memory(lab, trim: bool = False) -> dict:
     return {**out, "types": dict(types), "processes": processes}
 
 
-def _row(lab, workload: str, trim: bool = False, **fields) -> dict:
+# Counters that say why a connection failed: summed over both agents, per series (its labels).
+REFUSALS = ("limit_exceeded_total", "kernel_over_limit_refused_total", "kernel_connect_failures_total",
+            "kernel_inbound_refused_total", "tcp_errors_total",
+            "http_errors_total", "tls_handshake_failures_total", "tls_handshakes_total", "http2_flood_total")
+_SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? ([0-9.eE+-]+)$')
+
+
+def refusals(lab) -> dict[str, float]:
+    """Both agents' REFUSALS counters, "name{labels}" -> value (nonzero ones only)."""
+    out: Counter = Counter()
+    for node in lab.plan.nodes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=MEMORY_TIMEOUT_S) as r:
+            for line in r.read().decode().splitlines():
+                match = _SAMPLE.match(line)
+                if match and match[1] in REFUSALS and float(match[3]):
+                    out[f"{match[1]}{{{match[2] or ''}}}"] += float(match[3])
+    return dict(out)
+
+
+def _row(lab, workload: str, after_trim: bool = False, **fields) -> dict:
     # The RSS before the report: a report walks every Python object and parses glibc's XML, and
     # what that allocates stays resident until the next periodic trim (a run on 253e05c read its
     # RSS after the reports: 4-9 MiB above what each process read at the start of its own).
-    # With trim, the RSS after it.
+    # Every report also trims (each process's RSS after it: the floor the periodic trim brings it
+    # back to, whatever the moment of the reading within the trim period); with `after_trim` the
+    # row's RSS is the one read after that trim.
     rss = inlab.rss_mib(inlab.mesh_pids(lab))
-    held = memory(lab, trim)
-    if trim:
+    held = memory(lab, trim=True)
+    if after_trim:
         rss = inlab.rss_mib(inlab.mesh_pids(lab))
-    row = {"mode": "soak", "workload": workload, "round": 0, **fields, "rss_mib": rss, "memory": held}
+    row = {"mode": "soak", "workload": workload, "round": 0, **fields, "rss_mib": rss, "rss_after_trim": after_trim,
+           "memory": held, "refusals": refusals(lab)}
     print(f"  soak {workload}: rss {row['rss_mib']} MiB, "
-          f"{ {k: v for k, v in held.items() if k not in ('types', 'processes')} }", flush=True)
+          f"{ {k: v for k, v in held.items() if k not in ('types', 'processes')} }; refusals {row['refusals']}",
+          flush=True)
     return row
 
 
@@ -139,5 +165,5 @@ def section(sizes, choice) -> list[dict]:
             rows.append(_row(lab, f"phase {phase + 1}", **mixed, rss_peak_mib=peak.peak, cpu_s=cpu))
         time.sleep(IDLE_S)
         rows.append(_row(lab, f"idle, {IDLE_S:g} s after"))
-        rows.append(_row(lab, "idle, after malloc_trim", trim=True))
+        rows.append(_row(lab, "idle, after malloc_trim", after_trim=True))
     return rows

@@ -33,6 +33,8 @@ def test_the_benchmark_harness_runs_every_mode_and_section_and_writes_its_report
     # each soak row says what the agents hold (/debug/memory), the last after malloc_trim
     assert all(r["memory"]["heap_in_use_kib"] > 0 and r["memory"]["metric_samples"] > 0 for r in phases)
     assert results["soak"][-1]["memory"]["trim_rss_after_kib"] > 0
+    # every row's report trims too (the RSS floor), and carries the agents' handshake counters
+    assert all(r["memory"]["trim_rss_after_kib"] > 0 and r["refusals"] for r in phases)
     costs = [r for r in results["conncost"] if r["workload"] == "memory per connection"]
     assert {r["mode"] for r in costs} == {"idle-detecting", "idle-keepalive", "slowloris", "half-handshake"}
     bounds = [r for r in results["conncost"] if r["workload"] == "held at the default limit"]
@@ -41,6 +43,7 @@ def test_the_benchmark_harness_runs_every_mode_and_section_and_writes_its_report
     report = (run / "results.md").read_text()
     for title in ("### Traffic", "### CPU of the mesh", "### Memory of the mesh under load", "### Kernel fast paths",
                   "### Worker processes", "### Cost as pods", "### Noisy neighbour", "### Soak",
-                  "### Memory per held connection", "kept free MiB", "malloc_trim(0) in every process"):
+                  "### Memory per held connection", "kept free MiB", "malloc_trim(0) in every process",
+                  "RSS after, then trimmed MiB", "tls_handshakes_total"):
         assert title in report
     assert {p.name for p in run.glob("*.png")} == {"latency.png", "memory.png", "throughput.png"}

@@ -278,7 +278,10 @@ def test_a_surge_roll_of_the_daemonset_under_load_fails_no_request(shop):
                 side_by_side = True
                 plane.kubectl("apply", "-f", "-", input=json.dumps(joiner))  # joins during the overlap
             if now[old["metadata"]["name"]]["metadata"].get("deletionTimestamp"):
-                old_logs = plane.kubectl("-n", NAMESPACE, "logs", old["metadata"]["name"], check=False).stdout or old_logs
+                read = plane.kubectl("-n", NAMESPACE, "logs", old["metadata"]["name"], check=False).stdout or ""
+                # Once its container is gone the kubelet answers with this text instead of the logs.
+                if read and not read.startswith("unable to retrieve container logs"):
+                    old_logs = read
         elif new and ready(new[0]):
             break
         assert time.monotonic() - started < 300, plane.kubectl("get", "pods", "-A", "-o", "wide").stdout

@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 
 from nodeagent.policy.authz import Client
 from nodeagent.ports import PROXY_PORTS
-from nodeagent.proxy import client_hello, mesh
+from nodeagent.proxy import client_hello, contention, mesh
 from nodeagent.proxy.client_hello import Hello
 from nodeagent.proxy.connection import Direction, Phase, Refused
 from nodeagent.proxy.limits import Limit
@@ -325,7 +325,8 @@ class MeshAccept(_Inbound):
             if self.eof or raw.is_closing():  # it closed (before its turn, or while it waited for it)
                 raise ConnectionResetError("the peer closed before its TLS handshake began")
             context = deps.server_context(self.pod)
-            tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes))
+            tls = await handshake(raw, self, context, True, deps.timeouts.handshake_s, initial=bytes(self.raw_bytes),
+                                  charge=contention.charger(self.pod.quota, "inbound"))
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ValueError) as e:
             reason = mesh.handshake_failure_reason(e)
             deps.observers.metrics.handshake_failed("inbound", reason)

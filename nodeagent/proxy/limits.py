@@ -56,10 +56,16 @@ class Limit(enum.Enum):
 DEFAULTS = MappingProxyType({
     Limit.OUTBOUND_CONNECTIONS: 1000,
     Limit.INBOUND_CONNECTIONS: 1000,
-    Limit.HANDSHAKES: 16,
-    # Room for the turns its inbound-handshake-rate gives ahead (200/s x pacing.MAX_WAIT_S = 100 at
-    # most), less; a silent client is dropped after Timeouts.client_hello_s.
-    Limit.INBOUND_HANDSHAKES: 64,
+    # Handshakes in progress = rate x how long each takes (Little's law), and a handshake waits for
+    # CPU when the node is busy (its threads run below the loop's priority): at handshake-rate
+    # times the mesh client's 1 s connect deadline, a pod within its rate is never refused by this
+    # count while its handshakes finish in time (at 16, a soak pod at 40/s was, whenever they took
+    # 0.4 s: benchmarks/README.md "Soak").
+    Limit.HANDSHAKES: 50,
+    # Four clients' worth of the above (a client address holds at most a quarter, source_share.py),
+    # and room for the turns its inbound-handshake-rate gives ahead (200/s x pacing.MAX_WAIT_S =
+    # 100 at most); a silent client is dropped after Timeouts.client_hello_s.
+    Limit.INBOUND_HANDSHAKES: 200,
     # About 0.4 of a core at both ends of same-node hops on the 2-core test VM; above the soak's
     # 40 new opaque connections a second from one pod (benchmarks/README.md).
     Limit.HANDSHAKE_RATE: 50,
@@ -183,9 +189,12 @@ class Quota:
         if pace is None:
             pace = self.paces[direction] = Pace()
         limit = RATE_OF[direction]
-        rate = self.limits[limit] if self.contention is None else self.contention.rate(self.limits[limit])
+        key = (self, direction)  # this pod-direction's share of a contended loop (contention.py)
+        rate = self.limits[limit] if self.contention is None else self.contention.rate(key, self.limits[limit])
         turn = pace.turn(now, rate, self.limits[limit])
         if turn is None:
+            if self.contention is not None:
+                self.contention.refused(key)  # counted apart while its rate is cut
             # At most MAX_WAIT_S at a time: pacing refuses on after it (and opens another), and a
             # live change of the rate (lowered, then raised back) cannot leave a long window open.
             self.refuse(direction, limit, min(pace.reopens_at(now, rate), now + MAX_WAIT_S))

@@ -132,12 +132,13 @@ class SessionCache:
 async def client_handshake(transport: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext,
                            expected: naming.Identity, port: int, hint: int, timeout_s: float,
                            sessions: SessionCache | None = None, server: str = "",
-                           on_done: Callable[[bool], None] | None = None) -> asyncio.Transport:
+                           on_done: Callable[[bool], None] | None = None,
+                           charge: Callable[[float], None] | None = None) -> asyncio.Transport:
     """TLS over a connected transport, identity checked, header sent: the tunnel's transport.
-    `on_done(resumed)` once the identity is proven (tls_handshakes_total)."""
+    `on_done(resumed)` once the identity is proven (tls_handshakes_total); `charge`: tls.handshake's."""
     try:
         tls = await handshake(transport, protocol, context, False, timeout_s, expected.server_name,
-                              session=sessions.get(context, server) if sessions else None)
+                              session=sessions.get(context, server) if sessions else None, charge=charge)
     except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
         transport.abort()
         if sessions is not None:

@@ -173,7 +173,17 @@ class Metrics:
                                             "proven): full, or a session resumed (no certificate signatures)",
                                             ("direction", "resumed"), registry=r)
         self.event_loop_late_ticks_total = Counter("event_loop_late_ticks", "Probes of the event loop (every 20 ms) "
-                                                   "that came late enough to cut the pods' handshake rates", registry=r)
+                                                   "that came over 5 ms late", registry=r)
+        self.event_loop_handshake_cpu_ratio = Gauge("event_loop_handshake_cpu_ratio", "CPU seconds the process's "
+                                                    "mutual-TLS handshakes took per second, over the last 0.25 s "
+                                                    "window (their rates are cut only from 0.05, the loop late)",
+                                                    registry=r)
+        self.handshake_rate_share = Gauge("handshake_rate_share", "The share of its handshake rate a pod gets "
+                                          "while its handshakes make the loop late (1: not cut; pods ever cut)",
+                                          ("direction", "namespace", "pod"), registry=r)
+        self.handshake_rate_contended_refusals_total = Counter(
+            "handshake_rate_contended_refusals", "Handshakes refused over a pod's rate while that rate was cut "
+            "(also in limit_exceeded_total)", ("direction", "namespace", "pod"), registry=r)
         self.tls_sni_total = Counter("tls_sni", "TLS connections passed through, by the server name asked for "
                                      f"(the first {SNI_LABELS_PER_POD} names per pod; then '{SNI_OTHER}')",
                                      ("direction", "namespace", "pod", "sni"), registry=r)

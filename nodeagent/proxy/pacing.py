@@ -18,8 +18,9 @@ and nobody else does. So at most rate * MAX_WAIT_S + 1 connections of a pod wait
 A turn given to a connection that goes away before it comes is not given back: the pod pays for
 what it asked.
 
-While the process's loop is contended the rate a pod is paced at is a share of its limit
-(contention.py: as low as a fifth, never under 10 a second); its burst stays a second of its limit.
+While the pod's own handshakes make the process's loop late the rate it is paced at is a share
+of its limit (contention.py: as low as a fifth, never under 10 a second); its burst stays a second
+of its limit.
 
 A refusal also says how long the pod's queue of turns already given lasts (`reopens_at`): until
 it is empty, new turns would be refused or given only to be refused again a moment later, so the

@@ -8,6 +8,7 @@ import enum
 import functools
 import logging
 import os
+import time
 
 from nodeagent import netns
 from nodeagent.cluster import podfs
@@ -76,11 +77,12 @@ class Proxy:
         self.guard = MemoryGuard(settings.memory_budget // self.processes, self.connections, self.observers)
         self.connections.admitting = self.guard.admits
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
-        # How late the loop is cuts the pods' handshake rates while it is contended (contention.py).
+        # A late loop cuts the rates of the pods whose handshakes load it (contention.py).
         self.contention = LoopContention()
         self._late_ticks_counted = 0
-        self._contention_due = asyncio.get_running_loop().time() + contention.TICK_S
-        self._contention_timer = asyncio.get_running_loop().call_at(self._contention_due, self._probe_loop)
+        self._shares_shown: set = set()  # (quota, direction) with a handshake_rate_share series under 1
+        self._contention_due = time.perf_counter() + contention.TICK_S
+        self._contention_timer = asyncio.get_running_loop().call_later(contention.TICK_S, self._probe_loop)
         self.kernel_refusals = KernelRefusals(datapath, self.problems)
         self.tls_sessions = mesh.SessionCache()
         identities.on_retire.append(lambda material: self.tls_sessions.retire(material.client))
@@ -170,19 +172,54 @@ class Proxy:
         self._guard_timer = asyncio.get_running_loop().call_later(CHECK_S, self._check_memory)
 
     def _probe_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        was_contended = self.contention.contended
-        share = self.contention.observe(now, now - self._contention_due)
-        if self.contention.late_ticks != self._late_ticks_counted:
-            self.metrics.event_loop_late_ticks_total.inc(self.contention.late_ticks - self._late_ticks_counted)
-            self._late_ticks_counted = self.contention.late_ticks
-        if share < 1.0 and not was_contended:
-            self.problems.warning("loop contended", "the event loop came %.1f ms late: the pods' handshake rates "
-                                  "are cut to %.0f%% while it is contended", 1e3 * (now - self._contention_due),
-                                  100 * share)
-        self._contention_due = now + contention.TICK_S
-        self._contention_timer = loop.call_at(self._contention_due, self._probe_loop)
+        """A tick of the contention probe: how late it came, measured with perf_counter (uvloop's
+        loop.time() has 1 ms steps). Rescheduled whatever happens: a probe that stops leaves the
+        rates as they were, cut or not."""
+        try:
+            now = time.perf_counter()
+            judged = self.contention.tick(now, now - self._contention_due)
+            if self.contention.late_ticks != self._late_ticks_counted:
+                self.metrics.event_loop_late_ticks_total.inc(self.contention.late_ticks - self._late_ticks_counted)
+                self._late_ticks_counted = self.contention.late_ticks
+            if judged is not None:
+                self._judged(judged)
+        except Exception as e:  # noqa: BLE001 - logged; the probe goes on
+            self.problems.exception("contention probe", e, "the loop contention probe")
+        finally:
+            self._contention_due = time.perf_counter() + contention.TICK_S
+            self._contention_timer = asyncio.get_running_loop().call_later(contention.TICK_S, self._probe_loop)
+
+    def _judged(self, judged: contention.Judged) -> None:
+        """A contention window's end: its metrics, and a log line on entry into and exit from cutting."""
+        self.metrics.event_loop_handshake_cpu_ratio.set(judged.handshake_part)
+        pods = {id(pod.quota): pod for pod in self.pods.values()}
+        shown = set(self.contention.shares) | self._shares_shown
+        self._shares_shown = set(self.contention.shares)
+        for quota, direction in shown:
+            pod = pods.get(id(quota))
+            if pod is not None and pod.quota is quota:
+                series = (direction, pod.info.namespace, pod.info.name)
+                self.metrics.child(self.metrics.handshake_rate_share, series).set(
+                    self.contention.share((quota, direction)))
+        for (quota, direction), count in self.contention.take_refusals().items():
+            pod = pods.get(id(quota))
+            if pod is not None and pod.quota is quota:
+                self.metrics.child(self.metrics.handshake_rate_contended_refusals_total,
+                                   (direction, pod.info.namespace, pod.info.name)).inc(count)
+        if judged.entered or judged.cut:
+            names = ", ".join(f"{pods[id(q)].key} {d} to {100 * share:.0f}%" for (q, d), share in judged.cut.items()
+                              if id(q) in pods)
+            self.problems.warning("contention entered" if judged.entered else "contention cut",
+                                  "the event loop was late (%d ticks over %.0f ms in %.2f s) with handshakes taking "
+                                  "%.2f of a core: handshake rates cut: %s", judged.late_ticks, 1e3 * contention.LATE_S,
+                                  contention.WINDOW_S, judged.handshake_part, names or "(pods gone)")
+        elif judged.left:
+            self.problems.warning("contention left", "no pod's handshake rate is cut any more")
+        elif judged.window is contention.Window.LATE_ELSEWHERE:
+            self.problems.warning("contention elsewhere", "the event loop was late (%d ticks over %.0f ms in %.2f s), "
+                                  "handshakes took %.2f of a core (under %.2f): no handshake rate cut",
+                                  judged.late_ticks, 1e3 * contention.LATE_S, contention.WINDOW_S,
+                                  judged.handshake_part, contention.HANDSHAKE_PART)
 
     def _cut(self, connection, reason: str) -> None:
         self.metrics.tcp_error(connection.direction.value, connection.pod, f"cut: {reason}")

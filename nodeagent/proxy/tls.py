@@ -24,9 +24,11 @@ class _Handshake(asyncio.Protocol):
     on the event loop). OpenSSL's memory BIOs are not thread-safe, so bytes that arrive while a
     step runs wait in `arrived` and are fed between steps, on the loop."""
 
-    def __init__(self, sslobj, incoming, outgoing, raw, run_step):
+    def __init__(self, sslobj, incoming, outgoing, raw, run_step, charge=None):
         self.sslobj, self.incoming, self.outgoing, self.raw = sslobj, incoming, outgoing, raw
         self.run_step = run_step
+        self.charge = charge  # told each step's CPU seconds (contention.py: whose handshakes load the loop)
+        self.step_cpu_s = 0.0
         self.done = asyncio.get_running_loop().create_future()
         self.arrived = bytearray()
         self.running = False
@@ -35,10 +37,13 @@ class _Handshake(asyncio.Protocol):
 
     def _do_handshake(self) -> BaseException | None:
         """One step; None when the handshake is complete, SSLWantReadError for more bytes."""
+        started = time.thread_time()  # this thread's CPU: a CPU shared with other work does not inflate it
         try:
             self.sslobj.do_handshake()
         except (ssl.SSLError, OSError) as e:
             return e
+        finally:
+            self.step_cpu_s = time.thread_time() - started
         return None
 
     def step(self):
@@ -55,6 +60,8 @@ class _Handshake(asyncio.Protocol):
 
     def _stepped(self, error: BaseException | None) -> None:
         self.running = False
+        if self.charge is not None:
+            self.charge(self.step_cpu_s)
         self._flush()  # our flight, or the alert that tells the peer why
         if self.done.done():
             return
@@ -139,17 +146,18 @@ def handshake_threads() -> HandshakeThreads:
 
 async def handshake(raw: asyncio.Transport, protocol: asyncio.Protocol, context: ssl.SSLContext, server_side: bool,
                     timeout_s: float, server_hostname: str | None = None, initial: bytes = b"",
-                    session: "Session | ssl.SSLSession | None" = None, run_step=None) -> TlsTransport:
+                    session: "Session | ssl.SSLSession | None" = None, run_step=None, charge=None) -> TlsTransport:
     """Run the handshake over `raw`; then `protocol` receives the decrypted stream.
     `initial`: bytes already read from `raw` (a ClientHello that arrived early);
     `session`: a client's earlier session with the same server, to resume;
-    `run_step(work, then)`: where each step runs (default: this process's handshake threads).
+    `run_step(work, then)`: where each step runs (default: this process's handshake threads);
+    `charge(cpu_s)`: told the CPU seconds of each step (contention.charger).
     A resumed session whose peer certificate has expired is refused: SessionExpired."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     sslobj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
     if session is not None and not server_side:
         resume(sslobj, context, session)  # SSL_set_session takes its own reference
-    shaking = _Handshake(sslobj, incoming, outgoing, raw, run_step or handshake_threads())
+    shaking = _Handshake(sslobj, incoming, outgoing, raw, run_step or handshake_threads(), charge)
     raw.set_protocol(shaking)
     if initial:
         shaking.arrived += initial

@@ -12,6 +12,18 @@ import ssl
 from nodeagent.proxy.tls_sessions import session_of
 
 READ_CHUNK = 256 * 1024
+# Records are decrypted into this one buffer, then copied out at their size: SSLObject.read(n)
+# allocates n bytes and shrinks them to what was read, and once glibc's mmap threshold has risen
+# above 256 KiB (it follows the largest block freed) each of those came from the heap and left its
+# tail there, between longer-lived blocks (ARCHITECTURE.md "Memory of a process"). One event loop
+# per process, and `data_received` gets a copy: nothing refers to the buffer between two reads.
+_DECRYPTED = bytearray(READ_CHUNK)
+_DECRYPTED_VIEW = memoryview(_DECRYPTED)
+
+
+def read_records(sslobj: ssl.SSLObject) -> bytes:
+    """What the records decrypted so far hold, up to READ_CHUNK (SSLObject.read's exceptions)."""
+    return bytes(_DECRYPTED_VIEW[:sslobj.read(READ_CHUNK, _DECRYPTED)])
 
 
 class TlsTransport(asyncio.Transport):
@@ -105,7 +117,7 @@ class TlsTransport(asyncio.Transport):
         """Hand every complete record to the protocol; a close_notify is an EOF."""
         while not self._eof_received:
             try:
-                data = self._ssl.read(READ_CHUNK)
+                data = read_records(self._ssl)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:

@@ -124,7 +124,7 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
                   tunnel: Tunnel | None = None) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """A connection from the pod to `address`: plain, or through a mutual-TLS
     tunnel to the destination pod's mesh port when `tunnel` says so."""
-    from nodeagent.proxy import mesh
+    from nodeagent.proxy import contention, mesh
 
     loop = asyncio.get_running_loop()
     if tunnel is None:
@@ -137,7 +137,8 @@ async def connect(netns_path: str | None, address: tuple[str, int], timeout_s: f
         sock = await open_socket(netns_path, (tunnel.pod_ip, MESH_PORT), timeout_s)
         transport, protocol = await loop.create_connection(factory, sock=sock)
         tls = await mesh.client_handshake(transport, protocol, tunnel.context, tunnel.expected, tunnel.port,
-                                          tunnel.hint, timeout_s, tunnel.sessions, tunnel.pod_ip, tunnel.on_handshake)
+                                          tunnel.hint, timeout_s, tunnel.sessions, tunnel.pod_ip, tunnel.on_handshake,
+                                          contention.charger(tunnel.quota, "outbound"))
     finally:
         if tunnel.quota is not None:
             tunnel.quota.give(Limit.HANDSHAKES)
