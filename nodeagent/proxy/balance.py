@@ -6,11 +6,17 @@ slower observation at once (peak) and decays toward faster ones with time
 constant DECAY_S. Reading the cost decays the estimate toward zero for the
 time since its last update (as tower's RttEstimate::decay), so an endpoint
 that was slow once and then left alone becomes worth trying again. A new
-endpoint starts at DEFAULT_RTT_S. Pure: the clock and the random source are given.
+endpoint starts at the median estimate of the endpoints it joins (DEFAULT_RTT_S
+when it joins none): started at DEFAULT_RTT_S beside endpoints answering in a
+millisecond, it lost every comparison until its estimate had decayed below theirs
+(about 34 s), whenever requests did not overlap (cost = estimate x 1), so a pod
+that joined a Service got no request for half a minute. Pure: the clock and the
+random source are given.
 """
 
 import math
 import random
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,9 +46,13 @@ class PeakEwma:
             self.rtt_s = self.rtt_s * weight + rtt_s * (1 - weight)
         self.stamp = now
 
+    def estimate(self) -> float:
+        """The latency estimate now (decayed for the time since its last update)."""
+        self.observe(0.0)
+        return self.rtt_s
+
     def cost(self) -> float:
-        self.observe(0.0)  # decay for the time since the last update
-        return self.rtt_s * (self.pending + 1)
+        return self.estimate() * (self.pending + 1)
 
     def start(self) -> float:
         """A request starts: returns its start time, for `finish`."""
@@ -52,6 +62,11 @@ class PeakEwma:
     def finish(self, started: float) -> None:
         self.pending = max(self.pending - 1, 0)
         self.observe(self.now() - started)
+
+
+def prior(peers: Sequence[PeakEwma]) -> float:
+    """Where a new endpoint's estimate starts: the median of the endpoints it joins."""
+    return statistics.median(p.estimate() for p in peers) if peers else DEFAULT_RTT_S
 
 
 def p2c(candidates: Sequence, cost: Callable[[object], float], rng: random.Random) -> object:

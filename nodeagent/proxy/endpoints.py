@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.cluster.model import Endpoint
 from nodeagent.proxy.accrual import FailureAccrual
-from nodeagent.proxy.balance import PeakEwma, p2c
+from nodeagent.proxy.balance import PeakEwma, p2c, prior
 
 
 @dataclass
@@ -32,11 +32,13 @@ class EndpointSet:
 
     def update(self, endpoints: tuple[Endpoint, ...]) -> None:
         fresh = {}
+        staying = [self.states[key].ewma for key in ((e.ip, e.port) for e in endpoints) if key in self.states]
+        start_rtt = prior(staying)  # a joining endpoint is tried at once, not after its default decays
         for endpoint in endpoints:
             key = (endpoint.ip, endpoint.port)
             state = self.states.get(key)
             if state is None:
-                state = EndpointState(endpoint, PeakEwma(self.clock),
+                state = EndpointState(endpoint, PeakEwma(self.clock, rtt_s=start_rtt),
                                       FailureAccrual(self.clock, jitter=lambda: self.rng.random() * 0.1))
             else:
                 state.endpoint = endpoint
