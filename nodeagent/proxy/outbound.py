@@ -13,7 +13,8 @@ detection timeout (the banner is at most a few milliseconds later than
 without a mesh). A client that speaks HTTP/1 within the delay, as HTTP
 clients do, opens no upstream of its own: its requests go over pooled
 connections, so a new client connection costs no new mutual-TLS handshake.
-If it spoke later, the early connection becomes a pooled connection.
+If it spoke later, a plain early connection becomes a pooled connection; a mesh tunnel is
+closed (its far end relays it as opaque: see `_adopt`).
 
 A client that sends a partial prefix (or nothing) and waits is treated as
 opaque after the detect timeout (10 s, Linkerd's default), so detection never
@@ -322,7 +323,7 @@ class OutboundAccept(asyncio.Protocol):
         upstream = None if task.cancelled() or task.exception() else task.result()
         if self.endpoint is not None and self.endpoint[0] is not None:
             self.endpoint[0].connections -= 1  # it is no longer this client connection's
-        endpoint, self.endpoint, early = self.endpoint, None, self.early
+        endpoint, self.endpoint, early, hop = self.endpoint, None, self.early, self.early_hop
         self.early_state, self.early = Early.GONE, None
         if upstream is None:
             return
@@ -333,6 +334,12 @@ class OutboundAccept(asyncio.Protocol):
             upstream.close()  # requests go over the mesh's pooled connections, with their metrics
         elif early.eof or early.lost or (early.buffer and not h2):
             upstream.close()  # it spoke before any request: not a clean HTTP/1 connection
+        elif hop is not None and hop.tls:
+            # A mesh tunnel opened before the client spoke: its far end heard nothing within its
+            # eager wait and relays it as opaque (server-speaks-first), so it is no HTTP
+            # connection there: no per-request policy or metrics, and no clean end when that
+            # agent drains (it held a drain to its deadline). Requests go over the pool's tunnels.
+            upstream.close()
         elif h2:
             pools.http2.adopt(self.pod.cookie, endpoint[1], upstream, bytes(early.buffer),
                               report=functools.partial(self.deps.observers.metrics.http2_flood, "outbound", self.pod))
