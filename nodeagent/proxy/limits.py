@@ -19,8 +19,8 @@ nobody from that pod. A bad annotation, or a pod's asking to raise, is reported 
 |---|---|---|
 | outbound-connections | the pod's own connections through the proxy | 1000 |
 | inbound-connections | connections to the pod (plaintext and mesh) | 1000 |
-| handshakes | mutual-TLS handshakes in progress for the pod's own connections (as client; past it, up to 4x as many wait in turn: Quota.take_or_queue) | 16 |
-| inbound-handshakes | mutual-TLS handshakes in progress of connections to the pod (as server; apart: clients that hold them cannot stop the pod's own) | 64 |
+| handshakes | mutual-TLS handshakes in progress for the pod's own connections (as client; past it, up to 4x as many wait in turn: Quota.take_or_queue) | 50 |
+| inbound-handshakes | mutual-TLS handshakes in progress of connections to the pod (as server; apart: clients that hold them cannot stop the pod's own) | 200 |
 | handshake-rate | new mutual-TLS handshakes per second for the pod's own connections (as client) | 50 |
 | inbound-handshake-rate | new mutual-TLS handshakes per second of connections to the pod (as server; a meshed client is paced at its own agent too) | 200 |
 | detections | outbound connections whose protocol is not known yet | 100 |
